@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler

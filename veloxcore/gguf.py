@@ -10,8 +10,11 @@ that the result loads with plain ``mlx_lm.load``.
 from __future__ import annotations
 
 import json
+import mmap
+import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 
@@ -58,15 +61,129 @@ TOKEN_TYPE_USER_DEFINED = 4
 
 Progress = Callable[[str, float], None]
 
+# ggml tensor types MLX's GGUF loader supports: id -> (name, elements per block, bytes per block)
+SUPPORTED_TENSOR_TYPES = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    8: ("Q8_0", 32, 34),
+    30: ("BF16", 1, 2),
+}
+OTHER_TENSOR_TYPES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K",
+                      13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+                      18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+                      23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
+                      29: "IQ1_M"}
+# GGUF metadata value types -> struct format of a scalar (8: string, 9: array)
+SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                  11: "q", 12: "d"}
+MAX_DIMS = 4
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads over a GGUF file's bytes."""
+
+    def __init__(self, path: Path, buffer) -> None:
+        self.path, self.buf, self.pos = path, buffer, 0
+
+    def take(self, n: int) -> int:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise ModelLoadError(self.path, f"the GGUF header is truncated or corrupt "
+                                            f"(needs {n} bytes at offset {self.pos})")
+        start, self.pos = self.pos, self.pos + n
+        return start
+
+    def scalar(self, fmt: str):
+        size = struct.calcsize("<" + fmt)
+        return struct.unpack_from("<" + fmt, self.buf, self.take(size))[0]
+
+    def string(self) -> str:
+        n = self.scalar("Q")
+        raw = bytes(self.buf[self.take(n): self.pos])
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ModelLoadError(self.path, f"corrupt GGUF: a string at offset "
+                                            f"{self.pos - n} is not UTF-8") from e
+
+    def value(self, kind: int):
+        if kind in SCALAR_FORMATS:
+            return self.scalar(SCALAR_FORMATS[kind])
+        if kind == 8:
+            return self.string()
+        if kind == 9:
+            elem, count = self.scalar("I"), self.scalar("Q")
+            if elem in SCALAR_FORMATS:  # skip fixed-size arrays in one step
+                self.take(count * struct.calcsize("<" + SCALAR_FORMATS[elem]))
+                return None
+            if elem not in (8, 9):
+                raise ModelLoadError(self.path, f"corrupt GGUF: unknown array type {elem}")
+            for _ in range(count):
+                self.value(elem)
+            return None
+        raise ModelLoadError(self.path, f"corrupt GGUF: unknown metadata type {kind}")
+
+
+def validate_gguf(path: Path) -> None:
+    """Check a GGUF's whole structure before MLX parses it.
+
+    MLX's loader can crash the process on a corrupt header, so every length,
+    type and tensor extent is checked against the file size here first.
+    """
+    with open(path, "rb") as f:
+        size = path.stat().st_size
+        if size == 0:
+            raise ModelLoadError(path, "the file is empty")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            cur = _Cursor(path, buf)
+            magic = bytes(buf[cur.take(4): 4])
+            if magic != b"GGUF":
+                raise ModelLoadError(path, f"not a GGUF file (starts with {magic!r}, "
+                                           "expected b'GGUF')")
+            version = cur.scalar("I")
+            if version not in (2, 3):
+                raise ModelLoadError(path, f"GGUF version {version} is not supported (2 or 3)")
+            n_tensors, n_kv = cur.scalar("Q"), cur.scalar("Q")
+            if n_tensors > size or n_kv > size:
+                raise ModelLoadError(path, "the GGUF header is corrupt (impossible counts)")
+            alignment = 32
+            for _ in range(n_kv):
+                key, kind = cur.string(), cur.scalar("I")
+                value = cur.value(kind)
+                if key == "general.alignment" and isinstance(value, int) and value > 0:
+                    alignment = value
+            tensors = []
+            for _ in range(n_tensors):
+                name, n_dims = cur.string(), cur.scalar("I")
+                if not 1 <= n_dims <= MAX_DIMS:
+                    raise ModelLoadError(path, f"corrupt GGUF: tensor {name!r} has {n_dims} dims")
+                dims = [cur.scalar("Q") for _ in range(n_dims)]
+                kind, offset = cur.scalar("I"), cur.scalar("Q")
+                tensors.append((name, dims, kind, offset))
+            data_start = -(-cur.pos // alignment) * alignment
+    for name, dims, kind, offset in tensors:
+        if kind not in SUPPORTED_TENSOR_TYPES:
+            type_name = OTHER_TENSOR_TYPES.get(kind, f"unknown type {kind}")
+            supported = ", ".join(n for n, _, _ in SUPPORTED_TENSOR_TYPES.values())
+            raise ModelLoadError(path, f"tensor {name!r} is {type_name}, which is not supported "
+                                       f"(supported: {supported})")
+        _, block, block_bytes = SUPPORTED_TENSOR_TYPES[kind]
+        count = 1
+        for d in dims:
+            count *= d
+        if count % block:
+            raise ModelLoadError(path, f"corrupt GGUF: tensor {name!r} size {count} is not a "
+                                       f"multiple of its block size {block}")
+        end = data_start + offset + count // block * block_bytes
+        if end > size:
+            raise ModelLoadError(path, f"tensor {name!r} extends past the end of the file "
+                                       f"({end} > {size} bytes): truncated or corrupt")
+
 
 def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     """Read tensors and metadata, turning MLX's loader errors into ModelLoadError."""
-    if path.stat().st_size == 0:
-        raise ModelLoadError(path, "the file is empty")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelLoadError(path, f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    validate_gguf(path)
     try:
         weights, metadata = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as e:
@@ -161,8 +278,15 @@ def gguf_weights(path: Path, weights: dict[str, mx.array], num_layers: int) -> d
 
 def gguf_tokenizer(path: Path, metadata: dict[str, Any]):
     """A transformers fast tokenizer (byte-level BPE) rebuilt from GGUF metadata."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
     kind = metadata.get("tokenizer.ggml.model")
@@ -182,8 +306,11 @@ def gguf_tokenizer(path: Path, metadata: dict[str, Any]):
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
     types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
 
-    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                     fuse_unk=False, byte_fallback=False)
+    try:
+        bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                         fuse_unk=False, byte_fallback=False)
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise ModelLoadError(path, f"invalid tokenizer metadata: {e}") from e
     tok = Tokenizer(bpe)
     split_digits, pattern = PRE_TOKENIZERS[pre]
     steps = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
@@ -206,7 +333,7 @@ def gguf_tokenizer(path: Path, metadata: dict[str, Any]):
             special_tokens=[(bos, tokens.index(bos))]))
     tok.post_processor = processors.Sequence(post)
     special = [AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, types)
+               for t, ty in zip(tokens, types, strict=False)
                if ty in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)]
     tok.add_special_tokens(special)
 

@@ -1,0 +1,1 @@
+"""Velox Studio: the PySide6 + pyqtgraph desktop front end. Views never import MLX."""

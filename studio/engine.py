@@ -1,0 +1,227 @@
+"""The engine: one long-lived worker thread that does all MLX work.
+
+MLX arrays and streams belong to the thread that made them, so every job
+(load, calibrate, evaluate, generate) runs on this one thread, and the MLX
+modules themselves are first imported there (``studio.jobs`` is imported lazily
+by the worker). Views never touch MLX: they call the engine's methods, which
+queue a job, and listen to its signals, which carry plain Python data.
+
+A job is a function ``fn(state, job, **params)``; when it is a generator, every
+value it yields is a progress event (napari's seam between computation and
+thread) and its return value is the result. ``job.cancelled`` is a
+``threading.Event`` the GUI thread may set at any time; jobs check it between
+steps. Jobs of a *superseding* kind drop the results of earlier jobs of that kind.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from PySide6.QtCore import QObject, QThread, Signal, Slot
+
+
+class Cancelled(Exception):
+    """Raised inside a job when its cancel flag is set."""
+
+
+@dataclass
+class Job:
+    id: int
+    kind: str
+    fn: Callable[..., Any]
+    params: dict
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # Set by the worker: sends a progress event from inside a callback-style API.
+    emit: Callable[[object], None] = lambda event: None
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled()
+
+
+class EngineState:
+    """What the worker keeps between jobs (lives on the worker thread only)."""
+
+    def __init__(self) -> None:
+        self.model = None
+        self.tokenizer = None
+        self.info = None
+
+
+class _Worker(QObject):
+    started = Signal(int, str)
+    progress = Signal(int, str, object)
+    finished = Signal(int, str, object)
+    failed = Signal(int, str, str, str)
+    cancelled = Signal(int, str)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = EngineState()
+
+    @Slot(object)
+    def run(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            self.cancelled.emit(job.id, job.kind)
+            return
+        self.started.emit(job.id, job.kind)
+        job.emit = lambda event: self.progress.emit(job.id, job.kind, event)
+        try:
+            out = job.fn(self.state, job, **job.params)
+            if inspect.isgenerator(out):
+                while True:
+                    try:
+                        event = next(out)
+                    except StopIteration as stop:
+                        out = stop.value
+                        break
+                    self.progress.emit(job.id, job.kind, event)
+            job.check()
+        except Cancelled:
+            self.cancelled.emit(job.id, job.kind)
+        except Exception as e:  # every failure reaches the GUI; the thread lives on
+            message = str(e) if type(e).__name__ in _PLAIN_ERRORS else f"{type(e).__name__}: {e}"
+            self.failed.emit(job.id, job.kind, message, traceback.format_exc())
+        else:
+            self.finished.emit(job.id, job.kind, out)
+
+
+# Errors whose message already says everything a user needs.
+_PLAIN_ERRORS = {"ModelLoadError", "VeloxError", "BundleError", "CalibrationError"}
+
+
+def _jobs():
+    from . import jobs  # imported on the worker thread, so MLX initialises there
+
+    return jobs
+
+
+class Engine(QObject):
+    """The one object views talk to. All signals arrive on the GUI thread."""
+
+    jobStarted = Signal(int, str)
+    jobProgress = Signal(int, str, object)
+    jobFinished = Signal(int, str, object)
+    jobFailed = Signal(int, str, str)  # id, kind, message
+    jobCancelled = Signal(int, str)
+    busyChanged = Signal(bool)
+    log = Signal(str)
+
+    _dispatch = Signal(object)
+
+    SUPERSEDING = {"load_model", "measure", "estimate"}
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, Job] = {}
+        self._latest: dict[str, int] = {}
+        self._thread = QThread()
+        self._thread.setObjectName("velox-engine")
+        self._worker = _Worker()
+        self._worker.moveToThread(self._thread)
+        self._dispatch.connect(self._worker.run)
+        self._worker.started.connect(self._on_started)
+        self._worker.progress.connect(self._on_progress)
+        self._worker.finished.connect(self._on_finished)
+        self._worker.failed.connect(self._on_failed)
+        self._worker.cancelled.connect(self._on_cancelled)
+        self._thread.start()
+
+    # ---- queueing -------------------------------------------------------
+    def submit(self, kind: str, fn: Callable[..., Any], **params) -> int:
+        job = Job(next(self._ids), kind, fn, params)
+        if kind in self.SUPERSEDING and kind in self._latest:
+            old = self._pending.get(self._latest[kind])
+            if old is not None:
+                old.cancelled.set()
+        self._latest[kind] = job.id
+        self._pending[job.id] = job
+        if len(self._pending) == 1:
+            self.busyChanged.emit(True)
+        self._dispatch.emit(job)
+        return job.id
+
+    def cancel(self, job_id: int | None = None) -> None:
+        """Cancel one job, or every queued and running job."""
+        for jid, job in list(self._pending.items()):
+            if job_id is None or jid == job_id:
+                job.cancelled.set()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending)
+
+    def is_running(self) -> bool:
+        return self._thread.isRunning()
+
+    def shutdown(self, timeout_ms: int = 60000) -> bool:
+        """Cancel everything and stop the worker thread; True when it stopped."""
+        self.cancel()
+        self._thread.quit()
+        return self._thread.wait(timeout_ms)
+
+    # ---- the jobs views ask for ----------------------------------------
+    def load_model(self, source: str) -> int:
+        self.log.emit(f"Loading model {source} …")
+        return self.submit("load_model", _jobs_fn("load_model"), source=source)
+
+    def generate(self, messages: list[dict], max_tokens: int = 256) -> int:
+        return self.submit("generate", _jobs_fn("generate"), messages=messages,
+                           max_tokens=max_tokens)
+
+    # ---- relays (GUI thread) -------------------------------------------
+    def _stale(self, job_id: int, kind: str) -> bool:
+        return kind in self.SUPERSEDING and self._latest.get(kind) != job_id
+
+    def _done(self, job_id: int) -> None:
+        self._pending.pop(job_id, None)
+        if not self._pending:
+            self.busyChanged.emit(False)
+
+    def _on_started(self, job_id: int, kind: str) -> None:
+        if not self._stale(job_id, kind):
+            self.jobStarted.emit(job_id, kind)
+
+    def _on_progress(self, job_id: int, kind: str, event: object) -> None:
+        if not self._stale(job_id, kind):
+            self.jobProgress.emit(job_id, kind, event)
+
+    def _on_finished(self, job_id: int, kind: str, result: object) -> None:
+        self._done(job_id)
+        if not self._stale(job_id, kind):
+            self.jobFinished.emit(job_id, kind, result)
+
+    def _on_failed(self, job_id: int, kind: str, message: str, trace: str) -> None:
+        self._done(job_id)
+        self.log.emit(f"{kind} failed: {message}")
+        if not self._stale(job_id, kind):
+            self.jobFailed.emit(job_id, kind, message)
+
+    def _on_cancelled(self, job_id: int, kind: str) -> None:
+        self._done(job_id)
+        self.log.emit(f"{kind} cancelled")
+        if not self._stale(job_id, kind):
+            self.jobCancelled.emit(job_id, kind)
+
+
+def _jobs_fn(name: str) -> Callable[..., Any]:
+    """A job that resolves ``studio.jobs.<name>`` on the worker thread."""
+
+    def run(state, job, **params):
+        return (yield from _as_generator(getattr(_jobs(), name)(state, job, **params)))
+
+    run.__name__ = name
+    return run
+
+
+def _as_generator(out):
+    if inspect.isgenerator(out):
+        return (yield from out)
+    return out
