@@ -8,6 +8,7 @@ import sys
 import time
 
 from . import __version__
+from .calibration import CalibrationCancelled
 from .errors import VeloxError
 
 
@@ -91,6 +92,129 @@ def cmd_chat(args) -> int:
                   file=sys.stderr)
 
 
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(p, width: int = 28) -> str:
+    filled = int(width * p.samples_done / max(p.num_samples, 1))
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {p.samples_done}/{p.num_samples} samples "
+            f"{p.tokens_done:,} tokens  {p.tokens_per_s:,.0f} tok/s  ETA {format_duration(p.eta_s)}")
+
+
+def distributed_group():
+    """The mx.distributed group when launched with mlx.launch, else None."""
+    import mlx.core as mx
+
+    if not mx.distributed.is_available():
+        return None
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
+
+
+def cmd_calibrate(args) -> int:
+    import signal
+    import threading
+
+    from .bundle import save_rotations
+    from .calibration import calibrate_spectral_rotation
+    from .corpus import load_corpus
+    from .models import load
+
+    group = distributed_group()
+    rank = group.rank() if group is not None else 0
+    say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if rank == 0 else (lambda *a, **k: 0)
+    model, tokenizer, info = load(args.model)
+    corpus = load_corpus(args.corpus)
+    where = f" on {group.size()} ranks" if group is not None else ""
+    say(f"Calibrating {info.name} ({info.num_layers} layers × {info.num_kv_heads} KV heads × "
+        f"{info.head_dim}) on {corpus.name}: {args.samples} × {args.seq_len} tokens, "
+        f"keys {args.rope} RoPE{where}")
+    cancel = threading.Event()
+
+    def on_sigint(signum, frame):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        say("\ncancelling after the current sample (Ctrl-C again to abort now)…")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    interactive = sys.stderr.isatty()
+
+    def progress(p):
+        line = progress_line(p)
+        if interactive:
+            say("\r" + line, end="", flush=True)
+        elif p.samples_done == p.num_samples or p.samples_done % max(1, p.num_samples // 10) == 0:
+            say(line)
+
+    try:
+        rotations = calibrate_spectral_rotation(
+            model, tokenizer, num_samples=args.samples, sequence_length=args.seq_len,
+            corpus=corpus, rope=args.rope, seed=args.seed, progress=progress, cancel=cancel,
+            group=group)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if interactive:
+            say()
+    if rank == 0:
+        path = save_rotations(rotations, args.out)
+        say(f"Wrote {path}")
+    return 0
+
+
+def load_bundle_for_cli(directory):
+    from .bundle import load_cached_rotations
+
+    return load_cached_rotations(directory)
+
+
+def cmd_inspect(args) -> int:
+    import numpy as np
+
+    from .spectral import compute_participation_ratio, compute_spectral_gap
+
+    rotations = load_bundle_for_cli(args.bundle)
+    print(f"{args.bundle}: {len(rotations)} layers × {rotations[0].num_kv_heads} KV heads × "
+          f"head_dim {rotations[0].head_dim}, keys {rotations.rope_mode} RoPE, "
+          f"{rotations.num_samples} × {rotations.sequence_length} tokens of {rotations.corpus_name}")
+    print(f"{'layer':>5}  {'key PR':>7}  {'value PR':>8}  {'key gap':>9}  {'value gap':>9}  "
+          f"top key eigenvalues (mean over heads)")
+    for rot in rotations:
+        key_pr = np.mean([compute_participation_ratio(v) for v in rot.key_eigenvalues])
+        value_pr = np.mean([compute_participation_ratio(v) for v in rot.value_eigenvalues])
+        key_gap = "/".join(str(compute_spectral_gap(v)) for v in rot.key_eigenvalues)
+        value_gap = "/".join(str(compute_spectral_gap(v)) for v in rot.value_eigenvalues)
+        top = ", ".join(f"{x:.3g}" for x in rot.key_eigenvalues.mean(axis=0)[: args.top])
+        print(f"{rot.layer:>5}  {key_pr:>7.2f}  {value_pr:>8.2f}  {key_gap:>9}  {value_gap:>9}  "
+              f"{top}")
+    return 0
+
+
+def cmd_allocate(args) -> int:
+    from collections import Counter
+
+    from .spectral import allocate_bit_plan
+
+    rotations = load_bundle_for_cli(args.bundle)
+    plan = allocate_bit_plan(rotations, args.avg_bits, args.min, args.max, args.value_avg_bits)
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(plan, indent=2))
+    print(f"Water-filled bits: keys {plan['key_avg_bits']} / values {plan['value_avg_bits']} "
+          f"bits per dim on average, each dim in [{args.min}, {args.max}]")
+    print(f"{'layer':>5}  {'part':<6}  {'predicted MSE':>13}  bits:dims per KV head")
+    for entry in plan["layers"]:
+        for part in ("keys", "values"):
+            heads = ["  ".join(f"{b}:{n}" for b, n in sorted(Counter(h).items(), reverse=True))
+                     for h in entry[part]]
+            mse = sum(entry[f"{part}_distortion"]) / len(entry[part])
+            print(f"{entry['layer']:>5}  {part:<6}  {mse:>13.4f}  " + "  |  ".join(heads))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="velox", description=__doc__)
     parser.add_argument("--version", action="version", version=f"velox {__version__}")
@@ -101,6 +225,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'default', a GGUF file, a model directory or a cached HF repo id")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("calibrate", help="calibrate spectral rotations and write a bundle")
+    p.add_argument("--model", default="default")
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--rope", choices=("pre", "post"), default="pre",
+                   help="take keys before RoPE (better quality) or after it")
+    p.add_argument("--corpus", default="bundled",
+                   help="'bundled' or a .txt/.md/.jsonl file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("inspect", help="print a bundle's spectra per layer")
+    p.add_argument("bundle")
+    p.add_argument("--top", type=int, default=4, help="how many top eigenvalues to print")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("allocate", help="print the water-filled bit plan of a bundle")
+    p.add_argument("bundle")
+    p.add_argument("--avg-bits", type=float, default=3.0)
+    p.add_argument("--value-avg-bits", type=float, default=None)
+    p.add_argument("--min", type=int, default=1)
+    p.add_argument("--max", type=int, default=8)
+    p.add_argument("--json", help="also write the plan as JSON here")
+    p.set_defaults(func=cmd_allocate)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal")
     p.add_argument("--model", default="default")
@@ -116,12 +266,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except CalibrationCancelled:
+        print("velox: calibration cancelled; nothing was written", file=sys.stderr)
+        return 130
     except VeloxError as e:
         print(f"velox: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("velox: cancelled", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `velox inspect DIR | head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ class ModelInfo:
     quantization: str
     config_sha256: str
     source_sha256: str | None
+    weights_sha256: str
     model_dir: str
 
     def kv_bytes_per_token(self, bytes_per_element: float = 2.0) -> float:
@@ -71,6 +72,17 @@ class ModelInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def fingerprint(self) -> dict:
+        """What a rotation bundle must match: the same architecture, config and weights."""
+        return {
+            "architecture": self.architecture,
+            "config_sha256": self.config_sha256,
+            "weights_sha256": self.weights_sha256,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+        }
 
 
 def cache_root() -> Path:
@@ -230,6 +242,20 @@ def _blame_weight_file(model_dir: Path, message: str) -> Path:
     return model_dir
 
 
+def weights_fingerprint(model_dir: Path) -> str:
+    """SHA-256 over each safetensors file's name, size and header (names, dtypes,
+    shapes, offsets): cheap for any model size, and device-independent."""
+    digest = hashlib.sha256()
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            head = f.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else 0
+            digest.update(file.name.encode())
+            digest.update(file.stat().st_size.to_bytes(8, "little"))
+            digest.update(f.read(min(size, 100_000_000)))
+    return digest.hexdigest()
+
+
 def runs_on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
@@ -299,8 +325,11 @@ def load(source: str | Path = DEFAULT_MODEL, progress: Progress | None = None,
         config_sha256=hashlib.sha256(
             json.dumps(config, sort_keys=True).encode()).hexdigest(),
         source_sha256=source_sha,
+        weights_sha256=source_sha or weights_fingerprint(model_dir),
         model_dir=str(model_dir),
     )
+    # A dataclass attribute stays out of the module's parameter tree.
+    model.velox_info = info
     report("ready", 1.0)
     return model, tokenizer, info
 

@@ -1,0 +1,318 @@
+"""Calibrate SpectralQuant rotations: per-layer, per-KV-head PCA of keys and values.
+
+The model runs over calibration windows with a ``CovarianceCapture`` cache in
+every layer. mlx-lm hands a cache its keys *after* RoPE; in "pre" mode the
+capture cache undoes RoPE itself (it knows each key's position and the layer's
+RoPE module), so no attention code is patched and any mlx-lm architecture with a
+RoPE module works. Only second moments are kept: memory is
+O(layers · heads · head_dim²) whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .corpus import Corpus, load_corpus, sample_windows
+from .errors import VeloxError
+
+ROPE_MODES = ("pre", "post")
+
+
+class CalibrationError(VeloxError):
+    """Calibration cannot run on this model or input."""
+
+
+class CalibrationCancelled(CalibrationError):
+    """The caller set the cancel event; nothing was produced."""
+
+
+@dataclass
+class SpectralRotation:
+    """One layer's rotations: eigenvectors are columns, eigenvalues descend."""
+
+    layer: int
+    head_dim: int
+    rope_mode: str
+    token_count: int
+    key_eigenvalues: np.ndarray  # (kv_heads, head_dim)
+    key_eigenvectors: np.ndarray  # (kv_heads, head_dim, head_dim)
+    value_eigenvalues: np.ndarray
+    value_eigenvectors: np.ndarray
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.key_eigenvalues.shape[0]
+
+
+@dataclass
+class SpectralRotations:
+    """All layers' rotations plus what they were calibrated on."""
+
+    layers: list[SpectralRotation]
+    rope_mode: str
+    num_samples: int
+    sequence_length: int
+    corpus_name: str
+    corpus_sha256: str
+    seed: int
+    sink_tokens: int
+    model_fingerprint: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> SpectralRotation:
+        return self.layers[i]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    @property
+    def token_count(self) -> int:
+        return self.layers[0].token_count if self.layers else 0
+
+
+@dataclass
+class CalibrationProgress:
+    samples_done: int
+    num_samples: int
+    tokens_done: int
+    tokens_per_s: float
+    eta_s: float
+    layer: int
+    key_eigenvalues: np.ndarray  # (kv_heads, head_dim), current estimate, descending
+    value_eigenvalues: np.ndarray
+
+
+def find_rope(layer: nn.Module) -> nn.Module | None:
+    """The RoPE module inside a transformer layer (any mlx-lm architecture)."""
+    for _, module in layer.named_modules():
+        if isinstance(module, nn.RoPE) or "rope" in type(module).__name__.lower():
+            return module
+    return None
+
+
+class RopeInverter:
+    """Undo a RoPE module: R(p)⁻¹ x = C·R(p)·C·x / s², where C flips the sign of the
+    second element of every rotated pair (interleaved or half-split) and s is the
+    module's per-dimension scale, measured at position 0 where R is the identity."""
+
+    def __init__(self, rope: nn.Module, head_dim: int):
+        self.rope = rope
+        dims = int(getattr(rope, "dims", getattr(rope, "dim", head_dim)))
+        traditional = bool(getattr(rope, "traditional", False))
+        sign = np.ones(head_dim, dtype=np.float32)
+        if traditional:
+            sign[1:dims:2] = -1.0
+        else:
+            sign[dims // 2: dims] = -1.0
+        self.sign = mx.array(sign)
+        ones = mx.ones((1, 1, 1, head_dim), dtype=mx.float32)
+        scale = rope(ones, offset=0).reshape(head_dim)
+        self.inv_scale2 = 1.0 / (scale * scale)
+
+    def __call__(self, keys: mx.array, offset: int) -> mx.array:
+        x = keys.astype(mx.float32) * self.sign
+        return self.rope(x, offset=offset) * self.sign * self.inv_scale2
+
+
+class CovarianceCapture:
+    """A cache that records second moments of keys and values as they arrive.
+
+    It plays the role of an empty mlx-lm KVCache for a single prefill: it returns
+    the chunk it is given (attention within the window is exact) and keeps no
+    activations. Positions before ``sink_tokens`` are left out of the statistics,
+    because compressed caches keep those tokens exact.
+    """
+
+    def __init__(self, num_kv_heads: int, head_dim: int, rope_inverter: RopeInverter | None,
+                 sink_tokens: int = 0):
+        self.rope_inverter = rope_inverter
+        self.sink_tokens = sink_tokens
+        self.offset = 0
+        self.key_moment = mx.zeros((num_kv_heads, head_dim, head_dim), dtype=mx.float32)
+        self.value_moment = mx.zeros_like(self.key_moment)
+        self.count = 0
+
+    def reset_sequence(self) -> None:
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        B, H, L, D = keys.shape
+        start = self.offset
+        self.offset += L
+        skip = max(0, self.sink_tokens - start)
+        if skip < L:
+            k = keys if self.rope_inverter is None else self.rope_inverter(keys, start)
+            k = _rows(k[..., skip:, :])
+            v = _rows(values[..., skip:, :])
+            self.key_moment = self.key_moment + k.swapaxes(1, 2) @ k
+            self.value_moment = self.value_moment + v.swapaxes(1, 2) @ v
+            self.count += B * (L - skip)
+        return keys, values
+
+    @property
+    def state(self):
+        return self.key_moment, self.value_moment
+
+
+def _rows(x: mx.array) -> mx.array:
+    """(B, H, L, D) -> (H, B·L, D) in float32."""
+    B, H, L, D = x.shape
+    return x.astype(mx.float32).transpose(1, 0, 2, 3).reshape(H, B * L, D)
+
+
+def model_shape(model) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of an mlx-lm model."""
+    args = model.args
+    heads = args.num_attention_heads
+    kv_heads = getattr(args, "num_key_value_heads", None) or heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
+    return len(model.layers), kv_heads, head_dim
+
+
+def _check_supported(model) -> None:
+    from mlx_lm.models.cache import KVCache
+
+    if hasattr(model, "make_cache"):
+        kinds = {type(c).__name__ for c in model.make_cache() if type(c) is not KVCache}
+        if kinds:
+            raise CalibrationError(
+                f"{type(model).__module__}: layers with {', '.join(sorted(kinds))} caches "
+                "(sliding-window or hybrid attention) are not supported for calibration")
+
+
+def _eigh_descending(moments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigen-decompose (H, D, D) symmetric matrices with MLX on the CPU stream."""
+    sym = 0.5 * (moments + moments.swapaxes(-1, -2))
+    values, vectors = mx.linalg.eigh(mx.array(sym.astype(np.float32)), stream=mx.cpu)
+    mx.eval(values, vectors)
+    values, vectors = np.array(values)[..., ::-1], np.array(vectors)[..., ::-1]
+    return np.ascontiguousarray(values), np.ascontiguousarray(vectors)
+
+
+def _all_sum_f64(x: np.ndarray, group) -> np.ndarray:
+    """Sum float64 accumulators across ranks exactly enough: as a float32 pair hi + lo."""
+    hi = x.astype(np.float32)
+    lo = (x - hi.astype(np.float64)).astype(np.float32)
+    hi_sum = mx.distributed.all_sum(mx.array(hi), group=group, stream=mx.cpu)
+    lo_sum = mx.distributed.all_sum(mx.array(lo), group=group, stream=mx.cpu)
+    mx.eval(hi_sum, lo_sum)
+    return np.array(hi_sum).astype(np.float64) + np.array(lo_sum).astype(np.float64)
+
+
+def calibrate_spectral_rotation(
+    model,
+    tokenizer,
+    num_samples: int = 64,
+    sequence_length: int = 1024,
+    corpus: Corpus | str | None = None,
+    rope: str = "pre",
+    seed: int = 0,
+    progress: Callable[[CalibrationProgress], None] | None = None,
+    cancel: threading.Event | None = None,
+    progress_layer: int = 0,
+    sink_tokens: int = 4,
+    group=None,
+) -> SpectralRotations:
+    """Calibrate key/value PCA rotations for every layer and KV head.
+
+    corpus: a ``Corpus``, "bundled", or a path to .txt/.md/.jsonl text.
+    rope: "pre" (keys as the model computes them, before RoPE) or "post" (as
+    mlx-lm caches see them). ``progress`` gets a ``CalibrationProgress`` after
+    every sample, with the current eigenvalue estimate of ``progress_layer``.
+    Setting ``cancel`` stops within one sample and raises ``CalibrationCancelled``.
+    ``group`` (an ``mx.distributed`` group) splits the samples over its ranks
+    and sums the accumulators, so every rank returns the same rotations.
+    """
+    if rope not in ROPE_MODES:
+        raise CalibrationError(f"rope must be one of {ROPE_MODES}, not {rope!r}")
+    _check_supported(model)
+    num_layers, kv_heads, head_dim = model_shape(model)
+    if not 0 <= progress_layer < num_layers:
+        raise CalibrationError(f"progress_layer {progress_layer} is not in [0, {num_layers})")
+    if sink_tokens >= sequence_length:
+        raise CalibrationError(f"sink_tokens ({sink_tokens}) must be below the sequence "
+                               f"length ({sequence_length})")
+    corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus or "bundled")
+    ids = tokenizer.encode(corpus.text)
+    windows = sample_windows(ids, num_samples, sequence_length, seed)
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    mine = windows[rank::size]
+
+    captures = []
+    for layer in model.layers:
+        inverter = None
+        if rope == "pre":
+            rope_module = find_rope(layer)
+            if rope_module is None:
+                raise CalibrationError(f"{type(layer).__name__}: no RoPE module found, so keys "
+                                       "cannot be taken before RoPE (use rope='post')")
+            inverter = RopeInverter(rope_module, head_dim)
+        captures.append(CovarianceCapture(kv_heads, head_dim, inverter, sink_tokens))
+
+    key_acc = np.zeros((num_layers, kv_heads, head_dim, head_dim), dtype=np.float64)
+    value_acc = np.zeros_like(key_acc)
+    tokens_per_sample = sequence_length - sink_tokens
+    forward = model.model if hasattr(model, "model") else model
+    start = time.perf_counter()
+    for i, window in enumerate(mine):
+        if cancel is not None and cancel.is_set():
+            raise CalibrationCancelled("calibration cancelled")
+        for capture in captures:
+            capture.reset_sequence()
+            capture.key_moment = mx.zeros_like(capture.key_moment)
+            capture.value_moment = mx.zeros_like(capture.value_moment)
+        # Only the moments are evaluated: MLX skips work they do not depend on
+        # (the last MLP and the LM head).
+        forward(mx.array(window)[None], cache=captures)
+        mx.eval([c.state for c in captures])
+        for layer, capture in enumerate(captures):
+            key_acc[layer] += np.array(capture.key_moment)
+            value_acc[layer] += np.array(capture.value_moment)
+        if progress is not None:
+            done = i + 1
+            elapsed = time.perf_counter() - start
+            count = done * tokens_per_sample
+            progress(CalibrationProgress(
+                samples_done=done * size if done < len(mine) else len(windows),
+                num_samples=len(windows),
+                tokens_done=done * size * sequence_length,
+                tokens_per_s=done * size * sequence_length / elapsed if elapsed > 0 else 0.0,
+                eta_s=elapsed / done * (len(mine) - done),
+                layer=progress_layer,
+                key_eigenvalues=_eigvals(key_acc[progress_layer] / count),
+                value_eigenvalues=_eigvals(value_acc[progress_layer] / count),
+            ))
+    if cancel is not None and cancel.is_set():
+        raise CalibrationCancelled("calibration cancelled")
+
+    count = len(mine) * tokens_per_sample
+    if size > 1:
+        key_acc, value_acc = _all_sum_f64(key_acc, group), _all_sum_f64(value_acc, group)
+        count = len(windows) * tokens_per_sample
+    layers = []
+    for layer in range(num_layers):
+        key_vals, key_vecs = _eigh_descending(key_acc[layer] / count)
+        value_vals, value_vecs = _eigh_descending(value_acc[layer] / count)
+        layers.append(SpectralRotation(layer, head_dim, rope, count, key_vals, key_vecs,
+                                       value_vals, value_vecs))
+    info = getattr(model, "velox_info", None)
+    return SpectralRotations(
+        layers=layers, rope_mode=rope, num_samples=len(windows),
+        sequence_length=sequence_length, corpus_name=corpus.name,
+        corpus_sha256=corpus.sha256, seed=seed, sink_tokens=sink_tokens,
+        model_fingerprint=info.fingerprint() if info is not None else
+        {"num_layers": num_layers, "num_kv_heads": kv_heads, "head_dim": head_dim},
+    )
+
+
+def _eigvals(moments: np.ndarray) -> np.ndarray:
+    return np.linalg.eigvalsh(0.5 * (moments + moments.swapaxes(-1, -2)))[..., ::-1].copy()
