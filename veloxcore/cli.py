@@ -99,8 +99,9 @@ def format_duration(seconds: float) -> str:
 
 def progress_line(p, width: int = 28) -> str:
     filled = int(width * p.samples_done / max(p.num_samples, 1))
-    return (f"[{'#' * filled}{'.' * (width - filled)}] {p.samples_done}/{p.num_samples} samples "
-            f"{p.tokens_done:,} tokens  {p.tokens_per_s:,.0f} tok/s  ETA {format_duration(p.eta_s)}")
+    bar = "#" * filled + "." * (width - filled)
+    return (f"[{bar}] {p.samples_done}/{p.num_samples} samples {p.tokens_done:,} tokens  "
+            f"{p.tokens_per_s:,.0f} tok/s  ETA {format_duration(p.eta_s)}")
 
 
 def distributed_group():
@@ -178,7 +179,8 @@ def cmd_inspect(args) -> int:
     rotations = load_bundle_for_cli(args.bundle)
     print(f"{args.bundle}: {len(rotations)} layers × {rotations[0].num_kv_heads} KV heads × "
           f"head_dim {rotations[0].head_dim}, keys {rotations.rope_mode} RoPE, "
-          f"{rotations.num_samples} × {rotations.sequence_length} tokens of {rotations.corpus_name}")
+          f"{rotations.num_samples} × {rotations.sequence_length} tokens of "
+          f"{rotations.corpus_name}")
     print(f"{'layer':>5}  {'key PR':>7}  {'value PR':>8}  {'key gap':>9}  {'value gap':>9}  "
           f"top key eigenvalues (mean over heads)")
     for rot in rotations:
