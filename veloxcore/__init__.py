@@ -1,4 +1,10 @@
-"""veloxcore: SpectralQuant KV-cache compression on MLX (no Qt here)."""
+"""veloxcore: SpectralQuant KV-cache compression on MLX (no Qt here).
+
+The public names below load lazily, so numpy-only modules (``veloxcore.spectral``)
+can be used without importing MLX — the studio's GUI thread relies on that.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
@@ -7,46 +13,41 @@ from ._blas import preload_blas
 
 preload_blas()
 
-from .bundle import BundleError, load_cached_rotations, save_rotations  # noqa: E402
-from .calibration import (  # noqa: E402
-    CalibrationCancelled,
-    CalibrationError,
-    CalibrationProgress,
-    SpectralRotation,
-    SpectralRotations,
-    calibrate_spectral_rotation,
-)
-from .corpus import Corpus, load_corpus  # noqa: E402
-from .errors import ModelLoadError, VeloxError  # noqa: E402
-from .models import DEFAULT_MODEL, ModelInfo, load  # noqa: E402
-from .spectral import (  # noqa: E402
-    allocate_bit_plan,
-    compute_participation_ratio,
-    compute_spectral_gap,
-    predicted_distortion,
-    water_fill_bits,
-)
+_EXPORTS = {
+    "BundleError": "bundle",
+    "load_cached_rotations": "bundle",
+    "save_rotations": "bundle",
+    "CalibrationCancelled": "calibration",
+    "CalibrationError": "calibration",
+    "CalibrationProgress": "calibration",
+    "SpectralRotation": "calibration",
+    "SpectralRotations": "calibration",
+    "calibrate_spectral_rotation": "calibration",
+    "Corpus": "corpus",
+    "load_corpus": "corpus",
+    "ModelLoadError": "errors",
+    "VeloxError": "errors",
+    "DEFAULT_MODEL": "models",
+    "ModelInfo": "models",
+    "load": "models",
+    "allocate_bit_plan": "spectral",
+    "compute_participation_ratio": "spectral",
+    "compute_spectral_gap": "spectral",
+    "predicted_distortion": "spectral",
+    "water_fill_bits": "spectral",
+}
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "BundleError",
-    "CalibrationCancelled",
-    "CalibrationError",
-    "CalibrationProgress",
-    "Corpus",
-    "ModelInfo",
-    "ModelLoadError",
-    "SpectralRotation",
-    "SpectralRotations",
-    "VeloxError",
-    "allocate_bit_plan",
-    "calibrate_spectral_rotation",
-    "compute_participation_ratio",
-    "compute_spectral_gap",
-    "load",
-    "load_cached_rotations",
-    "load_corpus",
-    "predicted_distortion",
-    "save_rotations",
-    "water_fill_bits",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'veloxcore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
