@@ -50,13 +50,13 @@ def tokens() -> list[str]:
     return SPECIALS + byte_tokens()
 
 
-def write_tiny_dir(path: Path, seed: int = 0) -> llama.Model:
+def write_tiny_dir(path: Path, seed: int = 0, **overrides) -> llama.Model:
     """An mlx-lm model directory: config.json, model.safetensors, tokenizer files."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
-    model = tiny_model(seed)
+    model = tiny_model(seed, **overrides)
     args = model.args
     config = {k: getattr(args, k) for k in (
         "model_type", "hidden_size", "num_hidden_layers", "intermediate_size",

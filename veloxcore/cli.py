@@ -55,13 +55,41 @@ def cmd_info(args) -> int:
     return 0
 
 
+def build_cli_cache(args, model):
+    """The prompt cache the chat/eval flags ask for (None: mlx-lm's default)."""
+    from .caches import KVCacheBuilder, KVCacheConfig, parse_method
+
+    if args.method in (None, "fp16"):
+        return None
+    rotations = None
+    if args.method.startswith("spectral"):
+        if not args.bundle:
+            raise VeloxError("--method spectral needs --bundle DIR (run `velox calibrate`)")
+        from .bundle import load_cached_rotations
+
+        rotations = load_cached_rotations(args.bundle, model=model,
+                                          allow_model_mismatch=args.allow_model_mismatch)
+    if args.method == "spectral":
+        config = KVCacheConfig(method="spectral", rotations=rotations,
+                               signal_bits=args.signal_bits, noise_bits=args.noise_bits,
+                               value_bits=args.value_bits)
+        if args.avg_bits is not None:
+            config.use_water_filling, config.target_avg_bits = True, args.avg_bits
+    else:
+        config = parse_method(args.method, rotations)
+    return KVCacheBuilder.build(model, config)
+
+
 def cmd_chat(args) -> int:
+    from .caches import cache_memory
     from .generate import stream_reply
     from .models import load
 
     model, tokenizer, info = load(args.model)
-    print(f"{info.name}: {info.num_layers} layers, {info.dtype}. Empty line or Ctrl-D quits.",
-          file=sys.stderr)
+    cache = build_cli_cache(args, model)
+    label = args.method or "fp16"
+    print(f"{info.name}: {info.num_layers} layers, {info.dtype}, KV cache {label}. "
+          "Empty line or Ctrl-D quits.", file=sys.stderr)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     prompts = [args.prompt] if args.prompt else None
     while True:
@@ -79,17 +107,27 @@ def cmd_chat(args) -> int:
         messages.append({"role": "user", "content": text})
         pieces, last = [], None
         start = time.perf_counter()
+        if cache is not None:  # a fresh compressed cache per turn: the prompt holds the history
+            cache = build_cli_cache(args, model)
         for chunk in stream_reply(model, tokenizer, messages, max_tokens=args.max_tokens,
-                                  temperature=args.temperature):
+                                  temperature=args.temperature, prompt_cache=cache):
             print(chunk.text, end="", flush=True)
             pieces.append(chunk.text)
             last = chunk
         print()
         messages.append({"role": "assistant", "content": "".join(pieces)})
         if last is not None:
+            memory = ""
+            if cache is not None:
+                m = cache_memory(cache, model)
+                memory = (f", KV {format_bytes(m.nbytes)} vs fp16 {format_bytes(m.fp16_nbytes)}"
+                          f" ({m.bits_per_element:.2f} bits/elem)")
+            else:
+                tokens = last.prompt_tokens + last.generation_tokens
+                memory = f", KV fp16 {format_bytes(tokens * info.kv_bytes_per_token())}"
             print(f"[{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s decode, "
-                  f"{last.prompt_tps:.1f} tok/s prefill, {time.perf_counter() - start:.1f} s]",
-                  file=sys.stderr)
+                  f"{last.prompt_tps:.1f} tok/s prefill, {time.perf_counter() - start:.1f} s"
+                  f"{memory}]", file=sys.stderr)
 
 
 def format_duration(seconds: float) -> str:
@@ -217,6 +255,45 @@ def cmd_allocate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .bundle import load_cached_rotations
+    from .caches import parse_method
+    from .evaluate import evaluate_methods, load_eval_text, results_table
+    from .models import load
+
+    model, tokenizer, info = load(args.model)
+    rotations = None
+    specs = [m for m in args.methods.split(",") if m]
+    if any(m.startswith("spectral") for m in specs):
+        if not args.bundle:
+            raise VeloxError("spectral methods need --bundle DIR (run `velox calibrate`)")
+        rotations = load_cached_rotations(args.bundle, model=model,
+                                          allow_model_mismatch=args.allow_model_mismatch)
+    configs = {spec: parse_method(spec, rotations, args.sink_tokens) for spec in specs}
+    name, text, sha = load_eval_text(args.text)
+    results = []
+    for context in [int(c) for c in args.ctx.split(",")]:
+        print(f"context {context}: {len(configs)} methods on {name} …", file=sys.stderr)
+        results += evaluate_methods(model, tokenizer, configs, text, context, chunk=args.chunk,
+                                    decode_tokens=args.decode_tokens)
+    print(results_table(results))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps({
+            "model": info.name, "model_fingerprint": info.fingerprint(), "text": name,
+            "text_sha256": sha, "bundle": args.bundle, "chunk": args.chunk,
+            "date": time.strftime("%Y-%m-%d"), "results": [r.to_dict() for r in results]},
+            indent=2))
+    return 0
+
+
+def add_cache_flags(p) -> None:
+    p.add_argument("--bundle", help="rotation bundle (for spectral methods)")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="use a bundle calibrated on other weights of the same shape")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="velox", description=__doc__)
     parser.add_argument("--version", action="version", version=f"velox {__version__}")
@@ -254,8 +331,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the plan as JSON here")
     p.set_defaults(func=cmd_allocate)
 
+    p = sub.add_parser("eval", help="teacher-forced quality of KV-cache methods vs fp16")
+    p.add_argument("--model", default="default")
+    p.add_argument("--methods", default="fp16,affine4,rvq3,spectral:4/1/2",
+                   help="comma-separated: fp16, affine4[gG], rvqB, spectral:S/N/V, "
+                        "spectral:wfK/V, spectral:wfK/aV")
+    p.add_argument("--ctx", default="2048", help="comma-separated context lengths")
+    p.add_argument("--text", help="held-out text file (default: the bundled one)")
+    p.add_argument("--chunk", type=int, default=512, help="tokens per teacher-forced step")
+    p.add_argument("--decode-tokens", type=int, default=0,
+                   help="also time this many decode steps on the filled cache")
+    p.add_argument("--sink-tokens", type=int, default=4)
+    p.add_argument("--json", help="write results here")
+    add_cache_flags(p)
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("chat", help="chat with a model in the terminal")
     p.add_argument("--model", default="default")
+    p.add_argument("--method", default=None,
+                   help="KV cache: fp16 (default), spectral, affine4, rvq3, spectral:wf3/3, …")
+    p.add_argument("--signal-bits", type=int, default=4)
+    p.add_argument("--noise-bits", type=int, default=1)
+    p.add_argument("--value-bits", type=int, default=2)
+    p.add_argument("--avg-bits", type=float, default=None,
+                   help="water-fill the keys at this average instead of signal/noise bits")
+    add_cache_flags(p)
     p.add_argument("--prompt", help="answer one prompt and exit")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-tokens", type=int, default=256)

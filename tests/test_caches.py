@@ -1,0 +1,157 @@
+"""Compressed KV caches: codes, packing, exactness at 16 bits, mlx-lm protocol, bytes."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm import generate
+from mlx_lm.models.cache import KVCache
+from test_calibration import TEXT
+from tinymodel import write_tiny_dir
+
+import veloxcore
+from veloxcore import BundleError, calibrate_spectral_rotation
+from veloxcore.caches import (
+    AffineKVCache,
+    CacheConfigError,
+    KVCacheBuilder,
+    KVCacheConfig,
+    cache_memory,
+    parse_method,
+)
+from veloxcore.quantizers import DimCoder, lloyd_max_gaussian
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    write_tiny_dir(root / "model", head_dim=32)  # affine needs a multiple of 32
+    model, tokenizer, _ = veloxcore.load(root / "model")
+    rotations = {mode: calibrate_spectral_rotation(model, tokenizer, num_samples=4,
+                                                   sequence_length=96, corpus=TEXT, rope=mode)
+                 for mode in ("pre", "post")}
+    return model, tokenizer, rotations
+
+
+def test_pack_unpack_round_trips_exactly():
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 9, size=(3, 64))
+    coder = DimCoder(bits, np.ones((3, 64)))
+    codes = (rng.integers(0, 2**31, size=(2, 3, 50, 64)) % (1 << bits[None, :, None, :]))
+    codes = mx.array(codes.astype(np.uint32))
+    words = coder.pack(codes)
+    assert words.shape == (2, 3, 50, -(-int(bits.sum(1).max()) // 32))
+    assert mx.array_equal(coder.unpack(words), codes).item()
+
+
+def test_quantisation_error_matches_codebook_mse_and_falls_with_bits():
+    rng = np.random.default_rng(1)
+    scales = np.linspace(0.5, 3.0, 16)
+    x = rng.normal(size=(1, 1, 20000, 16)) * scales
+    errors = []
+    for b in range(1, 9):
+        coder = DimCoder(np.full((1, 16), b), scales[None])
+        decoded = np.array(coder.decode(coder.encode(mx.array(x.astype(np.float32)))))
+        relative = np.mean((decoded - x) ** 2, axis=(0, 1, 2)) / scales**2
+        mse = lloyd_max_gaussian(b)[2]
+        # 20000 samples per dim: sampling error of the MSE is a few percent.
+        np.testing.assert_allclose(relative.mean(), mse, rtol=0.05)
+        errors.append(relative.mean())
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False))
+    # Known Lloyd-Max values for the standard normal.
+    assert lloyd_max_gaussian(1)[2] == pytest.approx(0.3634, abs=1e-4)
+    assert lloyd_max_gaussian(2)[2] == pytest.approx(0.1175, abs=1e-4)
+    assert lloyd_max_gaussian(3)[2] == pytest.approx(0.03455, abs=1e-4)
+
+
+def logits_with(model, cache, ids, chunk=40):
+    out = []
+    for s in range(0, len(ids), chunk):
+        out.append(model(mx.array(ids[s: s + chunk])[None], cache=cache)[0])
+    return np.array(mx.concatenate(out).astype(mx.float32))
+
+
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_spectral_at_16_bits_reproduces_fp16_logits(tiny, mode):
+    model, tokenizer, rotations = tiny
+    ids = tokenizer.encode(TEXT.text)[:150]
+    reference = logits_with(model, [KVCache() for _ in model.layers], ids)
+    config = KVCacheConfig(method="spectral", rotations=rotations[mode], signal_bits=16,
+                           noise_bits=16, value_bits=16)
+    caches = KVCacheBuilder.build(model, config)
+    got = logits_with(model, caches, ids)
+    # Only fp16 rounding of rotated coefficients separates the two.
+    np.testing.assert_allclose(got, reference, atol=2e-2 * np.abs(reference).max())
+    assert np.mean(np.argmax(got, -1) == np.argmax(reference, -1)) > 0.99
+
+
+@pytest.mark.parametrize("spec", ["affine4g32", "affine8g32", "rvq3", "spectral:4/1/2",
+                                  "spectral:wf3/3", "spectral:wf3/a4"])
+def test_every_method_runs_through_mlx_lm_generate(tiny, spec):
+    model, tokenizer, rotations = tiny
+    caches = KVCacheBuilder.build(model, parse_method(spec, rotations["pre"]))
+    text = generate(model, tokenizer, "hello there", max_tokens=8, prompt_cache=caches)
+    assert isinstance(text, str)
+    # mlx-lm feeds every generated token back (it computes one step ahead).
+    assert caches[0].offset in (11 + 7, 11 + 8)
+
+
+@pytest.mark.parametrize("spec", ["spectral:wf3/3", "rvq4", "affine4g32"])
+def test_trim_and_state_round_trip(tiny, spec):
+    model, tokenizer, rotations = tiny
+    ids = tokenizer.encode(TEXT.text)[:120]
+    config = parse_method(spec, rotations["pre"])
+    caches = KVCacheBuilder.build(model, config)
+    logits_with(model, caches, ids[:100])
+    # Trim 30 tokens, then re-feed them: identical to having fed 100 directly.
+    assert caches[0].trim(30) == 30 and caches[0].offset == 70
+    for c in caches[1:]:
+        c.trim(30)
+    again = logits_with(model, caches, ids[70:100])
+    fresh = KVCacheBuilder.build(model, config)
+    direct = logits_with(model, fresh, ids[:100])
+    np.testing.assert_allclose(again, direct[70:100], atol=1e-4)
+    # State round trip: a new cache restored from (state, meta_state) continues identically.
+    restored = KVCacheBuilder.build(model, config)
+    for src, dst in zip(fresh, restored, strict=True):
+        dst.restore(src.state, src.meta_state)
+    np.testing.assert_allclose(logits_with(model, restored, ids[100:120]),
+                               logits_with(model, fresh, ids[100:120]), atol=1e-5)
+
+
+def test_effective_bits_from_nbytes_match_the_formula(tiny):
+    model, tokenizer, rotations = tiny
+    layers, heads, dim = 2, 2, 32
+    ids = tokenizer.encode(TEXT.text)[:256 + 4]  # 4 sinks + exactly one 256-token block
+    caches = KVCacheBuilder.build(model, parse_method("spectral:wf3/3", rotations["pre"]))
+    logits_with(model, caches, ids, chunk=260)
+    key_words = -(-int(round(3 * dim)) // 32)  # 96 bits -> 3 words
+    value_words = -(-3 * dim // 32)
+    per_layer = 256 * heads * 4 * (key_words + value_words) + 4 * heads * dim * 2 * 2
+    assert caches.nbytes == layers * per_layer
+    memory = cache_memory(caches, model)
+    assert memory.bits_per_element == pytest.approx(
+        8 * layers * per_layer / (2 * layers * heads * dim * 260))
+    affine = KVCacheBuilder.build(model, parse_method("affine4g32", None))
+    logits_with(model, affine, ids[:256], chunk=256)
+    # 4-bit codes + an fp16 scale and bias per group of 32.
+    assert isinstance(affine[0], AffineKVCache)
+    assert cache_memory(affine, model).bits_per_element == pytest.approx(4 + 32 / 32)
+    with pytest.raises(CacheConfigError, match="group size 64"):
+        KVCacheBuilder.build(model, parse_method("affine4", None))
+
+
+def test_bundles_for_other_models_are_refused_at_build_time(tiny, tmp_path):
+    model, tokenizer, rotations = tiny
+    import dataclasses
+
+    other = dataclasses.replace(rotations["pre"], model_fingerprint={
+        **rotations["pre"].model_fingerprint, "config_sha256": "f" * 64})
+    with pytest.raises(BundleError, match="another model"):
+        KVCacheBuilder.build(model, KVCacheConfig(method="spectral", rotations=other))
+    fewer = dataclasses.replace(rotations["pre"], layers=rotations["pre"].layers[:1])
+    with pytest.raises(BundleError, match="layers"):
+        KVCacheBuilder.build(model, KVCacheConfig(method="spectral", rotations=fewer))
+    with pytest.raises(CacheConfigError, match="needs calibrated rotations"):
+        KVCacheBuilder.build(model, KVCacheConfig(method="spectral"))
+    with pytest.raises(CacheConfigError, match="cannot parse"):
+        parse_method("spectral:banana")

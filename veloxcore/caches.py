@@ -1,0 +1,480 @@
+"""Compressed KV caches for mlx-lm: spectral (SpectralQuant), RVQ and affine baselines.
+
+Every cache follows mlx-lm's duck-typed protocol (``update_and_fetch``,
+``offset``, ``make_mask``, ``trim``, ``state``, ``nbytes``) and works as
+``prompt_cache=`` with ``mlx_lm.generate`` / ``stream_generate``. Storage is
+bit-packed, so ``nbytes`` is the real footprint; ``update_and_fetch`` returns
+decoded keys/values for mlx-lm's attention. The first ``sink_tokens`` tokens are
+kept exact.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache, create_attention_mask
+
+from .calibration import RopeInverter, SpectralRotations, find_rope, model_shape
+from .errors import VeloxError
+from .quantizers import DimCoder, make_coder
+from .spectral import compute_spectral_gap, water_fill_bits
+
+METHODS = ("spectral", "rvq", "affine", "fp16")
+STEP = 256
+
+
+class CacheConfigError(VeloxError):
+    """A cache configuration does not fit the model or is inconsistent."""
+
+
+@dataclass
+class KVCacheConfig:
+    """How to compress the KV cache.
+
+    method: "spectral" (calibrated rotations + Lloyd-Max codes), "rvq"
+    (calibration-free random rotation + Lloyd-Max + per-vector norm), "affine"
+    (mlx-lm's group-wise affine quantisation) or "fp16" (mlx-lm's KVCache).
+    Spectral keys use ``signal_bits`` on the dims above each head's spectral gap
+    and ``noise_bits`` on the rest, or water-filled bits at ``target_avg_bits``
+    when ``use_water_filling``; values use ``value_bits`` (water-filled at that
+    average when ``use_water_filling``), or affine codes when
+    ``value_method == "affine"``. ``key_bits`` is the key (and value) width of
+    "affine" and "rvq". ``bit_plan`` (a bundle's bit_plan.json) overrides
+    per-dim widths.
+    """
+
+    method: str = "spectral"
+    rotations: SpectralRotations | None = None
+    signal_bits: int = 4
+    noise_bits: int = 1
+    value_bits: int = 2
+    key_bits: int | None = None
+    use_water_filling: bool = False
+    target_avg_bits: float | None = None
+    value_method: str = "spectral"
+    value_group_size: int = 32
+    sink_tokens: int = 4
+    group_size: int = 64
+    min_bits: int = 0
+    max_bits: int = 8
+    bit_plan: dict | None = None
+    seed: int = 0
+    allow_model_mismatch: bool = False
+
+    def label(self) -> str:
+        if self.method == "fp16":
+            return "fp16"
+        if self.method in ("affine", "rvq"):
+            return f"{self.method}{self.key_bits or 4}"
+        keys = (f"wf{self.target_avg_bits:g}" if self.use_water_filling
+                else f"{self.signal_bits}/{self.noise_bits}")
+        values = f"a{self.value_bits}" if self.value_method == "affine" else f"{self.value_bits}"
+        return f"spectral:{keys}/{values}"
+
+
+# --------------------------------------------------------------------------- base
+class CodedKVCache:
+    """Shared storage for caches that keep per-token codes in growable buffers.
+
+    Subclasses implement ``encode(keys, values, position) -> tuple[mx.array]``
+    (each part shaped (B, H, L, X)) and ``decode(parts, position) -> (keys,
+    values)`` for the coded tokens starting at absolute ``position``.
+    """
+
+    def __init__(self, sink_tokens: int = 0):
+        self.sink_tokens = sink_tokens
+        self.offset = 0
+        self.parts: list[mx.array] | None = None
+        self.sink_keys: mx.array | None = None
+        self.sink_values: mx.array | None = None
+        self.coded = 0  # tokens stored in parts
+
+    # mlx-lm protocol -----------------------------------------------------
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        B, H, L, D = keys.shape
+        start = self.offset
+        n_sink = max(0, min(self.sink_tokens - start, L))
+        if n_sink:
+            sk, sv = keys[..., :n_sink, :], values[..., :n_sink, :]
+            if self.sink_keys is None:
+                self.sink_keys, self.sink_values = sk, sv
+            else:
+                self.sink_keys = mx.concatenate([self.sink_keys, sk], axis=2)
+                self.sink_values = mx.concatenate([self.sink_values, sv], axis=2)
+        if n_sink < L:
+            parts = self.encode(keys[..., n_sink:, :], values[..., n_sink:, :], start + n_sink)
+            self._store(parts)
+        self.offset += L
+        return self.fetch(keys.dtype)
+
+    def fetch(self, dtype=mx.float32):
+        keys, values = [], []
+        if self.sink_keys is not None:
+            n = min(self.offset, self.sink_keys.shape[2])
+            keys.append(self.sink_keys[..., :n, :])
+            values.append(self.sink_values[..., :n, :])
+        if self.coded:
+            k, v = self.decode([p[..., : self.coded, :] for p in self.parts],
+                               self.sink_tokens)
+            keys.append(k.astype(dtype))
+            values.append(v.astype(dtype))
+        if len(keys) == 1:
+            return keys[0], values[0]
+        return mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
+
+    def _store(self, parts: tuple[mx.array, ...]) -> None:
+        L = parts[0].shape[2]
+        prev = self.coded
+        if self.parts is None or prev + L > self.parts[0].shape[2]:
+            grow = (L + STEP - 1) // STEP * STEP
+            fresh = [mx.zeros((*p.shape[:2], grow, p.shape[3]), dtype=p.dtype) for p in parts]
+            if self.parts is None:
+                self.parts = fresh
+            else:
+                self.parts = [mx.concatenate([old[..., :prev, :], new], axis=2)
+                              for old, new in zip(self.parts, fresh, strict=True)]
+        for buffer, part in zip(self.parts, parts, strict=True):
+            buffer[..., prev: prev + L, :] = part
+        self.coded = prev + L
+
+    def make_mask(self, *args, **kwargs):
+        return create_attention_mask(*args, offset=self.offset, **kwargs)
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        self.coded = max(0, self.offset - self.sink_tokens)
+        if self.sink_keys is not None and self.offset < self.sink_keys.shape[2]:
+            self.sink_keys = self.sink_keys[..., : self.offset, :]
+            self.sink_values = self.sink_values[..., : self.offset, :]
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(p.nbytes for p in self.parts) if self.parts is not None else 0
+        if self.sink_keys is not None:
+            # Sinks are kept at fp16, whatever dtype the model computes in.
+            total += 2 * (self.sink_keys.size + self.sink_values.size)
+        return total
+
+    @property
+    def state(self):
+        arrays = list(self.parts or [])
+        if self.sink_keys is not None:
+            arrays += [self.sink_keys, self.sink_values]
+        return arrays
+
+    @property
+    def meta_state(self) -> str:
+        return json.dumps({"offset": self.offset, "coded": self.coded,
+                           "parts": len(self.parts or []),
+                           "sinks": self.sink_keys is not None})
+
+    def restore(self, state, meta_state: str) -> None:
+        """Inverse of (state, meta_state) on a cache built with the same config."""
+        meta = json.loads(meta_state)
+        n = meta["parts"]
+        self.parts = list(state[:n]) or None
+        self.sink_keys, self.sink_values = (state[n], state[n + 1]) if meta["sinks"] else (None,
+                                                                                         None)
+        self.offset, self.coded = meta["offset"], meta["coded"]
+
+
+# ------------------------------------------------------------------- spectral
+class SpectralKVCache(CodedKVCache):
+    """Keys and values coded in their calibrated eigenbases.
+
+    rope_mode "pre": arriving (post-RoPE) keys are un-rotated by the layer's RoPE
+    module, coded, and RoPE is re-applied to what is decoded — no attention code
+    is patched. "post": keys are coded as they arrive.
+    """
+
+    def __init__(self, key_vectors: np.ndarray, key_scales: np.ndarray, key_bits: np.ndarray,
+                 value_vectors: np.ndarray, value_scales: np.ndarray,
+                 value_bits: np.ndarray | None, rope_mode: str, rope=None,
+                 value_affine: tuple[int, int] | None = None, sink_tokens: int = 4):
+        super().__init__(sink_tokens)
+        H, D, _ = key_vectors.shape
+        self.rope_mode = rope_mode
+        self.rope = rope
+        self.inverter = RopeInverter(rope, D) if rope_mode == "pre" else None
+        self.key_basis = mx.array(key_vectors.astype(np.float32))
+        self.key_coder = make_coder(key_bits, key_scales)
+        self.value_affine = value_affine
+        if value_affine is None:
+            self.value_basis = mx.array(value_vectors.astype(np.float32))
+            self.value_coder = make_coder(value_bits, value_scales)
+
+    def encode(self, keys, values, position):
+        if self.inverter is not None:
+            keys = self.inverter(keys, position)
+        key_words = self.key_coder.encode(keys.astype(mx.float32) @ self.key_basis)
+        if self.value_affine is None:
+            value_parts = (self.value_coder.encode(values.astype(mx.float32) @ self.value_basis),)
+        else:
+            bits, group = self.value_affine
+            value_parts = tuple(mx.quantize(values.astype(mx.float16), group_size=group,
+                                            bits=bits))
+        return (key_words, *value_parts)
+
+    def decode(self, parts, position):
+        keys = self.key_coder.decode(parts[0]) @ self.key_basis.swapaxes(-1, -2)
+        if self.inverter is not None:
+            keys = self.rope(keys, offset=position)
+        if self.value_affine is None:
+            values = self.value_coder.decode(parts[1]) @ self.value_basis.swapaxes(-1, -2)
+        else:
+            bits, group = self.value_affine
+            values = mx.dequantize(*parts[1:], group_size=group, bits=bits)
+        return keys, values
+
+
+# ------------------------------------------------------------------------ RVQ
+def random_rotation(dim: int, seed: int) -> np.ndarray:
+    """A Haar-random orthogonal matrix (QR of a Gaussian, signs fixed)."""
+    rng = np.random.default_rng(seed)
+    q, r = np.linalg.qr(rng.normal(size=(dim, dim)))
+    return q * np.sign(np.diag(r))
+
+
+class RVQKVCache(CodedKVCache):
+    """Calibration-free baseline in the spirit of TurboQuant: a random orthogonal
+    rotation makes every coordinate of a unit vector ≈ N(0, 1/D); each is coded
+    with the Gaussian Lloyd-Max codebook; the vector's norm is kept in fp16."""
+
+    def __init__(self, heads: int, dim: int, bits: int, seed: int = 0, sink_tokens: int = 4):
+        super().__init__(sink_tokens)
+        self.rotation = mx.array(random_rotation(dim, seed).astype(np.float32))
+        scale = np.full((heads, dim), 1.0 / np.sqrt(dim))
+        self.coder = DimCoder(np.full((heads, dim), bits), scale)
+
+    def _encode_one(self, x):
+        x = x.astype(mx.float32)
+        norm = mx.linalg.norm(x, axis=-1, keepdims=True)
+        unit = x / mx.maximum(norm, 1e-12)
+        return self.coder.encode(unit @ self.rotation), norm.astype(mx.float16)
+
+    def _decode_one(self, words, norm):
+        unit = self.coder.decode(words) @ self.rotation.T
+        return unit * norm.astype(mx.float32)
+
+    def encode(self, keys, values, position):
+        return (*self._encode_one(keys), *self._encode_one(values))
+
+    def decode(self, parts, position):
+        return self._decode_one(*parts[:2]), self._decode_one(*parts[2:])
+
+
+# --------------------------------------------------------------------- affine
+class AffineKVCache(CodedKVCache):
+    """mlx-lm's group-wise affine quantisation (``mx.quantize``: the same codes,
+    scales and biases as ``QuantizedKVCache``), decoded for standard attention so
+    it runs on every backend (mlx-lm's quantized SDPA has no CUDA kernel for
+    head_dim 64)."""
+
+    def __init__(self, bits: int = 4, group_size: int = 64, sink_tokens: int = 0):
+        super().__init__(sink_tokens)
+        # Not named `bits`: mlx-lm would route a cache with `bits` to its quantized SDPA.
+        self.width, self.group = bits, group_size
+
+    def encode(self, keys, values, position):
+        q = lambda x: mx.quantize(x.astype(mx.float16), group_size=self.group,  # noqa: E731
+                                  bits=self.width)
+        return (*q(keys), *q(values))
+
+    def decode(self, parts, position):
+        dq = lambda p: mx.dequantize(*p, group_size=self.group, bits=self.width)  # noqa: E731
+        return dq(parts[:3]), dq(parts[3:])
+
+
+# -------------------------------------------------------------------- builder
+class CacheList(list):
+    """The per-layer caches plus what the builder decided."""
+
+    config: KVCacheConfig
+    uncompressed_layers: list[int]
+    layer_bits: list[dict]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self if hasattr(c, "nbytes") and not c.empty())
+
+
+def _fp_cache_types(model) -> list:
+    if hasattr(model, "make_cache"):
+        return model.make_cache()
+    return [KVCache() for _ in model.layers]
+
+
+class KVCacheBuilder:
+    @staticmethod
+    def build(model, config: KVCacheConfig) -> CacheList:
+        """One cache per layer. Layers whose mlx-lm cache is not a plain KVCache
+        (sliding-window, hybrid/SSM) keep their own cache, listed in
+        ``uncompressed_layers``."""
+        if config.method not in METHODS:
+            raise CacheConfigError(f"unknown method {config.method!r} (one of {METHODS})")
+        defaults = _fp_cache_types(model)
+        num_layers, heads, dim = model_shape(model)
+        caches = CacheList()
+        caches.config = config
+        caches.uncompressed_layers = []
+        caches.layer_bits = []
+        if config.method == "spectral":
+            _check_rotations(model, config)
+        groups = {}
+        if config.method == "affine":
+            groups["affine"] = config.group_size
+        if config.method == "spectral" and config.value_method == "affine":
+            groups["affine values"] = config.value_group_size
+        for what, group in groups.items():
+            if group not in (32, 64, 128) or dim % group:
+                raise CacheConfigError(f"{what}: group size {group} does not divide head_dim "
+                                       f"{dim} (MLX supports groups of 32, 64, 128)")
+        for layer, default in enumerate(defaults):
+            if config.method == "fp16" or type(default) is not KVCache:
+                if config.method != "fp16":
+                    caches.uncompressed_layers.append(layer)
+                caches.append(default)
+                continue
+            if config.method == "affine":
+                caches.append(AffineKVCache(config.key_bits or 4, config.group_size, 0))
+            elif config.method == "rvq":
+                caches.append(RVQKVCache(heads, dim, config.key_bits or 4,
+                                         seed=config.seed + layer,
+                                         sink_tokens=config.sink_tokens))
+            else:
+                cache, bits = _spectral_cache(model, config, layer)
+                caches.layer_bits.append(bits)
+                caches.append(cache)
+        return caches
+
+
+def _check_rotations(model, config: KVCacheConfig) -> None:
+    from .bundle import check_model
+
+    if config.rotations is None:
+        raise CacheConfigError("the spectral method needs calibrated rotations "
+                               "(calibrate, or load a bundle)")
+    check_model(config.rotations, model, "rotations",
+                allow_model_mismatch=config.allow_model_mismatch)
+    if config.value_method not in ("spectral", "affine"):
+        raise CacheConfigError(f"value_method must be 'spectral' or 'affine', "
+                               f"not {config.value_method!r}")
+
+
+def spectral_layer_bits(rotation, config: KVCacheConfig, layer_plan: dict | None = None):
+    """(key_bits, value_bits) arrays of shape (heads, head_dim) for one layer."""
+    if layer_plan is not None:
+        return (np.asarray(layer_plan["keys"], dtype=np.int64),
+                np.asarray(layer_plan["values"], dtype=np.int64))
+    key_bits, value_bits = [], []
+    for lam_k, lam_v in zip(rotation.key_eigenvalues, rotation.value_eigenvalues, strict=True):
+        if config.use_water_filling:
+            target = config.target_avg_bits if config.target_avg_bits is not None else 3.0
+            key_bits.append(water_fill_bits(lam_k, target, config.min_bits, config.max_bits))
+            value_bits.append(water_fill_bits(lam_v, config.value_bits, config.min_bits,
+                                              config.max_bits))
+        else:
+            k = compute_spectral_gap(lam_k)
+            bits = np.full(lam_k.size, config.noise_bits, dtype=np.int64)
+            bits[:k] = config.signal_bits
+            key_bits.append(bits)
+            value_bits.append(np.full(lam_v.size, config.value_bits, dtype=np.int64))
+    return np.stack(key_bits), np.stack(value_bits)
+
+
+def _spectral_cache(model, config: KVCacheConfig, layer: int):
+    rot = config.rotations[layer]
+    plan = None
+    if config.bit_plan is not None:
+        plan = next((p for p in config.bit_plan.get("layers", []) if p["layer"] == layer), None)
+    key_bits, value_bits = spectral_layer_bits(rot, config, plan)
+    rope = find_rope(model.layers[layer]) if rot.rope_mode == "pre" else None
+    if rot.rope_mode == "pre" and rope is None:
+        raise CacheConfigError(f"layer {layer}: pre-RoPE rotations need a RoPE module")
+    scales = lambda lam: np.sqrt(np.maximum(lam, 1e-12))  # noqa: E731
+    value_affine = ((config.value_bits, config.value_group_size)
+                    if config.value_method == "affine" else None)
+    cache = SpectralKVCache(rot.key_eigenvectors, scales(rot.key_eigenvalues), key_bits,
+                            rot.value_eigenvectors, scales(rot.value_eigenvalues), value_bits,
+                            rot.rope_mode, rope, value_affine, config.sink_tokens)
+    return cache, {"layer": layer, "keys": key_bits.tolist(), "values": value_bits.tolist()}
+
+
+def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConfig:
+    """CLI method specs: fp16, affine4, affine4g32, rvq3, spectral:4/1/2,
+    spectral:wf3/3 (water-filled keys 3 bits, values 3), spectral:wf3/a4 (affine
+    4-bit values)."""
+    spec = spec.strip()
+    if spec == "fp16":
+        return KVCacheConfig(method="fp16")
+    for method in ("affine", "rvq"):
+        if spec.startswith(method):
+            rest = spec[len(method):]
+            bits, _, group = rest.partition("g")
+            try:
+                return KVCacheConfig(method=method, key_bits=int(bits),
+                                     group_size=int(group) if group else 64,
+                                     sink_tokens=0 if method == "affine" else sink_tokens)
+            except ValueError:
+                break
+    if spec.startswith("spectral"):
+        _, _, rest = spec.partition(":")
+        fields = rest.split("/") if rest else ["4", "1", "2"]
+        try:
+            config = KVCacheConfig(method="spectral", rotations=rotations,
+                                   sink_tokens=sink_tokens)
+            values = fields[-1]
+            if values.startswith("a"):
+                config.value_method, values = "affine", values[1:]
+            config.value_bits = int(values)
+            if fields[0].startswith("wf") and len(fields) == 2:
+                config.use_water_filling = True
+                config.target_avg_bits = float(fields[0][2:])
+            elif len(fields) == 3:
+                config.signal_bits, config.noise_bits = int(fields[0]), int(fields[1])
+            else:
+                raise ValueError
+            return config
+        except ValueError:
+            pass
+    raise CacheConfigError(f"cannot parse method {spec!r} (examples: fp16, affine4, affine4g32, "
+                           "rvq3, spectral:4/1/2, spectral:wf3/3, spectral:wf3/a4)")
+
+
+@dataclass
+class CacheMemory:
+    """What a cache list holds, in real bytes and bits per element."""
+
+    tokens: int
+    nbytes: int
+    fp16_nbytes: int
+    bits_per_element: float
+    details: dict = field(default_factory=dict)
+
+
+def cache_memory(caches, model) -> CacheMemory:
+    num_layers, heads, dim = model_shape(model)
+    tokens = max((c.offset for c in caches if hasattr(c, "offset")), default=0)
+    nbytes = 0
+    for c in caches:
+        if isinstance(c, KVCache):  # count the fp16 equivalent of what it holds
+            nbytes += 2 * 2 * c.offset * heads * dim if c.keys is not None else 0
+        else:
+            nbytes += c.nbytes
+    elements = 2 * num_layers * heads * dim * tokens
+    fp16 = 2 * elements
+    return CacheMemory(tokens, nbytes, fp16, 8 * nbytes / elements if elements else 0.0)
