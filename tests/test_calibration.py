@@ -100,13 +100,13 @@ def low_rank_model(rank=2):
 
 
 def reference_moments(model, tokenizer, rotations, unrope):
-    """Second moments from mlx-lm's own KVCache (post-RoPE keys), un-roped in numpy."""
+    """Mean and covariance from mlx-lm's own KVCache (post-RoPE keys), un-roped in numpy."""
     from veloxcore.corpus import sample_windows
 
     windows = sample_windows(tokenizer.encode(TEXT.text), rotations.num_samples,
                              rotations.sequence_length, rotations.seed)
     d = model.args.head_dim
-    total = None
+    total, vector_sum = None, 0.0
     for window in windows:
         caches = [KVCache() for _ in model.layers]
         model(mx.array(window)[None], cache=caches)
@@ -116,7 +116,9 @@ def reference_moments(model, tokenizer, rotations, unrope):
             keys = numpy_rope(keys, positions, model.args.rope_theta, True, d)
         m = np.einsum("hld,hle->hde", keys, keys)
         total = m if total is None else total + m
-    return total / rotations.token_count
+        vector_sum = vector_sum + keys.sum(axis=1)
+    mean = vector_sum / rotations.token_count
+    return mean, total / rotations.token_count - mean[:, :, None] * mean[:, None, :]
 
 
 @pytest.mark.parametrize("mode", ["pre", "post"])
@@ -128,7 +130,8 @@ def test_calibration_matches_numpy_reference_on_planted_model(tmp_path, mode):
                                             corpus=TEXT, rope=mode, seed=3)
     layer0 = rotations[0]
     assert layer0.rope_mode == mode and layer0.token_count == 4 * (96 - 4)
-    reference = reference_moments(model, tokenizer, rotations, unrope=(mode == "pre"))
+    mean, reference = reference_moments(model, tokenizer, rotations, unrope=(mode == "pre"))
+    np.testing.assert_allclose(layer0.key_mean, mean, rtol=1e-3, atol=1e-4 * np.abs(mean).max())
     for h in range(model.args.num_key_value_heads):
         vals, vecs = layer0.key_eigenvalues[h], layer0.key_eigenvectors[h]
         ref_vals = np.linalg.eigvalsh(reference[h])[::-1]

@@ -3,7 +3,7 @@
 A bundle is a directory (format: docs/bundle-format.md)::
 
     manifest.json           format, model fingerprint, calibration record, file hashes
-    rotations.safetensors   layers.{i}.{keys,values}.{eigenvalues,eigenvectors} (float32)
+    rotations.safetensors   layers.{i}.{keys,values}.{eigenvalues,eigenvectors,mean} (float32)
     bit_plan.json           optional: the chosen bit allocation
 
 It loads with plain ``safetensors`` + ``json``; no pickle anywhere.
@@ -67,12 +67,13 @@ def save_rotations(rotations: SpectralRotations, directory: str | Path,
     try:
         tensors = {}
         for rot in rotations:
-            for part, vals, vecs in (("keys", rot.key_eigenvalues, rot.key_eigenvectors),
-                                     ("values", rot.value_eigenvalues, rot.value_eigenvectors)):
-                tensors[_tensor_name(rot.layer, part, "eigenvalues")] = np.ascontiguousarray(
-                    vals, dtype=np.float32)
-                tensors[_tensor_name(rot.layer, part, "eigenvectors")] = np.ascontiguousarray(
-                    vecs, dtype=np.float32)
+            for part, vals, vecs, mean in (
+                    ("keys", rot.key_eigenvalues, rot.key_eigenvectors, rot.key_mean),
+                    ("values", rot.value_eigenvalues, rot.value_eigenvectors, rot.value_mean)):
+                for what, array in (("eigenvalues", vals), ("eigenvectors", vecs),
+                                    ("mean", mean)):
+                    tensors[_tensor_name(rot.layer, part, what)] = np.ascontiguousarray(
+                        array, dtype=np.float32)
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
         files = [TENSORS]
         if bit_plan is not None:
@@ -197,7 +198,8 @@ def load_cached_rotations(directory: str | Path, model=None,
     for layer in range(layers_n):
         parts = {}
         for part in ("keys", "values"):
-            for what, shape in (("eigenvalues", (heads, dim)), ("eigenvectors", (heads, dim, dim))):
+            for what, shape in (("eigenvalues", (heads, dim)), ("eigenvectors", (heads, dim, dim)),
+                                ("mean", (heads, dim))):
                 name = _tensor_name(layer, part, what)
                 array = tensors.get(name)
                 if array is None:
@@ -211,7 +213,8 @@ def load_cached_rotations(directory: str | Path, model=None,
         layers.append(SpectralRotation(
             layer, dim, calib["rope_mode"], int(calib.get("token_count", 0)),
             parts[("keys", "eigenvalues")], parts[("keys", "eigenvectors")],
-            parts[("values", "eigenvalues")], parts[("values", "eigenvectors")]))
+            parts[("values", "eigenvalues")], parts[("values", "eigenvectors")],
+            key_mean=parts[("keys", "mean")], value_mean=parts[("values", "mean")]))
     rotations = SpectralRotations(
         layers=layers, rope_mode=calib["rope_mode"],
         num_samples=int(calib.get("num_samples", 0)),

@@ -63,6 +63,11 @@ class KVCacheConfig:
     bit_plan: dict | None = None
     seed: int = 0
     allow_model_mismatch: bool = False
+    # Codebook scale = scale_inflation · sqrt(eigenvalue): text unlike the
+    # calibration corpus has larger coefficients, and clipping them costs far
+    # more than the coarser steps (measured: see BENCHMARKS.md).
+    scale_inflation: float = 2.0
+    token_scale: bool = False
 
     def label(self) -> str:
         if self.method == "fp16":
@@ -204,9 +209,23 @@ class SpectralKVCache(CodedKVCache):
     def __init__(self, key_vectors: np.ndarray, key_scales: np.ndarray, key_bits: np.ndarray,
                  value_vectors: np.ndarray, value_scales: np.ndarray,
                  value_bits: np.ndarray | None, rope_mode: str, rope=None,
-                 value_affine: tuple[int, int] | None = None, sink_tokens: int = 4):
+                 value_affine: tuple[int, int] | None = None, sink_tokens: int = 4,
+                 key_mean: np.ndarray | None = None, value_mean: np.ndarray | None = None,
+                 token_scale: bool = False):
         super().__init__(sink_tokens)
         H, D, _ = key_vectors.shape
+        self.token_scale = token_scale
+        # RMS of a calibrated vector in units of the coder's scales (for token_scale).
+        self.key_rms = mx.array(np.sqrt(np.mean(np.square(key_scales), axis=-1))
+                                [None, :, None, None].astype(np.float32))
+        self.value_rms = mx.array(np.sqrt(np.mean(np.square(value_scales), axis=-1))
+                                  [None, :, None, None].astype(np.float32))
+        zeros = np.zeros((H, D), dtype=np.float32)
+        # Means broadcast over (B, H, L, D).
+        self.key_mean = mx.array((zeros if key_mean is None else key_mean)[None, :, None, :]
+                                 .astype(np.float32))
+        self.value_mean = mx.array((zeros if value_mean is None else value_mean)
+                                   [None, :, None, :].astype(np.float32))
         self.rope_mode = rope_mode
         self.rope = rope
         self.inverter = RopeInverter(rope, D) if rope_mode == "pre" else None
@@ -220,24 +239,42 @@ class SpectralKVCache(CodedKVCache):
     def encode(self, keys, values, position):
         if self.inverter is not None:
             keys = self.inverter(keys, position)
-        key_words = self.key_coder.encode(keys.astype(mx.float32) @ self.key_basis)
+        key_parts = self._encode_part(self.key_coder, (keys.astype(mx.float32) - self.key_mean)
+                                      @ self.key_basis, self.key_rms)
         if self.value_affine is None:
-            value_parts = (self.value_coder.encode(values.astype(mx.float32) @ self.value_basis),)
+            centred = values.astype(mx.float32) - self.value_mean
+            value_parts = self._encode_part(self.value_coder, centred @ self.value_basis,
+                                            self.value_rms)
         else:
             bits, group = self.value_affine
             value_parts = tuple(mx.quantize(values.astype(mx.float16), group_size=group,
                                             bits=bits))
-        return (key_words, *value_parts)
+        return (*key_parts, *value_parts)
+
+    def _encode_part(self, coder, y, rms):
+        if not self.token_scale:
+            return (coder.encode(y),)
+        # Per-token scale: the vector's RMS relative to a calibrated vector's.
+        scale = mx.sqrt(mx.mean(y * y, axis=-1, keepdims=True)) / rms
+        scale = mx.maximum(scale, 1e-6).astype(mx.float16)
+        return coder.encode(y / scale.astype(mx.float32)), scale
+
+    def _decode_part(self, coder, parts):
+        y = coder.decode(parts[0])
+        return y * parts[1].astype(mx.float32) if self.token_scale else y
 
     def decode(self, parts, position):
-        keys = self.key_coder.decode(parts[0]) @ self.key_basis.swapaxes(-1, -2)
+        n = 2 if self.token_scale else 1
+        y = self._decode_part(self.key_coder, parts[:n])
+        keys = y @ self.key_basis.swapaxes(-1, -2) + self.key_mean
         if self.inverter is not None:
             keys = self.rope(keys, offset=position)
         if self.value_affine is None:
-            values = self.value_coder.decode(parts[1]) @ self.value_basis.swapaxes(-1, -2)
+            values = (self._decode_part(self.value_coder, parts[n:])
+                      @ self.value_basis.swapaxes(-1, -2) + self.value_mean)
         else:
             bits, group = self.value_affine
-            values = mx.dequantize(*parts[1:], group_size=group, bits=bits)
+            values = mx.dequantize(*parts[n:], group_size=group, bits=bits)
         return keys, values
 
 
@@ -405,19 +442,22 @@ def _spectral_cache(model, config: KVCacheConfig, layer: int):
     rope = find_rope(model.layers[layer]) if rot.rope_mode == "pre" else None
     if rot.rope_mode == "pre" and rope is None:
         raise CacheConfigError(f"layer {layer}: pre-RoPE rotations need a RoPE module")
-    scales = lambda lam: np.sqrt(np.maximum(lam, 1e-12))  # noqa: E731
+    scales = lambda lam: config.scale_inflation * np.sqrt(np.maximum(lam, 1e-12))  # noqa: E731
     value_affine = ((config.value_bits, config.value_group_size)
                     if config.value_method == "affine" else None)
     cache = SpectralKVCache(rot.key_eigenvectors, scales(rot.key_eigenvalues), key_bits,
                             rot.value_eigenvectors, scales(rot.value_eigenvalues), value_bits,
-                            rot.rope_mode, rope, value_affine, config.sink_tokens)
+                            rot.rope_mode, rope, value_affine, config.sink_tokens,
+                            key_mean=rot.key_mean, value_mean=rot.value_mean,
+                            token_scale=config.token_scale)
     return cache, {"layer": layer, "keys": key_bits.tolist(), "values": value_bits.tolist()}
 
 
 def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConfig:
     """CLI method specs: fp16, affine4, affine4g32, rvq3, spectral:4/1/2,
     spectral:wf3/3 (water-filled keys 3 bits, values 3), spectral:wf3/a4 (affine
-    4-bit values)."""
+    4-bit values, group 32), spectral:wf3/a4g64. Suffixes: "x2.5" sets the
+    codebook scale inflation, "+ts" adds a per-token scale."""
     spec = spec.strip()
     if spec == "fp16":
         return KVCacheConfig(method="fp16")
@@ -433,13 +473,20 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
                 break
     if spec.startswith("spectral"):
         _, _, rest = spec.partition(":")
+        token_scale = rest.endswith("+ts")
+        rest = rest.removesuffix("+ts")
+        rest, _, inflation = rest.partition("x")
         fields = rest.split("/") if rest else ["4", "1", "2"]
         try:
             config = KVCacheConfig(method="spectral", rotations=rotations,
-                                   sink_tokens=sink_tokens)
+                                   sink_tokens=sink_tokens, token_scale=token_scale)
+            if inflation:
+                config.scale_inflation = float(inflation)
             values = fields[-1]
             if values.startswith("a"):
                 config.value_method, values = "affine", values[1:]
+                values, _, group = values.partition("g")
+                config.value_group_size = int(group) if group else 32
             config.value_bits = int(values)
             if fields[0].startswith("wf") and len(fields) == 2:
                 config.use_water_filling = True

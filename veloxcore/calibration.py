@@ -35,7 +35,12 @@ class CalibrationCancelled(CalibrationError):
 
 @dataclass
 class SpectralRotation:
-    """One layer's rotations: eigenvectors are columns, eigenvalues descend."""
+    """One layer's rotations: the PCA of keys and values per KV head.
+
+    Eigenvectors are columns and eigenvalues descend; they diagonalise the
+    covariance about ``*_mean`` (the mean key/value of the head), so a vector x
+    has coordinates (x − mean) @ eigenvectors.
+    """
 
     layer: int
     head_dim: int
@@ -45,6 +50,15 @@ class SpectralRotation:
     key_eigenvectors: np.ndarray  # (kv_heads, head_dim, head_dim)
     value_eigenvalues: np.ndarray
     value_eigenvectors: np.ndarray
+    key_mean: np.ndarray | None = None  # (kv_heads, head_dim); None = zero
+    value_mean: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        zeros = np.zeros(self.key_eigenvalues.shape, dtype=np.float32)
+        if self.key_mean is None:
+            self.key_mean = zeros
+        if self.value_mean is None:
+            self.value_mean = zeros.copy()
 
     @property
     def num_kv_heads(self) -> int:
@@ -139,10 +153,16 @@ class CovarianceCapture:
         self.offset = 0
         self.key_moment = mx.zeros((num_kv_heads, head_dim, head_dim), dtype=mx.float32)
         self.value_moment = mx.zeros_like(self.key_moment)
+        self.key_sum = mx.zeros((num_kv_heads, head_dim), dtype=mx.float32)
+        self.value_sum = mx.zeros_like(self.key_sum)
         self.count = 0
 
     def reset_sequence(self) -> None:
         self.offset = 0
+
+    def reset_sums(self) -> None:
+        for name in ("key_moment", "value_moment", "key_sum", "value_sum"):
+            setattr(self, name, mx.zeros_like(getattr(self, name)))
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         B, H, L, D = keys.shape
@@ -155,12 +175,14 @@ class CovarianceCapture:
             v = _rows(values[..., skip:, :])
             self.key_moment = self.key_moment + k.swapaxes(1, 2) @ k
             self.value_moment = self.value_moment + v.swapaxes(1, 2) @ v
+            self.key_sum = self.key_sum + k.sum(axis=1)
+            self.value_sum = self.value_sum + v.sum(axis=1)
             self.count += B * (L - skip)
         return keys, values
 
     @property
     def state(self):
-        return self.key_moment, self.value_moment
+        return self.key_moment, self.value_moment, self.key_sum, self.value_sum
 
 
 def _rows(x: mx.array) -> mx.array:
@@ -187,6 +209,12 @@ def _check_supported(model) -> None:
             raise CalibrationError(
                 f"{type(model).__module__}: layers with {', '.join(sorted(kinds))} caches "
                 "(sliding-window or hybrid attention) are not supported for calibration")
+
+
+def _covariance(moment_sum: np.ndarray, vector_sum: np.ndarray, count: int) -> np.ndarray:
+    """(H, D, D) covariance about the mean from accumulated x xᵀ and x sums."""
+    mean = vector_sum / count
+    return moment_sum / count - mean[..., :, None] * mean[..., None, :]
 
 
 def _eigh_descending(moments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -260,6 +288,8 @@ def calibrate_spectral_rotation(
 
     key_acc = np.zeros((num_layers, kv_heads, head_dim, head_dim), dtype=np.float64)
     value_acc = np.zeros_like(key_acc)
+    key_sum = np.zeros((num_layers, kv_heads, head_dim), dtype=np.float64)
+    value_sum = np.zeros_like(key_sum)
     tokens_per_sample = sequence_length - sink_tokens
     forward = model.model if hasattr(model, "model") else model
     start = time.perf_counter()
@@ -268,8 +298,7 @@ def calibrate_spectral_rotation(
             raise CalibrationCancelled("calibration cancelled")
         for capture in captures:
             capture.reset_sequence()
-            capture.key_moment = mx.zeros_like(capture.key_moment)
-            capture.value_moment = mx.zeros_like(capture.value_moment)
+            capture.reset_sums()
         # Only the moments are evaluated: MLX skips work they do not depend on
         # (the last MLP and the LM head).
         forward(mx.array(window)[None], cache=captures)
@@ -277,6 +306,8 @@ def calibrate_spectral_rotation(
         for layer, capture in enumerate(captures):
             key_acc[layer] += np.array(capture.key_moment)
             value_acc[layer] += np.array(capture.value_moment)
+            key_sum[layer] += np.array(capture.key_sum)
+            value_sum[layer] += np.array(capture.value_sum)
         if progress is not None:
             done = i + 1
             elapsed = time.perf_counter() - start
@@ -288,8 +319,10 @@ def calibrate_spectral_rotation(
                 tokens_per_s=done * size * sequence_length / elapsed if elapsed > 0 else 0.0,
                 eta_s=elapsed / done * (len(mine) - done),
                 layer=progress_layer,
-                key_eigenvalues=_eigvals(key_acc[progress_layer] / count),
-                value_eigenvalues=_eigvals(value_acc[progress_layer] / count),
+                key_eigenvalues=_eigvals(_covariance(key_acc[progress_layer],
+                                                     key_sum[progress_layer], count)),
+                value_eigenvalues=_eigvals(_covariance(value_acc[progress_layer],
+                                                       value_sum[progress_layer], count)),
             ))
     if cancel is not None and cancel.is_set():
         raise CalibrationCancelled("calibration cancelled")
@@ -297,13 +330,17 @@ def calibrate_spectral_rotation(
     count = len(mine) * tokens_per_sample
     if size > 1:
         key_acc, value_acc = _all_sum_f64(key_acc, group), _all_sum_f64(value_acc, group)
+        key_sum, value_sum = _all_sum_f64(key_sum, group), _all_sum_f64(value_sum, group)
         count = len(windows) * tokens_per_sample
     layers = []
     for layer in range(num_layers):
-        key_vals, key_vecs = _eigh_descending(key_acc[layer] / count)
-        value_vals, value_vecs = _eigh_descending(value_acc[layer] / count)
-        layers.append(SpectralRotation(layer, head_dim, rope, count, key_vals, key_vecs,
-                                       value_vals, value_vecs))
+        key_vals, key_vecs = _eigh_descending(_covariance(key_acc[layer], key_sum[layer], count))
+        value_vals, value_vecs = _eigh_descending(_covariance(value_acc[layer], value_sum[layer],
+                                                              count))
+        layers.append(SpectralRotation(
+            layer, head_dim, rope, count, key_vals, key_vecs, value_vals, value_vecs,
+            key_mean=(key_sum[layer] / count).astype(np.float32),
+            value_mean=(value_sum[layer] / count).astype(np.float32)))
     info = getattr(model, "velox_info", None)
     return SpectralRotations(
         layers=layers, rope_mode=rope, num_samples=len(windows),
