@@ -11,19 +11,68 @@ value it yields is a progress event (napari's seam between computation and
 thread) and its return value is the result. ``job.cancelled`` is a
 ``threading.Event`` the GUI thread may set at any time; jobs check it between
 steps. Jobs of a *superseding* kind drop the results of earlier jobs of that kind.
+A job that changes ``EngineState`` sets ``job.commit`` instead of writing the
+state itself: the worker runs it only after the final cancel check, so a job
+reported as cancelled never leaves anything behind.
+
+Progress events that are dicts with a ``"log"`` entry also go to ``Engine.log``.
+
+The few numpy-only analyses a view needs at interactive speed (bit plans,
+participation ratios, spectral gaps) run synchronously on the GUI thread through
+the ``Engine`` methods at the bottom; they import ``veloxcore.spectral`` lazily,
+which imports no MLX.
 """
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import itertools
+import platform
+import sys
 import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PySide6.QtCore import QObject, QThread, Signal, Slot
+
+
+def _guard_singleton_refcounts() -> bool:
+    """Work around PySide6 returning ``None``/``True``/``False`` without a reference.
+
+    PySide6 6.12.0 (abi3 wheels) returns these singletons as if they were
+    immortal, which they are only from CPython 3.12 on. On 3.11 every void Qt
+    call (``update()``, ``setPos()``, …) drops a reference to ``None`` and every
+    signal emission one to ``True``; after a few hundred emits or a few thousand
+    redraws the interpreter aborts with "bool_dealloc"/"none_dealloc". Measured,
+    not assumed: when the probe shows the leak, the singletons get a huge
+    reference count (as immortal objects have on 3.12+). Returns whether the
+    guard was needed. The real fix is PySide6 != 6.12.0 on Python < 3.12, or 3.12+.
+    """
+    if platform.python_implementation() != "CPython" or sys.version_info >= (3, 12):
+        return False
+
+    class _Probe(QObject):
+        ping = Signal()
+
+    probe = _Probe()
+    true_before, none_before = sys.getrefcount(True), sys.getrefcount(None)
+    for _ in range(16):
+        probe.ping.emit()
+        probe.setObjectName("velox-probe")
+    leaked = (sys.getrefcount(True) - true_before <= -8
+              or sys.getrefcount(None) - none_before <= -8)
+    if leaked:
+        for obj in (None, True, False, NotImplemented, Ellipsis):
+            # ob_refcnt is the first field of every CPython object.
+            ctypes.c_ssize_t.from_address(id(obj)).value += 1 << 48
+    return leaked
+
+
+SINGLETON_REFCOUNT_GUARD = _guard_singleton_refcounts()
 
 
 class Cancelled(Exception):
@@ -39,6 +88,8 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Set by the worker: sends a progress event from inside a callback-style API.
     emit: Callable[[object], None] = lambda event: None
+    # Set by the job: applied to the state only if the job was not cancelled.
+    commit: Callable[[], None] | None = None
 
     def check(self) -> None:
         if self.cancelled.is_set():
@@ -52,6 +103,7 @@ class EngineState:
         self.model = None
         self.tokenizer = None
         self.info = None
+        self.rotations = None  # veloxcore SpectralRotations (numpy), from calibration or a bundle
 
 
 class _Worker(QObject):
@@ -83,6 +135,8 @@ class _Worker(QObject):
                         break
                     self.progress.emit(job.id, job.kind, event)
             job.check()
+            if job.commit is not None:
+                job.commit()
         except Cancelled:
             self.cancelled.emit(job.id, job.kind)
         except Exception as e:  # every failure reaches the GUI; the thread lives on
@@ -116,6 +170,8 @@ class Engine(QObject):
     _dispatch = Signal(object)
 
     SUPERSEDING = {"load_model", "measure", "estimate"}
+    ROPE_MODES = ("pre", "post")
+    CORPUS_KINDS = ("bundled", "generated")  # or a path to a .txt / .md / .jsonl file
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -176,6 +232,87 @@ class Engine(QObject):
         return self.submit("generate", _jobs_fn("generate"), messages=messages,
                            max_tokens=max_tokens)
 
+    def calibrate(self, corpus: str = "bundled", samples: int = 64, seq_len: int = 1024,
+                  rope: str = "pre", seed: int = 0, progress_layer: int = 0,
+                  generated_tokens: int = 512) -> int:
+        """Calibrate rotations of the loaded model (job kind "calibrate").
+
+        corpus: "bundled", "generated" (the model writes its own text first) or a
+        .txt / .md / .jsonl path. Progress events: ``{"stage": ...}`` while the
+        corpus is prepared, then ``{"stage": "sample", samples_done, num_samples,
+        tokens_done, tokens_per_s, eta_s, layer, key_eigenvalues,
+        value_eigenvalues}`` after every sample (numpy arrays, heads × head_dim).
+        The result is the rotation summary (see ``studio.jobs.rotation_summary``);
+        the rotations themselves stay on the worker. A cancelled run keeps nothing.
+        """
+        if rope not in self.ROPE_MODES:
+            raise ValueError(f"rope must be one of {self.ROPE_MODES}, not {rope!r}")
+        return self.submit("calibrate", _jobs_fn("calibrate"), corpus=corpus, samples=samples,
+                           seq_len=seq_len, rope=rope, seed=seed, progress_layer=progress_layer,
+                           generated_tokens=generated_tokens)
+
+    def export_bundle(self, directory: str, bit_plan: dict | None = None) -> int:
+        """Write the current rotations (and a bit plan) as a bundle (job "export_bundle")."""
+        self.log.emit(f"Exporting bundle to {directory} …")
+        return self.submit("export_bundle", _jobs_fn("export_bundle"), directory=directory,
+                           bit_plan=bit_plan)
+
+    def load_bundle(self, directory: str) -> int:
+        """Load and verify a bundle against the loaded model (job "load_bundle")."""
+        self.log.emit(f"Loading bundle {directory} …")
+        return self.submit("load_bundle", _jobs_fn("load_bundle"), directory=directory)
+
+    # ---- numpy-only analysis, synchronous on the caller's thread --------
+    # Each takes spectra of shape (..., head_dim), descending, and maps the
+    # veloxcore.spectral function over the leading axes.
+    def plan_bits(self, eigenvalues, avg_bits: float, min_bits: int = 1, max_bits: int = 8,
+                  water_fill: bool = True) -> np.ndarray:
+        """Integer bits per dimension, same shape as ``eigenvalues``.
+
+        water_fill: veloxcore's water-filling (exactly round(avg_bits · d) bits per
+        spectrum); otherwise every dimension gets round(avg_bits) bits, clipped to
+        [min_bits, max_bits]. Raises ValueError for an infeasible target.
+        """
+        from veloxcore import spectral
+        from veloxcore.errors import VeloxError
+
+        lam = np.asarray(eigenvalues, dtype=np.float64)
+        if not water_fill:
+            uniform = int(np.clip(np.floor(avg_bits + 0.5), min_bits, max_bits))
+            return np.full(lam.shape, uniform, dtype=np.int64)
+        flat = lam.reshape(-1, lam.shape[-1])
+        try:
+            bits = [spectral.water_fill_bits(row, avg_bits, min_bits, max_bits) for row in flat]
+        except VeloxError as e:
+            raise ValueError(str(e)) from None
+        return np.stack(bits).reshape(lam.shape)
+
+    def predicted_distortion(self, eigenvalues, bits) -> np.ndarray:
+        """Σλ·4^(−b)/Σλ per spectrum: shape ``eigenvalues.shape[:-1]``."""
+        from veloxcore import spectral
+
+        lam = np.asarray(eigenvalues, dtype=np.float64)
+        b = np.broadcast_to(np.asarray(bits), lam.shape)
+        flat_l, flat_b = lam.reshape(-1, lam.shape[-1]), b.reshape(-1, lam.shape[-1])
+        out = [spectral.predicted_distortion(x, y) for x, y in zip(flat_l, flat_b, strict=True)]
+        return np.asarray(out, dtype=np.float64).reshape(lam.shape[:-1])
+
+    def participation_ratio(self, eigenvalues) -> np.ndarray:
+        """(Σλ)²/Σλ² per spectrum: shape ``eigenvalues.shape[:-1]``."""
+        from veloxcore import spectral
+
+        lam = np.asarray(eigenvalues, dtype=np.float64)
+        out = [spectral.compute_participation_ratio(x) for x in lam.reshape(-1, lam.shape[-1])]
+        return np.asarray(out, dtype=np.float64).reshape(lam.shape[:-1])
+
+    def spectral_gap(self, eigenvalues, energy: float = 0.99) -> np.ndarray:
+        """Number of leading "signal" dimensions per spectrum (ints)."""
+        from veloxcore import spectral
+
+        lam = np.asarray(eigenvalues, dtype=np.float64)
+        out = [spectral.compute_spectral_gap(x, energy) for x in lam.reshape(-1, lam.shape[-1])]
+        return np.asarray(out, dtype=np.int64).reshape(lam.shape[:-1])
+
     # ---- relays (GUI thread) -------------------------------------------
     def _stale(self, job_id: int, kind: str) -> bool:
         return kind in self.SUPERSEDING and self._latest.get(kind) != job_id
@@ -190,8 +327,11 @@ class Engine(QObject):
             self.jobStarted.emit(job_id, kind)
 
     def _on_progress(self, job_id: int, kind: str, event: object) -> None:
-        if not self._stale(job_id, kind):
-            self.jobProgress.emit(job_id, kind, event)
+        if self._stale(job_id, kind):
+            return
+        if isinstance(event, dict) and event.get("log"):
+            self.log.emit(str(event["log"]))
+        self.jobProgress.emit(job_id, kind, event)
 
     def _on_finished(self, job_id: int, kind: str, result: object) -> None:
         self._done(job_id)

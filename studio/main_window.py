@@ -18,8 +18,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from .views.bits_view import BitsView
+from .views.calibrate_view import CalibrateView
 from .views.model_view import ModelView
 from .views.placeholder import PlaceholderView
+from .views.spectrum_view import SpectrumView
 
 SIDEBAR_STYLE = """
 QListWidget#sidebar { background: #1f2430; color: #d8dee9; border: none; font-size: 14px; }
@@ -29,12 +32,10 @@ QListWidget#sidebar::item:selected { background: #3b4252; color: white;
 """
 
 PLANNED_VIEWS = [
-    ("Calibrate", "Run the model over calibration text and accumulate key/value covariances "
-                  "per layer and KV head, with a live eigenvalue chart."),
-    ("Spectrum", "Per-layer eigenvalue spectra, spectral gaps and participation ratios."),
-    ("Bits", "Water-filling bit allocation with predicted error and KV memory."),
     ("Chat", "Chat through the compressed KV cache at long context."),
 ]
+# Jobs whose result is a rotation summary for the Spectrum and Bits views.
+ROTATION_JOBS = ("calibrate", "load_bundle")
 
 
 class MainWindow(QMainWindow):
@@ -51,9 +52,19 @@ class MainWindow(QMainWindow):
         self.sidebar.setStyleSheet(SIDEBAR_STYLE)
         self.stack = QStackedWidget()
         self.model_view = ModelView(engine)
-        self.views: dict[str, QWidget] = {"Model": self.model_view}
+        self.calibrate_view = CalibrateView(engine)
+        self.spectrum_view = SpectrumView(engine)
+        self.bits_view = BitsView(engine)
+        self.views: dict[str, QWidget] = {"Model": self.model_view,
+                                          "Calibrate": self.calibrate_view,
+                                          "Spectrum": self.spectrum_view,
+                                          "Bits": self.bits_view}
         for name, text in PLANNED_VIEWS:
             self.views[name] = PlaceholderView(name, text)
+        menu = self.menuBar()
+        file_menu = menu.addMenu("&File")
+        calibration_menu = menu.addMenu("&Calibration")
+        view_menu = menu.addMenu("&View")
         for i, (name, view) in enumerate(self.views.items()):
             self.sidebar.addItem(name)
             self.stack.addWidget(view)
@@ -61,7 +72,33 @@ class MainWindow(QMainWindow):
             action.setShortcut(QKeySequence(f"Ctrl+{i + 1}"))
             action.triggered.connect(lambda _=False, row=i: self.sidebar.setCurrentRow(row))
             self.addAction(action)
+            view_menu.addAction(action)
         self.sidebar.currentRowChanged.connect(self.stack.setCurrentIndex)
+
+        def add(menu_, text, shortcut, slot, tip=""):
+            action = QAction(text, self)
+            action.setShortcut(QKeySequence(shortcut))
+            action.setStatusTip(tip)
+            action.triggered.connect(slot)
+            menu_.addAction(action)
+            self.addAction(action)
+            return action
+
+        self.load_bundle_action = add(file_menu, "Load bundle…", "Ctrl+Shift+O",
+                                      lambda: self.bits_view.load_bundle(),
+                                      "Load a rotation bundle into Spectrum and Bits")
+        self.export_bundle_action = add(file_menu, "Export bundle…", "Ctrl+S",
+                                        self._export_bundle,
+                                        "Write the rotations and the current bit plan")
+        file_menu.addSeparator()
+        add(file_menu, "Quit", QKeySequence.StandardKey.Quit, self.close)
+        self.start_action = add(calibration_menu, "Start calibration", "Ctrl+R",
+                                self._start_calibration, "Calibrate with the Calibrate view's "
+                                "settings")
+        self.cancel_action = add(calibration_menu, "Cancel calibration", "Esc",
+                                 self.calibrate_view.cancel, "Stop after the current sample")
+        self.cancel_action.setEnabled(False)
+        self.calibrate_view.stateChanged.connect(self._on_calibration_state)
         self.sidebar.setCurrentRow(0)
 
         central = QWidget()
@@ -88,6 +125,10 @@ class MainWindow(QMainWindow):
 
         engine.log.connect(self.log)
         engine.jobFailed.connect(self._on_failed)
+        engine.jobFinished.connect(self._on_job_finished)
+        self.calibrate_view.showSpectrum.connect(lambda: self.show_view("Spectrum"))
+        self.spectrum_view.layerSelected.connect(self.bits_view.select_layer)
+        self.bits_view.layerSelected.connect(self.spectrum_view.select_layer)
         engine.busyChanged.connect(lambda busy: self.busy_label.setText("Working…" if busy
                                                                         else "Idle"))
         self.model_view.modelLoaded.connect(self._on_model_loaded)
@@ -96,10 +137,41 @@ class MainWindow(QMainWindow):
     def log(self, text: str) -> None:
         self.log_view.appendPlainText(f"{time.strftime('%H:%M:%S')}  {text}")
 
+    def show_view(self, name: str) -> None:
+        self.sidebar.setCurrentRow(list(self.views).index(name))
+
     def _on_model_loaded(self, info: dict) -> None:
         self.model_label.setText(f"{info['name']} — {info['num_layers']} layers, "
                                  f"{info['num_kv_heads']} KV heads × {info['head_dim']}")
         self.log(f"Loaded {info['name']} ({info['dtype']})")
+        # The engine drops rotations of the previous model when a model loads.
+        self.calibrate_view.set_model(info)
+        self.bits_view.set_model(info)
+        self.spectrum_view.clear()
+        self.bits_view.clear()
+
+    def _on_job_finished(self, job_id: int, kind: str, result: object) -> None:
+        if kind in ROTATION_JOBS:
+            self.spectrum_view.set_summary(result)
+            self.bits_view.set_summary(result)
+        elif kind == "export_bundle":
+            self.statusBar().showMessage(f"Exported bundle to {result['path']}", 8000)
+
+    def _start_calibration(self) -> None:
+        self.show_view("Calibrate")
+        if self.calibrate_view.start() is None and self.calibrate_view.model_info is None:
+            self.statusBar().showMessage("Load a model first (Model view, Ctrl+D)", 5000)
+
+    def _on_calibration_state(self, running: bool) -> None:
+        self.start_action.setEnabled(not running)
+        self.cancel_action.setEnabled(running)
+
+    def _export_bundle(self) -> None:
+        if self.bits_view.summary is None:
+            self.statusBar().showMessage("Nothing to export: calibrate or load a bundle first",
+                                         5000)
+            return
+        self.bits_view.export_bundle()
 
     def _on_failed(self, job_id: int, kind: str, message: str) -> None:
         box = QMessageBox(QMessageBox.Icon.Critical, "Velox Studio",
