@@ -167,6 +167,12 @@ def test_calibrate_inspect_allocate_export_and_reload(qtbot, studio, tmp_path):
     m = bits.memory(8192)
     assert m["fp16"] == fp16 and 0 < m["total"] < fp16 / 2
     assert m["raw"] == (8192 - 4) * 30 * 3 * (round(4.25 * 64) + round(4.25 * 64)) / 8
+    assert m["total"] == m["raw"] + m["padding"] + m["sinks"] and m["token_scales"] == 0
+    memory = bits.memory_label.text()
+    bits.token_scale_check.setChecked(True)
+    assert bits.memory(8192)["token_scales"] == (8192 - 4) * 30 * 3 * 2 * 2
+    assert bits.memory_label.text() != memory
+    bits.token_scale_check.setChecked(False)
 
     # Separate value target.
     bits.separate_check.setChecked(True)
@@ -192,6 +198,16 @@ def test_calibrate_inspect_allocate_export_and_reload(qtbot, studio, tmp_path):
     bits.recompute()
     assert np.all(bits.plan["keys"][0][0] == 4) and np.all(bits.plan["keys"][0][3] == 6)
     bits.water_check.setChecked(True)
+    bits.recompute()
+
+    # Idle time warms the plan cache for every slider position: then a move is instant.
+    qtbot.waitUntil(lambda: bits.cache_warm, timeout=60_000)
+    start = time.perf_counter()
+    bits.set_key_target(6.5)
+    bits.recompute()
+    assert time.perf_counter() - start < 0.2
+    assert np.all(bits.plan["keys"][0][5].sum(axis=-1) == 6.5 * 64)
+    bits.set_key_target(4.25)
     bits.recompute()
 
     # ---- export the bundle with the plan -----------------------------------

@@ -2,12 +2,16 @@
 
 Everything here is instant: bit plans and predicted distortion come from the
 engine's numpy-only methods on the GUI thread (no model run), cached per
-(part, layer, target, range, mode). Exporting and loading bundles are engine jobs.
+(part, layer, target, range, mode). A full plan is 180 water-fills (25–110 ms on
+a laptop CPU), so idle time warms the cache for every slider position, nearest
+first, in slices of a few milliseconds; a slider move is then a cache hit.
+Exporting and loading bundles are engine jobs.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +50,16 @@ STEP = 0.25  # bits per slider tick
 MIN_TARGET, MAX_TARGET = 1.0, 8.0
 DEFAULT_TARGET = 3.0
 WORD_BITS = 32  # codes of one K or V vector are packed into whole uint32 words
+WARM_SLICE_S = 0.008  # idle cache warming works at most this long per event-loop turn
 MEMORY_TOOLTIP = (
     "Compressed KV cache at N tokens:\n"
     "  N × layers × KV heads × (Σ key bits + Σ value bits) / 8 bytes\n"
     "plus these per-token overheads:\n"
     "  • each key and value vector's codes are packed into whole 32-bit words,\n"
     "    so a head's Σ bits is rounded up to a multiple of 32 (≤ 4 bytes per vector);\n"
-    "  • the first {sinks} tokens (attention sinks) stay exact in fp16.\n"
-    "Not per token, so not counted: rotations and per-dimension scales ({fixed}).\n"
+    "  • the first {sinks} tokens (attention sinks) stay exact in fp16;\n"
+    "  • with a per-token scale, 2 bytes (fp16) per key and per value vector.\n"
+    "Not per token, so not counted: rotations, means and per-dimension scales ({fixed}).\n"
     "fp16 reference: N × layers × KV heads × head_dim × 2 (K and V) × 2 bytes."
 )
 
@@ -80,6 +86,7 @@ class BitsView(QWidget):
         self.overrides: dict[tuple[str, int], float] = {}  # (part, layer) -> avg bits
         self.plan: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # part -> bits, distortion
         self._cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._warm_key: tuple | None = None  # (min, max, water-fill) the warm-up is for
         self._export_job: int | None = None
         self._load_job: int | None = None
 
@@ -166,6 +173,9 @@ class BitsView(QWidget):
         self.tokens_spin.setValue(self.default_context)
         self.tokens_spin.setSuffix(" tokens")
         self.tokens_spin.setToolTip("Context length for the memory estimate")
+        self.token_scale_check = QCheckBox("Per-token scale (+2 B per K/V vector)")
+        self.token_scale_check.setToolTip("The compressed cache's optional fp16 scale per "
+                                          "token, head and part (KVCacheConfig.token_scale)")
         self.memory_label = QLabel("—")
         self.memory_label.setTextFormat(Qt.TextFormat.RichText)
         self.memory_detail = QLabel("")
@@ -174,6 +184,7 @@ class BitsView(QWidget):
         pred.addRow("Keys error", self.key_error)
         pred.addRow("Values error", self.value_error)
         pred.addRow("Context", self.tokens_spin)
+        pred.addRow("", self.token_scale_check)
         pred.addRow("KV cache", self.memory_label)
         pred.addRow("", self.memory_detail)
 
@@ -264,6 +275,10 @@ class BitsView(QWidget):
         self._timer.setSingleShot(True)
         self._timer.setInterval(30)  # coalesces slider drags; each recompute is a few ms–50 ms
         self._timer.timeout.connect(self.recompute)
+        self._warm_queue: list[tuple[str, int, float]] = []
+        self._warm_timer = QTimer(self)
+        self._warm_timer.setInterval(0)  # runs whenever the event loop is idle
+        self._warm_timer.timeout.connect(self._warm_some)
 
         self.key_slider.valueChanged.connect(self._on_targets)
         self.value_slider.valueChanged.connect(self._on_targets)
@@ -276,6 +291,7 @@ class BitsView(QWidget):
         self.part_group.idClicked.connect(lambda _: self._draw_selected())
         self.clear_button.clicked.connect(self.clear_overrides)
         self.tokens_spin.valueChanged.connect(lambda _: self._update_memory())
+        self.token_scale_check.toggled.connect(lambda _: self._update_memory())
         self.water_line.sigDragged.connect(self._on_water_dragged)
         self.water_line.sigPositionChangeFinished.connect(self._on_water_released)
         self.export_button.clicked.connect(lambda: self.export_bundle())
@@ -383,6 +399,7 @@ class BitsView(QWidget):
     def set_summary(self, summary: dict) -> None:
         self.summary = summary
         self._cache.clear()
+        self._warm_key = None
         self.overrides.clear()
         layers, heads = summary["num_layers"], summary["num_kv_heads"]
         if summary.get("context_length"):
@@ -406,6 +423,8 @@ class BitsView(QWidget):
         self.summary = None
         self.plan = {}
         self._cache.clear()
+        self._warm_queue = []
+        self._warm_timer.stop()
         self.overrides.clear()
         self.pages.setCurrentIndex(0)
         self._update_buttons()
@@ -420,8 +439,7 @@ class BitsView(QWidget):
 
     # ---- the plan ----------------------------------------------------------
     def _layer_plan(self, part: str, layer: int, target: float):
-        key = (part, layer, round(target, 6), self.min_spin.value(), self.max_spin.value(),
-               self.water_check.isChecked())
+        key = self._cache_key(part, layer, target)
         hit = self._cache.get(key)
         if hit is None:
             lam = self.eigenvalues(part)[layer]
@@ -431,11 +449,48 @@ class BitsView(QWidget):
             self._cache[key] = hit
         return hit
 
+    def _cache_key(self, part: str, layer: int, target: float) -> tuple:
+        return (part, layer, round(target, 6), self.min_spin.value(), self.max_spin.value(),
+                self.water_check.isChecked())
+
+    def warm_cache(self) -> None:
+        """Queue every slider position's plan (nearest to the current targets first)."""
+        self._warm_queue = []
+        if self.summary is None or not self.water_check.isChecked():
+            self._warm_timer.stop()
+            return
+        steps = [i * STEP for i in range(int(MIN_TARGET / STEP), int(MAX_TARGET / STEP) + 1)]
+        steps = [t for t in steps if self.min_spin.value() <= t <= self.max_spin.value()]
+        order = []
+        for part in ("keys", "values"):
+            current = self.global_target(part)
+            order += [(abs(t - current), part, t) for t in steps]
+        for _, part, target in sorted(order):
+            self._warm_queue += [(part, layer, target)
+                                 for layer in range(self.summary["num_layers"])]
+        self._warm_queue.reverse()  # pop() from the end takes the nearest first
+        self._warm_timer.start()
+
+    def _warm_some(self) -> None:
+        deadline = time.perf_counter() + WARM_SLICE_S
+        while self._warm_queue and time.perf_counter() < deadline:
+            part, layer, target = self._warm_queue.pop()
+            self._layer_plan(part, layer, target)
+        if not self._warm_queue:
+            self._warm_timer.stop()
+
+    @property
+    def cache_warm(self) -> bool:
+        return not self._warm_queue
+
     def recompute(self) -> None:
         """Bits and predicted distortion of every layer, head and part; redraw readouts."""
         self._timer.stop()
         if self.summary is None:
             return
+        if self._warm_key != self._cache_key("", 0, 0)[3:]:  # range or mode changed
+            self._warm_key = self._cache_key("", 0, 0)[3:]
+            self.warm_cache()
         for part in ("keys", "values"):
             plans = [self._layer_plan(part, layer, self.layer_target(part, layer))
                      for layer in range(self.summary["num_layers"])]
@@ -513,12 +568,14 @@ class BitsView(QWidget):
             padded_bytes += int((words * 4 * heads).sum())
         raw = compressed * raw_bits / 8
         padding = compressed * padded_bytes - raw
+        token_scales = (compressed * layers * heads * 2 * 2
+                        if self.token_scale_check.isChecked() else 0)
         sink_bytes = exact * layers * heads * dim * 2 * 2
         fp16 = tokens * layers * heads * dim * 2 * 2
-        total = raw + padding + sink_bytes
-        fixed = layers * heads * 2 * (dim * dim + dim) * 4  # float32 rotations + scales
-        return {"total": total, "raw": raw, "padding": padding, "sinks": sink_bytes,
-                "fp16": fp16, "fixed": fixed, "bits_per_token": raw_bits}
+        total = raw + padding + token_scales + sink_bytes
+        fixed = layers * heads * 2 * (dim * dim + 2 * dim) * 4  # rotations, means, scales
+        return {"total": total, "raw": raw, "padding": padding, "token_scales": token_scales,
+                "sinks": sink_bytes, "fp16": fp16, "fixed": fixed, "bits_per_token": raw_bits}
 
     def _update_memory(self) -> None:
         if self.summary is None or not self.plan:
@@ -527,9 +584,12 @@ class BitsView(QWidget):
         ratio = m["fp16"] / m["total"] if m["total"] else float("inf")
         self.memory_label.setText(f"<b>{format_bytes(m['total'])}</b> vs fp16 "
                                   f"{format_bytes(m['fp16'])} (<b>{ratio:.1f}×</b> smaller)")
+        scales = (f" + token scales {format_bytes(m['token_scales'])}"
+                  if m["token_scales"] else "")
         self.memory_detail.setText(
-            f"codes {format_bytes(m['raw'])} + word padding {format_bytes(m['padding'])} + "
-            f"{self.summary['sink_tokens']} fp16 sink tokens {format_bytes(m['sinks'])}")
+            f"codes {format_bytes(m['raw'])} + word padding {format_bytes(m['padding'])}"
+            f"{scales} + {self.summary['sink_tokens']} fp16 sink tokens "
+            f"{format_bytes(m['sinks'])}")
         tip = MEMORY_TOOLTIP.format(sinks=self.summary["sink_tokens"],
                                     fixed=format_bytes(m["fixed"]))
         self.memory_label.setToolTip(tip)
