@@ -25,11 +25,8 @@ which imports no MLX.
 
 from __future__ import annotations
 
-import ctypes
 import inspect
 import itertools
-import platform
-import sys
 import threading
 import traceback
 from collections.abc import Callable
@@ -38,41 +35,6 @@ from typing import Any
 
 import numpy as np
 from PySide6.QtCore import QObject, QThread, Signal, Slot
-
-
-def _guard_singleton_refcounts() -> bool:
-    """Work around PySide6 returning ``None``/``True``/``False`` without a reference.
-
-    PySide6 6.12.0 (abi3 wheels) returns these singletons as if they were
-    immortal, which they are only from CPython 3.12 on. On 3.11 every void Qt
-    call (``update()``, ``setPos()``, …) drops a reference to ``None`` and every
-    signal emission one to ``True``; after a few hundred emits or a few thousand
-    redraws the interpreter aborts with "bool_dealloc"/"none_dealloc". Measured,
-    not assumed: when the probe shows the leak, the singletons get a huge
-    reference count (as immortal objects have on 3.12+). Returns whether the
-    guard was needed. The real fix is PySide6 != 6.12.0 on Python < 3.12, or 3.12+.
-    """
-    if platform.python_implementation() != "CPython" or sys.version_info >= (3, 12):
-        return False
-
-    class _Probe(QObject):
-        ping = Signal()
-
-    probe = _Probe()
-    true_before, none_before = sys.getrefcount(True), sys.getrefcount(None)
-    for _ in range(16):
-        probe.ping.emit()
-        probe.setObjectName("velox-probe")
-    leaked = (sys.getrefcount(True) - true_before <= -8
-              or sys.getrefcount(None) - none_before <= -8)
-    if leaked:
-        for obj in (None, True, False, NotImplemented, Ellipsis):
-            # ob_refcnt is the first field of every CPython object.
-            ctypes.c_ssize_t.from_address(id(obj)).value += 1 << 48
-    return leaked
-
-
-SINGLETON_REFCOUNT_GUARD = _guard_singleton_refcounts()
 
 
 class Cancelled(Exception):

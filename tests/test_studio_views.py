@@ -13,7 +13,7 @@ import pytest
 from PySide6.QtCore import QEventLoop, QObject, Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence
 
-from studio.engine import SINGLETON_REFCOUNT_GUARD, Engine
+from studio.engine import Engine
 from studio.main_window import MainWindow
 
 pytestmark = pytest.mark.slow
@@ -263,7 +263,8 @@ def test_bundle_errors_reach_the_failure_dialog(qtbot, studio, tmp_path):
 def test_thousands_of_signals_and_redraws_do_not_exhaust_singleton_refcounts():
     """PySide6 6.12.0 on CPython 3.11 drops a reference to True per emit and to None per
     void Qt call; the interpreter then aborts ("bool_dealloc", "none_dealloc") after a
-    few hundred emits or a few thousand redraws. studio.engine guards against it."""
+    few hundred emits or a few thousand redraws. pyproject.toml excludes that release;
+    this guards the pin."""
     import pyqtgraph as pg
 
     class Emitter(QObject):
@@ -277,7 +278,5 @@ def test_thousands_of_signals_and_redraws_do_not_exhaust_singleton_refcounts():
         emitter.event.emit({"stage": "sample"})
         curve.setData(np.arange(4.0), np.full(4, float(i)))
         emitter.setObjectName("emitter")
-    assert sys.getrefcount(True) > 1000 and sys.getrefcount(None) > 1000
-    if not SINGLETON_REFCOUNT_GUARD:  # no leak to guard against here
-        assert sys.getrefcount(True) >= before[0] - 10
-        assert sys.getrefcount(None) >= before[1] - 1000
+    assert sys.getrefcount(True) >= before[0] - 10
+    assert sys.getrefcount(None) >= before[1] - 100
