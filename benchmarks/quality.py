@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=0)
     parser.add_argument("--bundles", help="reuse bundles in this folder (pre/, post/)")
+    parser.add_argument("--bundle", help="reuse this pre-RoPE bundle (with --methods)")
+    parser.add_argument("--methods", help="comma-separated specs instead of the full sweep")
     parser.add_argument("--quick", action="store_true", help="a few methods only")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -49,7 +51,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, info = load(args.model, dequantize=True)
     rotations = {}
+    if args.bundle:
+        rotations["pre"] = load_cached_rotations(args.bundle, model=model)
     for mode in ("pre", "post"):
+        if args.bundle:
+            break
         if args.bundles:
             rotations[mode] = load_cached_rotations(Path(args.bundles) / mode, model=model)
             continue
@@ -62,9 +68,12 @@ def main() -> None:
     if args.quick:
         baselines, pre, post = ["fp16", "affine4", "rvq3"], ["spectral:wf3/3",
                                                              "spectral:wf3/a4g64x2.5+ts"], []
-    configs = {m: parse_method(m, rotations["pre"]) for m in baselines}
-    configs.update({f"{m} pre": parse_method(m, rotations["pre"]) for m in pre})
-    configs.update({f"{m} post": parse_method(m, rotations["post"]) for m in post})
+    if args.methods:
+        configs = {m: parse_method(m, rotations["pre"]) for m in args.methods.split(",")}
+    else:
+        configs = {m: parse_method(m, rotations["pre"]) for m in baselines}
+        configs.update({f"{m} pre": parse_method(m, rotations["pre"]) for m in pre})
+        configs.update({f"{m} post": parse_method(m, rotations["post"]) for m in post})
     name, text, sha = load_eval_text()
     results = []
     for ctx in [int(c) for c in args.ctx.split(",")]:

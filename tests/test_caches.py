@@ -155,3 +155,39 @@ def test_bundles_for_other_models_are_refused_at_build_time(tiny, tmp_path):
         KVCacheBuilder.build(model, KVCacheConfig(method="spectral"))
     with pytest.raises(CacheConfigError, match="cannot parse"):
         parse_method("spectral:banana")
+
+
+def test_recent_window_keeps_newest_tokens_exact_and_trims(tiny):
+    model, tokenizer, rotations = tiny
+    ids = tokenizer.encode(TEXT.text)[:130]
+    config = parse_method("spectral:wf3/a4g32+r16", rotations["pre"])
+    assert config.recent_tokens == 16
+    caches = KVCacheBuilder.build(model, config)
+    logits_with(model, caches, ids[:100], chunk=30)
+    cache = caches[0]
+    assert (cache.num_sinks, cache.coded, cache.num_recent) == (4, 80, 16)
+    # Exact storage: fp16 for 4 sinks + 16 recent tokens, K and V.
+    exact = 2 * 2 * (4 + 16) * 2 * 32
+    assert cache.nbytes == sum(p.nbytes for p in cache.parts) + exact
+    # Trimming into the coded region, then re-feeding, matches a direct run.
+    for c in caches:
+        c.trim(40)
+    assert (cache.num_sinks, cache.coded, cache.num_recent) == (4, 56, 0)
+    again = logits_with(model, caches, ids[60:100], chunk=40)
+    direct = logits_with(model, KVCacheBuilder.build(model, config), ids[:100], chunk=30)
+    # Tokens 60..84 were coded in the direct run but exact here until they age out.
+    np.testing.assert_allclose(again[-1], direct[-1], atol=0.5)
+    # The newest tokens' keys are returned exactly (no coding error in the window).
+    k_in = mx.random.normal((1, 2, 3, 32))
+    keys, _ = cache.update_and_fetch(k_in, k_in)
+    assert mx.array_equal(keys[..., -3:, :], k_in).item()
+
+
+def test_method_modifiers_parse():
+    config = parse_method("affine4g32+r64+s4")
+    assert (config.key_bits, config.group_size, config.recent_tokens, config.sink_tokens) == (
+        4, 32, 64, 4)
+    config = parse_method("spectral:wf2.5/a4g64+x2.5+ts")
+    assert config.scale_inflation == 2.5 and config.token_scale and config.value_group_size == 64
+    with pytest.raises(CacheConfigError):
+        parse_method("spectral:wf3/a4+q9")

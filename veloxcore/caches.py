@@ -68,6 +68,8 @@ class KVCacheConfig:
     # more than the coarser steps (measured: see BENCHMARKS.md).
     scale_inflation: float = 2.0
     token_scale: bool = False
+    # Newest tokens kept exact (fp16) until they leave this window; counted in nbytes.
+    recent_tokens: int = 0
 
     def label(self) -> str:
         if self.method == "fp16":
@@ -81,51 +83,78 @@ class KVCacheConfig:
 
 
 # --------------------------------------------------------------------------- base
+def _cat(a: mx.array | None, b: mx.array) -> mx.array:
+    return b if a is None else mx.concatenate([a, b], axis=2)
+
+
 class CodedKVCache:
     """Shared storage for caches that keep per-token codes in growable buffers.
+
+    Token layout: ``sink_tokens`` exact tokens, then coded tokens, then up to
+    ``recent_tokens`` exact tokens not yet coded (a residual window, as in KIVI:
+    the newest tokens get most of the attention). Exact tokens are counted at
+    fp16 in ``nbytes``.
 
     Subclasses implement ``encode(keys, values, position) -> tuple[mx.array]``
     (each part shaped (B, H, L, X)) and ``decode(parts, position) -> (keys,
     values)`` for the coded tokens starting at absolute ``position``.
     """
 
-    def __init__(self, sink_tokens: int = 0):
+    def __init__(self, sink_tokens: int = 0, recent_tokens: int = 0):
         self.sink_tokens = sink_tokens
+        self.recent_tokens = recent_tokens
         self.offset = 0
         self.parts: list[mx.array] | None = None
         self.sink_keys: mx.array | None = None
         self.sink_values: mx.array | None = None
+        self.recent_keys: mx.array | None = None
+        self.recent_values: mx.array | None = None
         self.coded = 0  # tokens stored in parts
+
+    @property
+    def num_sinks(self) -> int:
+        return 0 if self.sink_keys is None else self.sink_keys.shape[2]
+
+    @property
+    def num_recent(self) -> int:
+        return 0 if self.recent_keys is None else self.recent_keys.shape[2]
 
     # mlx-lm protocol -----------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         B, H, L, D = keys.shape
-        start = self.offset
-        n_sink = max(0, min(self.sink_tokens - start, L))
+        n_sink = max(0, min(self.sink_tokens - self.offset, L))
         if n_sink:
-            sk, sv = keys[..., :n_sink, :], values[..., :n_sink, :]
-            if self.sink_keys is None:
-                self.sink_keys, self.sink_values = sk, sv
-            else:
-                self.sink_keys = mx.concatenate([self.sink_keys, sk], axis=2)
-                self.sink_values = mx.concatenate([self.sink_values, sv], axis=2)
+            self.sink_keys = _cat(self.sink_keys, keys[..., :n_sink, :])
+            self.sink_values = _cat(self.sink_values, values[..., :n_sink, :])
         if n_sink < L:
-            parts = self.encode(keys[..., n_sink:, :], values[..., n_sink:, :], start + n_sink)
-            self._store(parts)
+            self.recent_keys = _cat(self.recent_keys, keys[..., n_sink:, :])
+            self.recent_values = _cat(self.recent_values, values[..., n_sink:, :])
+            overflow = self.num_recent - self.recent_tokens
+            if overflow > 0:
+                parts = self.encode(self.recent_keys[..., :overflow, :],
+                                    self.recent_values[..., :overflow, :],
+                                    self.num_sinks + self.coded)
+                self._store(parts)
+                if overflow == self.num_recent:
+                    self.recent_keys = self.recent_values = None
+                else:
+                    self.recent_keys = self.recent_keys[..., overflow:, :]
+                    self.recent_values = self.recent_values[..., overflow:, :]
         self.offset += L
         return self.fetch(keys.dtype)
 
     def fetch(self, dtype=mx.float32):
         keys, values = [], []
         if self.sink_keys is not None:
-            n = min(self.offset, self.sink_keys.shape[2])
-            keys.append(self.sink_keys[..., :n, :])
-            values.append(self.sink_values[..., :n, :])
+            keys.append(self.sink_keys)
+            values.append(self.sink_values)
         if self.coded:
-            k, v = self.decode([p[..., : self.coded, :] for p in self.parts],
-                               self.sink_tokens)
+            k, v = self.decode([p[..., : self.coded, :] for p in self.parts], self.num_sinks)
             keys.append(k.astype(dtype))
             values.append(v.astype(dtype))
+        if self.recent_keys is not None:
+            keys.append(self.recent_keys)
+            values.append(self.recent_values)
         if len(keys) == 1:
             return keys[0], values[0]
         return mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
@@ -158,42 +187,61 @@ class CodedKVCache:
         return True
 
     def trim(self, n: int) -> int:
+        """Drop the newest ``n`` tokens (recent window first, then codes, then sinks)."""
         n = min(self.offset, n)
         self.offset -= n
-        self.coded = max(0, self.offset - self.sink_tokens)
-        if self.sink_keys is not None and self.offset < self.sink_keys.shape[2]:
-            self.sink_keys = self.sink_keys[..., : self.offset, :]
-            self.sink_values = self.sink_values[..., : self.offset, :]
+        keep = self.offset
+        sinks = min(self.num_sinks, keep)
+        coded = min(self.coded, keep - sinks)
+        recent = keep - sinks - coded
+        if self.recent_keys is not None:
+            if recent:
+                self.recent_keys = self.recent_keys[..., :recent, :]
+                self.recent_values = self.recent_values[..., :recent, :]
+            else:
+                self.recent_keys = self.recent_values = None
+        self.coded = coded
+        if self.sink_keys is not None and sinks < self.num_sinks:
+            if sinks:
+                self.sink_keys = self.sink_keys[..., :sinks, :]
+                self.sink_values = self.sink_values[..., :sinks, :]
+            else:
+                self.sink_keys = self.sink_values = None
         return n
 
     @property
     def nbytes(self) -> int:
         total = sum(p.nbytes for p in self.parts) if self.parts is not None else 0
-        if self.sink_keys is not None:
-            # Sinks are kept at fp16, whatever dtype the model computes in.
-            total += 2 * (self.sink_keys.size + self.sink_values.size)
+        for exact in (self.sink_keys, self.sink_values, self.recent_keys, self.recent_values):
+            if exact is not None:  # exact tokens count at fp16, whatever the compute dtype
+                total += 2 * exact.size
         return total
 
     @property
     def state(self):
         arrays = list(self.parts or [])
-        if self.sink_keys is not None:
-            arrays += [self.sink_keys, self.sink_values]
+        for exact in (self.sink_keys, self.sink_values, self.recent_keys, self.recent_values):
+            if exact is not None:
+                arrays.append(exact)
         return arrays
 
     @property
     def meta_state(self) -> str:
         return json.dumps({"offset": self.offset, "coded": self.coded,
-                           "parts": len(self.parts or []),
-                           "sinks": self.sink_keys is not None})
+                           "parts": len(self.parts or []), "sinks": self.sink_keys is not None,
+                           "recent": self.recent_keys is not None})
 
     def restore(self, state, meta_state: str) -> None:
         """Inverse of (state, meta_state) on a cache built with the same config."""
         meta = json.loads(meta_state)
+        arrays = list(state)
         n = meta["parts"]
-        self.parts = list(state[:n]) or None
-        self.sink_keys, self.sink_values = (state[n], state[n + 1]) if meta["sinks"] else (None,
-                                                                                         None)
+        self.parts, arrays = (arrays[:n] or None), arrays[n:]
+        self.sink_keys = self.sink_values = self.recent_keys = self.recent_values = None
+        if meta["sinks"]:
+            self.sink_keys, self.sink_values, arrays = arrays[0], arrays[1], arrays[2:]
+        if meta.get("recent"):
+            self.recent_keys, self.recent_values = arrays[0], arrays[1]
         self.offset, self.coded = meta["offset"], meta["coded"]
 
 
@@ -211,8 +259,8 @@ class SpectralKVCache(CodedKVCache):
                  value_bits: np.ndarray | None, rope_mode: str, rope=None,
                  value_affine: tuple[int, int] | None = None, sink_tokens: int = 4,
                  key_mean: np.ndarray | None = None, value_mean: np.ndarray | None = None,
-                 token_scale: bool = False):
-        super().__init__(sink_tokens)
+                 token_scale: bool = False, recent_tokens: int = 0):
+        super().__init__(sink_tokens, recent_tokens)
         H, D, _ = key_vectors.shape
         self.token_scale = token_scale
         # RMS of a calibrated vector in units of the coder's scales (for token_scale).
@@ -291,8 +339,9 @@ class RVQKVCache(CodedKVCache):
     rotation makes every coordinate of a unit vector ≈ N(0, 1/D); each is coded
     with the Gaussian Lloyd-Max codebook; the vector's norm is kept in fp16."""
 
-    def __init__(self, heads: int, dim: int, bits: int, seed: int = 0, sink_tokens: int = 4):
-        super().__init__(sink_tokens)
+    def __init__(self, heads: int, dim: int, bits: int, seed: int = 0, sink_tokens: int = 4,
+                 recent_tokens: int = 0):
+        super().__init__(sink_tokens, recent_tokens)
         self.rotation = mx.array(random_rotation(dim, seed).astype(np.float32))
         scale = np.full((heads, dim), 1.0 / np.sqrt(dim))
         self.coder = DimCoder(np.full((heads, dim), bits), scale)
@@ -321,8 +370,9 @@ class AffineKVCache(CodedKVCache):
     it runs on every backend (mlx-lm's quantized SDPA has no CUDA kernel for
     head_dim 64)."""
 
-    def __init__(self, bits: int = 4, group_size: int = 64, sink_tokens: int = 0):
-        super().__init__(sink_tokens)
+    def __init__(self, bits: int = 4, group_size: int = 64, sink_tokens: int = 0,
+                 recent_tokens: int = 0):
+        super().__init__(sink_tokens, recent_tokens)
         # Not named `bits`: mlx-lm would route a cache with `bits` to its quantized SDPA.
         self.width, self.group = bits, group_size
 
@@ -387,11 +437,13 @@ class KVCacheBuilder:
                 caches.append(default)
                 continue
             if config.method == "affine":
-                caches.append(AffineKVCache(config.key_bits or 4, config.group_size, 0))
+                caches.append(AffineKVCache(config.key_bits or 4, config.group_size,
+                                            config.sink_tokens, config.recent_tokens))
             elif config.method == "rvq":
                 caches.append(RVQKVCache(heads, dim, config.key_bits or 4,
                                          seed=config.seed + layer,
-                                         sink_tokens=config.sink_tokens))
+                                         sink_tokens=config.sink_tokens,
+                                         recent_tokens=config.recent_tokens))
             else:
                 cache, bits = _spectral_cache(model, config, layer)
                 caches.layer_bits.append(bits)
@@ -449,57 +501,74 @@ def _spectral_cache(model, config: KVCacheConfig, layer: int):
                             rot.value_eigenvectors, scales(rot.value_eigenvalues), value_bits,
                             rot.rope_mode, rope, value_affine, config.sink_tokens,
                             key_mean=rot.key_mean, value_mean=rot.value_mean,
-                            token_scale=config.token_scale)
+                            token_scale=config.token_scale,
+                            recent_tokens=config.recent_tokens)
     return cache, {"layer": layer, "keys": key_bits.tolist(), "values": value_bits.tolist()}
 
 
 def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConfig:
-    """CLI method specs: fp16, affine4, affine4g32, rvq3, spectral:4/1/2,
-    spectral:wf3/3 (water-filled keys 3 bits, values 3), spectral:wf3/a4 (affine
-    4-bit values, group 32), spectral:wf3/a4g64. Suffixes: "x2.5" sets the
-    codebook scale inflation, "+ts" adds a per-token scale."""
-    spec = spec.strip()
-    if spec == "fp16":
+    """Method specs as the CLI takes them.
+
+    fp16 · affine4 · affine4g32 · rvq3 · spectral:4/1/2 (signal/noise/value bits) ·
+    spectral:wf3/3 (keys water-filled at 3 bits, values 3) · spectral:wf3/a4g64
+    (affine 4-bit values, group 64; group 32 when omitted). Modifiers after "+":
+    ``+r64`` keeps the newest 64 tokens exact, ``+s4`` sets the exact sink tokens,
+    ``+x2.5`` the codebook scale inflation, ``+ts`` adds a per-token scale.
+    """
+    body, *modifiers = spec.strip().split("+")
+    try:
+        config = _parse_body(body, rotations, sink_tokens)
+        for mod in modifiers:
+            if mod == "ts":
+                config.token_scale = True
+            elif mod[:1] == "r":
+                config.recent_tokens = int(mod[1:])
+            elif mod[:1] == "s":
+                config.sink_tokens = int(mod[1:])
+            elif mod[:1] == "x":
+                config.scale_inflation = float(mod[1:])
+            else:
+                raise ValueError(mod)
+        return config
+    except (ValueError, IndexError):
+        raise CacheConfigError(
+            f"cannot parse method {spec!r} (examples: fp16, affine4, affine4g32, rvq3, "
+            "spectral:4/1/2, spectral:wf3/3, spectral:wf3/a4g64, spectral:wf3/a4g64+r64)"
+        ) from None
+
+
+def _parse_body(body: str, rotations, sink_tokens: int) -> KVCacheConfig:
+    if body == "fp16":
         return KVCacheConfig(method="fp16")
     for method in ("affine", "rvq"):
-        if spec.startswith(method):
-            rest = spec[len(method):]
-            bits, _, group = rest.partition("g")
-            try:
-                return KVCacheConfig(method=method, key_bits=int(bits),
-                                     group_size=int(group) if group else 64,
-                                     sink_tokens=0 if method == "affine" else sink_tokens)
-            except ValueError:
-                break
-    if spec.startswith("spectral"):
-        _, _, rest = spec.partition(":")
-        token_scale = rest.endswith("+ts")
-        rest = rest.removesuffix("+ts")
-        rest, _, inflation = rest.partition("x")
-        fields = rest.split("/") if rest else ["4", "1", "2"]
-        try:
-            config = KVCacheConfig(method="spectral", rotations=rotations,
-                                   sink_tokens=sink_tokens, token_scale=token_scale)
-            if inflation:
-                config.scale_inflation = float(inflation)
-            values = fields[-1]
-            if values.startswith("a"):
-                config.value_method, values = "affine", values[1:]
-                values, _, group = values.partition("g")
-                config.value_group_size = int(group) if group else 32
-            config.value_bits = int(values)
-            if fields[0].startswith("wf") and len(fields) == 2:
-                config.use_water_filling = True
-                config.target_avg_bits = float(fields[0][2:])
-            elif len(fields) == 3:
-                config.signal_bits, config.noise_bits = int(fields[0]), int(fields[1])
-            else:
-                raise ValueError
-            return config
-        except ValueError:
-            pass
-    raise CacheConfigError(f"cannot parse method {spec!r} (examples: fp16, affine4, affine4g32, "
-                           "rvq3, spectral:4/1/2, spectral:wf3/3, spectral:wf3/a4)")
+        if body.startswith(method):
+            bits, _, group = body[len(method):].partition("g")
+            # mlx-lm's QuantizedKVCache keeps no exact sinks; neither does "affine".
+            return KVCacheConfig(method=method, key_bits=int(bits),
+                                 group_size=int(group) if group else 64,
+                                 sink_tokens=0 if method == "affine" else sink_tokens)
+    if not body.startswith("spectral"):
+        raise ValueError(body)
+    _, _, rest = body.partition(":")
+    rest, _, inflation = rest.partition("x")  # legacy inline "x2.5"
+    fields = rest.split("/") if rest else ["4", "1", "2"]
+    config = KVCacheConfig(method="spectral", rotations=rotations, sink_tokens=sink_tokens)
+    if inflation:
+        config.scale_inflation = float(inflation)
+    values = fields[-1]
+    if values.startswith("a"):
+        config.value_method = "affine"
+        values, _, group = values[1:].partition("g")
+        config.value_group_size = int(group) if group else 32
+    config.value_bits = int(values)
+    if fields[0].startswith("wf") and len(fields) == 2:
+        config.use_water_filling = True
+        config.target_avg_bits = float(fields[0][2:])
+    elif len(fields) == 3:
+        config.signal_bits, config.noise_bits = int(fields[0]), int(fields[1])
+    else:
+        raise ValueError(body)
+    return config
 
 
 @dataclass
