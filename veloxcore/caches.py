@@ -71,6 +71,16 @@ class KVCacheConfig:
     # Newest tokens kept exact (fp16) until they leave this window; counted in nbytes.
     recent_tokens: int = 0
 
+    @classmethod
+    def recommended(cls, rotations: SpectralRotations) -> KVCacheConfig:
+        """The best measured spectral configuration around 3.8 bits per element: keys
+        water-filled at 3 bits in the pre-RoPE basis, affine 4-bit values (group 64),
+        4 exact sink tokens and the newest 64 tokens exact (BENCHMARKS.md: 8k context,
+        3.85 bits, KL 0.085, +5.6% perplexity; affine 4-bit: 4.5 bits, KL 0.21)."""
+        return cls(method="spectral", rotations=rotations, use_water_filling=True,
+                   target_avg_bits=3.0, value_method="affine", value_bits=4,
+                   value_group_size=64, sink_tokens=4, recent_tokens=64)
+
     def label(self) -> str:
         if self.method == "fp16":
             return "fp16"
@@ -211,7 +221,18 @@ class CodedKVCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes allocated (codes grow in blocks of 256 tokens)."""
         total = sum(p.nbytes for p in self.parts) if self.parts is not None else 0
+        return total + self._exact_nbytes()
+
+    @property
+    def used_nbytes(self) -> int:
+        """Bytes the tokens held occupy (equal to nbytes at multiples of 256 coded tokens)."""
+        per_token = sum(p.nbytes // p.shape[2] for p in self.parts) if self.parts else 0
+        return per_token * self.coded + self._exact_nbytes()
+
+    def _exact_nbytes(self) -> int:
+        total = 0
         for exact in (self.sink_keys, self.sink_values, self.recent_keys, self.recent_values):
             if exact is not None:  # exact tokens count at fp16, whatever the compute dtype
                 total += 2 * exact.size
@@ -590,7 +611,7 @@ def cache_memory(caches, model) -> CacheMemory:
         if isinstance(c, KVCache):  # count the fp16 equivalent of what it holds
             nbytes += 2 * 2 * c.offset * heads * dim if c.keys is not None else 0
         else:
-            nbytes += c.nbytes
+            nbytes += getattr(c, "used_nbytes", c.nbytes)
     elements = 2 * num_layers * heads * dim * tokens
     fp16 = 2 * elements
     return CacheMemory(tokens, nbytes, fp16, 8 * nbytes / elements if elements else 0.0)

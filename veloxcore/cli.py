@@ -70,11 +70,16 @@ def build_cli_cache(args, model):
         rotations = load_cached_rotations(args.bundle, model=model,
                                           allow_model_mismatch=args.allow_model_mismatch)
     if args.method == "spectral":
-        config = KVCacheConfig(method="spectral", rotations=rotations,
-                               signal_bits=args.signal_bits, noise_bits=args.noise_bits,
-                               value_bits=args.value_bits)
-        if args.avg_bits is not None:
-            config.use_water_filling, config.target_avg_bits = True, args.avg_bits
+        explicit = (args.signal_bits, args.noise_bits, args.value_bits, args.avg_bits)
+        if all(v is None for v in explicit):
+            config = KVCacheConfig.recommended(rotations)
+        else:
+            config = KVCacheConfig(method="spectral", rotations=rotations,
+                                   signal_bits=args.signal_bits or 4,
+                                   noise_bits=args.noise_bits if args.noise_bits is not None else 1,
+                                   value_bits=args.value_bits or 2)
+            if args.avg_bits is not None:
+                config.use_water_filling, config.target_avg_bits = True, args.avg_bits
     else:
         config = parse_method(args.method, rotations)
     return KVCacheBuilder.build(model, config)
@@ -288,6 +293,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+SWEEP_METHODS = ("fp16,affine2,affine3,affine4,affine8,rvq2,rvq3,rvq4,"
+                 "spectral:wf1.5/a4g64,spectral:wf2/a4g64,spectral:wf2.5/a4g64,"
+                 "spectral:wf3/a4g64,spectral:wf4/a4g64,spectral:wf2/a3g64,spectral:wf3/a3g64")
+
+
+def cmd_bits_sweep(args) -> int:
+    """Quality vs bits for every method family: JSON plus a PNG frontier plot."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    args.methods = args.methods or SWEEP_METHODS
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    args.json = str(out / "sweep.json")
+    code = cmd_eval(args)
+    png = out / "frontier.png"
+    # The plot is drawn by the studio's pyqtgraph in its own process: veloxcore never imports Qt.
+    env = {**os.environ, "QT_QPA_PLATFORM": os.environ.get("QT_QPA_PLATFORM", "offscreen")}
+    done = subprocess.run([sys.executable, "-m", "studio.plots", "frontier", args.json,
+                           str(png)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise VeloxError(f"{png}: plotting failed: {done.stderr.strip()[-500:]}")
+    print(f"Wrote {args.json} and {png}", file=sys.stderr)
+    return code
+
+
 def add_cache_flags(p) -> None:
     p.add_argument("--bundle", help="rotation bundle (for spectral methods)")
     p.add_argument("--allow-model-mismatch", action="store_true",
@@ -346,13 +378,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_flags(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("bits-sweep", help="quality-vs-bits frontier of every method (JSON + PNG)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--methods", default=None, help=f"default: {SWEEP_METHODS}")
+    p.add_argument("--ctx", default="2048")
+    p.add_argument("--text", help="held-out text file (default: the bundled one)")
+    p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=0)
+    p.add_argument("--sink-tokens", type=int, default=4)
+    p.add_argument("--out", required=True, help="folder for sweep.json and frontier.png")
+    add_cache_flags(p)
+    p.set_defaults(func=cmd_bits_sweep)
+
     p = sub.add_parser("chat", help="chat with a model in the terminal")
     p.add_argument("--model", default="default")
     p.add_argument("--method", default=None,
                    help="KV cache: fp16 (default), spectral, affine4, rvq3, spectral:wf3/3, …")
-    p.add_argument("--signal-bits", type=int, default=4)
-    p.add_argument("--noise-bits", type=int, default=1)
-    p.add_argument("--value-bits", type=int, default=2)
+    p.add_argument("--signal-bits", type=int, default=None,
+                   help="spectral keys above the spectral gap (default 4 when any bit flag "
+                        "is given; with none, the measured best configuration is used)")
+    p.add_argument("--noise-bits", type=int, default=None, help="keys below the gap (1)")
+    p.add_argument("--value-bits", type=int, default=None, help="values (2)")
     p.add_argument("--avg-bits", type=float, default=None,
                    help="water-fill the keys at this average instead of signal/noise bits")
     add_cache_flags(p)
