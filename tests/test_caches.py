@@ -191,3 +191,17 @@ def test_method_modifiers_parse():
     assert config.scale_inflation == 2.5 and config.token_scale and config.value_group_size == 64
     with pytest.raises(CacheConfigError):
         parse_method("spectral:wf3/a4+q9")
+
+
+def test_sliding_window_layers_stay_uncompressed_and_are_reported():
+    from tinymodel import tiny_model
+
+    model = tiny_model(seed=2, head_dim=32, layer_types=["full_attention", "sliding_attention"],
+                       sliding_window=16)
+    from mlx_lm.models.cache import RotatingKVCache
+
+    caches = KVCacheBuilder.build(model, parse_method("affine4g32"))
+    assert caches.uncompressed_layers == [1]
+    assert isinstance(caches[0], AffineKVCache) and isinstance(caches[1], RotatingKVCache)
+    logits = logits_with(model, caches, list(range(5, 60)), chunk=20)
+    assert np.all(np.isfinite(logits))
