@@ -1,9 +1,10 @@
-"""Number formatting for views."""
+"""Number formatting for views: one implementation, shared with the CLI.
 
+``veloxcore.units`` is pure Python and ``import veloxcore`` loads no MLX (its
+public API is lazy), so this import is safe on the GUI thread; a contract in
+pyproject.toml keeps ``veloxcore.units`` free of MLX.
+"""
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+from veloxcore.units import format_bytes
+
+__all__ = ["format_bytes"]

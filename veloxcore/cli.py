@@ -10,14 +10,7 @@ import time
 from . import __version__
 from .calibration import CalibrationCancelled
 from .errors import VeloxError
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+from .units import format_bytes
 
 
 def model_card_lines(info) -> list[str]:
