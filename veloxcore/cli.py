@@ -364,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", default="2048", help="comma-separated context lengths")
     p.add_argument("--text", help="held-out text file (default: the bundled one)")
     p.add_argument("--chunk", type=int, default=512, help="tokens per teacher-forced step")
-    p.add_argument("--decode-tokens", type=int, default=0,
-                   help="also time this many decode steps on the filled cache")
+    p.add_argument("--decode-tokens", type=int, default=8,
+                   help="time this many greedy decode steps on the filled cache (0: skip)")
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--json", help="write results here")
     add_cache_flags(p)
