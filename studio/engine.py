@@ -109,7 +109,8 @@ class _Worker(QObject):
 
 
 # Errors whose message already says everything a user needs.
-_PLAIN_ERRORS = {"ModelLoadError", "VeloxError", "BundleError", "CalibrationError"}
+_PLAIN_ERRORS = {"ModelLoadError", "VeloxError", "BundleError", "CalibrationError",
+                 "CacheConfigError"}
 
 
 def _jobs():
@@ -190,9 +191,32 @@ class Engine(QObject):
         self.log.emit(f"Loading model {source} …")
         return self.submit("load_model", _jobs_fn("load_model"), source=source)
 
-    def generate(self, messages: list[dict], max_tokens: int = 256) -> int:
+    def generate(self, messages: list[dict], max_tokens: int = 256, cache=None,
+                 temperature: float = 0.0) -> int:
+        """Stream a chat reply (job "generate"; see ``studio.jobs.generate``).
+
+        cache: "fp16" (or None), a method spec such as "affine4" or
+        "spectral:wf3/a4g64+ts", "spectral" (the default spectral configuration), or
+        ``{"bit_plan": plan, "token_scale": bool}`` for a Bits view plan. Progress
+        events carry text pieces; the result (and a final ``{"stage": "done"}`` event,
+        sent also when the reply is stopped) carries token counts, tokens/s and the
+        cache's measured bytes next to the fp16 equivalent.
+        """
         return self.submit("generate", _jobs_fn("generate"), messages=messages,
-                           max_tokens=max_tokens)
+                           max_tokens=max_tokens, cache=cache, temperature=temperature)
+
+    def measure(self, bit_plan: dict, token_scale: bool = False, context: int = 256,
+                chunk: int = 128) -> int:
+        """KL / perplexity of a bit plan vs fp16 on the held-out text, and measured
+        per-layer key/value error (job "measure"; a newer one supersedes)."""
+        self.log.emit(f"Measuring the bit plan on {context} held-out tokens …")
+        return self.submit("measure", _jobs_fn("measure"), bit_plan=bit_plan,
+                           token_scale=token_scale, context=context, chunk=chunk)
+
+    def load_shipped_bundle(self) -> int:
+        """Load the bundle that ships for the loaded model (job kind "load_bundle")."""
+        self.log.emit("Loading the shipped bundle …")
+        return self.submit("load_bundle", _jobs_fn("load_shipped_bundle"))
 
     def calibrate(self, corpus: str = "bundled", samples: int = 64, seq_len: int = 1024,
                   rope: str = "pre", seed: int = 0, progress_layer: int = 0,

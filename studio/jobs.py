@@ -31,22 +31,6 @@ def load_model(state, job, source: str):
     return info.to_dict()
 
 
-def generate(state, job, messages: list[dict], max_tokens: int = 256):
-    _require_model(state)
-    text = []
-    last = None
-    for chunk in stream_reply(state.model, state.tokenizer, messages, max_tokens=max_tokens):
-        job.check()
-        text.append(chunk.text)
-        last = chunk
-        yield {"text": chunk.text}
-    return {
-        "text": "".join(text),
-        "tokens": last.generation_tokens if last else 0,
-        "tokens_per_s": last.generation_tps if last else 0.0,
-    }
-
-
 def calibrate(state, job, corpus: str = "bundled", samples: int = 64, seq_len: int = 1024,
               rope: str = "pre", seed: int = 0, progress_layer: int = 0,
               generated_tokens: int = 512):
@@ -163,3 +147,237 @@ def rotation_summary(rotations, state, source: str) -> dict:
 def _require_model(state) -> None:
     if state.model is None:
         raise veloxcore.VeloxError("no model is loaded; load one in the Model view first")
+
+
+# ---- chat ------------------------------------------------------------------------
+# What the chat's "spectral" method uses when the view names no configuration.
+DEFAULT_SPECTRAL = "spectral:wf3/a4g64+ts"
+
+
+def generate(state, job, messages: list[dict], max_tokens: int = 256, cache=None,
+             temperature: float = 0.0):
+    """Stream one assistant reply through a KV cache built for it.
+
+    cache: None or "fp16", a method spec ("affine4", "spectral:wf3/a4g64+ts"),
+    "spectral" (the default spectral configuration) or ``{"bit_plan": plan,
+    "token_scale": bool}`` (a Bits view plan). Spectral caches use the engine's
+    rotations; without any, the bundle shipped for the loaded model is loaded
+    (and committed, and returned as ``"rotations"``), else the job fails.
+
+    Events: ``{"stage": "prompt", prompt_tokens, context_length, max_tokens,
+    method}`` before generating, ``{"text", "tokens", "tokens_per_s"}`` per token,
+    and ``{"stage": "done", ...}`` with the result (also when stopped: the job then
+    reports as cancelled, the event still carries the partial reply's numbers).
+    """
+    from veloxcore.caches import KVCacheBuilder
+    from veloxcore.generate import chat_prompt
+
+    _require_model(state)
+    config, label, loaded = _cache_config(state, job, cache)
+    prompt_tokens = len(chat_prompt(state.tokenizer, messages))
+    context = int(state.info.context_length or 0)
+    if context and prompt_tokens >= context:
+        raise veloxcore.VeloxError(
+            f"This conversation is {prompt_tokens:,} tokens long, but {state.info.name} reads at "
+            f"most {context:,} tokens (its context window), so it cannot reply. Start a new chat "
+            "or shorten the message or the system prompt.")
+    if context:
+        max_tokens = max(1, min(max_tokens, context - prompt_tokens))
+    yield {"stage": "prompt", "prompt_tokens": prompt_tokens, "context_length": context,
+           "max_tokens": max_tokens, "method": label}
+    caches = KVCacheBuilder.build(state.model, config)
+    pieces: list[str] = []
+    last = None
+    stopped = False
+    start = time.perf_counter()
+    for chunk in stream_reply(state.model, state.tokenizer, messages, max_tokens=max_tokens,
+                              temperature=temperature, prompt_cache=caches):
+        pieces.append(chunk.text)
+        last = chunk
+        yield {"text": chunk.text, "tokens": chunk.generation_tokens,
+               "tokens_per_s": chunk.generation_tps}
+        if job.cancelled.is_set():
+            stopped = True
+            break
+    elapsed = time.perf_counter() - start
+    result = {
+        "text": "".join(pieces), "pieces": pieces, "method": label,
+        "tokens": last.generation_tokens if last else 0,
+        "tokens_per_s": last.generation_tps if last else 0.0,
+        "prompt_tokens": prompt_tokens,
+        "prompt_tokens_per_s": last.prompt_tps if last else 0.0,
+        "finish_reason": "stop" if stopped else (last.finish_reason if last else None),
+        "stopped": stopped, "elapsed_s": elapsed, "context_length": context,
+        "max_tokens": max_tokens, "temperature": temperature,
+        **kv_usage(caches, state.model),
+    }
+    if loaded is not None:
+        rotations, summary = loaded
+        job.commit = lambda: setattr(state, "rotations", rotations)
+        result["rotations"] = summary
+    yield {"stage": "done", **result}
+    return result
+
+
+def kv_usage(caches, model) -> dict:
+    """The cache's measured bytes for the tokens it holds (codes, scales, exact sink
+    and recent tokens; ``veloxcore.caches.cache_memory``) next to the fp16 cache."""
+    from veloxcore.caches import cache_memory
+
+    memory = cache_memory(caches, model)
+    return {"kv_bytes": int(memory.nbytes), "kv_fp16_bytes": int(memory.fp16_nbytes),
+            "kv_tokens": int(memory.tokens), "bits_per_element": float(memory.bits_per_element)}
+
+
+def _cache_config(state, job, cache):
+    """(KVCacheConfig, label, (rotations, summary) if a shipped bundle was loaded)."""
+    from veloxcore.caches import KVCacheConfig, parse_method
+
+    if cache is None or cache == "fp16":
+        return KVCacheConfig(method="fp16"), "fp16", None
+    if isinstance(cache, str) and not cache.startswith("spectral"):
+        return parse_method(cache), cache, None
+    rotations, loaded = state.rotations, None
+    if rotations is None:
+        rotations, directory = _shipped_rotations(state)
+        job.emit({"log": f"Chat: no rotations loaded; using the bundle shipped for "
+                         f"{state.info.name} ({_shipped_name(directory)})"})
+        summary = rotation_summary(rotations, state, source=_shipped_name(directory))
+        summary["bit_plan"] = None
+        loaded = (rotations, summary)
+    if isinstance(cache, dict):
+        plan = cache["bit_plan"]
+        config = KVCacheConfig(method="spectral", rotations=rotations, bit_plan=plan,
+                               token_scale=bool(cache.get("token_scale")))
+        label = cache.get("label") or (f"spectral: plan K{plan['key_avg_bits']:g}/"
+                                       f"V{plan['value_avg_bits']:g}"
+                                       + ("+ts" if config.token_scale else ""))
+        return config, label, loaded
+    spec = DEFAULT_SPECTRAL if cache == "spectral" else cache
+    return parse_method(spec, rotations), spec, loaded
+
+
+def shipped_bundles() -> list[Path]:
+    from veloxcore.corpus import assets_dir
+
+    root = assets_dir() / "bundles"
+    return sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()) \
+        if root.is_dir() else []
+
+
+def _shipped_name(directory: Path) -> str:
+    return f"assets/bundles/{directory.name} (shipped)"
+
+
+def _shipped_rotations(state):
+    """The bundle in assets/bundles whose model fingerprint is the loaded model's."""
+    from veloxcore.bundle import read_manifest
+
+    info = state.info
+    for directory in shipped_bundles():
+        try:
+            model = read_manifest(directory)["model"]
+        except veloxcore.BundleError:
+            continue
+        if all(model.get(k) == getattr(info, k) for k in ("architecture", "config_sha256",
+                                                           "weights_sha256")):
+            return veloxcore.load_cached_rotations(directory, model=state.model), directory
+    raise veloxcore.VeloxError(
+        f"The spectral cache needs calibrated rotations, and none ship with {info.name} (only "
+        "the default model has a bundle). Calibrate it first (Calibrate view, Ctrl+R) or load "
+        "a rotation bundle (File ▸ Load bundle…, Ctrl+Shift+O).")
+
+
+# ---- measure -----------------------------------------------------------------------
+def measure(state, job, bit_plan: dict, token_scale: bool = False, context: int = 256,
+            chunk: int = 128, text: str | None = None):
+    """Teacher-forced KL / perplexity of the Bits view's plan against fp16 on held-out
+    text, plus the measured relative MSE of every layer's keys and values (the same
+    quantity the plan predicts: E‖x − x̂‖² / Σλ per KV head)."""
+    from veloxcore.caches import KVCacheBuilder, KVCacheConfig
+    from veloxcore.evaluate import evaluate_methods, load_eval_text
+
+    _require_model(state)
+    if state.rotations is None:
+        raise veloxcore.VeloxError("no rotations to measure: calibrate or load a bundle first")
+    start = time.perf_counter()
+    name, body, sha = load_eval_text(text)
+    config = KVCacheConfig(method="spectral", rotations=state.rotations, bit_plan=bit_plan,
+                           token_scale=token_scale)
+    label = (f"spectral: plan K{bit_plan['key_avg_bits']:g}/V{bit_plan['value_avg_bits']:g}"
+             + ("+ts" if token_scale else ""))
+    job.emit({"stage": "evaluating", "done": 0, "total": context,
+              "log": f"Measure: {label} vs fp16 on {context} tokens of {name}"})
+
+    def progress(stage: str, done: int, total: int) -> None:
+        job.emit({"stage": stage, "done": done, "total": total})
+
+    results = evaluate_methods(state.model, state.tokenizer,
+                               {"fp16": KVCacheConfig(method="fp16"), label: config}, body,
+                               context=context, chunk=chunk, progress=progress,
+                               cancel=job.cancelled)
+    job.check()
+    job.emit({"stage": "mse", "log": "Measure: per-layer key/value error"})
+    mse = _measured_mse(state, KVCacheBuilder.build(state.model, config), body, context)
+    job.check()
+    out = {"text": name, "text_sha256": sha, "context": context, "chunk": chunk,
+           "method": label, "results": [r.to_dict() for r in results],
+           "key_mse": mse["keys"], "value_mse": mse["values"],
+           "elapsed_s": time.perf_counter() - start}
+    r = results[-1]
+    job.emit({"stage": "done",
+              "log": f"Measure: {label}: KL {r.kld:.4f}, ΔPPL {r.delta_ppl_pct:+.1f} %, top-1 "
+                     f"{100 * r.top1_agreement:.1f} %, {r.bits_per_element:.2f} bits/elem "
+                     f"({out['elapsed_s']:.1f} s)"})
+    return out
+
+
+class _Recorder:
+    """Wraps a layer cache; keeps what arrives and what attention gets back."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.seen = []
+
+    def update_and_fetch(self, keys, values):
+        out = self.inner.update_and_fetch(keys, values)
+        self.seen.append((keys, values, out))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _measured_mse(state, caches, text: str, context: int) -> dict:
+    """Per (layer, head): Σ_tokens ‖x − x̂‖² / (coded tokens · Σλ), keys and values."""
+    import mlx.core as mx
+
+    ids = state.tokenizer.encode(text)[:context]
+    wrapped = [_Recorder(c) for c in caches]
+    mx.eval(state.model(mx.array(ids)[None], cache=wrapped))
+    out = {"keys": [], "values": []}
+    for w, rot in zip(wrapped, state.rotations, strict=True):
+        (keys, values, (k_hat, v_hat)), = w.seen  # one forward pass
+        coded = max(1, int(getattr(w.inner, "coded", keys.shape[2])))
+        for part, x, x_hat, lam in (("keys", keys, k_hat, rot.key_eigenvalues),
+                                    ("values", values, v_hat, rot.value_eigenvalues)):
+            err = mx.sum(mx.square(x.astype(mx.float32) - x_hat.astype(mx.float32)),
+                         axis=(0, 2, 3))
+            total = np.asarray(lam, dtype=np.float64).sum(axis=-1) * coded
+            out[part].append((np.asarray(err, dtype=np.float64) / total).tolist())
+    return out
+
+
+def load_shipped_bundle(state, job):
+    """Load the bundle shipped in assets/bundles for the loaded model (job "load_bundle")."""
+    from veloxcore.bundle import load_bit_plan
+
+    _require_model(state)
+    rotations, directory = _shipped_rotations(state)
+    job.check()
+    job.commit = lambda: setattr(state, "rotations", rotations)
+    summary = rotation_summary(rotations, state, source=_shipped_name(directory))
+    summary["bit_plan"] = load_bit_plan(directory)
+    job.emit({"stage": "done", "log": f"Loaded the bundle shipped for {state.info.name}: "
+                                      f"{_shipped_name(directory)}"})
+    return summary

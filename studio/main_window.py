@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QDockWidget,
+    QFileDialog,
     QHBoxLayout,
     QLabel,
     QListWidget,
@@ -20,8 +22,9 @@ from PySide6.QtWidgets import (
 
 from .views.bits_view import BitsView
 from .views.calibrate_view import CalibrateView
+from .views.chat_view import ChatView
 from .views.model_view import ModelView
-from .views.placeholder import PlaceholderView
+from .views.report import write_report
 from .views.spectrum_view import SpectrumView
 
 SIDEBAR_STYLE = """
@@ -31,11 +34,10 @@ QListWidget#sidebar::item:selected { background: #3b4252; color: white;
                                      border-left: 3px solid #88c0d0; }
 """
 
-PLANNED_VIEWS = [
-    ("Chat", "Chat through the compressed KV cache at long context."),
-]
 # Jobs whose result is a rotation summary for the Spectrum and Bits views.
 ROTATION_JOBS = ("calibrate", "load_bundle")
+# Jobs whose failures their view shows inline instead of in a dialog.
+INLINE_FAILURES = ("generate",)
 
 
 class MainWindow(QMainWindow):
@@ -55,12 +57,12 @@ class MainWindow(QMainWindow):
         self.calibrate_view = CalibrateView(engine)
         self.spectrum_view = SpectrumView(engine)
         self.bits_view = BitsView(engine)
+        self.chat_view = ChatView(engine, plan_provider=self._bits_plan)
         self.views: dict[str, QWidget] = {"Model": self.model_view,
                                           "Calibrate": self.calibrate_view,
                                           "Spectrum": self.spectrum_view,
-                                          "Bits": self.bits_view}
-        for name, text in PLANNED_VIEWS:
-            self.views[name] = PlaceholderView(name, text)
+                                          "Bits": self.bits_view,
+                                          "Chat": self.chat_view}
         menu = self.menuBar()
         file_menu = menu.addMenu("&File")
         calibration_menu = menu.addMenu("&Calibration")
@@ -87,9 +89,17 @@ class MainWindow(QMainWindow):
         self.load_bundle_action = add(file_menu, "Load bundle…", "Ctrl+Shift+O",
                                       lambda: self.bits_view.load_bundle(),
                                       "Load a rotation bundle into Spectrum and Bits")
+        self.shipped_bundle_action = add(file_menu, "Load shipped bundle", "",
+                                         self._load_shipped_bundle,
+                                         "Load the rotation bundle that ships for the loaded "
+                                         "model (the default model has one)")
         self.export_bundle_action = add(file_menu, "Export bundle…", "Ctrl+S",
                                         self._export_bundle,
                                         "Write the rotations and the current bit plan")
+        file_menu.addSeparator()
+        self.export_report_action = add(file_menu, "Export report…", "Ctrl+E",
+                                        lambda: self.export_report(),
+                                        "Write a Markdown report with the charts as PNG")
         file_menu.addSeparator()
         add(file_menu, "Quit", QKeySequence.StandardKey.Quit, self.close)
         self.start_action = add(calibration_menu, "Start calibration", "Ctrl+R",
@@ -147,6 +157,7 @@ class MainWindow(QMainWindow):
         # The engine drops rotations of the previous model when a model loads.
         self.calibrate_view.set_model(info)
         self.bits_view.set_model(info)
+        self.chat_view.set_model(info)
         self.spectrum_view.clear()
         self.bits_view.clear()
 
@@ -154,6 +165,12 @@ class MainWindow(QMainWindow):
         if kind in ROTATION_JOBS:
             self.spectrum_view.set_summary(result)
             self.bits_view.set_summary(result)
+            if result.get("bit_plan"):
+                self.chat_view.prefer_plan()
+        elif kind == "generate" and isinstance(result, dict) and result.get("rotations"):
+            # The chat loaded the bundle shipped for this model.
+            self.spectrum_view.set_summary(result["rotations"])
+            self.bits_view.set_summary(result["rotations"])
         elif kind == "export_bundle":
             self.statusBar().showMessage(f"Exported bundle to {result['path']}", 8000)
 
@@ -173,7 +190,43 @@ class MainWindow(QMainWindow):
             return
         self.bits_view.export_bundle()
 
+    def _bits_plan(self) -> dict | None:
+        """The Bits view's plan as the chat's cache spec (None without rotations)."""
+        bits = self.bits_view
+        if bits.summary is None:
+            return None
+        plan = bits.bit_plan()
+        scale = bits.token_scale_check.isChecked()
+        return {"bit_plan": plan, "token_scale": scale,
+                "label": f"spectral: Bits plan K{plan['key_avg_bits']:g}/"
+                         f"V{plan['value_avg_bits']:g}" + ("+ts" if scale else "")}
+
+    def _load_shipped_bundle(self) -> None:
+        if self.model_view.info is None:
+            self.statusBar().showMessage("Load a model first (Model view, Ctrl+D)", 5000)
+            return
+        self.engine.load_shipped_bundle()
+
+    def export_report(self, directory: str | None = None) -> Path | None:
+        if directory is None:
+            directory = QFileDialog.getExistingDirectory(self, "Export report: choose a folder")
+            if not directory:
+                return None
+            chosen = Path(directory)
+            if any(chosen.iterdir()) and not (chosen / "report.md").exists():
+                directory = str(chosen / time.strftime("velox-report-%Y%m%d-%H%M%S"))
+        try:
+            path = write_report(self, directory)
+        except OSError as e:
+            self._on_failed(0, "export_report", str(e))
+            return None
+        self.log(f"Wrote the report to {path}")
+        self.statusBar().showMessage(f"Wrote {path}", 8000)
+        return path
+
     def _on_failed(self, job_id: int, kind: str, message: str) -> None:
+        if kind in INLINE_FAILURES:
+            return
         box = QMessageBox(QMessageBox.Icon.Critical, "Velox Studio",
                           f"{kind.replace('_', ' ').capitalize()} failed", parent=self)
         box.setInformativeText(message)

@@ -9,8 +9,9 @@ import veloxcore  # noqa: E402,F401  (preloads OpenBLAS before anything imports 
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_user_dirs(tmp_path_factory):
-    """Converted-model cache and Qt settings go to temporary folders."""
+    """Converted-model cache, chat history and Qt settings go to temporary folders."""
     os.environ["VELOX_CACHE_DIR"] = str(tmp_path_factory.mktemp("velox-cache"))
+    os.environ["VELOX_DATA_DIR"] = str(tmp_path_factory.mktemp("velox-data"))  # chat history
     settings_dir = tmp_path_factory.mktemp("qt-settings")
     try:
         from PySide6.QtCore import QSettings

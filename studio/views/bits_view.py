@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QProgressBar,
     QPushButton,
     QScrollArea,
     QSlider,
@@ -47,6 +48,10 @@ from .spectrum_view import (
 )
 
 STEP = 0.25  # bits per slider tick
+MEASURE_CONTEXT, MEASURE_CHUNK = 256, 128  # held-out tokens a measurement runs (~6 s on CPU)
+NOT_MEASURED = ("<b>Measure</b> runs this plan on held-out text against fp16 (KL, perplexity, "
+                "real bits) and marks each layer's measured error (× keys, + values) on the "
+                "chart above.")
 MIN_TARGET, MAX_TARGET = 1.0, 8.0
 DEFAULT_TARGET = 3.0
 WORD_BITS = 32  # codes of one K or V vector are packed into whole uint32 words
@@ -89,6 +94,10 @@ class BitsView(QWidget):
         self._warm_key: tuple | None = None  # (min, max, water-fill) the warm-up is for
         self._export_job: int | None = None
         self._load_job: int | None = None
+        self._measure_job: int | None = None
+        self._measure_plan: tuple | None = None  # plan_key() of the running measurement
+        self._measure_predicted: dict | None = None  # its predictions, per part and layer
+        self.measured: dict | None = None  # the last measurement, with "plan_key"
 
         title = QLabel("<h2>Bits</h2>Spend bits where the eigenvalues are: water-filling gives "
                        "each spectral dimension of each KV head an integer width so that the "
@@ -98,8 +107,14 @@ class BitsView(QWidget):
         self.load_button.setToolTip("Load a rotation bundle (and its bit plan) (Ctrl+Shift+O)")
         self.export_button = QPushButton("Export bundle…")
         self.export_button.setToolTip("Write rotations + this bit plan as a bundle (Ctrl+S)")
+        self.measure_button = QPushButton("Measure")
+        self.measure_button.setToolTip(
+            f"Run this plan on {MEASURE_CONTEXT} tokens of held-out text (KJV Genesis) against "
+            "fp16: KL, perplexity, real bits, and each layer's measured key/value error next "
+            "to the prediction (a few seconds)")
         head = QHBoxLayout()
         head.addWidget(title, 1)
+        head.addWidget(self.measure_button, 0, Qt.AlignmentFlag.AlignBottom)
         head.addWidget(self.load_button, 0, Qt.AlignmentFlag.AlignBottom)
         head.addWidget(self.export_button, 0, Qt.AlignmentFlag.AlignBottom)
 
@@ -188,6 +203,18 @@ class BitsView(QWidget):
         pred.addRow("KV cache", self.memory_label)
         pred.addRow("", self.memory_detail)
 
+        # ---- measurement (under the charts) -------------------------------------
+        self.measure_progress = QProgressBar()
+        self.measure_progress.setRange(0, 1000)
+        self.measure_progress.setTextVisible(False)
+        self.measure_progress.setMaximumHeight(6)
+        self.measure_progress.hide()
+        self.measure_label = QLabel(NOT_MEASURED)
+        self.measure_label.setTextFormat(Qt.TextFormat.RichText)
+        self.measure_label.setWordWrap(True)
+        self.measure_label.setStyleSheet("QLabel { background: white; border: 1px solid "
+                                         "#d8d8d8; border-radius: 3px; padding: 5px 8px; }")
+
         left = QVBoxLayout()
         left.addWidget(budget)
         left.addWidget(selection)
@@ -233,10 +260,13 @@ class BitsView(QWidget):
         self.bits_item.addItem(self.water_line)
 
         self.layer_plot = styled_plot(
-            "Predicted error per layer: " + legend_html(("keys", "● keys"), ("values", "■ values"),
-                                                        ("#0a8f6a", "○ override"))
-            + " (click to select)", "relative MSE (dB)", "layer")
-        self.layer_plot.setToolTip("10·log₁₀(Σλ·4^(−b) / Σλ), mean over KV heads")
+            "Error per layer, predicted: " + legend_html(("keys", "● keys"),
+                                                         ("values", "■ values"))
+            + " · measured: " + legend_html(("keys", "× keys"), ("values", "+ values"))
+            + " · " + legend_html(("#0a8f6a", "○ override")), "relative MSE (dB)", "layer")
+        self.layer_plot.setToolTip("Predicted: 10·log₁₀(Σλ·4^(−b) / Σλ), mean over KV heads.\n"
+                                   "Measured (after Measure): 10·log₁₀(E‖x − x̂‖² / Σλ) of the "
+                                   "real cache on held-out text.\nClick to select a layer.")
         self.layer_item = self.layer_plot.getPlotItem()
         self.layer_band = pg.LinearRegionItem((-0.5, 0.5), movable=False, brush=SELECT_BRUSH,
                                               pen=pg.mkPen(None))
@@ -252,11 +282,20 @@ class BitsView(QWidget):
         self.override_marks = pg.ScatterPlotItem(size=14, symbol="o", brush=None,
                                                  pen=pg.mkPen("#0a8f6a", width=2))
         self.layer_item.addItem(self.override_marks)
+        self.measured_marks = {}
+        for part, symbol in (("keys", "x"), ("values", "+")):
+            marks = pg.ScatterPlotItem(size=11, symbol=symbol, brush=PART_COLORS[part],
+                                       pen=pg.mkPen(PART_COLORS[part], width=1.2))
+            self.layer_item.addItem(marks)
+            self.measured_marks[part] = marks
         self.layer_plot.scene().sigMouseClicked.connect(self._on_layer_click)
 
         charts = QVBoxLayout()
+        charts.setSpacing(4)
         charts.addWidget(self.bits_plot, 3)
         charts.addWidget(self.layer_plot, 2)
+        charts.addWidget(self.measure_progress)
+        charts.addWidget(self.measure_label)
         content = QWidget()
         columns = QHBoxLayout(content)
         columns.setContentsMargins(0, 0, 0, 0)
@@ -296,6 +335,9 @@ class BitsView(QWidget):
         self.water_line.sigPositionChangeFinished.connect(self._on_water_released)
         self.export_button.clicked.connect(lambda: self.export_bundle())
         self.load_button.clicked.connect(lambda: self.load_bundle())
+        self.measure_button.clicked.connect(self._on_measure_clicked)
+        self.token_scale_check.toggled.connect(lambda _: self._update_measured())
+        engine.jobProgress.connect(self._on_job_progress)
         engine.jobFinished.connect(self._on_job_finished)
         engine.jobFailed.connect(self._on_job_ended)
         engine.jobCancelled.connect(self._on_job_ended)
@@ -397,6 +439,7 @@ class BitsView(QWidget):
                 self.tokens_spin.setValue(self.default_context)
 
     def set_summary(self, summary: dict) -> None:
+        self._forget_measurement()
         self.summary = summary
         self._cache.clear()
         self._warm_key = None
@@ -420,6 +463,7 @@ class BitsView(QWidget):
         self._update_buttons()
 
     def clear(self) -> None:
+        self._forget_measurement()
         self.summary = None
         self.plan = {}
         self._cache.clear()
@@ -499,6 +543,7 @@ class BitsView(QWidget):
         self._update_readouts()
         self._draw_selected()
         self._draw_layers()
+        self._update_measured()
         self.planChanged.emit()
 
     def bit_plan(self) -> dict:
@@ -719,17 +764,113 @@ class BitsView(QWidget):
         self._update_buttons()
         return self._load_job
 
+    # ---- measuring ---------------------------------------------------------------
+    def plan_key(self) -> tuple:
+        """What a measurement depends on: targets, range, mode, overrides, token scale."""
+        return (self.key_target(), self.value_target(), self.min_spin.value(),
+                self.max_spin.value(), self.water_check.isChecked(),
+                tuple(sorted(self.overrides.items())), self.token_scale_check.isChecked())
+
+    def _forget_measurement(self) -> None:
+        """New rotations: an earlier (or running) measurement no longer applies."""
+        if self._measure_job is not None:
+            self.engine.cancel(self._measure_job)
+        self.measured = None
+        self.measure_label.setText(NOT_MEASURED)
+        self._update_measured()
+
+    def measure(self, context: int = 0) -> int | None:
+        """Measure the current plan against fp16 (engine job "measure")."""
+        if self.summary is None or self._measure_job is not None:
+            return None
+        self._measure_plan = self.plan_key()
+        self._measure_predicted = self.predicted_by_layer()
+        self._measure_job = self.engine.measure(
+            self.bit_plan(), token_scale=self.token_scale_check.isChecked(),
+            context=context or MEASURE_CONTEXT, chunk=MEASURE_CHUNK)
+        self.measure_progress.setValue(0)
+        self.measure_progress.show()
+        self.measure_label.setText("Measuring on held-out text …")
+        self._update_buttons()
+        return self._measure_job
+
+    def _on_measure_clicked(self) -> None:
+        if self._measure_job is not None:
+            self.engine.cancel(self._measure_job)
+        else:
+            self.measure()
+
+    def _on_job_progress(self, job_id: int, kind: str, event: object) -> None:
+        if job_id == self._measure_job and isinstance(event, dict) and event.get("total"):
+            self.measure_progress.setValue(int(1000 * event["done"] / event["total"]))
+
+    def predicted_by_layer(self) -> dict[str, list[float]]:
+        """The plan's predicted relative MSE per layer (mean over KV heads)."""
+        return {part: [float(d) for d in self.plan[part][1].mean(axis=1)]
+                for part in ("keys", "values")}
+
+    def set_measured(self, result: dict, plan_key: tuple | None = None,
+                     predicted: dict | None = None) -> None:
+        """Keep a measurement with the plan (key) and predictions it was made for."""
+        self.measured = dict(result, plan_key=plan_key or self.plan_key(),
+                             predicted=predicted or self.predicted_by_layer())
+        self._update_measured()
+
+    def measured_is_current(self) -> bool:
+        return self.measured is not None and self.measured["plan_key"] == self.plan_key()
+
+    def _update_measured(self) -> None:
+        if self.measured is None or self.summary is None or not self.plan:
+            for marks in self.measured_marks.values():
+                marks.setData([], [])
+            return
+        m = self.measured
+        r = m["results"][-1]
+        rows = [f"<b>Measured</b> on {m['context']} held-out tokens ({m['text']}) vs fp16: "
+                f"<b>KL {r['kld']:.3f}</b> nats/token · ΔPPL <b>{r['delta_ppl_pct']:+.1f} %</b>"
+                f" · top-1 {100 * r['top1_agreement']:.0f} % · <b>{r['bits_per_element']:.2f}"
+                f"</b> bits/elem (real bytes) · {m['elapsed_s']:.1f} s"]
+        errors = []
+        for part, key in (("keys", "key_mse"), ("values", "value_mse")):
+            measured = float(np.mean(m[key]))
+            predicted = float(np.mean(m["predicted"][part]))
+            ratio = f" ({measured / predicted:.1f}×)" if predicted > 0 else ""
+            errors.append(f"{PART_LABELS[part].lower()} predicted {to_db(predicted):.1f} dB, "
+                          f"measured <b>{to_db(measured):.1f} dB</b>{ratio}")
+        rows.append("Error (mean over layers and heads): " + " · ".join(errors))
+        if not self.measured_is_current():
+            rows.append("<span style='color:#a04000'>Measured for an earlier plan: "
+                        "Measure again.</span>")
+        self.measure_label.setText("<br>".join(rows))
+        layers = np.arange(len(m["key_mse"]))
+        for part, key in (("keys", "key_mse"), ("values", "value_mse")):
+            self.measured_marks[part].setData(
+                layers, [to_db(float(np.mean(v))) for v in m[key]])
+            self.measured_marks[part].setOpacity(1.0 if self.measured_is_current() else 0.35)
+
     def _on_job_finished(self, job_id: int, kind: str, result: object) -> None:
+        if job_id == self._measure_job:
+            self.set_measured(result, self._measure_plan, self._measure_predicted)
         self._on_job_ended(job_id, kind)
 
-    def _on_job_ended(self, job_id: int, kind: str, *_args) -> None:
+    def _on_job_ended(self, job_id: int, kind: str, *args) -> None:
         if job_id == self._export_job:
             self._export_job = None
         if job_id == self._load_job:
             self._load_job = None
+        if job_id == self._measure_job:
+            self._measure_job = None
+            self.measure_progress.hide()
+            if self.measured is None or self.measured["plan_key"] != self._measure_plan:
+                why = f"failed: {args[0]}" if args else "cancelled"
+                self.measure_label.setText(f"Measurement {why}.")
+            self._update_measured()
         self._update_buttons()
 
     def _update_buttons(self) -> None:
         self.export_button.setEnabled(self.summary is not None and self._export_job is None)
         self.load_button.setEnabled(self._load_job is None)
+        self.measure_button.setEnabled(self.summary is not None)
+        self.measure_button.setText("Cancel measuring" if self._measure_job is not None
+                                    else "Measure")
 
