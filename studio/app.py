@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 SMOKE_TIMEOUT_MS = 600_000
 
@@ -17,13 +18,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def icon_dir() -> Path:
+    """assets/icon ($VELOX_ASSETS overrides; in a PyInstaller bundle assets/ is beside studio/)."""
+    env = os.environ.get("VELOX_ASSETS")
+    return (Path(env) if env else Path(__file__).resolve().parent.parent / "assets") / "icon"
+
+
 def make_app(argv: list[str]):
+    from PySide6.QtGui import QIcon
     from PySide6.QtWidgets import QApplication
 
     app = QApplication.instance() or QApplication(argv)
     app.setOrganizationName("Velox")
     app.setApplicationName("Velox Studio")
     app.setStyle("Fusion")
+    icon = QIcon()
+    for png in sorted(icon_dir().glob("velox-*.png")):
+        icon.addFile(str(png))
+    if not icon.isNull():
+        app.setWindowIcon(icon)
     return app
 
 

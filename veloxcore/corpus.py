@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,11 @@ class Corpus:
 def assets_dir() -> Path:
     """The project's assets folder ($VELOX_ASSETS overrides, e.g. in app bundles)."""
     env = os.environ.get("VELOX_ASSETS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "assets"
+    if env:
+        return Path(env)
+    if getattr(sys, "frozen", False):  # a PyInstaller bundle: assets/ sits in sys._MEIPASS
+        return Path(sys._MEIPASS) / "assets"
+    return Path(__file__).resolve().parent.parent / "assets"
 
 
 def load_corpus(source: str | Path = BUNDLED) -> Corpus:

