@@ -77,5 +77,14 @@ package-smoke: $(PACKAGE_EXE)
 	"$$bin/velox" chat --prompt "Say hello." --max-tokens 8 --method spectral \
 		--bundle "$$bin/$(PACKAGE_ASSETS)/bundles/smollm2-135m-instruct-pre"
 
+# Every view rendered under Xvfb with the real default model (docs/images/*.png).
+screenshots: setup
+ifeq ($(UNAME),Linux)
+	@bash packaging/linux-system-deps.sh $(SCREENSHOT_PACKAGES)
+	xvfb-run -a -s "-screen 0 1280x900x24" $(BIN)/python -m studio.screenshots docs/images
+else
+	$(BIN)/python -m studio.screenshots docs/images
+endif
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .import_linter_cache build dist
