@@ -137,6 +137,8 @@ class MainWindow(QMainWindow):
         engine.jobFailed.connect(self._on_failed)
         engine.jobFinished.connect(self._on_job_finished)
         self.calibrate_view.showSpectrum.connect(lambda: self.show_view("Spectrum"))
+        self.bits_view.planChanged.connect(
+            lambda: self.model_view.set_plan_memory(self.bits_view.memory))
         self.spectrum_view.layerSelected.connect(self.bits_view.select_layer)
         self.bits_view.layerSelected.connect(self.spectrum_view.select_layer)
         engine.busyChanged.connect(lambda busy: self.busy_label.setText("Working…" if busy
@@ -160,6 +162,7 @@ class MainWindow(QMainWindow):
         self.chat_view.set_model(info)
         self.spectrum_view.clear()
         self.bits_view.clear()
+        self.model_view.set_plan_memory(None)
 
     def _on_job_finished(self, job_id: int, kind: str, result: object) -> None:
         if kind in ROTATION_JOBS:

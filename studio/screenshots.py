@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = tempfile.TemporaryDirectory(prefix="velox-screenshots-")
     os.environ["VELOX_DATA_DIR"] = scratch.name
 
-    from PySide6.QtCore import QEventLoop, QSettings, Qt, QTimer
+    from PySide6.QtCore import QSettings, Qt
     from PySide6.QtWidgets import QDockWidget
 
     QSettings.setDefaultFormat(QSettings.Format.IniFormat)
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from .app import make_app
     from .engine import Engine
     from .main_window import MainWindow
+    from .waiting import wait_for as wait_for_signal
 
     app = make_app([sys.argv[0]])
     engine = Engine()
@@ -57,20 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         window.resizeDocks([dock], [110], Qt.Orientation.Vertical)
 
     def wait_for(signal, accept=lambda *args: True):
-        loop, got = QEventLoop(), []
-
-        def on(*args):
-            if accept(*args):
-                got.append(args)
-                loop.quit()
-
-        signal.connect(on)
-        QTimer.singleShot(TIMEOUT_MS, loop.quit)
-        loop.exec()
-        signal.disconnect(on)
-        if not got:
+        got = wait_for_signal(signal, TIMEOUT_MS, accept)
+        if got is None:
             raise SystemExit(f"screenshots: timed out waiting for {signal}")
-        return got[0]
+        return got
 
     def settle(ms: int = 300) -> None:
         end = time.monotonic() + ms / 1000

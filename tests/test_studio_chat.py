@@ -11,12 +11,13 @@ import subprocess
 import sys
 
 import pytest
-from PySide6.QtCore import QEventLoop, Qt, QTimer
+from PySide6.QtCore import Qt
 
 from studio.chat_store import ChatStore
 from studio.engine import Engine
 from studio.main_window import MainWindow
 from studio.views.chat_view import ChatView, divergence
+from studio.waiting import wait_for as wait_for_signal
 
 pytestmark = pytest.mark.slow
 
@@ -26,19 +27,9 @@ REPLY_TIMEOUT_MS = 120_000
 
 def wait_for(signal, timeout_ms: int, accept=lambda *args: True):
     """Run the event loop until ``signal`` fires with arguments ``accept`` likes."""
-    loop, got = QEventLoop(), []
-
-    def on(*args):
-        if accept(*args):
-            got.append(args)
-            loop.quit()
-
-    signal.connect(on)
-    QTimer.singleShot(timeout_ms, loop.quit)
-    loop.exec()
-    signal.disconnect(on)
-    assert got, f"timed out after {timeout_ms} ms"
-    return got[0]
+    got = wait_for_signal(signal, timeout_ms, accept)
+    assert got is not None, f"timed out after {timeout_ms} ms"
+    return got
 
 
 @pytest.fixture(scope="module")

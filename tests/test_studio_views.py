@@ -6,15 +6,15 @@ its teardown checks that the engine's QThread stops.
 
 import json
 import sys
-import time
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QEventLoop, QObject, Qt, QTimer, Signal
+from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtGui import QKeySequence
 
 from studio.engine import Engine
 from studio.main_window import MainWindow
+from studio.waiting import wait_for as wait_for_signal
 
 pytestmark = pytest.mark.slow
 
@@ -24,19 +24,9 @@ JOB_TIMEOUT_MS = 120_000
 
 def wait_for(signal, timeout_ms: int, accept=lambda *args: True):
     """Run the event loop until ``signal`` fires with arguments ``accept`` likes."""
-    loop, got = QEventLoop(), []
-
-    def on(*args):
-        if accept(*args):
-            got.append(args)
-            loop.quit()
-
-    signal.connect(on)
-    QTimer.singleShot(timeout_ms, loop.quit)
-    loop.exec()
-    signal.disconnect(on)
-    assert got, f"timed out after {timeout_ms} ms"
-    return got[0]
+    got = wait_for_signal(signal, timeout_ms, accept)
+    assert got is not None, f"timed out after {timeout_ms} ms"
+    return got
 
 
 def kind_is(kind):
@@ -149,12 +139,12 @@ def test_calibrate_inspect_allocate_export_and_reload(qtbot, studio, tmp_path):
     assert bits.pages.currentIndex() == 1
     assert bits.tokens_spin.value() == 8192  # the model's context
     memory, error = bits.memory_label.text(), bits.key_error.text()
-    start = time.perf_counter()
+    plan_on_model_page = window.model_view.kv_plan.text()
+    assert "smaller than fp16" in plan_on_model_page
     bits.set_key_target(bits.key_target() + 1.25)
     bits.recompute()
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"recomputing the plan took {elapsed:.3f} s"
     assert bits.memory_label.text() != memory and bits.key_error.text() != error
+    assert window.model_view.kv_plan.text() != plan_on_model_page
     target = bits.key_target()
     assert target == 4.25
     key_bits = bits.plan["keys"][0]
@@ -201,11 +191,10 @@ def test_calibrate_inspect_allocate_export_and_reload(qtbot, studio, tmp_path):
     bits.recompute()
 
     # Idle time warms the plan cache for every slider position: then a move is instant.
+    # (Speed is a benchmark matter; here: the warmed cache serves correct plans.)
     qtbot.waitUntil(lambda: bits.cache_warm, timeout=60_000)
-    start = time.perf_counter()
     bits.set_key_target(6.5)
     bits.recompute()
-    assert time.perf_counter() - start < 0.2
     assert np.all(bits.plan["keys"][0][5].sum(axis=-1) == 6.5 * 64)
     bits.set_key_target(4.25)
     bits.recompute()

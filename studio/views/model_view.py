@@ -87,8 +87,12 @@ class ModelView(QWidget):
         self.context_spin.setValue(8192)
         self.context_spin.setSuffix(" tokens")
         self.kv_fp16 = QLabel("—")
+        self.kv_plan = QLabel("— (calibrate or load a bundle, then see Bits)")
+        self.kv_plan.setWordWrap(True)
+        self.plan_memory = None  # callable(tokens) -> {"total", "fp16"} from the Bits view
         kv_form.addRow("Context", self.context_spin)
         kv_form.addRow("fp16 K+V", self.kv_fp16)
+        kv_form.addRow("Current plan", self.kv_plan)
 
         self.recent = QListWidget()
         self.recent.setMaximumHeight(120)
@@ -185,12 +189,24 @@ class ModelView(QWidget):
         self.context_spin.setValue(min(self.context_spin.value(), info["context_length"] or 8192))
         self._update_kv()
 
+    def set_plan_memory(self, memory) -> None:
+        """Show the KV memory of the current bit plan (``memory(tokens)`` from the Bits view)."""
+        self.plan_memory = memory
+        self._update_kv()
+
     def _update_kv(self) -> None:
         if not self.info:
             return
         info = self.info
+        tokens = self.context_spin.value()
         per_token = 2 * info["num_layers"] * info["num_kv_heads"] * info["head_dim"] * 2
-        self.kv_fp16.setText(format_bytes(per_token * self.context_spin.value()))
+        self.kv_fp16.setText(format_bytes(per_token * tokens))
+        plan = self.plan_memory(tokens) if self.plan_memory is not None else None
+        if not plan or not plan.get("total"):
+            self.kv_plan.setText("— (calibrate or load a bundle, then see Bits)")
+        else:
+            self.kv_plan.setText(f"{format_bytes(plan['total'])} "
+                                 f"({plan['fp16'] / plan['total']:.1f}× smaller than fp16)")
 
     def _set_buttons(self, enabled: bool) -> None:
         for b in (self.default_button, self.gguf_button, self.folder_button):
