@@ -205,3 +205,37 @@ def test_sliding_window_layers_stay_uncompressed_and_are_reported():
     assert isinstance(caches[0], AffineKVCache) and isinstance(caches[1], RotatingKVCache)
     logits = logits_with(model, caches, list(range(5, 60)), chunk=20)
     assert np.all(np.isfinite(logits))
+
+
+def test_block_scaled_keys_code_whole_blocks_and_trim_across_them(tiny):
+    model, tokenizer, rotations = tiny
+    ids = tokenizer.encode(TEXT.text)[:160]
+    config = parse_method("spectral:wf3/a4g32+b16", rotations["pre"])
+    assert config.key_block_scale == 16
+    caches = KVCacheBuilder.build(model, config)
+    logits_with(model, caches, ids[:100], chunk=30)
+    cache = caches[0]
+    # 4 sinks, then whole 16-token blocks coded; the remainder (< 16) stays exact.
+    assert (cache.num_sinks, cache.coded, cache.num_recent) == (4, 96, 0)
+    logits_with(model, caches, ids[100:110], chunk=10)
+    assert (cache.coded, cache.num_recent) == (96, 10)
+    # Bytes: key codes (3 words of 32 bits for 96 bits) + one fp16 block scale per token
+    # (32 dims spread over 16 tokens: 2 each) + affine values + exact tokens.
+    key_words, scale_values = 3, -(-32 // 16)
+    value_bytes = 32 // 2 + 2 * 2  # 4-bit codes + fp16 scale and bias for one group of 32
+    per_token = 2 * (4 * key_words + 2 * scale_values + value_bytes)  # 2 heads
+    exact = 2 * 2 * (4 + 10) * 2 * 32
+    assert cache.used_nbytes == 96 * per_token + exact
+    # Trim into the middle of a coded block: the cut block's head is kept (decoded) exact.
+    for c in caches:
+        c.trim(30)
+    assert (cache.num_sinks, cache.coded, cache.num_recent) == (4, 64, 12)
+    again = logits_with(model, caches, ids[80:110], chunk=30)
+    assert np.all(np.isfinite(again)) and cache.offset == 110
+    # Block scales adapt: no coefficient is clipped, so 8-bit blocks are nearly exact.
+    exact_ref = logits_with(model, [KVCache() for _ in model.layers], ids[:100])
+    config8 = parse_method("spectral:wf8/a8g32+b16", rotations["pre"])
+    got = logits_with(model, KVCacheBuilder.build(model, config8), ids[:100])
+    np.testing.assert_allclose(got, exact_ref, atol=5e-2 * np.abs(exact_ref).max())
+    with pytest.raises(CacheConfigError, match="exclude each other"):
+        KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g32+b16+ts", rotations["pre"]))

@@ -24,6 +24,9 @@ from .spectral import compute_spectral_gap, water_fill_bits
 
 METHODS = ("spectral", "rvq", "affine", "fp16")
 STEP = 256
+# A block's largest |coefficient| lands on this level of the unit Lloyd-Max codebook
+# (benchmarks/key_scale_experiment.py: "block max").
+BLOCK_LEVEL = 2.0
 
 
 class CacheConfigError(VeloxError):
@@ -70,6 +73,9 @@ class KVCacheConfig:
     token_scale: bool = False
     # Newest tokens kept exact (fp16) until they leave this window; counted in nbytes.
     recent_tokens: int = 0
+    # Keys coded in blocks of this many tokens with per-block, per-dim scales
+    # (0: static scales from calibration). Up to block−1 newest tokens stay exact.
+    key_block_scale: int = 0
 
     @classmethod
     def recommended(cls, rotations: SpectralRotations) -> KVCacheConfig:
@@ -113,6 +119,9 @@ class CodedKVCache:
     values)`` for the coded tokens starting at absolute ``position``.
     """
 
+    # Coding granularity: tokens are coded in whole blocks of this many (block scales).
+    block = 1
+
     def __init__(self, sink_tokens: int = 0, recent_tokens: int = 0):
         self.sink_tokens = sink_tokens
         self.recent_tokens = recent_tokens
@@ -142,7 +151,7 @@ class CodedKVCache:
         if n_sink < L:
             self.recent_keys = _cat(self.recent_keys, keys[..., n_sink:, :])
             self.recent_values = _cat(self.recent_values, values[..., n_sink:, :])
-            overflow = self.num_recent - self.recent_tokens
+            overflow = (self.num_recent - self.recent_tokens) // self.block * self.block
             if overflow > 0:
                 parts = self.encode(self.recent_keys[..., :overflow, :],
                                     self.recent_values[..., :overflow, :],
@@ -213,6 +222,15 @@ class CodedKVCache:
                 self.recent_values = self.recent_values[..., :recent, :]
             else:
                 self.recent_keys = self.recent_values = None
+        partial = coded % self.block
+        if partial:
+            # Codes live in whole blocks: decode the cut block and keep its head exact.
+            start = coded - partial
+            k, v = self.decode([p[..., start: start + self.block, :] for p in self.parts],
+                               sinks + start)
+            self.recent_keys = k[..., :partial, :]
+            self.recent_values = v[..., :partial, :]
+            coded = start
         self.coded = coded
         if self.sink_keys is not None and sinks < self.num_sinks:
             if sinks:
@@ -283,10 +301,17 @@ class SpectralKVCache(CodedKVCache):
                  value_bits: np.ndarray | None, rope_mode: str, rope=None,
                  value_affine: tuple[int, int] | None = None, sink_tokens: int = 4,
                  key_mean: np.ndarray | None = None, value_mean: np.ndarray | None = None,
-                 token_scale: bool = False, recent_tokens: int = 0):
+                 token_scale: bool = False, recent_tokens: int = 0, key_block: int = 0):
         super().__init__(sink_tokens, recent_tokens)
         H, D, _ = key_vectors.shape
+        if key_block and token_scale:
+            raise CacheConfigError("key block scales and per-token scales exclude each other")
         self.token_scale = token_scale
+        self.key_block = key_block
+        if key_block:
+            self.block = key_block
+            # Codes are in units of each block's own per-dim scale (see _encode_keys).
+            key_scales = np.ones_like(key_scales)
         # RMS of a calibrated vector in units of the coder's scales (for token_scale).
         self.key_rms = mx.array(np.sqrt(np.mean(np.square(key_scales), axis=-1))
                                 [None, :, None, None].astype(np.float32))
@@ -311,33 +336,62 @@ class SpectralKVCache(CodedKVCache):
     def encode(self, keys, values, position):
         if self.inverter is not None:
             keys = self.inverter(keys, position)
-        key_parts = self._encode_part(self.key_coder, (keys.astype(mx.float32) - self.key_mean)
-                                      @ self.key_basis, self.key_rms)
+        y = (keys.astype(mx.float32) - self.key_mean) @ self.key_basis
+        if self.key_block:
+            key_parts = self._encode_blocks(y)
+        else:
+            key_parts = self._encode_part(self.key_coder, y, self.key_rms)
         if self.value_affine is None:
             centred = values.astype(mx.float32) - self.value_mean
             value_parts = self._encode_part(self.value_coder, centred @ self.value_basis,
-                                            self.value_rms)
+                                            self.value_rms, token_scale=self.token_scale)
         else:
             bits, group = self.value_affine
             value_parts = tuple(mx.quantize(values.astype(mx.float16), group_size=group,
                                             bits=bits))
         return (*key_parts, *value_parts)
 
-    def _encode_part(self, coder, y, rms):
-        if not self.token_scale:
+    def _encode_part(self, coder, y, rms, token_scale: bool | None = None):
+        if not (self.token_scale if token_scale is None else token_scale):
             return (coder.encode(y),)
         # Per-token scale: the vector's RMS relative to a calibrated vector's.
         scale = mx.sqrt(mx.mean(y * y, axis=-1, keepdims=True)) / rms
         scale = mx.maximum(scale, 1e-6).astype(mx.float16)
         return coder.encode(y / scale.astype(mx.float32)), scale
 
+    def _encode_blocks(self, y):
+        """Per-block, per-dim scales: each block's largest |coefficient| maps to level
+        ``BLOCK_LEVEL`` of the unit codebook, so nothing inside a block is clipped.
+        The block's D fp16 scales are spread over its tokens (ceil(D/block) each)."""
+        B, H, L, D = y.shape
+        n, blk = L // self.block, self.block
+        blocks = y.reshape(B, H, n, blk, D)
+        scale = mx.max(mx.abs(blocks), axis=3, keepdims=True) / BLOCK_LEVEL
+        scale = mx.maximum(scale, 1e-8).astype(mx.float16)
+        codes = self.key_coder.encode((blocks / scale.astype(mx.float32)).reshape(B, H, L, D))
+        width = -(-D // blk)
+        flat = scale.reshape(B, H, n, D)
+        if width * blk > D:
+            flat = mx.concatenate([flat, mx.zeros((B, H, n, width * blk - D), mx.float16)], -1)
+        return codes, flat.reshape(B, H, L, width)
+
+    def _decode_blocks(self, codes, scales):
+        B, H, T, _ = codes.shape
+        n, blk, D = T // self.block, self.block, self.key_coder.dims
+        scale = scales.reshape(B, H, n, -1)[..., :D].reshape(B, H, n, 1, D)
+        y = self.key_coder.decode(codes).reshape(B, H, n, blk, D) * scale.astype(mx.float32)
+        return y.reshape(B, H, T, D)
+
     def _decode_part(self, coder, parts):
         y = coder.decode(parts[0])
         return y * parts[1].astype(mx.float32) if self.token_scale else y
 
     def decode(self, parts, position):
-        n = 2 if self.token_scale else 1
-        y = self._decode_part(self.key_coder, parts[:n])
+        n = 2 if (self.token_scale or self.key_block) else 1
+        if self.key_block:
+            y = self._decode_blocks(*parts[:2])
+        else:
+            y = self._decode_part(self.key_coder, parts[:n])
         keys = y @ self.key_basis.swapaxes(-1, -2) + self.key_mean
         if self.inverter is not None:
             keys = self.rope(keys, offset=position)
@@ -526,7 +580,8 @@ def _spectral_cache(model, config: KVCacheConfig, layer: int):
                             rot.rope_mode, rope, value_affine, config.sink_tokens,
                             key_mean=rot.key_mean, value_mean=rot.value_mean,
                             token_scale=config.token_scale,
-                            recent_tokens=config.recent_tokens)
+                            recent_tokens=config.recent_tokens,
+                            key_block=config.key_block_scale)
     return cache, {"layer": layer, "keys": key_bits.tolist(), "values": value_bits.tolist()}
 
 
@@ -537,7 +592,8 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
     spectral:wf3/3 (keys water-filled at 3 bits, values 3) · spectral:wf3/a4g64
     (affine 4-bit values, group 64; group 32 when omitted). Modifiers after "+":
     ``+r64`` keeps the newest 64 tokens exact, ``+s4`` sets the exact sink tokens,
-    ``+x2.5`` the codebook scale inflation, ``+ts`` adds a per-token scale.
+    ``+x2.5`` the codebook scale inflation, ``+ts`` adds a per-token scale, ``+b64``
+    codes keys in 64-token blocks with per-block scales.
     """
     body, *modifiers = spec.strip().split("+")
     try:
@@ -551,6 +607,8 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
                 config.sink_tokens = int(mod[1:])
             elif mod[:1] == "x":
                 config.scale_inflation = float(mod[1:])
+            elif mod[:1] == "b":
+                config.key_block_scale = int(mod[1:])
             else:
                 raise ValueError(mod)
         return config
