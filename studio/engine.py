@@ -197,7 +197,8 @@ class Engine(QObject):
 
         cache: "fp16" (or None), a method spec such as "affine4" or
         "spectral:wf3/a4g64+ts", "spectral" (the default spectral configuration), or
-        ``{"bit_plan": plan, "token_scale": bool}`` for a Bits view plan. Progress
+        ``{"bit_plan": plan, "token_scale": bool, "label": str}`` for a Bits view plan
+        (its ``value_method`` may say "affine", see ``measure``). Progress
         events carry text pieces; the result (and a final ``{"stage": "done"}`` event,
         sent also when the reply is stopped) carries token counts, tokens/s and the
         cache's measured bytes next to the fp16 equivalent.
@@ -208,7 +209,9 @@ class Engine(QObject):
     def measure(self, bit_plan: dict, token_scale: bool = False, context: int = 256,
                 chunk: int = 128) -> int:
         """KL / perplexity of a bit plan vs fp16 on the held-out text, and measured
-        per-layer key/value error (job "measure"; a newer one supersedes)."""
+        per-layer key/value error (job "measure"; a newer one supersedes). The plan's
+        ``value_method`` ("spectral" or "affine", with ``value_bits`` and
+        ``value_group_size``) says how values are coded."""
         self.log.emit(f"Measuring the bit plan on {context} held-out tokens …")
         return self.submit("measure", _jobs_fn("measure"), bit_plan=bit_plan,
                            token_scale=token_scale, context=context, chunk=chunk)
@@ -257,7 +260,8 @@ class Engine(QObject):
 
         water_fill: veloxcore's water-filling (exactly round(avg_bits · d) bits per
         spectrum); otherwise every dimension gets round(avg_bits) bits, clipped to
-        [min_bits, max_bits]. Raises ValueError for an infeasible target.
+        [min_bits, max_bits] (see ``signal_noise_bits`` for SpectralQuant's split).
+        Raises ValueError for an infeasible target.
         """
         from veloxcore import spectral
         from veloxcore.errors import VeloxError
@@ -272,6 +276,16 @@ class Engine(QObject):
         except VeloxError as e:
             raise ValueError(str(e)) from None
         return np.stack(bits).reshape(lam.shape)
+
+    def signal_noise_bits(self, eigenvalues, signal_bits: int, noise_bits: int) -> np.ndarray:
+        """SpectralQuant's split, same shape as ``eigenvalues``: ``signal_bits`` on the
+        leading dimensions up to each spectrum's gap (``spectral_gap``, veloxcore's
+        rule), ``noise_bits`` on the rest — what ``veloxcore.caches.spectral_layer_bits``
+        gives keys without water-filling."""
+        lam = np.asarray(eigenvalues, dtype=np.float64)
+        gaps = self.spectral_gap(lam)
+        dims = np.arange(lam.shape[-1])
+        return np.where(dims < gaps[..., None], int(signal_bits), int(noise_bits)).astype(np.int64)
 
     def predicted_distortion(self, eigenvalues, bits) -> np.ndarray:
         """Σλ·4^(−b)/Σλ per spectrum: shape ``eigenvalues.shape[:-1]``."""

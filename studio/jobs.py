@@ -247,14 +247,47 @@ def _cache_config(state, job, cache):
         loaded = (rotations, summary)
     if isinstance(cache, dict):
         plan = cache["bit_plan"]
-        config = KVCacheConfig(method="spectral", rotations=rotations, bit_plan=plan,
-                               token_scale=bool(cache.get("token_scale")))
-        label = cache.get("label") or (f"spectral: plan K{plan['key_avg_bits']:g}/"
-                                       f"V{plan['value_avg_bits']:g}"
-                                       + ("+ts" if config.token_scale else ""))
+        config = plan_config(rotations, plan, bool(cache.get("token_scale")))
+        label = cache.get("label") or plan_label(plan, config.token_scale)
         return config, label, loaded
     spec = DEFAULT_SPECTRAL if cache == "spectral" else cache
     return parse_method(spec, rotations), spec, loaded
+
+
+def plan_config(rotations, plan: dict, token_scale: bool = False):
+    """The spectral KVCacheConfig of a Bits view plan (bit_plan.json format).
+
+    Per-dimension key bits (and spectral value bits) come from the plan's layers.
+    ``plan["value_method"] == "affine"`` codes values with mlx's group-wise affine
+    quantisation at ``value_bits`` / ``value_group_size`` instead; the cache then
+    ignores the plan's per-dimension value bits.
+    """
+    from veloxcore.caches import CacheConfigError, KVCacheConfig
+
+    config = KVCacheConfig(method="spectral", rotations=rotations, bit_plan=plan,
+                           token_scale=bool(token_scale))
+    method = plan.get("value_method", "spectral")
+    if method == "affine":
+        config.value_method = "affine"
+        config.value_bits = int(plan.get("value_bits", 4))
+        config.value_group_size = int(plan.get("value_group_size", 64))
+    elif method != "spectral":
+        raise CacheConfigError(f"bit plan: value_method must be 'spectral' or 'affine', "
+                               f"not {method!r}")
+    return config
+
+
+def plan_label(plan: dict, token_scale: bool = False) -> str:
+    """"spectral: plan K3/V3", "… K4/1/Va4g64+ts" (signal/noise keys, affine values)."""
+    if plan.get("water_filling", True) or "signal_bits" not in plan:
+        keys = f"K{plan['key_avg_bits']:g}"
+    else:
+        keys = f"K{plan['signal_bits']}/{plan['noise_bits']}"
+    if plan.get("value_method") == "affine":
+        values = f"Va{plan.get('value_bits', 4)}g{plan.get('value_group_size', 64)}"
+    else:
+        values = f"V{plan['value_avg_bits']:g}"
+    return f"spectral: plan {keys}/{values}" + ("+ts" if token_scale else "")
 
 
 def shipped_bundles() -> list[Path]:
@@ -293,7 +326,8 @@ def measure(state, job, bit_plan: dict, token_scale: bool = False, context: int 
             chunk: int = 128, text: str | None = None):
     """Teacher-forced KL / perplexity of the Bits view's plan against fp16 on held-out
     text, plus the measured relative MSE of every layer's keys and values (the same
-    quantity the plan predicts: E‖x − x̂‖² / Σλ per KV head)."""
+    quantity the plan predicts: E‖x − x̂‖² / Σλ per KV head; for affine values the
+    same ratio, with no prediction to compare it to). The cache is ``plan_config``."""
     from veloxcore.caches import KVCacheBuilder, KVCacheConfig
     from veloxcore.evaluate import evaluate_methods, load_eval_text
 
@@ -302,10 +336,8 @@ def measure(state, job, bit_plan: dict, token_scale: bool = False, context: int 
         raise veloxcore.VeloxError("no rotations to measure: calibrate or load a bundle first")
     start = time.perf_counter()
     name, body, sha = load_eval_text(text)
-    config = KVCacheConfig(method="spectral", rotations=state.rotations, bit_plan=bit_plan,
-                           token_scale=token_scale)
-    label = (f"spectral: plan K{bit_plan['key_avg_bits']:g}/V{bit_plan['value_avg_bits']:g}"
-             + ("+ts" if token_scale else ""))
+    config = plan_config(state.rotations, bit_plan, token_scale)
+    label = plan_label(bit_plan, token_scale)
     job.emit({"stage": "evaluating", "done": 0, "total": context,
               "log": f"Measure: {label} vs fp16 on {context} tokens of {name}"})
 

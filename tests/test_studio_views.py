@@ -183,12 +183,41 @@ def test_calibrate_inspect_allocate_export_and_reload(qtbot, studio, tmp_path):
     assert "K3 = 6.00" in bits.overrides_label.text()
     assert len(bits.override_marks.data) == 1
 
-    # Water-filling off: uniform round(target) bits.
+    # Water-filling off: keys get SpectralQuant's signal/noise split at each head's
+    # spectral gap (the key override idles), values round(value target) everywhere.
+    assert not bits.budget_form.isRowVisible(bits.split_row)
     bits.water_check.setChecked(False)
     bits.recompute()
-    assert np.all(bits.plan["keys"][0][0] == 4) and np.all(bits.plan["keys"][0][3] == 6)
+    assert bits.budget_form.isRowVisible(bits.split_row) and not bits.key_slider.isEnabled()
+    assert (bits.signal_spin.value(), bits.noise_spin.value()) == (4, 1)
+    gaps = engine.spectral_gap(bits.summary["key_eigenvalues"])
+    key_bits = bits.plan["keys"][0]
+    for layer in range(30):
+        for head in range(3):
+            k = int(gaps[layer, head])
+            assert 1 <= k < 64
+            assert np.all(key_bits[layer, head, :k] == 4) and np.all(key_bits[layer, head, k:] == 1)
+    from veloxcore.caches import KVCacheConfig, spectral_layer_bits  # numpy only
+
+    rotations = engine._worker.state.rotations  # the worker is idle
+    for layer in (0, 3, 29):  # exactly the backend's split
+        want = spectral_layer_bits(rotations[layer], KVCacheConfig(signal_bits=4, noise_bits=1))
+        np.testing.assert_array_equal(key_bits[layer], want[0])
+    assert np.all(bits.plan["values"][0] == 2)  # the separate value target, uniform
+    assert "key overrides need water-filling" in bits.overrides_label.text()
+    assert "signal 4 bits on the" in bits.bits_item.titleLabel.text
+    m = bits.memory(8192)
+    assert m["raw"] == (8192 - 4) * (key_bits.sum() + 30 * 3 * 2 * 64) / 8
+    bits.signal_spin.setValue(3)
+    bits.recompute()
+    assert np.all(bits.plan["keys"][0][0, 0, : int(gaps[0, 0])] == 3)
+    plan = bits.bit_plan()
+    assert not plan["water_filling"] and (plan["signal_bits"], plan["noise_bits"]) == (3, 1)
+    assert plan["key_avg_bits"] == pytest.approx(bits.plan["keys"][0].mean(), abs=1e-4)
+    bits.signal_spin.setValue(4)
     bits.water_check.setChecked(True)
     bits.recompute()
+    assert np.all(bits.plan["keys"][0][3].sum(axis=-1) == 6 * 64)  # the override is back
 
     # Idle time warms the plan cache for every slider position: then a move is instant.
     # (Speed is a benchmark matter; here: the warmed cache serves correct plans.)
@@ -227,6 +256,94 @@ def test_calibrate_inspect_allocate_export_and_reload(qtbot, studio, tmp_path):
     assert bits.key_target() == 4.25 and bits.value_target() == 2.0
     assert bits.overrides == {("keys", 3): 6.0}
     assert np.all(bits.plan["keys"][0][3].sum(axis=-1) == 384)
+    assert not window.error_dialogs
+
+
+def test_signal_noise_keys_and_affine_values_measure_chat_export_and_reload(qtbot, studio,
+                                                                           tmp_path):
+    window, engine = studio
+    bits = window.bits_view
+    if bits.summary is None:  # run on its own
+        engine.load_shipped_bundle()
+        wait_for(engine.jobFinished, JOB_TIMEOUT_MS, kind_is("load_bundle"))
+    window.show_view("Bits")
+    bits.clear_overrides()
+    bits.token_scale_check.setChecked(False)
+    bits.values_combo.setCurrentIndex(bits.values_combo.findData("spectral"))
+    bits.recompute()
+    spectral_memory = bits.memory_label.text()
+
+    # ---- affine 4-bit values, group 64: no value plan, no prediction, 4.5 bits ------
+    bits.values_combo.setCurrentIndex(bits.values_combo.findData("affine4"))
+    bits.recompute()
+    assert not bits.value_slider.isEnabled() and not bits.separate_check.isEnabled()
+    assert "affine 4-bit, group 64" in bits.value_error.text()
+    assert "no spectral prediction" in bits.value_error.text()
+    assert curve_y(bits.layer_curves["values"]).size == 0
+    assert bits.memory_label.text() != spectral_memory
+    bits.part_buttons["values"].click()
+    assert "affine 4-bit codes" in bits.bits_item.titleLabel.text
+    assert "4.5 bits/elem" in bits.bits_item.titleLabel.text
+    assert not bits.water_line.movable
+    bits.part_buttons["keys"].click()
+    layers, heads, dim, tokens = 30, 3, 64, 8192
+    coded = tokens - 4
+    m = bits.memory(tokens)
+    key_sums = bits.plan["keys"][0].sum(axis=-1)
+    key_bytes = coded * heads * 4 * np.ceil(key_sums.max(axis=1) / 32).sum()
+    value_bytes = coded * layers * heads * (4 * dim / 8 + 2 * 2 * dim / 64)  # 4.5 bits/elem
+    assert value_bytes == coded * layers * heads * dim * 4.5 / 8
+    assert m["group_scales"] == coded * layers * heads * 2 * 2
+    assert m["total"] == pytest.approx(key_bytes + value_bytes + m["sinks"])
+    bits.token_scale_check.setChecked(True)  # per-token scales on keys only
+    assert bits.memory(tokens)["token_scales"] == coded * layers * heads * 2
+
+    # ---- with signal/noise keys: Measure's real bytes are the memory model's -----
+    bits.water_check.setChecked(False)
+    bits.recompute()
+    job = bits.measure()
+    result = wait_for(engine.jobFinished, JOB_TIMEOUT_MS,
+                      lambda jid, kind, r: jid == job)[2]
+    spectral = result["results"][1]
+    assert spectral["method"] == "spectral: plan K4/1/Va4g64+ts"
+    predicted = bits.memory(result["context"])["bits_per_element"]  # the model is exact
+    assert spectral["bits_per_element"] == pytest.approx(predicted, rel=1e-9)
+    assert spectral["kld"] > 0 and len(result["value_mse"]) == layers
+    assert all(0 < np.mean(v) < 1 for v in result["value_mse"])
+    assert "values (affine) measured" in bits.measure_label.text()
+    assert bits.measured_is_current()
+
+    # ---- the chat's "Bits plan" method builds the same cache ------------------------
+    job = engine.generate([{"role": "user", "content": "Say hi."}], max_tokens=4,
+                          cache=window._bits_plan())
+    reply = wait_for(engine.jobFinished, JOB_TIMEOUT_MS, lambda jid, kind, r: jid == job)[2]
+    assert reply["bits_per_element"] == pytest.approx(
+        bits.memory(reply["kv_tokens"])["bits_per_element"], rel=1e-9)
+
+    # ---- export and reload: the choices travel in bit_plan.json ---------------------
+    target_dir = tmp_path / "bundle"
+    bits.export_bundle(str(target_dir))
+    wait_for(engine.jobFinished, JOB_TIMEOUT_MS, kind_is("export_bundle"))
+    plan = json.loads((target_dir / "bit_plan.json").read_text())
+    assert (plan["value_method"], plan["value_bits"], plan["value_group_size"]) == (
+        "affine", 4, 64)
+    assert (plan["water_filling"], plan["signal_bits"], plan["noise_bits"]) == (False, 4, 1)
+    assert plan["token_scale"] is True and "values_distortion" not in plan["layers"][0]
+    assert plan["layers"][0]["values"] == [[4] * dim] * heads
+    expected = bits.plan["keys"][0].copy()
+    bits.clear()
+    bits.water_check.setChecked(True)
+    bits.values_combo.setCurrentIndex(0)
+    bits.token_scale_check.setChecked(False)
+    bits.load_bundle(str(target_dir))
+    wait_for(engine.jobFinished, JOB_TIMEOUT_MS, kind_is("load_bundle"))
+    assert not bits.water_check.isChecked() and bits.values_combo.currentData() == "affine4"
+    assert bits.token_scale_check.isChecked() and not bits.overrides
+    np.testing.assert_array_equal(bits.plan["keys"][0], expected)
+    bits.values_combo.setCurrentIndex(0)
+    bits.water_check.setChecked(True)
+    bits.token_scale_check.setChecked(False)
+    bits.recompute()
     assert not window.error_dialogs
 
 

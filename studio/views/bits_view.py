@@ -1,5 +1,11 @@
 """Bits view: choose a bit budget and see where water-filling spends it.
 
+Keys are water-filled at a target average, or (water-filling off) get
+SpectralQuant's signal/noise split: ``signal bits`` on each head's dimensions
+above its spectral gap, ``noise bits`` on the rest. Values are water-filled
+(uniform without water-filling) in their eigenbasis, or coded with mlx's affine
+group quantisation (no spectral plan, no prediction: the benchmarks' best).
+
 Everything here is instant: bit plans and predicted distortion come from the
 engine's numpy-only methods on the GUI thread (no model run), cached per
 (part, layer, target, range, mode). A full plan is 180 water-fills (25–110 ms on
@@ -56,24 +62,38 @@ MIN_TARGET, MAX_TARGET = 1.0, 8.0
 DEFAULT_TARGET = 3.0
 WORD_BITS = 32  # codes of one K or V vector are packed into whole uint32 words
 WARM_SLICE_S = 0.008  # idle cache warming works at most this long per event-loop turn
+DEFAULT_SIGNAL, DEFAULT_NOISE = 4, 1  # SpectralQuant's split (KVCacheConfig's defaults)
+# How values are coded: in their eigenbasis as planned here, or affine (bits, group).
+VALUE_CODES = [("spectral", "spectral (water-filled)", None),
+               ("affine4", "affine 4-bit, group 64", (4, 64)),
+               ("affine3", "affine 3-bit, group 64", (3, 64))]
 MEMORY_TOOLTIP = (
     "Compressed KV cache at N tokens:\n"
     "  N × layers × KV heads × (Σ key bits + Σ value bits) / 8 bytes\n"
     "plus these per-token overheads:\n"
-    "  • each key and value vector's codes are packed into whole 32-bit words,\n"
-    "    so a head's Σ bits is rounded up to a multiple of 32 (≤ 4 bytes per vector);\n"
+    "  • each spectrally coded key and value vector's codes are packed into whole\n"
+    "    32-bit words, so a head's Σ bits is rounded up to a multiple of 32\n"
+    "    (≤ 4 bytes per vector);\n"
+    "  • affine values: an fp16 scale and bias per group of G dims\n"
+    "    (4 × head_dim / G bytes per vector: 4.5 bits/elem at 4 bits, G = 64);\n"
     "  • the first {sinks} tokens (attention sinks) stay exact in fp16;\n"
-    "  • with a per-token scale, 2 bytes (fp16) per key and per value vector.\n"
+    "  • with a per-token scale, 2 bytes (fp16) per spectrally coded key and value\n"
+    "    vector (affine values have their group scales instead).\n"
     "Not per token, so not counted: rotations, means and per-dimension scales ({fixed}).\n"
     "fp16 reference: N × layers × KV heads × head_dim × 2 (K and V) × 2 bytes."
 )
 
 
 def to_db(d: float) -> float:
+    """dB of a relative MSE; NaN (no prediction: affine values) stays NaN."""
+    if math.isnan(d):
+        return math.nan
     return 10 * math.log10(d) if d > 0 else -300.0
 
 
 def format_distortion(d: float) -> str:
+    if math.isnan(d):
+        return "— (no spectral prediction)"
     return f"{100 * d:#.3g} % MSE ({to_db(d):.1f} dB)"
 
 
@@ -143,13 +163,47 @@ class BitsView(QWidget):
         self.water_check = QCheckBox("Water-filling")
         self.water_check.setChecked(True)
         self.water_check.setToolTip("On: bits follow the eigenvalues (exactly round(target × "
-                                    "head_dim) bits per head). Off: every dimension gets "
-                                    "round(target) bits.")
+                                    "head_dim) bits per head). Off: keys get signal bits "
+                                    "above each head's spectral gap and noise bits below it "
+                                    "(SpectralQuant); spectral values get round(value target) "
+                                    "bits on every dimension.")
+        self.signal_spin = QSpinBox()
+        self.signal_spin.setRange(0, 8)
+        self.signal_spin.setValue(DEFAULT_SIGNAL)
+        self.signal_spin.setToolTip("Bits of each key dimension above the head's spectral gap "
+                                    "(the leading, high-variance components)")
+        self.noise_spin = QSpinBox()
+        self.noise_spin.setRange(0, 8)
+        self.noise_spin.setValue(DEFAULT_NOISE)
+        self.noise_spin.setToolTip("Bits of each key dimension below the gap (0 drops it)")
+        self.split_row = QWidget()
+        split = QHBoxLayout(self.split_row)
+        split.setContentsMargins(0, 0, 0, 0)
+        split.addWidget(self.signal_spin)
+        split.addWidget(QLabel("above the gap,"))
+        split.addWidget(self.noise_spin)
+        split.addWidget(QLabel("below"))
+        split.addStretch(1)
+        self.split_row.setToolTip("Keys without water-filling: SpectralQuant's signal/noise "
+                                  "split at each KV head's spectral gap (largest eigenvalue "
+                                  "drop within 99 % of the energy; the Spectrum view's gap)")
+        self.values_combo = QComboBox()
+        for data, text, _ in VALUE_CODES:
+            self.values_combo.addItem(text, data)
+        self.values_combo.setToolTip(
+            "How values are coded. Spectral: in their eigenbasis with the bits planned here. "
+            "Affine: mlx's group-wise affine quantisation (per group of 64 dims an fp16 scale "
+            "and bias; 4.5 bits/elem at 4 bits), as the measured best configurations and the "
+            "chat's default (spectral:wf3/a4g64+ts) do; the value target is then unused and "
+            "there is no spectral prediction.")
         form.addRow("Keys", self._row(self.key_slider, self.key_label))
+        form.addRow("", self.water_check)
+        form.addRow("Signal/noise", self.split_row)
         form.addRow("", self.separate_check)
         form.addRow("Values", self._row(self.value_slider, self.value_label))
+        form.addRow("Value codes", self.values_combo)
         form.addRow("Range", range_row)
-        form.addRow("", self.water_check)
+        self.budget_form = form
 
         # ---- selection --------------------------------------------------------
         selection = QGroupBox("Selection")
@@ -324,7 +378,10 @@ class BitsView(QWidget):
         self.separate_check.toggled.connect(self._on_targets)
         self.min_spin.valueChanged.connect(self._on_range)
         self.max_spin.valueChanged.connect(self._on_range)
-        self.water_check.toggled.connect(lambda _: self.schedule())
+        self.water_check.toggled.connect(self._on_targets)
+        self.signal_spin.valueChanged.connect(lambda _: self.schedule())
+        self.noise_spin.valueChanged.connect(lambda _: self.schedule())
+        self.values_combo.currentIndexChanged.connect(self._on_targets)
         self.layer_spin.valueChanged.connect(self._on_layer)
         self.head_combo.currentIndexChanged.connect(lambda _: self._draw_selected())
         self.part_group.idClicked.connect(lambda _: self._draw_selected())
@@ -370,12 +427,28 @@ class BitsView(QWidget):
     def part(self) -> str:
         return "keys" if self.part_buttons["keys"].isChecked() else "values"
 
+    @property
+    def water_filling(self) -> bool:
+        return self.water_check.isChecked()
+
+    def value_affine(self) -> tuple[int, int] | None:
+        """(bits, group size) when values are affine-coded, else None (spectral)."""
+        return VALUE_CODES[max(0, self.values_combo.currentIndex())][2]
+
+    def fixed(self, part: str) -> bool:
+        """Whether the part's bits ignore targets and overrides: signal/noise keys
+        (water-filling off) or affine values."""
+        return (not self.water_filling) if part == "keys" else self.value_affine() is not None
+
     def key_target(self) -> float:
+        """The key slider's target (water-filling; signal/noise keys do not use it)."""
         return self.key_slider.value() * STEP
 
     def value_target(self) -> float:
-        return (self.value_slider.value() if self.separate_check.isChecked()
-                else self.key_slider.value()) * STEP
+        """Spectral values' target: the key target unless separate (always separate
+        without water-filling, where the key slider is unused)."""
+        separate = self.separate_check.isChecked() or not self.water_filling
+        return (self.value_slider.value() if separate else self.key_slider.value()) * STEP
 
     def set_key_target(self, bits: float) -> None:
         self.key_slider.setValue(int(round(bits / STEP)))
@@ -383,20 +456,49 @@ class BitsView(QWidget):
     def global_target(self, part: str) -> float:
         return self.key_target() if part == "keys" else self.value_target()
 
-    def layer_target(self, part: str, layer: int) -> float:
-        """The average bits a layer gets: its override or the global target, within range."""
+    def planning_target(self, part: str, layer: int) -> float:
+        """The average bits a layer is planned at: its override or the global target,
+        within range (unused by signal/noise keys and affine values)."""
         target = self.overrides.get((part, layer), self.global_target(part))
         return float(np.clip(target, self.min_spin.value(), self.max_spin.value()))
 
+    def layer_target(self, part: str, layer: int) -> float:
+        """The average bits per dimension a layer gets (code bits; the plan's mean for
+        signal/noise keys and the code width for affine values)."""
+        if self.fixed(part) and part in self.plan:
+            return float(self.plan[part][0][layer].mean())
+        return self.planning_target(part, layer)
+
+    def part_average(self, part: str) -> float:
+        """Code bits per dimension over all layers and heads of the current plan."""
+        if self.fixed(part) and part in self.plan:
+            return float(self.plan[part][0].mean())
+        return self.global_target(part)
+
     def _on_targets(self, *_args) -> None:
+        water, affine = self.water_filling, self.value_affine()
         separate = self.separate_check.isChecked()
-        self.value_slider.setEnabled(separate)
-        if not separate:
+        self.key_slider.setEnabled(water)
+        self.separate_check.setEnabled(water and affine is None)
+        self.value_slider.setEnabled(affine is None and (separate or not water))
+        self.budget_form.setRowVisible(self.split_row, not water)
+        self.values_combo.setItemText(0, "spectral (water-filled)" if water
+                                      else "spectral (uniform)")
+        self.token_scale_check.setText("Per-token scale (+2 B per key vector)"
+                                       if affine is not None
+                                       else "Per-token scale (+2 B per K/V vector)")
+        if water and not separate:
             self.value_slider.blockSignals(True)
             self.value_slider.setValue(self.key_slider.value())
             self.value_slider.blockSignals(False)
-        self.key_label.setText(f"{self.key_target():.2f} bits/dim")
-        self.value_label.setText(f"{self.value_target():.2f} bits/dim")
+        self.key_label.setText(f"{self.key_target():.2f} bits/dim" if water
+                               else "signal/noise")
+        if affine is not None:
+            self.value_label.setText("affine")
+        elif water:
+            self.value_label.setText(f"{self.value_target():.2f} bits/dim")
+        else:  # uniform: round(target) on every dimension
+            self.value_label.setText(f"{self._uniform_bits(self.value_target())} bits/dim")
         self.schedule()
 
     def _on_range(self, *_args) -> None:
@@ -482,31 +584,58 @@ class BitsView(QWidget):
             self._timer.start()
 
     # ---- the plan ----------------------------------------------------------
+    def _uniform_bits(self, target: float) -> int:
+        return int(np.clip(np.floor(target + 0.5), self.min_spin.value(), self.max_spin.value()))
+
     def _layer_plan(self, part: str, layer: int, target: float):
+        """(bits (heads, dims), predicted distortion (heads,)) of one layer and part."""
         key = self._cache_key(part, layer, target)
         hit = self._cache.get(key)
         if hit is None:
             lam = self.eigenvalues(part)[layer]
-            bits = self.engine.plan_bits(lam, target, self.min_spin.value(),
-                                         self.max_spin.value(), self.water_check.isChecked())
-            hit = (bits, self.engine.predicted_distortion(lam, bits))
+            affine = self.value_affine()
+            if part == "values" and affine is not None:
+                # Affine codes live in the channel basis: no per-dimension plan, no
+                # high-rate prediction (NaN); the bars show the code width.
+                hit = (np.full(lam.shape, affine[0], dtype=np.int64),
+                       np.full(lam.shape[:-1], np.nan))
+            else:
+                if part == "keys" and not self.water_filling:
+                    bits = self.engine.signal_noise_bits(lam, self.signal_spin.value(),
+                                                         self.noise_spin.value())
+                else:
+                    bits = self.engine.plan_bits(lam, target, self.min_spin.value(),
+                                                 self.max_spin.value(), self.water_filling)
+                hit = (bits, self.engine.predicted_distortion(lam, bits))
             self._cache[key] = hit
         return hit
 
     def _cache_key(self, part: str, layer: int, target: float) -> tuple:
+        if part == "keys" and not self.water_filling:
+            return (part, layer, "signal/noise", self.signal_spin.value(),
+                    self.noise_spin.value())
+        if part == "values" and self.value_affine() is not None:
+            return (part, layer, "affine", self.value_affine())
         return (part, layer, round(target, 6), self.min_spin.value(), self.max_spin.value(),
-                self.water_check.isChecked())
+                self.water_filling)
+
+    def _warm_signature(self) -> tuple:
+        """What the warm-up queue depends on (range, mode, value coding)."""
+        return (self.min_spin.value(), self.max_spin.value(), self.water_filling,
+                self.value_affine())
 
     def warm_cache(self) -> None:
         """Queue every slider position's plan (nearest to the current targets first)."""
         self._warm_queue = []
-        if self.summary is None or not self.water_check.isChecked():
+        if self.summary is None or not self.water_filling:
             self._warm_timer.stop()
             return
         steps = [i * STEP for i in range(int(MIN_TARGET / STEP), int(MAX_TARGET / STEP) + 1)]
         steps = [t for t in steps if self.min_spin.value() <= t <= self.max_spin.value()]
         order = []
         for part in ("keys", "values"):
+            if self.fixed(part):
+                continue
             current = self.global_target(part)
             order += [(abs(t - current), part, t) for t in steps]
         for _, part, target in sorted(order):
@@ -532,11 +661,11 @@ class BitsView(QWidget):
         self._timer.stop()
         if self.summary is None:
             return
-        if self._warm_key != self._cache_key("", 0, 0)[3:]:  # range or mode changed
-            self._warm_key = self._cache_key("", 0, 0)[3:]
+        if self._warm_key != self._warm_signature():  # range or mode changed
+            self._warm_key = self._warm_signature()
             self.warm_cache()
         for part in ("keys", "values"):
-            plans = [self._layer_plan(part, layer, self.layer_target(part, layer))
+            plans = [self._layer_plan(part, layer, self.planning_target(part, layer))
                      for layer in range(self.summary["num_layers"])]
             self.plan[part] = (np.stack([b for b, _ in plans]), np.stack([d for _, d in plans]))
         self.water_line.setBounds((self.min_spin.value(), self.max_spin.value()))
@@ -547,46 +676,79 @@ class BitsView(QWidget):
         self.planChanged.emit()
 
     def bit_plan(self) -> dict:
-        """The plan in veloxcore's bit_plan.json format (per-layer targets honour overrides)."""
+        """The plan in veloxcore's bit_plan.json format (per-layer targets honour overrides).
+
+        Without water-filling it records ``signal_bits`` / ``noise_bits`` and the keys'
+        resulting average; with affine values ``value_method: "affine"``,
+        ``value_bits`` and ``value_group_size`` (the per-dimension "values" lists are
+        then the code width, which the cache ignores, and carry no distortion)."""
         if self._timer.isActive() or not self.plan:
             self.recompute()
+        affine = self.value_affine()
         layers = []
         for layer in range(self.summary["num_layers"]):
             entry = {"layer": layer}
             for part in ("keys", "values"):
                 bits, distortion = self.plan[part][0][layer], self.plan[part][1][layer]
                 entry[part] = bits.astype(int).tolist()
-                entry[f"{part}_distortion"] = [float(d) for d in distortion]
+                if not (part == "values" and affine is not None):
+                    entry[f"{part}_distortion"] = [float(d) for d in distortion]
                 entry[f"{part}_avg_bits"] = self.layer_target(part, layer)
             layers.append(entry)
         overrides = {part: {str(layer): bits for (p, layer), bits in sorted(self.overrides.items())
                             if p == part} for part in ("keys", "values")}
-        return {"key_avg_bits": self.key_target(), "value_avg_bits": self.value_target(),
+        plan = {"key_avg_bits": round(self.part_average("keys"), 4),
+                "value_avg_bits": round(self.part_average("values"), 4),
                 "min_bits": self.min_spin.value(), "max_bits": self.max_spin.value(),
-                "water_filling": self.water_check.isChecked(), "overrides": overrides,
-                "layers": layers}
+                "water_filling": self.water_filling}
+        if not self.water_filling:
+            plan.update(signal_bits=self.signal_spin.value(), noise_bits=self.noise_spin.value())
+        plan["value_method"] = "spectral" if affine is None else "affine"
+        if affine is not None:
+            plan.update(value_bits=affine[0], value_group_size=affine[1])
+        plan.update(token_scale=self.token_scale_check.isChecked(), overrides=overrides,
+                    layers=layers)
+        return plan
 
     def apply_plan(self, plan: dict) -> None:
-        """Adopt a loaded bundle's plan: range, targets, mode and per-layer targets."""
+        """Adopt a loaded bundle's plan: range, targets, mode, value coding, token scale
+        and per-layer targets."""
         widgets = (self.key_slider, self.value_slider, self.separate_check, self.min_spin,
-                   self.max_spin, self.water_check)
+                   self.max_spin, self.water_check, self.signal_spin, self.noise_spin,
+                   self.values_combo, self.token_scale_check)
         for w in widgets:
             w.blockSignals(True)
         try:
             self.min_spin.setValue(int(plan.get("min_bits", 1)))
             self.max_spin.setValue(int(plan.get("max_bits", 8)))
+            water = bool(plan.get("water_filling", True))
+            self.water_check.setChecked(water)
+            self.signal_spin.setValue(int(plan.get("signal_bits", DEFAULT_SIGNAL)))
+            self.noise_spin.setValue(int(plan.get("noise_bits", DEFAULT_NOISE)))
+            affine = plan.get("value_method") == "affine"
+            code = next((i for i, (_, _, c) in enumerate(VALUE_CODES)
+                         if c == (int(plan.get("value_bits", 4)),
+                                  int(plan.get("value_group_size", 64)))), None)
+            self.values_combo.setCurrentIndex(code if affine and code is not None else 0)
             key, value = float(plan["key_avg_bits"]), float(plan["value_avg_bits"])
-            self.key_slider.setValue(int(round(key / STEP)))
-            self.separate_check.setChecked(abs(key - value) > 1e-9)
-            self.value_slider.setValue(int(round(value / STEP)))
-            self.water_check.setChecked(bool(plan.get("water_filling", True)))
+            if water:  # signal/noise keys record their average, not a slider position
+                self.key_slider.setValue(int(round(key / STEP)))
+            if not affine:  # affine values record their code width
+                self.separate_check.setChecked(not water or abs(key - value) > 1e-9)
+                self.value_slider.setValue(int(round(value / STEP)))
+            if "token_scale" in plan:
+                self.token_scale_check.setChecked(bool(plan["token_scale"]))
         finally:
             for w in widgets:
                 w.blockSignals(False)
         self.overrides.clear()
         dim = self.summary["head_dim"]
-        for entry in plan.get("layers", []):
-            for part in ("keys", "values"):
+        for part in ("keys", "values"):
+            if self.fixed(part):  # per-layer averages are not targets: use the record
+                for layer, bits in plan.get("overrides", {}).get(part, {}).items():
+                    self.overrides[(part, int(layer))] = float(bits)
+                continue
+            for entry in plan.get("layers", []):
                 target = entry.get(f"{part}_avg_bits")
                 if target is None and entry.get(part):
                     target = float(np.mean(np.sum(entry[part], axis=-1))) / dim
@@ -604,23 +766,35 @@ class BitsView(QWidget):
                                      s["sink_tokens"])
         compressed = max(0, tokens - sinks)
         exact = min(tokens, sinks)
+        affine = self.value_affine()
         raw_bits = 0  # Σ over layers and heads of key bits + value bits, per token
-        padded_bytes = 0
+        padded_bytes = 0  # per token, codes in whole uint32 words
         for part in ("keys", "values"):
             sums = self.plan[part][0].sum(axis=-1)  # (layers, heads)
             raw_bits += int(sums.sum())
-            words = np.ceil(sums.max(axis=1) / WORD_BITS)  # heads share the widest word count
+            if part == "values" and affine is not None:  # bits × dim / 8 bytes (mlx packs)
+                padded_bytes += int(sums.sum()) // 8
+                continue
+            # Heads share the widest word count (at least one word).
+            words = np.maximum(1, np.ceil(sums.max(axis=1) / WORD_BITS))
             padded_bytes += int((words * 4 * heads).sum())
         raw = compressed * raw_bits / 8
         padding = compressed * padded_bytes - raw
-        token_scales = (compressed * layers * heads * 2 * 2
+        # fp16 scale + bias per group of each affine value vector.
+        group_scales = (compressed * layers * heads * 2 * 2 * (dim // affine[1])
+                        if affine is not None else 0)
+        scaled_parts = 1 if affine is not None else 2  # per-token scales: spectral parts only
+        token_scales = (compressed * layers * heads * 2 * scaled_parts
                         if self.token_scale_check.isChecked() else 0)
         sink_bytes = exact * layers * heads * dim * 2 * 2
         fp16 = tokens * layers * heads * dim * 2 * 2
-        total = raw + padding + token_scales + sink_bytes
-        fixed = layers * heads * 2 * (dim * dim + 2 * dim) * 4  # rotations, means, scales
-        return {"total": total, "raw": raw, "padding": padding, "token_scales": token_scales,
-                "sinks": sink_bytes, "fp16": fp16, "fixed": fixed, "bits_per_token": raw_bits}
+        total = raw + padding + group_scales + token_scales + sink_bytes
+        coded_parts = 1 if affine is not None else 2  # rotations, means, scales
+        fixed = layers * heads * coded_parts * (dim * dim + 2 * dim) * 4
+        return {"total": total, "raw": raw, "padding": padding, "group_scales": group_scales,
+                "token_scales": token_scales, "sinks": sink_bytes, "fp16": fp16,
+                "fixed": fixed, "bits_per_token": raw_bits,
+                "bits_per_element": 16 * total / fp16 if fp16 else 0.0}
 
     def _update_memory(self) -> None:
         if self.summary is None or not self.plan:
@@ -631,10 +805,12 @@ class BitsView(QWidget):
                                   f"{format_bytes(m['fp16'])} (<b>{ratio:.1f}×</b> smaller)")
         scales = (f" + token scales {format_bytes(m['token_scales'])}"
                   if m["token_scales"] else "")
+        groups = (f" + affine value scales/biases {format_bytes(m['group_scales'])}"
+                  if m["group_scales"] else "")
         self.memory_detail.setText(
             f"codes {format_bytes(m['raw'])} + word padding {format_bytes(m['padding'])}"
-            f"{scales} + {self.summary['sink_tokens']} fp16 sink tokens "
-            f"{format_bytes(m['sinks'])}")
+            f"{groups}{scales} + {self.summary['sink_tokens']} fp16 sink tokens "
+            f"{format_bytes(m['sinks'])} · {m['bits_per_element']:.2f} bits/elem")
         tip = MEMORY_TOOLTIP.format(sinks=self.summary["sink_tokens"],
                                     fixed=format_bytes(m["fixed"]))
         self.memory_label.setToolTip(tip)
@@ -643,8 +819,18 @@ class BitsView(QWidget):
     def _update_readouts(self) -> None:
         for part, label in (("keys", self.key_error), ("values", self.value_error)):
             label.setText(format_distortion(float(self.plan[part][1].mean())))
+        affine = self.value_affine()
+        if affine is not None:
+            self.value_error.setText(f"affine {affine[0]}-bit, group {affine[1]}: no "
+                                     "spectral prediction")
+        if not self.water_filling:
+            self.key_label.setText(f"{self.part_average('keys'):.2f} bits/dim avg")
         self._update_memory()
         self._update_overrides_label()
+
+    def active_overrides(self) -> dict[tuple[str, int], float]:
+        """The overrides the plan uses (none for signal/noise keys or affine values)."""
+        return {k: v for k, v in self.overrides.items() if not self.fixed(k[0])}
 
     def _update_overrides_label(self) -> None:
         if not self.overrides:
@@ -654,7 +840,11 @@ class BitsView(QWidget):
             items = ", ".join(f"{'K' if part == 'keys' else 'V'}{layer} = {bits:.2f}"
                               for (part, layer), bits in sorted(self.overrides.items(),
                                                                 key=lambda kv: kv[0][::-1]))
-            self.overrides_label.setText(f"Overrides (bits/dim): {items}")
+            idle = sorted({part for part, _ in self.overrides if self.fixed(part)})
+            why = {"keys": "key overrides need water-filling",
+                   "values": "value overrides need spectral values"}
+            note = f" (unused: {'; '.join(why[p] for p in idle)})" if idle else ""
+            self.overrides_label.setText(f"Overrides (bits/dim): {items}{note}")
         self.clear_button.setEnabled(bool(self.overrides))
 
     # ---- drawing ------------------------------------------------------------
@@ -671,7 +861,8 @@ class BitsView(QWidget):
             return
         part, layer, head = self._selected()
         lam = self.eigenvalues(part)[layer]
-        if preview is None:
+        fixed = self.fixed(part)
+        if preview is None or fixed:
             bits, distortion = self.plan[part][0][layer], self.plan[part][1][layer]
             target = self.layer_target(part, layer)
         else:
@@ -683,29 +874,58 @@ class BitsView(QWidget):
         top = float(lam[head].max())
         self.eig_curve.setData(x, np.log10(np.maximum(lam[head], max(top, 1e-30) * 1e-10)))
         self.bits_item.setXRange(0.5, dims + 0.5, padding=0)
-        self.bits_item.setYRange(0, self.max_spin.value() + 0.6, padding=0)
-        level = (float(np.clip(np.floor(target + 0.5), self.min_spin.value(),
-                               self.max_spin.value()))
-                 if not self.water_check.isChecked() else target)
-        if not self.water_line.moving:
+        top_bits = max(self.max_spin.value(), int(bits.max()) if bits.size else 0)
+        self.bits_item.setYRange(0, top_bits + 0.6, padding=0)
+        self.water_line.setMovable(not fixed)
+        self.water_line.setBounds((None, None) if fixed
+                                  else (self.min_spin.value(), self.max_spin.value()))
+        affine = self.value_affine() if part == "values" else None
+        if fixed:  # the line marks the head's average; nothing to drag
+            level = float(bits[head].mean())
             self.water_line.setValue(level)
-        overridden = (part, layer) in self.overrides or preview is not None
-        self.water_line.label.setFormat(f"water level {level:.2f} bits/dim"
-                                        + (" (layer override)" if overridden else ""))
+            self.water_line.label.setFormat(
+                f"affine {affine[0]}-bit, group {affine[1]}" if affine is not None
+                else f"average {level:.2f} bits/dim")
+        else:
+            level = target if self.water_filling else float(self._uniform_bits(target))
+            if not self.water_line.moving:
+                self.water_line.setValue(level)
+            overridden = (part, layer) in self.overrides or preview is not None
+            self.water_line.label.setFormat(f"water level {level:.2f} bits/dim"
+                                            + (" (layer override)" if overridden else ""))
+        # Two short lines: a long title would widen the plot past the view.
+        if affine is not None:
+            head_line = (f"affine {affine[0]}-bit codes, fp16 scale + bias per {affine[1]} "
+                         f"channels ({affine[0] + 32 / affine[1]:g} bits/elem)")
+            legend = ("bars: code bits per channel (not in the eigenbasis: no prediction) · "
+                      "line: eigenvalue")
+        else:
+            head_line = (f"<b>{int(bits[head].sum())}</b> bits ({bits[head].sum() / dims:.2f}"
+                         f"/dim), predicted <b>{format_distortion(float(distortion[head]))}</b>")
+            legend = "bars: bits per spectral dimension · line: eigenvalue (right axis)"
+            if part == "keys" and not self.water_filling:
+                gap = int(self._gap(part, layer)[head])
+                legend = (f"bars: signal {self.signal_spin.value()} bits on the {gap} "
+                          f"dim{'s' if gap != 1 else ''} above the gap, noise "
+                          f"{self.noise_spin.value()} below · line: eigenvalue")
         self.bits_item.setTitle(
-            f"{PART_LABELS[part]} · layer {layer} · head {head}: <b>{int(bits[head].sum())}</b> "
-            f"bits ({bits[head].sum() / dims:.2f}/dim), predicted "
-            f"<b>{format_distortion(float(distortion[head]))}</b>"
-            "<br><span style='color:#606060'>bars: bits per spectral dimension · "
-            "line: eigenvalue (right axis)</span>", size="10pt")
+            f"{PART_LABELS[part]} · layer {layer} · head {head}: {head_line}"
+            f"<br><span style='color:#606060'>{legend}</span>", size="10pt")
         self._sync_twin()
+
+    def _gap(self, part: str, layer: int) -> np.ndarray:
+        """Signal dimensions per KV head of one layer (the spectral gap)."""
+        return self.engine.spectral_gap(self.eigenvalues(part)[layer])
 
     def _draw_layers(self) -> None:
         layers = np.arange(self.summary["num_layers"])
         for part, curve in self.layer_curves.items():
-            curve.setData(layers, [to_db(d) for d in self.plan[part][1].mean(axis=1)])
+            if part == "values" and self.value_affine() is not None:
+                curve.setData([], [])  # no prediction for affine values
+            else:
+                curve.setData(layers, [to_db(d) for d in self.plan[part][1].mean(axis=1)])
         marks = [(layer, to_db(float(self.plan[part][1][layer].mean())))
-                 for (part, layer) in self.overrides]
+                 for (part, layer) in self.active_overrides()]
         self.override_marks.setData([m[0] for m in marks], [m[1] for m in marks])
         self.layer_item.setXRange(-0.8, layers[-1] + 0.8, padding=0)
         layer = self.layer_spin.value()
@@ -717,10 +937,11 @@ class BitsView(QWidget):
         return float(np.clip(snapped, self.min_spin.value(), self.max_spin.value()))
 
     def _on_water_dragged(self, line) -> None:
-        self._draw_selected(preview=self._snap(line.value()))
+        if not self.fixed(self.part):
+            self._draw_selected(preview=self._snap(line.value()))
 
     def _on_water_released(self, line) -> None:
-        if self.summary is None:
+        if self.summary is None or self.fixed(self.part):
             return
         part, layer, _ = self._selected()
         bits = self._snap(line.value())
@@ -766,9 +987,11 @@ class BitsView(QWidget):
 
     # ---- measuring ---------------------------------------------------------------
     def plan_key(self) -> tuple:
-        """What a measurement depends on: targets, range, mode, overrides, token scale."""
+        """What a measurement depends on: targets, range, mode, signal/noise bits, value
+        coding, overrides, token scale."""
         return (self.key_target(), self.value_target(), self.min_spin.value(),
-                self.max_spin.value(), self.water_check.isChecked(),
+                self.max_spin.value(), self.water_filling, self.signal_spin.value(),
+                self.noise_spin.value(), self.value_affine(),
                 tuple(sorted(self.overrides.items())), self.token_scale_check.isChecked())
 
     def _forget_measurement(self) -> None:
@@ -834,6 +1057,10 @@ class BitsView(QWidget):
         for part, key in (("keys", "key_mse"), ("values", "value_mse")):
             measured = float(np.mean(m[key]))
             predicted = float(np.mean(m["predicted"][part]))
+            if math.isnan(predicted):  # affine values: nothing was predicted
+                errors.append(f"{PART_LABELS[part].lower()} (affine) measured "
+                              f"<b>{to_db(measured):.1f} dB</b>")
+                continue
             ratio = f" ({measured / predicted:.1f}×)" if predicted > 0 else ""
             errors.append(f"{PART_LABELS[part].lower()} predicted {to_db(predicted):.1f} dB, "
                           f"measured <b>{to_db(measured):.1f} dB</b>{ratio}")
