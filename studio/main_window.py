@@ -200,9 +200,8 @@ class MainWindow(QMainWindow):
             return None
         plan = bits.bit_plan()
         scale = bits.token_scale_check.isChecked()
-        return {"bit_plan": plan, "token_scale": scale,
-                "label": f"spectral: Bits plan K{plan['key_avg_bits']:g}/"
-                         f"V{plan['value_avg_bits']:g}" + ("+ts" if scale else "")}
+        # No label here: the generate job names the plan (plan_label), value method included.
+        return {"bit_plan": plan, "token_scale": scale}
 
     def _load_shipped_bundle(self) -> None:
         if self.model_view.info is None:

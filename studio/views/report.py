@@ -34,6 +34,12 @@ def _version() -> str:
         return "dev"
 
 
+def _db_or_dash(distortion) -> str:
+    """Predicted error in dB, or a dash where there is no spectral prediction (affine)."""
+    value = float(np.mean(distortion))
+    return f"{to_db(value):.1f}" if np.isfinite(value) and value > 0 else "—"
+
+
 def _plain(text: str) -> str:
     """A rich-text label's text without tags."""
     return re.sub(r"<[^>]+>", "", text.replace("<br>", " ")).replace("&nbsp;", " ").strip()
@@ -111,7 +117,12 @@ def write_report(window, directory: str | Path) -> Path:
                   f"- Keys {plan['key_avg_bits']:.2f} bits/dim, values "
                   f"{plan['value_avg_bits']:.2f} bits/dim, each dimension "
                   f"{plan['min_bits']}–{plan['max_bits']} bits, "
-                  + ("water-filled" if plan["water_filling"] else "uniform") + ".",
+                  + ("water-filled" if plan["water_filling"] else
+                     f"signal {plan.get('signal_bits')} / noise {plan.get('noise_bits')} bits "
+                     "around each head's spectral gap")
+                  + (f"; values affine {plan.get('value_bits')}-bit, group "
+                     f"{plan.get('value_group_size')}" if plan.get("value_method") == "affine"
+                     else "") + ".",
                   f"- Overrides: {_plain(bits.overrides_label.text())}",
                   f"- Predicted error (Σλ·4^(−b)/Σλ, mean over layers and heads): keys "
                   f"{bits.key_error.text()}, values {bits.value_error.text()}.",
@@ -125,8 +136,7 @@ def write_report(window, directory: str | Path) -> Path:
         rows = []
         for li in range(summary["num_layers"]):
             row = [li] + [f"{bits.layer_target(p, li):.2f}" for p in ("keys", "values")]
-            row += [f"{to_db(float(bits.plan[p][1][li].mean())):.1f}" for p in ("keys",
-                                                                                 "values")]
+            row += [_db_or_dash(bits.plan[p][1][li]) for p in ("keys", "values")]
             if measured is not None:
                 row += [f"{to_db(float(np.mean(measured[k][li]))):.1f}"
                         for k in ("key_mse", "value_mse")]
