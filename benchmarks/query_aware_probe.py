@@ -1,6 +1,6 @@
 """Probe: query-aware water-filling of spectral keys (not yet a feature).
 
-    python benchmarks/query_aware_probe.py
+    python benchmarks/query_aware_probe.py [--model PATH.gguf] [--ctx 8192] [--json OUT]
 
 The score error of a key error δ (pre-RoPE), averaged over relative positions, is
 ≈ ½ Σ_pairs E|q_pair|² · |δ_pair|²: RoPE rotates each 2-D pair, and a query's pair
@@ -13,7 +13,9 @@ q_proj for 8 × 512 calibration tokens, water-fills keys on λ_i·ω_i instead o
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 
 import numpy as np
 
@@ -68,7 +70,13 @@ def query_importance(model, tokenizer, rotations) -> list[np.ndarray]:
 
 
 def main() -> None:
-    model, tokenizer, _ = load("default")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--ctx", type=int, default=1024)
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    model, tokenizer, _ = load(args.model, dequantize=True)
     rotations = load_cached_rotations(BUNDLE, model=model)
     importance = query_importance(model, tokenizer, rotations)
     plain_bits = caches.spectral_layer_bits
@@ -87,9 +95,14 @@ def main() -> None:
         aware.query_aware = True
         configs[spec + " qa"] = aware
     _, text, _ = load_eval_text()
-    for r in evaluate_methods(model, tokenizer, configs, text, 1024, chunk=512):
+    results = evaluate_methods(model, tokenizer, configs, text, args.ctx, chunk=args.chunk)
+    for r in results:
         print(f"{r.method:<26} {r.bits_per_element:.2f} bits  KL {r.kld:.4f}  "
               f"ΔPPL {r.delta_ppl_pct:+.2f}%", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(mx.default_device()), "context": args.ctx,
+                       "results": [r.to_dict() for r in results]}, f, indent=2)
 
 
 if __name__ == "__main__":
