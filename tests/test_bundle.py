@@ -38,6 +38,7 @@ def test_round_trip_and_plain_readability(tmp_path, tiny):
     assert loaded.model_fingerprint == model.velox_info.fingerprint()
     for a, b in zip(rotations, loaded, strict=True):
         np.testing.assert_array_equal(a.key_eigenvectors, b.key_eigenvectors)
+        np.testing.assert_array_equal(a.key_importance, b.key_importance)
         np.testing.assert_array_equal(a.value_eigenvalues, b.value_eigenvalues)
     # Someone without this project: json + safetensors only.
     manifest = json.loads((path / "manifest.json").read_text())

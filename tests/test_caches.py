@@ -239,3 +239,20 @@ def test_block_scaled_keys_code_whole_blocks_and_trim_across_them(tiny):
     np.testing.assert_allclose(got, exact_ref, atol=5e-2 * np.abs(exact_ref).max())
     with pytest.raises(CacheConfigError, match="exclude each other"):
         KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g32+b16+ts", rotations["pre"]))
+
+
+def test_query_aware_bits_reweight_the_same_budget(tiny):
+    import dataclasses
+
+    model, _, rotations = tiny
+    plain = KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g32", rotations["pre"]))
+    aware = KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g32+qa", rotations["pre"]))
+    for p_bits, a_bits in zip(plain.layer_bits, aware.layer_bits, strict=True):
+        p_keys, a_keys = np.array(p_bits["keys"]), np.array(a_bits["keys"])
+        assert np.array_equal(p_keys.sum(axis=1), a_keys.sum(axis=1))  # same budget per head
+    assert any(not np.array_equal(p["keys"], a["keys"])
+               for p, a in zip(plain.layer_bits, aware.layer_bits, strict=True))
+    old = dataclasses.replace(rotations["pre"], layers=[
+        dataclasses.replace(rot, key_importance=None) for rot in rotations["pre"]])
+    with pytest.raises(CacheConfigError, match="query statistics"):
+        KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g32+qa", old))

@@ -242,3 +242,30 @@ def test_distributed_two_ranks_equal_one(tmp_path):
             for h in range(va.shape[0]):
                 dots = np.abs(np.sum(ea[h, :, :3] * eb[h, :, :3], axis=0))
                 np.testing.assert_allclose(dots, 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("traditional", [True, False])
+def test_query_pair_energy_matches_numpy(traditional):
+    from veloxcore.calibration import pair_energy
+
+    x = np.random.default_rng(4).normal(size=(2, 5, 3, 8)).astype(np.float32)
+    got = np.array(pair_energy(mx.array(x), traditional))
+    if traditional:
+        want = x[..., 0::2] ** 2 + x[..., 1::2] ** 2
+    else:
+        want = x[..., :4] ** 2 + x[..., 4:] ** 2
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_calibration_records_query_importance_and_restores_the_model(tmp_path):
+    from veloxcore.calibration import QueryPairEnergy
+
+    write_tiny_dir(tmp_path / "tiny")
+    model, tokenizer, _ = veloxcore.load(tmp_path / "tiny")
+    rotations = calibrate_spectral_rotation(model, tokenizer, num_samples=2, sequence_length=64,
+                                            corpus=TEXT)
+    for rot in rotations:
+        assert rot.key_importance.shape == (2, 16)
+        assert np.all(rot.key_importance > 0)
+        np.testing.assert_allclose(rot.key_importance.mean(axis=1), 1.0, rtol=1e-5)
+    assert not any(isinstance(layer.self_attn.q_proj, QueryPairEnergy) for layer in model.layers)

@@ -74,6 +74,9 @@ def save_rotations(rotations: SpectralRotations, directory: str | Path,
                                     ("mean", mean)):
                     tensors[_tensor_name(rot.layer, part, what)] = np.ascontiguousarray(
                         array, dtype=np.float32)
+            if rot.key_importance is not None:
+                tensors[_tensor_name(rot.layer, "keys", "importance")] = np.ascontiguousarray(
+                    rot.key_importance, dtype=np.float32)
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
         files = [TENSORS]
         if bit_plan is not None:
@@ -210,11 +213,20 @@ def load_cached_rotations(directory: str | Path, model=None,
                 if not np.all(np.isfinite(array)):
                     raise BundleError(f"{root / TENSORS}: tensor {name!r} has NaN/inf values")
                 parts[(part, what)] = array
+        importance = tensors.get(_tensor_name(layer, "keys", "importance"))
+        if importance is not None and (importance.shape != (heads, dim)
+                                       or importance.dtype != np.float32
+                                       or not np.all(np.isfinite(importance))):
+            raise BundleError(f"{root / TENSORS}: tensor "
+                              f"{_tensor_name(layer, 'keys', 'importance')!r} has shape "
+                              f"{importance.shape} {importance.dtype} or non-finite values, "
+                              f"expected {(heads, dim)} float32")
         layers.append(SpectralRotation(
             layer, dim, calib["rope_mode"], int(calib.get("token_count", 0)),
             parts[("keys", "eigenvalues")], parts[("keys", "eigenvectors")],
             parts[("values", "eigenvalues")], parts[("values", "eigenvectors")],
-            key_mean=parts[("keys", "mean")], value_mean=parts[("values", "mean")]))
+            key_mean=parts[("keys", "mean")], value_mean=parts[("values", "mean")],
+            key_importance=importance))
     rotations = SpectralRotations(
         layers=layers, rope_mode=calib["rope_mode"],
         num_samples=int(calib.get("num_samples", 0)),

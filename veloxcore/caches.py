@@ -76,6 +76,9 @@ class KVCacheConfig:
     # Keys coded in blocks of this many tokens with per-block, per-dim scales
     # (0: static scales from calibration). Up to block−1 newest tokens stay exact.
     key_block_scale: int = 0
+    # Water-fill keys on eigenvalue × query importance (needs a bundle calibrated with
+    # query statistics; BENCHMARKS.md: 17–18% lower KL at 8k for the same bits).
+    query_aware: bool = False
 
     @classmethod
     def recommended(cls, rotations: SpectralRotations) -> KVCacheConfig:
@@ -547,8 +550,14 @@ def spectral_layer_bits(rotation, config: KVCacheConfig, layer_plan: dict | None
     if layer_plan is not None:
         return (np.asarray(layer_plan["keys"], dtype=np.int64),
                 np.asarray(layer_plan["values"], dtype=np.int64))
+    key_spectra = rotation.key_eigenvalues
+    if config.query_aware:
+        if rotation.key_importance is None:
+            raise CacheConfigError("query-aware bits need rotations calibrated with query "
+                                   "statistics (recalibrate with this version)")
+        key_spectra = key_spectra * rotation.key_importance
     key_bits, value_bits = [], []
-    for lam_k, lam_v in zip(rotation.key_eigenvalues, rotation.value_eigenvalues, strict=True):
+    for lam_k, lam_v in zip(key_spectra, rotation.value_eigenvalues, strict=True):
         if config.use_water_filling:
             target = config.target_avg_bits if config.target_avg_bits is not None else 3.0
             key_bits.append(water_fill_bits(lam_k, target, config.min_bits, config.max_bits))
@@ -593,7 +602,8 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
     (affine 4-bit values, group 64; group 32 when omitted). Modifiers after "+":
     ``+r64`` keeps the newest 64 tokens exact, ``+s4`` sets the exact sink tokens,
     ``+x2.5`` the codebook scale inflation, ``+ts`` adds a per-token scale, ``+b64``
-    codes keys in 64-token blocks with per-block scales.
+    codes keys in 64-token blocks with per-block scales, ``+qa`` water-fills keys on
+    eigenvalue × query importance.
     """
     body, *modifiers = spec.strip().split("+")
     try:
@@ -609,6 +619,8 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
                 config.scale_inflation = float(mod[1:])
             elif mod[:1] == "b":
                 config.key_block_scale = int(mod[1:])
+            elif mod == "qa":
+                config.query_aware = True
             else:
                 raise ValueError(mod)
         return config

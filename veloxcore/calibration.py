@@ -52,6 +52,8 @@ class SpectralRotation:
     value_eigenvectors: np.ndarray
     key_mean: np.ndarray | None = None  # (kv_heads, head_dim); None = zero
     value_mean: np.ndarray | None = None
+    # How much query energy each key eigen-direction meets (mean 1 per head), or None.
+    key_importance: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         zeros = np.zeros(self.key_eigenvalues.shape, dtype=np.float32)
@@ -185,6 +187,80 @@ class CovarianceCapture:
         return self.key_moment, self.value_moment, self.key_sum, self.value_sum
 
 
+class QueryPairEnergy(nn.Module):
+    """Wraps a layer's q_proj during calibration and sums each query head's energy per
+    RoPE pair, Σ|q_pair|². RoPE rotates within pairs, so these energies are the same
+    before and after RoPE, at every position."""
+
+    def __init__(self, inner: nn.Module, heads: int, head_dim: int, traditional: bool):
+        super().__init__()
+        self.inner = inner
+        self.heads, self.head_dim, self.traditional = heads, head_dim, traditional
+        self.energy = mx.zeros((heads, head_dim // 2), dtype=mx.float32)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.inner(x)
+        B, L, _ = y.shape
+        q = y.reshape(B, L, self.heads, self.head_dim).astype(mx.float32)
+        self.energy = self.energy + pair_energy(q, self.traditional).sum(axis=(0, 1))
+        return y
+
+
+def pair_energy(x: mx.array, traditional: bool) -> mx.array:
+    """|x_pair|² over the last axis: pairs (2j, 2j+1) if traditional, else (j, j + D/2)."""
+    D = x.shape[-1]
+    if traditional:
+        pairs = x.reshape(*x.shape[:-1], D // 2, 2)
+        return (pairs * pairs).sum(axis=-1)
+    a, b = x[..., : D // 2], x[..., D // 2:]
+    return a * a + b * b
+
+
+def key_importance(query_energy: np.ndarray, eigenvectors: np.ndarray,
+                   traditional: bool) -> np.ndarray:
+    """ω (kv_heads, D): the query energy each key eigen-direction meets, mean 1 per head.
+
+    For a key error δ (pre-RoPE), the score error averaged over relative positions is
+    ≈ ½ Σ_pairs E|q_pair|²·|δ_pair|²; with δ = V ε this is Σ_i ε_i² ω_i, where
+    ω_i = ½ Σ_j w_j |V[pair j, i]|² and w_j sums the head's query group
+    (BENCHMARKS.md: water-filling on λ·ω lowers KL 17–18% at 8k).
+    """
+    H, D, _ = eigenvectors.shape
+    w = query_energy.reshape(H, -1, D // 2).sum(axis=1)
+    v2 = eigenvectors.astype(np.float64) ** 2
+    if traditional:
+        per_pair = v2.reshape(H, D // 2, 2, D).sum(axis=2)
+    else:
+        per_pair = v2[:, : D // 2] + v2[:, D // 2:]
+    omega = np.einsum("hp,hpi->hi", w, per_pair)
+    mean = omega.mean(axis=1, keepdims=True)
+    return (omega / np.where(mean > 0, mean, 1.0)).astype(np.float32)
+
+
+def _install_query_recorders(model) -> list[QueryPairEnergy] | None:
+    """Wrap every layer's q_proj, or return None where the layout is not known."""
+    args = model.args
+    heads = args.num_attention_heads
+    _, _, head_dim = model_shape(model)
+    attns = [getattr(layer, "self_attn", None) for layer in model.layers]
+    if not all(a is not None and isinstance(getattr(a, "q_proj", None), nn.Module)
+               for a in attns):
+        return None
+    recorders = []
+    for attn, layer in zip(attns, model.layers, strict=True):
+        rope = find_rope(layer)
+        traditional = bool(getattr(rope, "traditional", getattr(args, "rope_traditional", False)))
+        recorder = QueryPairEnergy(attn.q_proj, heads, head_dim, traditional)
+        attn.q_proj = recorder
+        recorders.append(recorder)
+    return recorders
+
+
+def _remove_query_recorders(model, recorders) -> None:
+    for layer, recorder in zip(model.layers, recorders or [], strict=False):
+        layer.self_attn.q_proj = recorder.inner
+
+
 def _rows(x: mx.array) -> mx.array:
     """(B, H, L, D) -> (H, B·L, D) in float32."""
     B, H, L, D = x.shape
@@ -292,6 +368,51 @@ def calibrate_spectral_rotation(
     value_sum = np.zeros_like(key_sum)
     tokens_per_sample = sequence_length - sink_tokens
     forward = model.model if hasattr(model, "model") else model
+    recorders = _install_query_recorders(model)
+    query_acc = (np.zeros((num_layers, *recorders[0].energy.shape), dtype=np.float64)
+                 if recorders else None)
+    try:
+        _calibration_loop(forward, mine, captures, recorders, key_acc, value_acc, key_sum,
+                          value_sum, query_acc, cancel, progress, progress_layer, size,
+                          len(windows), sequence_length, tokens_per_sample)
+    finally:
+        _remove_query_recorders(model, recorders)
+    if cancel is not None and cancel.is_set():
+        raise CalibrationCancelled("calibration cancelled")
+
+    count = len(mine) * tokens_per_sample
+    if size > 1:
+        key_acc, value_acc = _all_sum_f64(key_acc, group), _all_sum_f64(value_acc, group)
+        key_sum, value_sum = _all_sum_f64(key_sum, group), _all_sum_f64(value_sum, group)
+        if query_acc is not None:
+            query_acc = _all_sum_f64(query_acc, group)
+        count = len(windows) * tokens_per_sample
+    layers = []
+    for layer in range(num_layers):
+        key_vals, key_vecs = _eigh_descending(_covariance(key_acc[layer], key_sum[layer], count))
+        value_vals, value_vecs = _eigh_descending(_covariance(value_acc[layer], value_sum[layer],
+                                                              count))
+        importance = None
+        if recorders:
+            importance = key_importance(query_acc[layer], key_vecs, recorders[layer].traditional)
+        layers.append(SpectralRotation(
+            layer, head_dim, rope, count, key_vals, key_vecs, value_vals, value_vecs,
+            key_mean=(key_sum[layer] / count).astype(np.float32),
+            value_mean=(value_sum[layer] / count).astype(np.float32),
+            key_importance=importance))
+    info = getattr(model, "velox_info", None)
+    return SpectralRotations(
+        layers=layers, rope_mode=rope, num_samples=len(windows),
+        sequence_length=sequence_length, corpus_name=corpus.name,
+        corpus_sha256=corpus.sha256, seed=seed, sink_tokens=sink_tokens,
+        model_fingerprint=info.fingerprint() if info is not None else
+        {"num_layers": num_layers, "num_kv_heads": kv_heads, "head_dim": head_dim},
+    )
+
+
+def _calibration_loop(forward, mine, captures, recorders, key_acc, value_acc, key_sum,
+                      value_sum, query_acc, cancel, progress, progress_layer, size, total,
+                      sequence_length, tokens_per_sample) -> None:
     start = time.perf_counter()
     for i, window in enumerate(mine):
         if cancel is not None and cancel.is_set():
@@ -302,19 +423,22 @@ def calibrate_spectral_rotation(
         # Only the moments are evaluated: MLX skips work they do not depend on
         # (the last MLP and the LM head).
         forward(mx.array(window)[None], cache=captures)
-        mx.eval([c.state for c in captures])
+        mx.eval([c.state for c in captures], [r.energy for r in recorders or []])
         for layer, capture in enumerate(captures):
             key_acc[layer] += np.array(capture.key_moment)
             value_acc[layer] += np.array(capture.value_moment)
             key_sum[layer] += np.array(capture.key_sum)
             value_sum[layer] += np.array(capture.value_sum)
+        for layer, recorder in enumerate(recorders or []):
+            query_acc[layer] += np.array(recorder.energy)
+            recorder.energy = mx.zeros_like(recorder.energy)
         if progress is not None:
             done = i + 1
             elapsed = time.perf_counter() - start
             count = done * tokens_per_sample
             progress(CalibrationProgress(
-                samples_done=done * size if done < len(mine) else len(windows),
-                num_samples=len(windows),
+                samples_done=done * size if done < len(mine) else total,
+                num_samples=total,
                 tokens_done=done * size * sequence_length,
                 tokens_per_s=done * size * sequence_length / elapsed if elapsed > 0 else 0.0,
                 eta_s=elapsed / done * (len(mine) - done),
@@ -324,31 +448,6 @@ def calibrate_spectral_rotation(
                 value_eigenvalues=_eigvals(_covariance(value_acc[progress_layer],
                                                        value_sum[progress_layer], count)),
             ))
-    if cancel is not None and cancel.is_set():
-        raise CalibrationCancelled("calibration cancelled")
-
-    count = len(mine) * tokens_per_sample
-    if size > 1:
-        key_acc, value_acc = _all_sum_f64(key_acc, group), _all_sum_f64(value_acc, group)
-        key_sum, value_sum = _all_sum_f64(key_sum, group), _all_sum_f64(value_sum, group)
-        count = len(windows) * tokens_per_sample
-    layers = []
-    for layer in range(num_layers):
-        key_vals, key_vecs = _eigh_descending(_covariance(key_acc[layer], key_sum[layer], count))
-        value_vals, value_vecs = _eigh_descending(_covariance(value_acc[layer], value_sum[layer],
-                                                              count))
-        layers.append(SpectralRotation(
-            layer, head_dim, rope, count, key_vals, key_vecs, value_vals, value_vecs,
-            key_mean=(key_sum[layer] / count).astype(np.float32),
-            value_mean=(value_sum[layer] / count).astype(np.float32)))
-    info = getattr(model, "velox_info", None)
-    return SpectralRotations(
-        layers=layers, rope_mode=rope, num_samples=len(windows),
-        sequence_length=sequence_length, corpus_name=corpus.name,
-        corpus_sha256=corpus.sha256, seed=seed, sink_tokens=sink_tokens,
-        model_fingerprint=info.fingerprint() if info is not None else
-        {"num_layers": num_layers, "num_kv_heads": kv_heads, "head_dim": head_dim},
-    )
 
 
 def _eigvals(moments: np.ndarray) -> np.ndarray:
