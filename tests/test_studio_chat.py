@@ -12,24 +12,17 @@ import sys
 
 import pytest
 from PySide6.QtCore import Qt
+from qtwait import wait_for
 
 from studio.chat_store import ChatStore
 from studio.engine import Engine
 from studio.main_window import MainWindow
 from studio.views.chat_view import ChatView, divergence
-from studio.waiting import wait_for as wait_for_signal
 
 pytestmark = pytest.mark.slow
 
 LOAD_TIMEOUT_MS = 180_000
 REPLY_TIMEOUT_MS = 120_000
-
-
-def wait_for(signal, timeout_ms: int, accept=lambda *args: True):
-    """Run the event loop until ``signal`` fires with arguments ``accept`` likes."""
-    got = wait_for_signal(signal, timeout_ms, accept)
-    assert got is not None, f"timed out after {timeout_ms} ms"
-    return got
 
 
 @pytest.fixture(scope="module")

@@ -11,22 +11,15 @@ import numpy as np
 import pytest
 from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtGui import QKeySequence
+from qtwait import wait_for
 
 from studio.engine import Engine
 from studio.main_window import MainWindow
-from studio.waiting import wait_for as wait_for_signal
 
 pytestmark = pytest.mark.slow
 
 LOAD_TIMEOUT_MS = 180_000
 JOB_TIMEOUT_MS = 120_000
-
-
-def wait_for(signal, timeout_ms: int, accept=lambda *args: True):
-    """Run the event loop until ``signal`` fires with arguments ``accept`` likes."""
-    got = wait_for_signal(signal, timeout_ms, accept)
-    assert got is not None, f"timed out after {timeout_ms} ms"
-    return got
 
 
 def kind_is(kind):

@@ -11,7 +11,7 @@ kept exact.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -673,7 +673,6 @@ class CacheMemory:
     nbytes: int
     fp16_nbytes: int
     bits_per_element: float
-    details: dict = field(default_factory=dict)
 
 
 def cache_memory(caches, model) -> CacheMemory:

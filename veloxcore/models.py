@@ -311,7 +311,7 @@ def load(source: str | Path = DEFAULT_MODEL, progress: Progress | None = None,
     args = model.args
     num_heads = args.num_attention_heads
     info = ModelInfo(
-        name=_model_name(source, model_dir),
+        name=_model_name(source),
         source=str(source),
         architecture=config["model_type"],
         num_layers=len(model.layers),
@@ -339,7 +339,7 @@ def load(source: str | Path = DEFAULT_MODEL, progress: Progress | None = None,
     return model, tokenizer, info
 
 
-def _model_name(source: Any, model_dir: Path) -> str:
+def _model_name(source: Any) -> str:
     if str(source) == DEFAULT_MODEL:
         return "SmolLM2-135M-Instruct (Q4_1 GGUF)"
     path = Path(str(source))
