@@ -17,8 +17,10 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, create_attention_mask
 
+from . import attention
 from .calibration import RopeInverter, SpectralRotations, find_rope, model_shape
 from .errors import VeloxError
+from .kernels import SpectralKernels, kernel_backend, merge_partials, reference_partials
 from .quantizers import DimCoder, make_coder
 from .spectral import compute_spectral_gap, water_fill_bits
 
@@ -79,6 +81,10 @@ class KVCacheConfig:
     # Water-fill keys on eigenvalue × query importance (needs a bundle calibrated with
     # query statistics; BENCHMARKS.md: 17–18% lower KL at 8k for the same bits).
     query_aware: bool = False
+    # Decode attention straight from the codes ("auto": fused CUDA/Metal kernels where
+    # available, else decode-then-attend; "reference": the pure-MLX version of the
+    # fused path, for checking it anywhere; "off": always decode-then-attend).
+    kernels: str = "auto"
 
     @classmethod
     def recommended(cls, rotations: SpectralRotations) -> KVCacheConfig:
@@ -135,6 +141,7 @@ class CodedKVCache:
         self.recent_keys: mx.array | None = None
         self.recent_values: mx.array | None = None
         self.coded = 0  # tokens stored in parts
+        self.fused_decode = False  # set by KVCacheBuilder once attention is hooked
 
     @property
     def num_sinks(self) -> int:
@@ -166,6 +173,10 @@ class CodedKVCache:
                     self.recent_keys = self.recent_keys[..., overflow:, :]
                     self.recent_values = self.recent_values[..., overflow:, :]
         self.offset += L
+        if self.fused_decode and L == 1:
+            # Attention reads the codes (``attend``, via veloxcore.attention's hook);
+            # what is returned here is not used.
+            return keys, values
         return self.fetch(keys.dtype)
 
     def fetch(self, dtype=mx.float32):
@@ -183,6 +194,32 @@ class CodedKVCache:
         if len(keys) == 1:
             return keys[0], values[0]
         return mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
+
+    def exact_tokens(self):
+        """(keys, values) of the exact tokens (sinks and recent window), or None."""
+        keys = [k for k in (self.sink_keys, self.recent_keys) if k is not None]
+        values = [v for v in (self.sink_values, self.recent_values) if v is not None]
+        if not keys:
+            return None
+        if len(keys) == 1:
+            return keys[0], values[0]
+        return mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
+
+    def attend(self, queries: mx.array, scale: float) -> mx.array:
+        """Attention of decode-step queries (B, Hq, 1, D) over everything cached,
+        computed as partials over the exact and the coded tokens and merged."""
+        partials = []
+        exact = self.exact_tokens()
+        if exact is not None:
+            partials.append(reference_partials(queries, scale, *exact))
+        if self.coded:
+            partials.append(self.coded_partials(queries, scale))
+        return merge_partials(partials, queries.dtype)
+
+    def coded_partials(self, queries: mx.array, scale: float):
+        keys, values = self.decode([p[..., : self.coded, :] for p in self.parts],
+                                   self.num_sinks)
+        return reference_partials(queries, scale, keys, values)
 
     def _store(self, parts: tuple[mx.array, ...]) -> None:
         L = parts[0].shape[2]
@@ -335,8 +372,24 @@ class SpectralKVCache(CodedKVCache):
         if value_affine is None:
             self.value_basis = mx.array(value_vectors.astype(np.float32))
             self.value_coder = make_coder(value_bits, value_scales)
+        self.kernels: SpectralKernels | None = None
+
+    def use_kernels(self, backend: str) -> None:
+        """Code arriving tokens and attend with the fused kernels of ``backend``
+        ("cuda", "metal" or "reference"). Raises ValueError where unsupported."""
+        if not isinstance(self.key_coder, DimCoder) or (
+                self.value_affine is None and not isinstance(self.value_coder, DimCoder)):
+            raise ValueError("16-bit (uncoded) layers are not supported by the fused kernels")
+        self.kernels = SpectralKernels(self, backend)
+
+    def coded_partials(self, queries, scale):
+        if self.kernels is None or self.kernels.backend == "reference":
+            return super().coded_partials(queries, scale)
+        return self.kernels.attend(queries, scale, self.parts, self.coded, self.num_sinks)
 
     def encode(self, keys, values, position):
+        if self.kernels is not None and self.kernels.backend != "reference":
+            return self._encode_fused(keys, values, position)
         if self.inverter is not None:
             keys = self.inverter(keys, position)
         y = (keys.astype(mx.float32) - self.key_mean) @ self.key_basis
@@ -348,6 +401,16 @@ class SpectralKVCache(CodedKVCache):
             centred = values.astype(mx.float32) - self.value_mean
             value_parts = self._encode_part(self.value_coder, centred @ self.value_basis,
                                             self.value_rms, token_scale=self.token_scale)
+        else:
+            bits, group = self.value_affine
+            value_parts = tuple(mx.quantize(values.astype(mx.float16), group_size=group,
+                                            bits=bits))
+        return (*key_parts, *value_parts)
+
+    def _encode_fused(self, keys, values, position):
+        key_parts = self.kernels.encode_keys(keys, position)
+        if self.value_affine is None:
+            value_parts = self.kernels.encode_values(values, self.token_scale)
         else:
             bits, group = self.value_affine
             value_parts = tuple(mx.quantize(values.astype(mx.float16), group_size=group,
@@ -474,6 +537,8 @@ class CacheList(list):
     config: KVCacheConfig
     uncompressed_layers: list[int]
     layer_bits: list[dict]
+    kernel_backend: str | None = None  # fused decode backend, None when not used
+    kernel_notes: list[str] = []
 
     @property
     def nbytes(self) -> int:
@@ -529,7 +594,32 @@ class KVCacheBuilder:
                 cache, bits = _spectral_cache(model, config, layer)
                 caches.layer_bits.append(bits)
                 caches.append(cache)
+        caches.kernel_backend, caches.kernel_notes = _use_kernels(model, config, caches)
         return caches
+
+
+def _use_kernels(model, config: KVCacheConfig, caches) -> tuple[str | None, list[str]]:
+    """Switch spectral layers to fused decode; (backend or None, notes on layers left out)."""
+    if config.method != "spectral" or config.kernels == "off":
+        return None, []
+    if config.kernels not in ("auto", "reference", "cuda", "metal"):
+        raise CacheConfigError(f"kernels must be auto, reference, cuda, metal or off, "
+                               f"not {config.kernels!r}")
+    backend = kernel_backend() if config.kernels == "auto" else config.kernels
+    if config.kernels == "auto" and backend == "reference":
+        return None, []  # CPU: decode-then-attend is the same computation, fewer ops
+    if not attention.install(model):
+        return None, ["the model's attention has no hook point; decoding then attending"]
+    notes = []
+    for layer, cache in enumerate(caches):
+        if not isinstance(cache, SpectralKVCache):
+            continue
+        try:
+            cache.use_kernels(backend)
+            cache.fused_decode = True
+        except ValueError as e:
+            notes.append(f"layer {layer}: {e}")
+    return backend, notes
 
 
 def _check_rotations(model, config: KVCacheConfig) -> None:

@@ -74,6 +74,7 @@ class DimCoder:
             raise ValueError(f"bits must be (heads, dims) in [0, {MAX_BITS}]")
         H, D = bits.shape
         self.bits = bits
+        self.scales = np.asarray(scales, dtype=np.float64)
         self.heads, self.dims = H, D
         offsets = np.concatenate([np.zeros((H, 1), np.int64), np.cumsum(bits, axis=1)], axis=1)
         self.bits_per_vector = int(offsets[:, -1].max())

@@ -1,0 +1,278 @@
+"""Fused decode attention: layout, the pure-MLX reference path, and (on a GPU) the
+CUDA / Metal kernels against that reference.
+
+On CPU the kernel tests are skipped; they run on an H100/H200 with MLX's CUDA
+backend (benchmarks/README: ``python -m pytest tests/test_kernels.py``) and on
+Apple silicon in .github/workflows/macos.yml.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.models.cache import KVCache
+from tinymodel import tiny_model
+
+from cuda_emulator import compiler, emulated_kernel
+
+from veloxcore import attention, kernels
+from veloxcore.caches import SpectralKVCache
+from veloxcore.kernels import (
+    SpectralKernels,
+    kernel_backend,
+    merge_partials,
+    reference_partials,
+    rope_pairs,
+    unit_codebook,
+)
+from veloxcore.quantizers import lloyd_max_gaussian
+
+BACKEND = kernel_backend()
+on_gpu = pytest.mark.skipif(BACKEND == "reference", reason="needs a CUDA or Metal GPU")
+# The kernels' CUDA text also runs on the CPU under an emulation of CUDA's thread
+# model (tests/cuda_emulator.py), so CI checks the kernel logic without a GPU.
+KERNEL_BACKENDS = ["emulated"] + ([BACKEND] if BACKEND != "reference" else [])
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request, monkeypatch):
+    if request.param == "emulated":
+        if compiler() is None:
+            pytest.skip("no C++ compiler for the kernel emulator")
+        original = kernels._kernel
+        monkeypatch.setattr(kernels, "_kernel", lambda b, which: emulated_kernel(which)
+                            if b == "emulated" else original(b, which))
+    return request.param
+
+
+def orthogonal(rng, heads, dim):
+    q, r = np.linalg.qr(rng.normal(size=(heads, dim, dim)))
+    return q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+
+
+def make_cache(rng, heads=3, dim=64, mode="pre", values="affine", token_scale=False,
+               traditional=True, avg_bits=3, sink_tokens=4):
+    """A spectral cache with random bases, decaying spectra and water-filled-like bits."""
+    lam = np.exp(-np.arange(dim) / (dim / 6.0))[None].repeat(heads, 0) * rng.uniform(
+        0.5, 2.0, size=(heads, 1))
+    bits = np.clip(np.round(avg_bits + 0.5 * np.log2(lam / lam.mean(1, keepdims=True))),
+                   0, 8).astype(np.int64)
+    scales = 2.0 * np.sqrt(lam)
+    value_affine = (4, 64) if values == "affine" else None
+    rope = nn.RoPE(dim, traditional=traditional, base=10000) if mode == "pre" else None
+    return SpectralKVCache(orthogonal(rng, heads, dim), scales, bits,
+                           orthogonal(rng, heads, dim), scales, np.maximum(bits, 1), mode, rope,
+                           value_affine, sink_tokens,
+                           key_mean=rng.normal(size=(heads, dim)) * 0.3,
+                           value_mean=rng.normal(size=(heads, dim)) * 0.3,
+                           token_scale=token_scale)
+
+
+def random_kv(rng, cache, tokens):
+    H, D = cache.key_coder.heads, cache.key_coder.dims
+    lam = np.array(cache.key_coder.scales) / 2.0
+    coeff = rng.normal(size=(1, H, tokens, D)) * lam[None, :, None, :]
+    keys = np.einsum("bhtm,hdm->bhtd", coeff, np.array(cache.key_basis))
+    values = rng.normal(size=(1, H, tokens, D))
+    return mx.array(keys.astype(np.float16)), mx.array(values.astype(np.float16))
+
+
+# ------------------------------------------------------------------ layout (CPU)
+@pytest.mark.parametrize("traditional", [True, False])
+@pytest.mark.parametrize("dims", [64, 48])
+def test_rope_pairs_reproduce_the_rope_module(traditional, dims):
+    D = 64
+    rope = nn.RoPE(dims, traditional=traditional, base=10000)
+    perm, theta, amp = rope_pairs(rope, D)
+    assert sorted(perm.tolist()) == list(range(D))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 1, 5, D)).astype(np.float32)
+    for offset in (0, 7, 4000):
+        expected = np.array(rope(mx.array(x), offset=offset))
+        pos = offset + np.arange(5)[:, None]
+        a, b = x[0, 0][:, perm[0::2]], x[0, 0][:, perm[1::2]]
+        angle = pos * theta.astype(np.float64)
+        got = np.empty_like(x[0, 0])
+        got[:, perm[0::2]] = amp * (a * np.cos(angle) - b * np.sin(angle))
+        got[:, perm[1::2]] = amp * (a * np.sin(angle) + b * np.cos(angle))
+        np.testing.assert_allclose(got, expected[0, 0], atol=2e-3)
+
+
+def test_unit_codebook_holds_every_width_at_its_offset():
+    table = unit_codebook()
+    assert table.size == 510
+    for b in range(1, 9):
+        np.testing.assert_allclose(table[(1 << b) - 2: (1 << b) - 2 + (1 << b)],
+                                   lloyd_max_gaussian(b)[0], rtol=1e-6)
+
+
+def test_merged_partials_equal_softmax_attention():
+    rng = np.random.default_rng(1)
+    q = mx.array(rng.normal(size=(1, 6, 1, 16)).astype(np.float32))
+    k = mx.array(rng.normal(size=(1, 2, 30, 16)).astype(np.float32))
+    v = mx.array(rng.normal(size=(1, 2, 30, 16)).astype(np.float32))
+    whole = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25)
+    parts = [reference_partials(q, 0.25, k[:, :, a:b], v[:, :, a:b])
+             for a, b in ((0, 4), (4, 25), (25, 30))]
+    np.testing.assert_allclose(np.array(merge_partials(parts, mx.float32)), np.array(whole),
+                               atol=1e-5)
+
+
+# --------------------------------------------------- fused path, reference (CPU)
+def greedy_logits(model, caches, prompt, steps):
+    logits = model(mx.array(prompt)[None], cache=caches)[0, -1]
+    out = [np.array(logits)]
+    for _ in range(steps):
+        token = mx.argmax(logits).reshape(1, 1)
+        logits = model(token, cache=caches)[0, -1]
+        out.append(np.array(logits))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("mode,values,token_scale",
+                         [("pre", "affine", True), ("pre", "spectral", False),
+                          ("post", "affine", False)])
+def test_fused_reference_decode_matches_decode_then_attend(mode, values, token_scale):
+    """The attend path (exact + coded partials, hooked into mlx-lm's attention) gives
+    the logits of the materialising path, step by step."""
+    model = tiny_model(seed=3, head_dim=64)
+    rng = np.random.default_rng(2)
+    prompt = rng.integers(0, 200, size=40).tolist()
+
+    def caches(kernels):
+        out = []
+        for layer in model.layers:
+            cache = make_cache(np.random.default_rng(5), heads=2, dim=64, mode=mode,
+                               values=values, token_scale=token_scale)
+            cache.rope = layer.self_attn.rope
+            if mode == "pre":
+                from veloxcore.calibration import RopeInverter
+                cache.inverter = RopeInverter(cache.rope, 64)
+            if kernels:
+                cache.use_kernels("reference")
+                cache.fused_decode = True
+            out.append(cache)
+        return out
+
+    plain = greedy_logits(model, caches(False), prompt, 6)
+    assert attention.install(model)
+    try:
+        fused_caches = caches(True)
+        fused = greedy_logits(model, fused_caches, prompt, 6)
+    finally:
+        attention.uninstall(model)
+    np.testing.assert_allclose(fused, plain, atol=2e-4, rtol=1e-4)
+    assert fused_caches[0].offset == len(prompt) + 6
+
+
+def test_hook_leaves_other_caches_alone():
+    model = tiny_model(seed=4)
+    ids = mx.array([[5, 6, 7, 8]])
+    before = np.array(model(ids, cache=[KVCache() for _ in model.layers]))
+    assert attention.install(model) and attention.install(model)  # idempotent
+    try:
+        after = np.array(model(ids, cache=[KVCache() for _ in model.layers]))
+    finally:
+        attention.uninstall(model)
+    np.testing.assert_array_equal(before, after)
+
+
+# ------------------------------------------------------------- kernels (GPU)
+SHAPES = [  # heads, query heads per KV head, head_dim, rope mode, values, token scale
+    (3, 3, 64, "pre", "affine", True),
+    (3, 3, 64, "pre", "spectral", False),
+    (8, 4, 128, "pre", "affine", False),
+    (2, 4, 128, "post", "spectral", True),
+    (4, 2, 64, "post", "affine", False),
+]
+
+
+def filled(cache, rng, tokens):
+    keys, values = random_kv(rng, cache, tokens)
+    for s in range(0, tokens, 1000):
+        cache.update_and_fetch(keys[:, :, s: s + 1000], values[:, :, s: s + 1000])
+    return cache
+
+
+@pytest.mark.parametrize("heads,group,dim,mode,values,token_scale", SHAPES)
+@pytest.mark.parametrize("tokens,threadgroups", [(5, 512), (200, 512), (200, 3), (4099, 512),
+                                                 (4099, 16)])
+def test_decode_kernel_matches_reference(backend, monkeypatch, heads, group, dim, mode, values,
+                                         token_scale, tokens, threadgroups):
+    """Few threadgroups put several tiles in each split (online softmax across tiles);
+    many give one tile per split (merge across splits)."""
+    if backend == "emulated" and tokens * heads > 1000:
+        pytest.skip("too slow to emulate")
+    monkeypatch.setattr(kernels, "TARGET_THREADGROUPS", threadgroups)
+    rng = np.random.default_rng(tokens + dim)
+    cache = filled(make_cache(rng, heads, dim, mode, values, token_scale), rng, tokens)
+    q = mx.array(rng.normal(size=(1, heads * group, 1, dim)).astype(np.float16))
+    cache.use_kernels("reference")
+    expected = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
+    cache.use_kernels(backend)
+    got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
+    # float32 accumulation in a different order; outputs are O(1).
+    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("heads,group,dim,mode,values,token_scale", SHAPES)
+def test_encode_kernel_matches_reference(backend, heads, group, dim, mode, values, token_scale):
+    rng = np.random.default_rng(dim)
+    cache = make_cache(rng, heads, dim, mode, values, token_scale, sink_tokens=0)
+    keys, vals = random_kv(rng, cache, 300)
+    cache.use_kernels("reference")
+    expected = cache.encode(keys, vals, 17)
+    cache.use_kernels(backend)
+    got = cache.encode(keys, vals, 17)
+    assert len(got) == len(expected)
+    coder = cache.key_coder
+    exp_codes = np.array(coder.unpack(expected[0]))
+    got_codes = np.array(coder.unpack(got[0]))
+    # Sums in another order can move a value across a decision threshold: rare, and
+    # then only to the neighbouring level.
+    differ = exp_codes != got_codes
+    assert differ.mean() < 2e-3
+    assert np.abs(exp_codes.astype(int) - got_codes.astype(int)).max() <= 1
+    if token_scale:
+        np.testing.assert_allclose(np.array(got[1]), np.array(expected[1]), rtol=2e-3)
+    if values == "spectral":
+        vcoder = cache.value_coder
+        v_differ = np.array(vcoder.unpack(expected[1 + token_scale])) != np.array(
+            vcoder.unpack(got[1 + token_scale]))
+        assert v_differ.mean() < 2e-3
+
+
+@on_gpu
+def test_fused_generation_matches_reference_on_gpu():
+    model = tiny_model(seed=3, head_dim=64)
+    prompt = np.random.default_rng(2).integers(0, 200, size=300).tolist()
+
+    def run(backend):
+        caches = []
+        for layer in model.layers:
+            cache = make_cache(np.random.default_rng(5), heads=2, dim=64)
+            cache.rope = layer.self_attn.rope
+            from veloxcore.calibration import RopeInverter
+            cache.inverter = RopeInverter(cache.rope, 64)
+            cache.use_kernels(backend)
+            cache.fused_decode = True
+            caches.append(cache)
+        return greedy_logits(model, caches, prompt, 8)
+
+    assert attention.install(model)
+    try:
+        np.testing.assert_allclose(run(BACKEND), run("reference"), atol=5e-3, rtol=5e-3)
+    finally:
+        attention.uninstall(model)
+
+
+def test_kernel_layout_compacts_coded_dims():
+    rng = np.random.default_rng(7)
+    cache = make_cache(rng, heads=3, dim=64, avg_bits=2)
+    kernels = SpectralKernels(cache, "reference")
+    coded = (cache.key_coder.bits > 0).sum(axis=1)
+    assert kernels.key_rank >= coded.max() and kernels.key_rank % 16 == 0
+    assert kernels.key_rank < 64  # zero-width dims are skipped
+    kbits = np.array(kernels.kbits)
+    for h in range(3):
+        assert (kbits[h] > 0).sum() == coded[h]

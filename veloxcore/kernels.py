@@ -1,0 +1,330 @@
+"""Fused decode attention and quantise-and-pack for the spectral KV cache.
+
+``SpectralKernels`` holds one layer's kernel-ready layout (compacted coded dims,
+RoPE pair order, unit codebook) and runs
+
+- ``attend(queries, scale, parts, coded, pos0)``: attention partials of the
+  query over the coded tokens, reading packed codes directly (flash-decoding:
+  the sequence is split over threadgroups, partials merged with log-sum-exp);
+- ``encode_keys`` / ``encode_values``: quantise and pack arriving vectors in
+  one kernel (undoing RoPE first in pre-RoPE mode).
+
+Backends: ``mx.fast.cuda_kernel`` on NVIDIA, ``mx.fast.metal_kernel`` on Apple
+silicon — the same source text (``kernel_source``) — and a pure-MLX reference
+elsewhere or when ``VELOX_KERNELS=reference``. The reference computes the same
+quantities with MLX ops (decoding every coded token to full precision first).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import mlx.core as mx
+import numpy as np
+
+from . import kernel_source as src
+from .quantizers import lloyd_max_gaussian
+
+THREADS = 256
+TILE_ELEMENTS = 4096  # tokens per tile × head_dim
+CHUNK_ELEMENTS = 1024  # basis rows per shared chunk × head_dim
+TARGET_THREADGROUPS = 512  # enough to fill an H100 (132 SMs) or an M-series GPU
+
+
+def kernel_backend() -> str:
+    """"cuda", "metal" or "reference" (``VELOX_KERNELS=reference`` forces the last)."""
+    forced = os.environ.get("VELOX_KERNELS", "auto").lower()
+    if forced not in ("auto", "reference", "cuda", "metal"):
+        raise ValueError(f"VELOX_KERNELS must be auto, reference, cuda or metal, not {forced!r}")
+    if forced == "reference" or mx.default_device() != mx.gpu:
+        return "reference"
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return "reference"
+
+
+@cache
+def unit_codebook() -> np.ndarray:
+    """Lloyd-Max levels of N(0, 1) for widths 1–8, width b at offset 2^b − 2."""
+    return np.concatenate([lloyd_max_gaussian(b)[0] for b in range(1, 9)]).astype(np.float32)
+
+
+@cache
+def _kernel(backend: str, which: str):
+    body, inputs, outputs = {
+        "decode": (src.DECODE_BODY, src.DECODE_INPUTS, src.DECODE_OUTPUTS),
+        "encode": (src.ENCODE_BODY, src.ENCODE_INPUTS, src.ENCODE_OUTPUTS),
+    }[which]
+    header, source = src.kernel_text(backend, body)
+    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
+    return make(name=f"velox_{which}", input_names=inputs, output_names=outputs,
+                source=source, header=header)
+
+
+def rope_pairs(rope, head_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(perm, theta, amp) of a RoPE module: ``perm`` lists dims so that each rotated
+    pair is adjacent (pair i = perm[2i], perm[2i+1]); pair i turns by pos·theta[i]
+    and is scaled by amp[i]. Unrotated dims pair up with theta 0, amp 1.
+
+    Checked against the module itself at two positions; a module whose angles are
+    not linear in the position is refused (callers fall back to the reference).
+    """
+    dims = int(getattr(rope, "dims", getattr(rope, "dim", head_dim)))
+    traditional = bool(getattr(rope, "traditional", False))
+    if traditional:
+        first, second = np.arange(0, dims, 2), np.arange(1, dims, 2)
+    else:
+        first, second = np.arange(dims // 2), np.arange(dims // 2, dims)
+    rest = np.arange(dims, head_dim)
+    first = np.concatenate([first, rest[0::2]])
+    second = np.concatenate([second, rest[1::2]])
+    perm = np.stack([first, second], axis=1).reshape(-1)
+    # Angle and amplitude from the module at position 1 (e_a -> amp·(cos θ, sin θ)).
+    eye = mx.eye(head_dim, dtype=mx.float32).reshape(1, head_dim, 1, head_dim)
+    at1 = np.array(rope(eye, offset=1).reshape(head_dim, head_dim))
+    npairs = head_dim // 2
+    cos1 = at1[first, first]
+    sin1 = at1[first, second]
+    amp = np.sqrt(cos1**2 + sin1**2)
+    theta = np.arctan2(sin1, cos1).astype(np.float64)
+    base = getattr(rope, "base", None)
+    if isinstance(rope, __import__("mlx.nn", fromlist=["RoPE"]).RoPE) and base:
+        # nn.RoPE: theta_i = scale · base^(−2i/dims), exact rather than measured.
+        exact = float(getattr(rope, "scale", 1.0)) * float(base) ** (
+            -np.arange(dims // 2, dtype=np.float64) * 2 / dims)
+        theta[: dims // 2] = exact
+    theta[dims // 2:] = 0.0
+    # Verify at a far position.
+    far = 3001
+    at_far = np.array(rope(eye, offset=far).reshape(head_dim, head_dim))
+    expect_cos = amp * np.cos(far * theta)
+    expect_sin = amp * np.sin(far * theta)
+    err = max(np.abs(at_far[first, first] - expect_cos).max(),
+              np.abs(at_far[first, second] - expect_sin).max())
+    if not err < 2e-3:
+        raise ValueError(f"RoPE angles are not linear in the position (error {err:.2g})")
+    assert perm.size == head_dim and npairs == theta.size
+    return perm.astype(np.int32), theta.astype(np.float32), amp.astype(np.float32)
+
+
+def _compact(bits: np.ndarray, pad_to: int = 1):
+    """Per head, the coded dims (width > 0) first: (columns (H, r), r)."""
+    H, D = bits.shape
+    r = max(1, int((bits > 0).sum(axis=1).max()))
+    r = min(D, -(-r // pad_to) * pad_to)
+    columns = np.zeros((H, r), dtype=np.int64)
+    valid = np.zeros((H, r), dtype=bool)
+    for h in range(H):
+        coded = np.flatnonzero(bits[h] > 0)
+        columns[h, : coded.size] = coded
+        valid[h, : coded.size] = True
+    return columns, valid, r
+
+
+def _coder_arrays(coder, columns, valid):
+    """kbits, kshift, kscale (H, r) for the compacted columns of a DimCoder."""
+    H = columns.shape[0]
+    rows = np.arange(H)[:, None]
+    bits = np.where(valid, coder.bits[rows, columns], 0)
+    offsets = np.concatenate([np.zeros((H, 1), np.int64), np.cumsum(coder.bits, axis=1)], axis=1)
+    shift = np.where(valid, offsets[rows, columns], 0)
+    scale = np.where(valid, coder.scales[rows, columns], 0.0)
+    return (mx.array(bits.astype(np.int32)), mx.array(shift.astype(np.int32)),
+            mx.array(scale.astype(np.float32)))
+
+
+class SpectralKernels:
+    """Kernel-ready layout of one SpectralKVCache layer (see kernel_source)."""
+
+    def __init__(self, cache, backend: str | None = None):
+        self.backend = backend or kernel_backend()
+        coder = cache.key_coder
+        H, D = coder.heads, coder.dims
+        if D % 4 or D > 256 or TILE_ELEMENTS % D or D < 16:
+            raise ValueError(f"head_dim {D} is not supported by the fused kernels")
+        if cache.key_block:
+            raise ValueError("block key scales are not supported by the fused kernels")
+        self.heads, self.dims = H, D
+        self.pre = cache.rope_mode == "pre"
+        self.key_token_scale = cache.token_scale
+        chunk = CHUNK_ELEMENTS // D
+        columns, valid, self.key_rank = _compact(coder.bits, pad_to=chunk)
+        self.kbits, self.kshift, self.kscale = _coder_arrays(coder, columns, valid)
+        self.key_words = coder.words
+        basis = np.array(cache.key_basis)  # (H, D, D): original dims x coefficients
+        mean = np.array(cache.key_mean).reshape(H, D)
+        rows = np.arange(H)[:, None]
+        compact = np.where(valid[:, None, :], basis[rows, :, columns].transpose(0, 2, 1), 0.0)
+        if self.pre:
+            self.perm, theta, amp = rope_pairs(cache.rope, D)
+            self.rope = mx.array(np.concatenate([theta, amp]))
+            # basis_t[h, m, j] = U[h, perm[j], column m]: coefficients -> pair-ordered dims.
+            self.basis_t = mx.array(compact[:, self.perm, :].transpose(0, 2, 1)
+                                    .astype(np.float32))
+            self.key_mean_pairs = mx.array(mean[:, self.perm].astype(np.float32))
+            self.encode_basis = mx.array(basis[:, self.perm, :].astype(np.float32))
+            self.encode_mean = self.key_mean_pairs
+            self.perm_mx = mx.array(self.perm)
+        else:
+            self.perm = np.arange(D, dtype=np.int32)
+            self.rope = mx.zeros((D,), mx.float32)
+            self.basis_t = mx.zeros((1,), mx.float32)
+            self.key_mean_pairs = mx.zeros((1,), mx.float32)
+            # Post-RoPE: q' = q · U[:, columns] (H, D, r); bias q · mean.
+            self.query_basis = mx.array(compact.astype(np.float32))
+            self.key_mean_orig = mx.array(mean.astype(np.float32))
+            self.encode_basis = mx.array(basis.astype(np.float32))
+            self.encode_mean = self.key_mean_orig
+            self.perm_mx = mx.array(self.perm)
+        self.key_rms = cache.key_rms.reshape(H)
+        self.key_full = (mx.array(coder.bits.astype(np.int32)),
+                         mx.array(_offsets(coder.bits)), mx.array(coder.scales.astype(np.float32)))
+
+        self.value_affine = cache.value_affine
+        if self.value_affine is not None:
+            bits, group = self.value_affine
+            if bits not in (2, 4, 8):
+                raise ValueError(f"affine {bits}-bit values are not supported by the fused "
+                                 "kernels (2, 4 or 8 bits)")
+            self.value_rank = D
+            self.value_words = D * bits // 32
+            self.vbits = self.vshift = self.vscale = mx.zeros((1,), mx.int32)
+            self.vscale = mx.zeros((1,), mx.float32)
+        else:
+            vcoder = cache.value_coder
+            vcolumns, vvalid, self.value_rank = _compact(vcoder.bits)
+            self.vbits, self.vshift, self.vscale = _coder_arrays(vcoder, vcolumns, vvalid)
+            self.value_words = vcoder.words
+            vbasis = np.array(cache.value_basis)
+            # Rotate-back of the output: (H, r, D) rows = compacted coefficients.
+            self.value_back = mx.array(np.where(vvalid[:, :, None],
+                                                vbasis[rows, :, vcolumns], 0.0)
+                                       .astype(np.float32))
+            self.value_mean = cache.value_mean.reshape(H, D)
+            self.value_rms = cache.value_rms.reshape(H)
+            self.value_full = (mx.array(vcoder.bits.astype(np.int32)),
+                               mx.array(_offsets(vcoder.bits)),
+                               mx.array(vcoder.scales.astype(np.float32)))
+            self.value_basis_full = mx.array(vbasis.astype(np.float32))
+        self.codebook = mx.array(unit_codebook())
+        self.dummy_half = mx.zeros((1,), mx.float16)
+
+    # ----------------------------------------------------------------- decode
+    def attend(self, queries: mx.array, scale: float, parts, coded: int, pos0: int):
+        """Attention partials over ``coded`` tokens: (out (B, Hq, D) unnormalised,
+        running max (B, Hq), running sum (B, Hq)), in the values' original space."""
+        if self.backend == "reference":
+            raise RuntimeError("use the cache's reference path on this backend")
+        B, Hq, L, D = queries.shape
+        H = self.heads
+        G = Hq // H
+        cap = parts[0].shape[2]
+        q = queries.reshape(B, H, G, D).astype(mx.float32) * scale
+        if self.pre:
+            qk = mx.take(q, self.perm_mx, axis=-1)
+            qbias = mx.zeros((1,), mx.float32)
+        else:
+            qk = mx.einsum("bhgd,hdr->bhgr", q, self.query_basis)
+            qk = mx.pad(qk, [(0, 0), (0, 0), (0, 0), (0, D - self.key_rank)])
+            qbias = mx.einsum("bhgd,hd->bhg", q, self.key_mean_orig)
+        tile = TILE_ELEMENTS // D
+        splits = max(1, min(_cdiv(coded, tile), _cdiv(TARGET_THREADGROUPS, B * H)))
+        per_split = _cdiv(_cdiv(coded, splits), tile) * tile
+        splits = _cdiv(coded, per_split)
+        n = 1 if self.key_token_scale else 0
+        ktok = parts[1] if self.key_token_scale else self.dummy_half
+        vparts = parts[1 + n:]
+        if self.value_affine is not None:
+            vwords, vscales, vbiases = vparts
+            vtok = self.dummy_half
+            vb, vg = self.value_affine
+        else:
+            vwords = vparts[0]
+            vtok = vparts[1] if len(vparts) > 1 else self.dummy_half
+            vscales = vbiases = self.dummy_half
+            vb, vg = 4, 32
+        meta = mx.array([coded, pos0, per_split, self.key_rank, self.key_words,
+                         self.value_rank, self.value_words, cap, splits], dtype=mx.int32)
+        acc = -(-G * D // THREADS)
+        out, out_max, out_sum = _kernel(self.backend, "decode")(
+            inputs=[qk, qbias, parts[0], ktok, self.kbits, self.kshift, self.kscale,
+                    self.basis_t, self.key_mean_pairs, self.rope, vwords, vtok, vscales,
+                    vbiases, self.vbits, self.vshift, self.vscale, self.codebook, meta],
+            template=[("D", D), ("G", G), ("HKV", H), ("T", tile), ("NT", THREADS),
+                      ("MC", CHUNK_ELEMENTS // D), ("ACC", acc), ("PRE", self.pre),
+                      ("KTS", self.key_token_scale), ("VTS", vtok is not self.dummy_half),
+                      ("VAFF", self.value_affine is not None), ("VB", vb), ("VG", vg)],
+            grid=(THREADS * splits, B * H, 1), threadgroup=(THREADS, 1, 1),
+            output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G)],
+            output_dtypes=[mx.float32] * 3)
+        # Merge the splits (log-sum-exp).
+        top = mx.max(out_max, axis=2, keepdims=True)
+        weight = mx.exp(out_max - top)
+        total = mx.sum(out_sum * weight, axis=2)
+        merged = mx.sum(out * weight[..., None], axis=2)  # (B, H, G, D)
+        if self.value_affine is None:
+            r = self.value_rank
+            merged = (mx.einsum("bhgr,hrd->bhgd", merged[..., :r], self.value_back)
+                      + total[..., None] * self.value_mean[None, :, None, :])
+        return (merged.reshape(B, Hq, D), top.reshape(B, Hq), total.reshape(B, Hq))
+
+    # ----------------------------------------------------------------- encode
+    def _encode(self, x, position, pre, basis, mean, rms, full, words, token_scale):
+        B, H, L, D = x.shape
+        meta = mx.array([L, position, words], dtype=mx.int32)
+        out_words, out_scale = _kernel(self.backend, "encode")(
+            inputs=[x.astype(mx.float32), self.perm_mx, self.rope, mean, basis, rms, *full,
+                    self.codebook, meta],
+            template=[("D", D), ("HKV", H), ("PRE", pre), ("TS", token_scale)],
+            grid=(D * L, B * H, 1), threadgroup=(D, 1, 1),
+            output_shapes=[(B, H, L, words), (B, H, L, 1)],
+            output_dtypes=[mx.uint32, mx.float16])
+        return (out_words, out_scale) if token_scale else (out_words,)
+
+    def encode_keys(self, keys: mx.array, position: int):
+        return self._encode(keys, position, self.pre, self.encode_basis, self.encode_mean,
+                            self.key_rms, self.key_full, self.key_words, self.key_token_scale)
+
+    def encode_values(self, values: mx.array, token_scale: bool):
+        return self._encode(values, 0, False, self.value_basis_full, self.value_mean,
+                            self.value_rms, self.value_full, self.value_words, token_scale)
+
+
+def _offsets(bits: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.zeros((bits.shape[0], 1), np.int64),
+                           np.cumsum(bits, axis=1)[:, :-1]], axis=1).astype(np.int32)
+
+
+def reference_partials(queries: mx.array, scale: float, keys: mx.array, values: mx.array):
+    """Attention partials (out unnormalised, max, sum) of decoded keys/values: the
+    pure-MLX reference of ``SpectralKernels.attend`` (and the exact tokens' part)."""
+    B, Hq, L, D = queries.shape
+    H = keys.shape[1]
+    G = Hq // H
+    q = queries.reshape(B, H, G, D).astype(mx.float32) * scale
+    s = q @ keys.astype(mx.float32).swapaxes(-1, -2)  # (B, H, G, T)
+    top = mx.max(s, axis=-1)
+    p = mx.exp(s - top[..., None])
+    out = p @ values.astype(mx.float32)
+    return out.reshape(B, Hq, D), top.reshape(B, Hq), p.sum(axis=-1).reshape(B, Hq)
+
+
+def merge_partials(partials, dtype) -> mx.array:
+    """Combine attention partials over disjoint token sets: (B, Hq, 1, D)."""
+    tops = mx.stack([p[1] for p in partials])
+    top = mx.max(tops, axis=0)
+    out = 0
+    total = 0
+    for o, m, s in partials:
+        w = mx.exp(m - top)
+        out = out + o * w[..., None]
+        total = total + s * w
+    result = out / total[..., None]
+    return result[:, :, None, :].astype(dtype)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
