@@ -10,10 +10,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from cuda_emulator import compiler, emulated_kernel
 from mlx_lm.models.cache import KVCache
 from tinymodel import tiny_model
-
-from cuda_emulator import compiler, emulated_kernel
 
 from veloxcore import attention, kernels
 from veloxcore.caches import SpectralKVCache

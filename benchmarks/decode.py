@@ -1,0 +1,281 @@
+"""Decode speed and memory of KV-cache methods on random-weight models of real shapes.
+
+    python benchmarks/decode.py --shapes 1b,8b --contexts 1024,4096,16384,65536 --out DIR
+
+For each model shape and context N:
+- attention: one layer's decode attention (1 query token against N cached tokens),
+  median latency over repeated calls, each evaluated on its own (as in decoding);
+  fp16 is ``mx.fast.scaled_dot_product_attention``; affine4/affine8 are mlx-lm's
+  ``QuantizedKVCache`` attention (``quantized_scaled_dot_product_attention``);
+  spectral is the fused kernel over the codes (plus the 4 exact sink tokens),
+  spectral-unfused decodes the codes then calls the fp16 SDPA. For spectral the
+  bandwidth column is the bytes of codes read / latency.
+- end to end: the whole model (random weights, fp16) decoding ``--decode-tokens``
+  tokens after its caches were filled with N random tokens; median tokens/s and
+  ``mx.get_peak_memory()`` over fill + decode.
+
+Spectral caches use random orthogonal bases with the default model's measured
+eigenvalue spectra (shipped bundle; interpolated to head_dim 128), keys
+water-filled at 3 bits pre-RoPE with a per-token scale and affine 4-bit values
+(the default configuration). Speed does not depend on the basis itself.
+Writes DIR/decode.json and DIR/decode.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from veloxcore import attention, load_cached_rotations
+from veloxcore.caches import SpectralKVCache
+from veloxcore.kernels import kernel_backend
+from veloxcore.spectral import water_fill_bits
+
+mx = __import__("mlx.core").core  # after veloxcore (OpenBLAS preload on Linux)
+from mlx_lm.models import llama  # noqa: E402
+from mlx_lm.models.base import quantized_scaled_dot_product_attention  # noqa: E402
+from mlx_lm.models.cache import KVCache, QuantizedKVCache  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "assets" / "bundles" / "smollm2-135m-instruct-pre"
+SHAPES = {
+    # Llama-3.2-1B and Llama-3.1-8B layouts.
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+}
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, SXM data sheets
+
+
+def device_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return f"{platform.machine()} CPU ({platform.processor() or 'unknown'})"
+
+
+def peak_bandwidth(name: str) -> float | None:
+    return next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
+
+
+def model_args(shape: str) -> llama.ModelArgs:
+    return llama.ModelArgs(model_type="llama", rms_norm_eps=1e-5, vocab_size=32000,
+                           rope_theta=500000.0, rope_traditional=False,
+                           max_position_embeddings=131072, tie_word_embeddings=False,
+                           **SHAPES[shape])
+
+
+def spectra(dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Key and value eigenvalue spectra of the default model (layer 10, head 0),
+    resampled to ``dim`` dims."""
+    rot = load_cached_rotations(BUNDLE)[10]
+    out = []
+    for lam in (rot.key_eigenvalues[0], rot.value_eigenvalues[0]):
+        x = np.linspace(0, 1, lam.size)
+        out.append(np.exp(np.interp(np.linspace(0, 1, dim), x, np.log(lam))))
+    return out[0], out[1]
+
+
+def orthogonal(rng, heads, dim):
+    q, r = np.linalg.qr(rng.normal(size=(heads, dim, dim)))
+    return q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+
+
+def spectral_cache(rng, heads: int, dim: int, rope, backend: str) -> SpectralKVCache:
+    lam_k, lam_v = spectra(dim)
+    bits = np.stack([water_fill_bits(lam_k, 3.0, 0, 8)] * heads)
+    scale = lambda lam: np.stack([2.0 * np.sqrt(lam)] * heads)  # noqa: E731
+    cache = SpectralKVCache(orthogonal(rng, heads, dim), scale(lam_k), bits,
+                            orthogonal(rng, heads, dim), scale(lam_v), None, "pre", rope,
+                            value_affine=(4, 64), sink_tokens=4,
+                            key_mean=np.zeros((heads, dim)), value_mean=np.zeros((heads, dim)),
+                            token_scale=True)
+    if backend != "off":
+        cache.use_kernels(backend)
+        cache.fused_decode = True
+    return cache
+
+
+def fill(cache, heads: int, dim: int, tokens: int, chunk: int = 4096) -> None:
+    for start in range(0, tokens, chunk):
+        n = min(chunk, tokens - start)
+        k = mx.random.normal((1, heads, n, dim)).astype(mx.float16)
+        v = mx.random.normal((1, heads, n, dim)).astype(mx.float16)
+        cache.update_and_fetch(k, v)
+        mx.eval(cache.state)
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds of ``fn`` evaluated on its own."""
+    for _ in range(3):
+        mx.eval(fn())
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_cache(method: str, heads: int, dim: int, rope, backend: str, rng):
+    if method == "fp16":
+        return KVCache()
+    if method.startswith("affine"):
+        return QuantizedKVCache(group_size=64, bits=int(method[6:]))
+    return spectral_cache(rng, heads, dim, rope, "off" if method == "spectral-unfused"
+                          else backend)
+
+
+def attention_row(method, shape, tokens, backend, reps, bandwidth):
+    args = SHAPES[shape]
+    H, D, Hq = args["num_key_value_heads"], args["head_dim"], args["num_attention_heads"]
+    rope = llama.initialize_rope(D, 500000.0, False, None, 131072)
+    rng = np.random.default_rng(0)
+    mx.reset_peak_memory()
+    cache = make_cache(method, H, D, rope, backend, rng)
+    fill(cache, H, D, tokens)
+    q = mx.random.normal((1, Hq, 1, D)).astype(mx.float16)
+    scale = D**-0.5
+    if method == "fp16":
+        k, v = cache.keys[..., :tokens, :], cache.values[..., :tokens, :]
+        fn = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
+    elif method.startswith("affine"):
+        k = [a[..., :tokens, :] for a in cache.keys]
+        v = [a[..., :tokens, :] for a in cache.values]
+        fn = lambda: quantized_scaled_dot_product_attention(  # noqa: E731
+            q, k, v, scale=scale, mask=None, group_size=64, bits=cache.bits)
+    elif method == "spectral":
+        fn = lambda: cache.attend(q, scale)  # noqa: E731
+    else:  # decode the codes, then the fp16 kernel
+        def fn():
+            k, v = cache.fetch(mx.float16)
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    seconds = timed(fn, reps)
+    row = dict(part="attention", shape=shape, method=method, tokens=tokens,
+               latency_us=seconds * 1e6, peak_memory_mib=mx.get_peak_memory() / 2**20)
+    if method.startswith("spectral"):
+        code_bytes = sum(p[..., : cache.coded, :].nbytes for p in cache.parts)
+        row["code_bytes"] = code_bytes
+        row["read_gbs"] = code_bytes / seconds / 1e9
+        if bandwidth:
+            row["bandwidth_fraction"] = code_bytes / seconds / bandwidth
+    return row
+
+
+def end_to_end_row(model, method, shape, tokens, decode_tokens, backend):
+    args = SHAPES[shape]
+    H, D = args["num_key_value_heads"], args["head_dim"]
+    rng = np.random.default_rng(0)
+    mx.reset_peak_memory()
+    caches = [make_cache(method, H, D, layer.self_attn.rope, backend, rng)
+              for layer in model.layers]
+    for c in caches:
+        fill(c, H, D, tokens)
+    token = mx.array([[1]])
+    times = []
+    for step in range(decode_tokens + 2):
+        t0 = time.perf_counter()
+        logits = model(token, cache=caches)
+        token = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
+        mx.eval(token)
+        if step >= 2:  # the first steps compile kernels
+            times.append(time.perf_counter() - t0)
+    return dict(part="end_to_end", shape=shape, method=method, tokens=tokens,
+                tokens_per_s=1.0 / statistics.median(times),
+                peak_memory_mib=mx.get_peak_memory() / 2**20)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="1b,8b")
+    parser.add_argument("--contexts", default="1024,4096,16384,65536")
+    parser.add_argument("--methods", default="fp16,affine4,affine8,spectral,spectral-unfused")
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--parts", default="attention,end_to_end")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    backend = kernel_backend()
+    name = device_name()
+    bandwidth = peak_bandwidth(name)
+    rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def record(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (args.out / "decode.json").write_text(json.dumps(
+            dict(device=name, kernel_backend=backend, date=time.strftime("%Y-%m-%d"),
+                 rows=rows), indent=1))
+
+    methods = args.methods.split(",")
+    contexts = [int(c) for c in args.contexts.split(",")]
+    for shape in args.shapes.split(","):
+        if "attention" in args.parts:
+            for tokens in contexts:
+                for method in methods:
+                    try:
+                        record(attention_row(method, shape, tokens, backend, args.reps,
+                                             bandwidth))
+                    except Exception as e:  # a method that fails here is a result too
+                        record(dict(part="attention", shape=shape, method=method,
+                                    tokens=tokens, error=str(e).splitlines()[0][:200]))
+                    mx.clear_cache()
+        if "end_to_end" in args.parts:
+            mx.random.seed(0)
+            model = llama.Model(model_args(shape))
+            # fp16 weights on the GPU; float32 on CPU, where fp16 matmuls are slow.
+            model.set_dtype(mx.float16 if mx.default_device() == mx.gpu else mx.float32)
+            mx.eval(model.parameters())
+            attention.install(model)
+            for tokens in contexts:
+                for method in [m for m in methods if m != "spectral-unfused"]:
+                    try:
+                        record(end_to_end_row(model, method, shape, tokens,
+                                              args.decode_tokens, backend))
+                    except Exception as e:
+                        record(dict(part="end_to_end", shape=shape, method=method,
+                                    tokens=tokens, error=str(e).splitlines()[0][:200]))
+                    mx.clear_cache()
+            del model
+            mx.clear_cache()
+    (args.out / "decode.md").write_text(markdown(rows, name, backend))
+    print(markdown(rows, name, backend))
+
+
+def markdown(rows, name, backend) -> str:
+    lines = [f"Device: {name}; kernels: {backend}", "",
+             "| shape | part | tokens | method | latency µs | tok/s | vs fp16 | code GB/s "
+             "| peak MiB | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["shape"], r["part"], r["tokens"]): r for r in rows
+            if r["method"] == "fp16" and "error" not in r}
+    for r in rows:
+        ref = base.get((r["shape"], r["part"], r["tokens"]))
+        ratio = ""
+        if "error" not in r and ref:
+            ratio = (f"{ref['latency_us'] / r['latency_us']:.2f}×" if r["part"] == "attention"
+                     else f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}×")
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            r["shape"], r["part"], r["tokens"], r["method"],
+            f"{r['latency_us']:.0f}" if "latency_us" in r else "",
+            f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else "", ratio,
+            f"{r['read_gbs']:.0f}" if "read_gbs" in r else "",
+            f"{r['peak_memory_mib']:.0f}" if "peak_memory_mib" in r else "",
+            r.get("error", "")))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
