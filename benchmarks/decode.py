@@ -163,8 +163,19 @@ def attention_row(method, shape, tokens, backend, reps, bandwidth):
             k, v = cache.fetch(mx.float16)
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     seconds = timed(fn, reps)
+    append_us = None
+    if method != "fp16":  # one decode step's append (quantise, pack, store)
+        k1 = mx.random.normal((1, H, 1, D)).astype(mx.float16)
+
+        def append():
+            cache.update_and_fetch(k1, k1)
+            out = cache.state
+            cache.trim(1)
+            return out
+        append_us = timed(append, reps) * 1e6
     row = dict(part="attention", shape=shape, method=method, tokens=tokens,
-               latency_us=seconds * 1e6, peak_memory_mib=mx.get_peak_memory() / 2**20)
+               latency_us=seconds * 1e6, peak_memory_mib=mx.get_peak_memory() / 2**20,
+               append_us=append_us)
     if method.startswith("spectral"):
         code_bytes = sum(p[..., : cache.coded, :].nbytes for p in cache.parts)
         row["code_bytes"] = code_bytes

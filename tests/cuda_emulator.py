@@ -37,9 +37,14 @@ PRELUDE = r"""
 using std::min; using std::max; using std::sqrt;
 struct float2 { float x, y; };
 inline float2 make_float2(float a, float b) { return {a, b}; }
-struct __half { _Float16 v; };
+struct __half {
+  _Float16 v;
+  __half() = default;
+  __half(float f) : v((_Float16)f) {}
+  operator float() const { return (float)v; }
+};
 inline float __half2float(__half h) { return (float)h.v; }
-inline __half __float2half(float f) { __half h; h.v = (_Float16)f; return h; }
+inline __half __float2half(float f) { return __half(f); }
 struct Dim3 { int x = 0, y = 0, z = 0; };
 thread_local Dim3 threadIdx, blockIdx;
 static std::barrier<>* block_barrier;
@@ -61,6 +66,7 @@ CTYPES = {mx.float32: "float", mx.float16: "__half", mx.uint32: "uint32_t", mx.i
 NUMPY = {mx.float32: np.float32, mx.float16: np.float16, mx.uint32: np.uint32,
          mx.int32: np.int32}
 BODIES = {"decode": (src.DECODE_BODY, src.DECODE_INPUTS, src.DECODE_OUTPUTS),
+          "combine": (src.COMBINE_BODY, src.COMBINE_INPUTS, src.COMBINE_OUTPUTS),
           "encode": (src.ENCODE_BODY, src.ENCODE_INPUTS, src.ENCODE_OUTPUTS)}
 
 
@@ -93,8 +99,7 @@ def _source(which, dtypes, out_dtypes, template) -> str:
     header = src.CUDA_HEADER.replace("#define VX_SHARED __shared__", "#define VX_SHARED static")
     args = [f"const {CTYPES[d]}* {n}" for n, d in zip(inputs, dtypes, strict=True)]
     args += [f"{CTYPES[d]}* {n}" for n, d in zip(outputs, out_dtypes, strict=True)]
-    consts = "".join(f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {k} = "
-                     f"{str(v).lower() if isinstance(v, bool) else v};\n" for k, v in template)
+    consts = "".join(_constant(k, v) for k, v in template)
     casts = [f"({a.rsplit(' ', 1)[0]})p[{i}]" for i, a in enumerate(args)]
     return (PRELUDE + header + "static void kernel(" + ", ".join(args) + ") {\n" + consts
             + src.CUDA_PREAMBLE + body + "\n}\n"
@@ -114,6 +119,14 @@ def _source(which, dtypes, out_dtypes, template) -> str:
             + "    }\n  });\n"
             + "  for (auto& th : threads) th.join();\n"
             + "  for (auto* w : warps) delete w;\n}\n")
+
+
+def _constant(name, value) -> str:
+    if isinstance(value, mx.Dtype):
+        return f"  using {name} = {CTYPES[value]};\n"
+    if isinstance(value, bool):
+        return f"  constexpr bool {name} = {str(value).lower()};\n"
+    return f"  constexpr int {name} = {value};\n"
 
 
 def emulated_kernel(which: str):

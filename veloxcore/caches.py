@@ -20,7 +20,13 @@ from mlx_lm.models.cache import KVCache, create_attention_mask
 from . import attention
 from .calibration import RopeInverter, SpectralRotations, find_rope, model_shape
 from .errors import VeloxError
-from .kernels import SpectralKernels, kernel_backend, merge_partials, reference_partials
+from .kernels import (
+    MAX_EXACT,
+    SpectralKernels,
+    kernel_backend,
+    merge_partials,
+    reference_partials,
+)
 from .quantizers import DimCoder, make_coder
 from .spectral import compute_spectral_gap, water_fill_bits
 
@@ -382,10 +388,17 @@ class SpectralKVCache(CodedKVCache):
             raise ValueError("16-bit (uncoded) layers are not supported by the fused kernels")
         self.kernels = SpectralKernels(self, backend)
 
-    def coded_partials(self, queries, scale):
-        if self.kernels is None or self.kernels.backend == "reference":
-            return super().coded_partials(queries, scale)
-        return self.kernels.attend(queries, scale, self.parts, self.coded, self.num_sinks)
+    def attend(self, queries, scale):
+        kernels = self.kernels
+        exact = self.exact_tokens()
+        if (kernels is None or kernels.backend == "reference" or not self.coded
+                or (exact is not None and exact[0].shape[2] > MAX_EXACT)):
+            return super().attend(queries, scale)
+        if exact is not None and self.recent_keys is None:
+            # Sinks are a slice of the first chunk: make them contiguous once, not per step.
+            self.sink_keys, self.sink_values = mx.contiguous(exact[0]), mx.contiguous(exact[1])
+            exact = (self.sink_keys, self.sink_values)
+        return kernels.attend(queries, scale, self.parts, self.coded, self.num_sinks, exact)
 
     def encode(self, keys, values, position):
         if self.kernels is not None and self.kernels.backend != "reference":

@@ -65,10 +65,11 @@ METAL_PREAMBLE = r"""
 """
 
 # Decode attention over the coded tokens of one layer.
-# Template constants: D (head dim), G (query heads per KV head), HKV, T (tokens per
-# tile, T·D = 4096), NT (threads, 256), MC (basis rows per shared chunk, MC·D =
-# 1024), ACC (accumulators per thread, ceil(G·D/NT)), PRE (pre-RoPE keys), KTS /
-# VTS (per-token key / value scale), VAFF (affine values), VB, VG (their bits, group).
+# Template constants: T (query dtype), D (head dim), G (query heads per KV head), HKV,
+# T_TILE (tokens per tile, T_TILE·D = 4096), NT (threads, 256), MC (basis rows per
+# shared chunk, MC·D = 1024), ACC (accumulators per thread, ceil(G·D/NT)), PRE
+# (pre-RoPE keys), KTS / VTS (per-token key / value scale), VAFF (affine values), VB,
+# VG (their bits, group).
 # meta: total coded tokens, position of the first, tokens per split, rk, wk, rv, wv,
 # buffer capacity, number of splits.
 DECODE_BODY = r"""
@@ -90,14 +91,15 @@ DECODE_BODY = r"""
   constexpr int DD = D / 4;
 
   VX_SHARED float table[510];
-  VX_SHARED float tile[T * RKP];
+  VX_SHARED float tile[T_TILE * RKP];
   VX_SHARED float ubuf[MC * D];
-  VX_SHARED unsigned int words[T * DD];
-  VX_SHARED float scores[G * T];
-  VX_SHARED float tok_scale[T];
+  VX_SHARED unsigned int words[T_TILE * DD];
+  VX_SHARED float scores[G * T_TILE];
+  VX_SHARED float tok_scale[T_TILE];
   VX_SHARED float run_max[G];
   VX_SHARED float run_sum[G];
   VX_SHARED float rescale[G];
+  VX_SHARED float qbias[G];
 
   for (int i = tid; i < 510; i += NT) {
     table[i] = codebook[i];
@@ -112,14 +114,16 @@ DECODE_BODY = r"""
   }
   const int tt = tid / DD;
   const int dd = tid - tt * DD;
+  const float qscale = params[0];
   float qreg[G][4];
   float theta[2];
   float amp[2];
   float kmean[4];
   if (PRE) {
+    // The query in RoPE pair order, times the softmax scale.
     for (int g = 0; g < G; g++) {
       for (int j = 0; j < 4; j++) {
-        qreg[g][j] = q[(bh * G + g) * D + dd * 4 + j];
+        qreg[g][j] = static_cast<float>(q[(bh * G + g) * D + perm[dd * 4 + j]]) * qscale;
       }
     }
     for (int p = 0; p < 2; p++) {
@@ -130,28 +134,44 @@ DECODE_BODY = r"""
       kmean[j] = key_mean[h * D + dd * 4 + j];
     }
   } else {
-    // Post-RoPE: the rotated query lives in ubuf for the whole kernel.
+    // Post-RoPE: the query rotated into the key basis (ubuf, for the whole kernel)
+    // and its product with the key mean (qbias).
     for (int i = tid; i < G * D; i += NT) {
-      ubuf[i] = q[bh * G * D + i];
+      const int g = i / D;
+      const int m = i - g * D;
+      float s = 0.0f;
+      if (m < rk) {
+        for (int d = 0; d < D; d++) {
+          s += static_cast<float>(q[(bh * G + g) * D + d]) * basis[(h * D + d) * rk + m];
+        }
+      }
+      ubuf[i] = s * qscale;
+    }
+    for (int g = tid; g < G; g += NT) {
+      float s = 0.0f;
+      for (int d = 0; d < D; d++) {
+        s += static_cast<float>(q[(bh * G + g) * D + d]) * key_mean[h * D + d];
+      }
+      qbias[g] = s * qscale;
     }
   }
   VX_BARRIER();
 
-  for (int t0 = start; t0 < stop; t0 += T) {
-    const int n = min(T, stop - t0);
+  for (int t0 = start; t0 < stop; t0 += T_TILE) {
+    const int n = min(T_TILE, stop - t0);
     // 1. This tile's key words (and token scales) into shared memory.
-    for (int i = tid; i < T * wk; i += NT) {
+    for (int i = tid; i < T_TILE * wk; i += NT) {
       const int t = i / wk;
       words[i] = t < n ? kwords[(bh * cap + t0 + t) * wk + (i - t * wk)] : 0u;
     }
     if (KTS) {
-      for (int t = tid; t < T; t += NT) {
+      for (int t = tid; t < T_TILE; t += NT) {
         tok_scale[t] = t < n ? VX_HALF(ktok[bh * cap + t0 + t]) : 0.0f;
       }
     }
     VX_BARRIER();
     // 2. Codes -> key coefficients.
-    for (int i = tid; i < T * rk; i += NT) {
+    for (int i = tid; i < T_TILE * rk; i += NT) {
       const int t = i / rk;
       const int m = i - t * rk;
       const int b = kbits[h * rk + m];
@@ -226,15 +246,15 @@ DECODE_BODY = r"""
             s += VX_SHFL_XOR(s, off);
           }
           if (dd == 0) {
-            scores[g * T + t] = t < n ? s : -1e30f;
+            scores[g * T_TILE + t] = t < n ? s : -1e30f;
           }
         }
       }
     } else {
-      for (int i = tid; i < G * T; i += NT) {
-        const int g = i / T;
-        const int t = i - g * T;
-        float s = qbias[bh * G + g];
+      for (int i = tid; i < G * T_TILE; i += NT) {
+        const int g = i / T_TILE;
+        const int t = i - g * T_TILE;
+        float s = qbias[g];
         for (int m = 0; m < rk; m++) {
           s += ubuf[g * D + m] * tile[t * RKP + m];
         }
@@ -247,8 +267,8 @@ DECODE_BODY = r"""
     const int lane = tid - warp * 32;
     for (int g = warp; g < G; g += NT / 32) {
       float tile_max = -1e30f;
-      for (int t = lane; t < T; t += 32) {
-        tile_max = max(tile_max, scores[g * T + t]);
+      for (int t = lane; t < T_TILE; t += 32) {
+        tile_max = max(tile_max, scores[g * T_TILE + t]);
       }
       for (int off = 16; off > 0; off >>= 1) {
         tile_max = max(tile_max, VX_SHFL_XOR(tile_max, off));
@@ -256,9 +276,9 @@ DECODE_BODY = r"""
       const float m_old = run_max[g];
       const float m_new = max(m_old, tile_max);
       float sum = 0.0f;
-      for (int t = lane; t < T; t += 32) {
-        const float p = vx_exp(scores[g * T + t] - m_new);
-        scores[g * T + t] = p;
+      for (int t = lane; t < T_TILE; t += 32) {
+        const float p = vx_exp(scores[g * T_TILE + t] - m_new);
+        scores[g * T_TILE + t] = p;
         sum += p;
       }
       for (int off = 16; off > 0; off >>= 1) {
@@ -272,18 +292,18 @@ DECODE_BODY = r"""
       }
     }
     // 5. This tile's value words (and token scales).
-    for (int i = tid; i < T * wv; i += NT) {
+    for (int i = tid; i < T_TILE * wv; i += NT) {
       const int t = i / wv;
       words[i] = t < n ? vwords[(bh * cap + t0 + t) * wv + (i - t * wv)] : 0u;
     }
     if (VTS) {
-      for (int t = tid; t < T; t += NT) {
+      for (int t = tid; t < T_TILE; t += NT) {
         tok_scale[t] = t < n ? VX_HALF(vtok[bh * cap + t0 + t]) : 0.0f;
       }
     }
     VX_BARRIER();
     // 6. Codes -> values (or value coefficients) in the tile.
-    for (int i = tid; i < T * rv; i += NT) {
+    for (int i = tid; i < T_TILE * rv; i += NT) {
       const int t = i / rv;
       const int d = i - t * rv;
       float v = 0.0f;
@@ -322,7 +342,7 @@ DECODE_BODY = r"""
         const int d = idx - g * rv;
         float s = acc[a] * rescale[g];
         for (int t = 0; t < n; t++) {
-          s += scores[g * T + t] * tile[t * RKP + d];
+          s += scores[g * T_TILE + t] * tile[t * RKP + d];
         }
         acc[a] = s;
       }
@@ -343,6 +363,97 @@ DECODE_BODY = r"""
   }
 """
 
+# Merge the splits' partials with the exact tokens (sinks, recent window) and
+# normalise: one threadgroup of D threads per query head (D a power of two).
+# Spectral values are rotated back here (coefficients -> dims, plus the mean).
+# Template constants: D, G, HKV, MAXS (split capacity), MAXE (exact-token capacity),
+# SPECV (spectral values). meta: splits, exact tokens, rv.
+COMBINE_BODY = r"""
+  const int bhg = blk_y;
+  const int g = bhg % G;
+  const int bh = bhg / G;
+  const int h = bh % HKV;
+  const int d = tid;
+  const int S = meta[0];
+  const int E = meta[1];
+  const int rv = meta[2];
+  const float qscale = params[0];
+  VX_SHARED float wsplit[MAXS];
+  VX_SHARED float pexact[MAXE];
+  VX_SHARED float red[D];
+  VX_SHARED float oc[D];
+  const int base = (bh * S) * G + g;  // partial (split s) at base + s * G
+
+  // Exact tokens' scores.
+  for (int e = tid; e < E; e += D) {
+    float s = 0.0f;
+    for (int i = 0; i < D; i++) {
+      const float qi = static_cast<float>(q[(bh * G + g) * D + i]);
+      s += qi * static_cast<float>(ek[(bh * E + e) * D + i]);
+    }
+    pexact[e] = s * qscale;
+  }
+  VX_BARRIER();
+  // Global max.
+  float local = -1e30f;
+  for (int s = tid; s < S; s += D) {
+    local = max(local, out_max[base + s * G]);
+  }
+  for (int e = tid; e < E; e += D) {
+    local = max(local, pexact[e]);
+  }
+  red[tid] = local;
+  VX_BARRIER();
+  for (int off = D / 2; off > 0; off >>= 1) {
+    if (tid < off) {
+      red[tid] = max(red[tid], red[tid + off]);
+    }
+    VX_BARRIER();
+  }
+  const float top = red[0];
+  VX_BARRIER();
+  // Weights and the coded tokens' total.
+  local = 0.0f;
+  for (int s = tid; s < S; s += D) {
+    const float w = vx_exp(out_max[base + s * G] - top);
+    wsplit[s] = w;
+    local += w * out_sum[base + s * G];
+  }
+  for (int e = tid; e < E; e += D) {
+    pexact[e] = vx_exp(pexact[e] - top);
+  }
+  red[tid] = local;
+  VX_BARRIER();
+  for (int off = D / 2; off > 0; off >>= 1) {
+    if (tid < off) {
+      red[tid] = red[tid] + red[tid + off];
+    }
+    VX_BARRIER();
+  }
+  const float coded_total = red[0];
+  float total = coded_total;
+  for (int e = 0; e < E; e++) {
+    total += pexact[e];
+  }
+  // Coded tokens' output (in coefficient space for spectral values).
+  float o = 0.0f;
+  for (int s = 0; s < S; s++) {
+    o += wsplit[s] * out[(base + s * G) * D + d];
+  }
+  if (SPECV) {
+    oc[d] = o;
+    VX_BARRIER();
+    o = vmean[h * D + d] * coded_total;
+    for (int m = 0; m < rv; m++) {
+      o += oc[m] * vback[(h * rv + m) * D + d];
+    }
+  }
+  for (int e = 0; e < E; e++) {
+    o += pexact[e] * static_cast<float>(ev[(bh * E + e) * D + d]);
+  }
+  result[(bh * G + g) * D + d] = static_cast<T>(o / total);
+"""
+
 # Quantise-and-pack arriving vectors: one threadgroup of D threads per token.
 # Template constants: D, HKV, PRE (undo RoPE first), TS (per-token scale).
 # meta: tokens in the chunk, position of the first, words per token.
@@ -360,7 +471,7 @@ ENCODE_BODY = r"""
   VX_SHARED unsigned int codes[D];
   VX_SHARED float token_scale[1];
 
-  xs[j] = x[(bh * L + l) * D + j];
+  xs[j] = static_cast<float>(x[(bh * L + l) * D + j]);
   VX_BARRIER();
   float k = xs[j];
   if (PRE) {
@@ -436,10 +547,13 @@ ENCODE_BODY = r"""
   }
 """
 
-DECODE_INPUTS = ["q", "qbias", "kwords", "ktok", "kbits", "kshift", "kscale", "basis",
+DECODE_INPUTS = ["q", "perm", "params", "kwords", "ktok", "kbits", "kshift", "kscale", "basis",
                  "key_mean", "rope", "vwords", "vtok", "vscales", "vbiases", "vbits", "vshift",
                  "vscale", "codebook", "meta"]
 DECODE_OUTPUTS = ["out", "out_max", "out_sum"]
+COMBINE_INPUTS = ["q", "out", "out_max", "out_sum", "ek", "ev", "vback", "vmean", "params",
+                  "meta"]
+COMBINE_OUTPUTS = ["result"]
 ENCODE_INPUTS = ["x", "perm", "rope", "mean", "basis", "rms", "bits", "shift", "scale",
                  "codebook", "meta"]
 ENCODE_OUTPUTS = ["out_words", "out_scale"]

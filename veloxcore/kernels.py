@@ -30,6 +30,7 @@ THREADS = 256
 TILE_ELEMENTS = 4096  # tokens per tile × head_dim
 CHUNK_ELEMENTS = 1024  # basis rows per shared chunk × head_dim
 TARGET_THREADGROUPS = 512  # enough to fill an H100 (132 SMs) or an M-series GPU
+MAX_EXACT = 256  # exact tokens (sinks + recent window) the merge kernel takes
 
 
 def kernel_backend() -> str:
@@ -57,6 +58,7 @@ def _kernel(backend: str, which: str):
     body, inputs, outputs = {
         "decode": (src.DECODE_BODY, src.DECODE_INPUTS, src.DECODE_OUTPUTS),
         "encode": (src.ENCODE_BODY, src.ENCODE_INPUTS, src.ENCODE_OUTPUTS),
+        "combine": (src.COMBINE_BODY, src.COMBINE_INPUTS, src.COMBINE_OUTPUTS),
     }[which]
     header, source = src.kernel_text(backend, body)
     make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
@@ -143,7 +145,7 @@ class SpectralKernels:
         self.backend = backend or kernel_backend()
         coder = cache.key_coder
         H, D = coder.heads, coder.dims
-        if D % 4 or D > 256 or TILE_ELEMENTS % D or D < 16:
+        if D & (D - 1) or not 32 <= D <= 256:
             raise ValueError(f"head_dim {D} is not supported by the fused kernels")
         if cache.key_block:
             raise ValueError("block key scales are not supported by the fused kernels")
@@ -211,25 +213,23 @@ class SpectralKernels:
             self.value_basis_full = mx.array(vbasis.astype(np.float32))
         self.codebook = mx.array(unit_codebook())
         self.dummy_half = mx.zeros((1,), mx.float16)
+        self.dummy_float = mx.zeros((1,), mx.float32)
+        self._param_cache: dict[float, mx.array] = {}
 
     # ----------------------------------------------------------------- decode
-    def attend(self, queries: mx.array, scale: float, parts, coded: int, pos0: int):
-        """Attention partials over ``coded`` tokens: (out (B, Hq, D) unnormalised,
-        running max (B, Hq), running sum (B, Hq)), in the values' original space."""
+    def attend(self, queries: mx.array, scale: float, parts, coded: int, pos0: int,
+               exact: tuple[mx.array, mx.array] | None) -> mx.array:
+        """Decode attention (B, Hq, 1, D) over ``coded`` tokens in ``parts`` (codes
+        from position ``pos0``) and the ``exact`` (keys, values) tokens: two kernel
+        launches, one over the codes in splits, one merging the splits with the
+        exact tokens."""
         if self.backend == "reference":
             raise RuntimeError("use the cache's reference path on this backend")
         B, Hq, L, D = queries.shape
         H = self.heads
         G = Hq // H
         cap = parts[0].shape[2]
-        q = queries.reshape(B, H, G, D).astype(mx.float32) * scale
-        if self.pre:
-            qk = mx.take(q, self.perm_mx, axis=-1)
-            qbias = mx.zeros((1,), mx.float32)
-        else:
-            qk = mx.einsum("bhgd,hdr->bhgr", q, self.query_basis)
-            qk = mx.pad(qk, [(0, 0), (0, 0), (0, 0), (0, D - self.key_rank)])
-            qbias = mx.einsum("bhgd,hd->bhg", q, self.key_mean_orig)
+        dtype = queries.dtype
         tile = TILE_ELEMENTS // D
         splits = max(1, min(_cdiv(coded, tile), _cdiv(TARGET_THREADGROUPS, B * H)))
         per_split = _cdiv(_cdiv(coded, splits), tile) * tile
@@ -246,39 +246,56 @@ class SpectralKernels:
             vtok = vparts[1] if len(vparts) > 1 else self.dummy_half
             vscales = vbiases = self.dummy_half
             vb, vg = 4, 32
+        params = self._params(scale)
         meta = mx.array([coded, pos0, per_split, self.key_rank, self.key_words,
                          self.value_rank, self.value_words, cap, splits], dtype=mx.int32)
-        acc = -(-G * D // THREADS)
+        basis, mean = ((self.basis_t, self.key_mean_pairs) if self.pre
+                       else (self.query_basis, self.key_mean_orig))
         out, out_max, out_sum = _kernel(self.backend, "decode")(
-            inputs=[qk, qbias, parts[0], ktok, self.kbits, self.kshift, self.kscale,
-                    self.basis_t, self.key_mean_pairs, self.rope, vwords, vtok, vscales,
-                    vbiases, self.vbits, self.vshift, self.vscale, self.codebook, meta],
-            template=[("D", D), ("G", G), ("HKV", H), ("T", tile), ("NT", THREADS),
-                      ("MC", CHUNK_ELEMENTS // D), ("ACC", acc), ("PRE", self.pre),
+            inputs=[queries, self.perm_mx, params, parts[0], ktok, self.kbits, self.kshift,
+                    self.kscale, basis, mean, self.rope, vwords, vtok, vscales, vbiases,
+                    self.vbits, self.vshift, self.vscale, self.codebook, meta],
+            template=[("T", dtype), ("D", D), ("G", G), ("HKV", H), ("T_TILE", tile),
+                      ("NT", THREADS), ("MC", CHUNK_ELEMENTS // D),
+                      ("ACC", _cdiv(G * D, THREADS)), ("PRE", self.pre),
                       ("KTS", self.key_token_scale), ("VTS", vtok is not self.dummy_half),
                       ("VAFF", self.value_affine is not None), ("VB", vb), ("VG", vg)],
             grid=(THREADS * splits, B * H, 1), threadgroup=(THREADS, 1, 1),
             output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G)],
             output_dtypes=[mx.float32] * 3)
-        # Merge the splits (log-sum-exp).
-        top = mx.max(out_max, axis=2, keepdims=True)
-        weight = mx.exp(out_max - top)
-        total = mx.sum(out_sum * weight, axis=2)
-        merged = mx.sum(out * weight[..., None], axis=2)  # (B, H, G, D)
-        if self.value_affine is None:
-            r = self.value_rank
-            merged = (mx.einsum("bhgr,hrd->bhgd", merged[..., :r], self.value_back)
-                      + total[..., None] * self.value_mean[None, :, None, :])
-        return (merged.reshape(B, Hq, D), top.reshape(B, Hq), total.reshape(B, Hq))
+        if exact is None:
+            ek = ev = mx.zeros((1,), dtype)
+            num_exact = 0
+        else:
+            ek, ev = (x if x.dtype == dtype else x.astype(dtype) for x in exact)
+            num_exact = ek.shape[2]
+        spectral_values = self.value_affine is None
+        vback, vmean = ((self.value_back, self.value_mean) if spectral_values
+                        else (self.dummy_float, self.dummy_float))
+        (result,) = _kernel(self.backend, "combine")(
+            inputs=[queries, out, out_max, out_sum, ek, ev, vback, vmean, params,
+                    mx.array([splits, num_exact, self.value_rank], dtype=mx.int32)],
+            template=[("T", dtype), ("D", D), ("G", G), ("HKV", H),
+                      ("MAXS", TARGET_THREADGROUPS), ("MAXE", MAX_EXACT),
+                      ("SPECV", spectral_values)],
+            grid=(D, B * H * G, 1), threadgroup=(D, 1, 1),
+            output_shapes=[(B, Hq, 1, D)], output_dtypes=[dtype])
+        return result
+
+    def _params(self, scale: float) -> mx.array:
+        cached = self._param_cache.get(scale)
+        if cached is None:
+            cached = self._param_cache[scale] = mx.array([scale], dtype=mx.float32)
+        return cached
 
     # ----------------------------------------------------------------- encode
     def _encode(self, x, position, pre, basis, mean, rms, full, words, token_scale):
         B, H, L, D = x.shape
         meta = mx.array([L, position, words], dtype=mx.int32)
         out_words, out_scale = _kernel(self.backend, "encode")(
-            inputs=[x.astype(mx.float32), self.perm_mx, self.rope, mean, basis, rms, *full,
-                    self.codebook, meta],
-            template=[("D", D), ("HKV", H), ("PRE", pre), ("TS", token_scale)],
+            inputs=[x, self.perm_mx, self.rope, mean, basis, rms, *full, self.codebook, meta],
+            template=[("T", x.dtype), ("D", D), ("HKV", H), ("PRE", pre),
+                      ("TS", token_scale)],
             grid=(D * L, B * H, 1), threadgroup=(D, 1, 1),
             output_shapes=[(B, H, L, words), (B, H, L, 1)],
             output_dtypes=[mx.uint32, mx.float16])
