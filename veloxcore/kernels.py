@@ -223,6 +223,11 @@ class SpectralKernels:
         from position ``pos0``) and the ``exact`` (keys, values) tokens: two kernel
         launches, one over the codes in splits, one merging the splits with the
         exact tokens."""
+        partials = self.decode_partials(queries, scale, parts, coded, pos0)
+        return self.combine(queries, scale, partials, exact)
+
+    def decode_partials(self, queries, scale, parts, coded, pos0):
+        """First launch: (out, max, sum) per split, shapes (B, H, S, G, D) / (B, H, S, G)."""
         if self.backend == "reference":
             raise RuntimeError("use the cache's reference path on this backend")
         B, Hq, L, D = queries.shape
@@ -263,6 +268,17 @@ class SpectralKernels:
             grid=(THREADS * splits, B * H, 1), threadgroup=(THREADS, 1, 1),
             output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G)],
             output_dtypes=[mx.float32] * 3)
+        return out, out_max, out_sum
+
+    def combine(self, queries, scale, partials, exact):
+        """Second launch: merge the splits with the exact tokens and normalise."""
+        B, Hq, L, D = queries.shape
+        H = self.heads
+        G = Hq // H
+        dtype = queries.dtype
+        out, out_max, out_sum = partials
+        splits = out.shape[2]
+        params = self._params(scale)
         if exact is None:
             ek = ev = mx.zeros((1,), dtype)
             num_exact = 0
