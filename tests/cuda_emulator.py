@@ -47,6 +47,7 @@ inline float __half2float(__half h) { return (float)h.v; }
 inline __half __float2half(float f) { return __half(f); }
 struct Dim3 { int x = 0, y = 0, z = 0; };
 thread_local Dim3 threadIdx, blockIdx;
+static Dim3 gridDim;
 static std::barrier<>* block_barrier;
 static std::vector<std::barrier<>*> warp_barriers;
 static float exchange[1024];
@@ -60,10 +61,49 @@ inline float __shfl_xor_sync(unsigned, float v, int m) {
   return r;
 }
 #define __device__
+// mma.sync.m16n8k16 (.row.col, f16 x f16 -> f32) across a warp, from the fragment
+// layout documented in kernel_source.CUDA_MMA.
+static unsigned int mma_a[1024][4];
+static unsigned int mma_b[1024][2];
+inline float h2f(unsigned int bits) {
+  const unsigned short u = (unsigned short)bits;
+  _Float16 h;
+  __builtin_memcpy(&h, &u, 2);
+  return (float)h;
+}
+inline void vx_mma_16816(float& c0, float& c1, float& c2, float& c3, unsigned int a0,
+                         unsigned int a1, unsigned int a2, unsigned int a3, unsigned int b0,
+                         unsigned int b1) {
+  const int t = threadIdx.x, w = t / 32, lane = t % 32, base = 32 * w;
+  mma_a[t][0] = a0; mma_a[t][1] = a1; mma_a[t][2] = a2; mma_a[t][3] = a3;
+  mma_b[t][0] = b0; mma_b[t][1] = b1;
+  warp_barriers[w]->arrive_and_wait();
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; l++) {
+    const int g = l >> 2, q = l & 3;
+    const unsigned int* a = mma_a[base + l];
+    const unsigned int* b = mma_b[base + l];
+    A[g][2 * q] = h2f(a[0]); A[g][2 * q + 1] = h2f(a[0] >> 16);
+    A[g + 8][2 * q] = h2f(a[1]); A[g + 8][2 * q + 1] = h2f(a[1] >> 16);
+    A[g][2 * q + 8] = h2f(a[2]); A[g][2 * q + 9] = h2f(a[2] >> 16);
+    A[g + 8][2 * q + 8] = h2f(a[3]); A[g + 8][2 * q + 9] = h2f(a[3] >> 16);
+    B[2 * q][g] = h2f(b[0]); B[2 * q + 1][g] = h2f(b[0] >> 16);
+    B[2 * q + 8][g] = h2f(b[1]); B[2 * q + 9][g] = h2f(b[1] >> 16);
+  }
+  warp_barriers[w]->arrive_and_wait();
+  const int g = lane >> 2, q = lane & 3;
+  for (int k = 0; k < 16; k++) {
+    c0 += A[g][k] * B[k][2 * q];
+    c1 += A[g][k] * B[k][2 * q + 1];
+    c2 += A[g + 8][k] * B[k][2 * q];
+    c3 += A[g + 8][k] * B[k][2 * q + 1];
+  }
+}
 """
 
-CTYPES = {mx.float32: "float", mx.float16: "__half", mx.uint32: "uint32_t", mx.int32: "int32_t"}
-NUMPY = {mx.float32: np.float32, mx.float16: np.float16, mx.uint32: np.uint32,
+CTYPES = {mx.float32: "float", mx.float16: "__half", mx.uint32: "uint32_t", mx.int32: "int32_t",
+          mx.uint8: "uint8_t"}
+NUMPY = {mx.float32: np.float32, mx.float16: np.float16, mx.uint32: np.uint32, mx.uint8: np.uint8,
          mx.int32: np.int32}
 BODIES = {"decode": (src.DECODE_BODY, src.DECODE_INPUTS, src.DECODE_OUTPUTS),
           "combine": (src.COMBINE_BODY, src.COMBINE_INPUTS, src.COMBINE_OUTPUTS),
@@ -96,14 +136,20 @@ def _build(code: str) -> ctypes.CDLL:
 
 def _source(which, dtypes, out_dtypes, template) -> str:
     body, inputs, outputs = BODIES[which]
-    header = src.CUDA_HEADER.replace("#define VX_SHARED __shared__", "#define VX_SHARED static")
-    args = [f"const {CTYPES[d]}* {n}" for n, d in zip(inputs, dtypes, strict=True)]
+    header = (src.CUDA_HEADER.replace("#define VX_SHARED __shared__", "#define VX_SHARED static")
+              + src.CUDA_KEYS)
+    args = []
+    for n, d in zip(inputs, dtypes, strict=True):
+        args.append(f"const {CTYPES[d]}* {n}")
+        if f"{n}_shape" in body:  # as MLX does: the shape follows the array
+            args.append(f"const int* {n}_shape")
     args += [f"{CTYPES[d]}* {n}" for n, d in zip(outputs, out_dtypes, strict=True)]
     consts = "".join(_constant(k, v) for k, v in template)
     casts = [f"({a.rsplit(' ', 1)[0]})p[{i}]" for i, a in enumerate(args)]
     return (PRELUDE + header + "static void kernel(" + ", ".join(args) + ") {\n" + consts
             + src.CUDA_PREAMBLE + body + "\n}\n"
             + 'extern "C" void launch(void** p, int gx, int gy, int nt) {\n'
+            + "  gridDim.x = gx; gridDim.y = gy;\n"
             + "  std::barrier<> block(nt); block_barrier = &block;\n"
             + "  std::vector<std::barrier<>*> warps;\n"
             + "  for (int w = 0; w < (nt + 31) / 32; w++)"
@@ -133,7 +179,12 @@ def emulated_kernel(which: str):
     """A stand-in for ``mx.fast.cuda_kernel(...)`` of the decode or encode kernel."""
 
     def call(*, inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
-        arrays = [np.ascontiguousarray(np.array(x)) for x in inputs]
+        body = BODIES[which][0]
+        arrays = []
+        for name, x in zip(BODIES[which][1], inputs, strict=True):
+            arrays.append(np.ascontiguousarray(np.array(x)))
+            if f"{name}_shape" in body:
+                arrays.append(np.array(x.shape, dtype=np.int32))
         dtypes = [x.dtype for x in inputs]
         lib = _build(_source(which, dtypes, output_dtypes, template))
         outs = [np.zeros(s, dtype=NUMPY[d]) for s, d in zip(output_shapes, output_dtypes,

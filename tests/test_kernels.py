@@ -30,17 +30,19 @@ BACKEND = kernel_backend()
 on_gpu = pytest.mark.skipif(BACKEND == "reference", reason="needs a CUDA or Metal GPU")
 # The kernels' CUDA text also runs on the CPU under an emulation of CUDA's thread
 # model (tests/cuda_emulator.py), so CI checks the kernel logic without a GPU.
-KERNEL_BACKENDS = ["emulated"] + ([BACKEND] if BACKEND != "reference" else [])
+# "emulated" takes CUDA's path (keys on tensor cores), "emulated-scalar" Metal's.
+KERNEL_BACKENDS = ["emulated", "emulated-scalar"] + ([BACKEND] if BACKEND != "reference"
+                                                     else [])
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)
 def backend(request, monkeypatch):
-    if request.param == "emulated":
+    if request.param.startswith("emulated"):
         if compiler() is None:
             pytest.skip("no C++ compiler for the kernel emulator")
         original = kernels._kernel
         monkeypatch.setattr(kernels, "_kernel", lambda b, which: emulated_kernel(which)
-                            if b == "emulated" else original(b, which))
+                            if b.startswith("emulated") else original(b, which))
     return request.param
 
 
@@ -201,7 +203,7 @@ def test_decode_kernel_matches_reference(backend, monkeypatch, heads, group, dim
                                          token_scale, tokens, threadgroups):
     """Few threadgroups put several tiles in each split (online softmax across tiles);
     many give one tile per split (merge across splits)."""
-    if backend == "emulated" and tokens * heads > 1000:
+    if backend.startswith("emulated") and tokens * heads > 1000:
         pytest.skip("too slow to emulate")
     monkeypatch.setattr(kernels, "TARGET_THREADGROUPS", threadgroups)
     rng = np.random.default_rng(tokens + dim)

@@ -24,6 +24,7 @@ Layout (per layer; B batch, HKV key/value heads, G query heads per KV head):
 
 CUDA_HEADER = r"""
 #define VX_SHARED __shared__
+#define VX_HALF_T __half
 #define VX_BARRIER() __syncthreads()
 #define VX_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
 #define VX_HALF(x) __half2float(x)
@@ -37,14 +38,73 @@ __device__ inline float2 vx_sincos(float x) {
 }
 """
 
+# One m16n8k16 tensor-core product (fp16 in, fp32 accumulate) and the tile of keys
+# built from it. Fragment layout of PTX's mma.m16n8k16 (.row.col): lane = 4·gid + tig;
+# A regs: (row gid, cols 2tig..+1), (row gid+8, same), (row gid, cols 2tig+8..+9),
+# (row gid+8, same); B regs: (k 2tig..+1, col gid), (k 2tig+8..+9, col gid); C: (row
+# gid, cols 2tig..+1), (row gid+8, same).
+CUDA_MMA = r"""
+__device__ inline void vx_mma_16816(float& c0, float& c1, float& c2, float& c3,
+                                    unsigned int a0, unsigned int a1, unsigned int a2,
+                                    unsigned int a3, unsigned int b0, unsigned int b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+"""
+
+CUDA_KEYS = r"""
+__device__ inline unsigned int vx_ld2(const __half* p) {
+  return *reinterpret_cast<const unsigned int*>(p);
+}
+// keys[t, d] = RoPE(sum_m coeff[t, m] basis[m, d] + mean[d]) for a tile of tokens:
+// coeff (T x rkmax, fp16, row stride chs) in shared memory; basis as fp16 pairs along m
+// (d-major: bmat[(d * rkmax + m) / 2]); warps take 16 x 8 output blocks in turn.
+__device__ inline void vx_mma_keys(const __half* ch, int chs, const unsigned int* bmat,
+                                   int rkmax, const float* kmean, const float* rope, int pos,
+                                   float* tile, int tstride, int tiles_m, int tiles_n,
+                                   int warp, int nwarps, int lane, int D) {
+  const int gid = lane >> 2;
+  const int tig = lane & 3;
+  for (int idx = warp; idx < tiles_m * tiles_n; idx += nwarps) {
+    const int mt = idx / tiles_n;
+    const int nt = idx - mt * tiles_n;
+    const int r0 = mt * 16 + gid;
+    const int bn = nt * 8 + gid;
+    float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
+    for (int k0 = 0; k0 < rkmax; k0 += 16) {
+      const __half* a = ch + k0 + tig * 2;
+      vx_mma_16816(c0, c1, c2, c3, vx_ld2(a + r0 * chs), vx_ld2(a + (r0 + 8) * chs),
+                   vx_ld2(a + r0 * chs + 8), vx_ld2(a + (r0 + 8) * chs + 8),
+                   bmat[(bn * rkmax + k0) / 2 + tig], bmat[(bn * rkmax + k0) / 2 + tig + 4]);
+    }
+    const int col = nt * 8 + tig * 2;  // an even column: (col, col + 1) is a RoPE pair
+    const float theta = rope[col / 2];
+    const float amp = rope[D / 2 + col / 2];
+    for (int half_row = 0; half_row < 2; half_row++) {
+      const int row = r0 + 8 * half_row;
+      const float a = (half_row ? c2 : c0) + kmean[col];
+      const float b = (half_row ? c3 : c1) + kmean[col + 1];
+      const float2 sc = vx_sincos((float)(pos + row) * theta);
+      tile[row * tstride + col] = amp * (a * sc.y - b * sc.x);
+      tile[row * tstride + col + 1] = amp * (a * sc.x + b * sc.y);
+    }
+  }
+}
+"""
+
 CUDA_PREAMBLE = r"""
   const int tid = threadIdx.x;
   const int blk_x = blockIdx.x;
   const int blk_y = blockIdx.y;
+  const int grid_x = gridDim.x;
 """
 
 METAL_HEADER = r"""
 #define VX_SHARED threadgroup
+#define VX_HALF_T half
 #define VX_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define VX_SHFL_XOR(v, m) simd_shuffle_xor((v), (ushort)(m))
 #define VX_HALF(x) float(x)
@@ -56,12 +116,16 @@ inline float2 vx_sincos(float x) {
   float s = metal::precise::sincos(x, c);
   return float2(s, c);
 }
+// Tensor-core key reconstruction is CUDA-only (MMA = false on Metal): never called.
+template <typename A, typename B, typename C, typename E, typename F>
+inline void vx_mma_keys(A, int, B, int, C, E, int, F, int, int, int, int, int, int, int) {}
 """
 
 METAL_PREAMBLE = r"""
   const int tid = (int)thread_position_in_threadgroup.x;
   const int blk_x = (int)threadgroup_position_in_grid.x;
   const int blk_y = (int)threadgroup_position_in_grid.y;
+  const int grid_x = (int)threadgroups_per_grid.x;
 """
 
 # Decode attention over the coded tokens of one layer.
@@ -70,21 +134,24 @@ METAL_PREAMBLE = r"""
 # shared chunk, MC·D = 1024), ACC (accumulators per thread, ceil(G·D/NT)), PRE
 # (pre-RoPE keys), KTS / VTS (per-token key / value scale), VAFF (affine values), VB,
 # VG (their bits, group).
-# meta: total coded tokens, position of the first, tokens per split, rk, wk, rv, wv,
-# buffer capacity, number of splits.
+# MMA (keys on tensor cores, CUDA), RKMAX / CHS (coefficient columns / fp16 row stride).
+# coded: a dummy whose length is the number of coded tokens; layout: rk, wk, rv, wv,
+# position of the first coded token; splits = the grid's x size.
 DECODE_BODY = r"""
   const int split = blk_x;
   const int bh = blk_y;
   const int h = bh % HKV;
-  const int total = meta[0];
-  const int pos0 = meta[1];
-  const int per_split = meta[2];
-  const int rk = meta[3];
-  const int wk = meta[4];
-  const int rv = meta[5];
-  const int wv = meta[6];
-  const int cap = meta[7];
-  const int n_splits = meta[8];
+  // Per-step numbers come from array shapes and the grid, not from arrays made per
+  // step (a fresh host array costs a page migration on every launch).
+  const int total = coded_shape[0];
+  const int cap = kwords_shape[2];
+  const int n_splits = grid_x;
+  const int per_split = ((total + n_splits - 1) / n_splits + T_TILE - 1) / T_TILE * T_TILE;
+  const int rk = layout[0];
+  const int wk = layout[1];
+  const int rv = layout[2];
+  const int wv = layout[3];
+  const int pos0 = layout[4];
   const int start = split * per_split;
   const int stop = min(start + per_split, total);
   constexpr int RKP = D + 1;
@@ -100,6 +167,7 @@ DECODE_BODY = r"""
   VX_SHARED float run_sum[G];
   VX_SHARED float rescale[G];
   VX_SHARED float qbias[G];
+  VX_SHARED VX_HALF_T ch[MMA ? T_TILE * CHS : 2];
 
   for (int i = tid; i < 510; i += NT) {
     table[i] = codebook[i];
@@ -119,7 +187,16 @@ DECODE_BODY = r"""
   float theta[2];
   float amp[2];
   float kmean[4];
-  if (PRE) {
+  if (PRE && MMA) {
+    // The query in RoPE pair order, times the softmax scale, for the whole kernel.
+    for (int i = tid; i < G * D; i += NT) {
+      const int g = i / D;
+      ubuf[i] = static_cast<float>(q[(bh * G + g) * D + perm[i - g * D]]) * qscale;
+    }
+    for (int g = tid; g < G; g += NT) {
+      qbias[g] = 0.0f;
+    }
+  } else if (PRE) {
     // The query in RoPE pair order, times the softmax scale.
     for (int g = 0; g < G; g++) {
       for (int j = 0; j < 4; j++) {
@@ -170,11 +247,12 @@ DECODE_BODY = r"""
       }
     }
     VX_BARRIER();
-    // 2. Codes -> key coefficients.
-    for (int i = tid; i < T_TILE * rk; i += NT) {
-      const int t = i / rk;
-      const int m = i - t * rk;
-      const int b = kbits[h * rk + m];
+    // 2. Codes -> key coefficients (fp16 for the tensor-core product).
+    const int ccols = MMA ? RKMAX : rk;
+    for (int i = tid; i < T_TILE * ccols; i += NT) {
+      const int t = i / ccols;
+      const int m = i - t * ccols;
+      const int b = m < rk ? kbits[h * rk + m] : 0;
       float c = 0.0f;
       if (b > 0) {
         const int sh = kshift[h * rk + m];
@@ -190,11 +268,15 @@ DECODE_BODY = r"""
           c *= tok_scale[t];
         }
       }
-      tile[t * RKP + m] = c;
+      if (MMA) {
+        ch[t * CHS + m] = VX_TO_HALF(c);
+      } else {
+        tile[t * RKP + m] = c;
+      }
     }
     VX_BARRIER();
     // 3. Scores of the G query heads against the tile.
-    if (PRE) {
+    if (PRE && !MMA) {
       // k = basisᵀ c + mean, 4 tokens x 4 dims per thread, basis rows streamed in chunks.
       float kacc[4][4];
       for (int i = 0; i < 4; i++) {
@@ -251,11 +333,18 @@ DECODE_BODY = r"""
         }
       }
     } else {
+      if (MMA) {
+        // Keys = coefficients x basis on tensor cores, plus mean, RoPE -> tile.
+        vx_mma_keys(ch, CHS, basis_mma + h * D * (RKMAX / 2), RKMAX, key_mean + h * D, rope,
+                    pos0 + t0, tile, RKP, T_TILE / 16, D / 8, tid / 32, NT / 32, tid % 32, D);
+        VX_BARRIER();
+      }
+      const int kd = MMA ? D : rk;
       for (int i = tid; i < G * T_TILE; i += NT) {
         const int g = i / T_TILE;
         const int t = i - g * T_TILE;
         float s = qbias[g];
-        for (int m = 0; m < rk; m++) {
+        for (int m = 0; m < kd; m++) {
           s += ubuf[g * D + m] * tile[t * RKP + m];
         }
         scores[i] = t < n ? s : -1e30f;
@@ -367,16 +456,16 @@ DECODE_BODY = r"""
 # normalise: one threadgroup of D threads per query head (D a power of two).
 # Spectral values are rotated back here (coefficients -> dims, plus the mean).
 # Template constants: D, G, HKV, MAXS (split capacity), MAXE (exact-token capacity),
-# SPECV (spectral values). meta: splits, exact tokens, rv.
+# SPECV (spectral values). cmeta: exact tokens, rv (splits: the partials' shape).
 COMBINE_BODY = r"""
   const int bhg = blk_y;
   const int g = bhg % G;
   const int bh = bhg / G;
   const int h = bh % HKV;
   const int d = tid;
-  const int S = meta[0];
-  const int E = meta[1];
-  const int rv = meta[2];
+  const int S = out_max_shape[2];
+  const int E = cmeta[0];
+  const int rv = cmeta[1];
   const float qscale = params[0];
   VX_SHARED float wsplit[MAXS];
   VX_SHARED float pexact[MAXE];
@@ -384,14 +473,21 @@ COMBINE_BODY = r"""
   VX_SHARED float oc[D];
   const int base = (bh * S) * G + g;  // partial (split s) at base + s * G
 
-  // Exact tokens' scores.
-  for (int e = tid; e < E; e += D) {
+  // Exact tokens' scores: one warp per token, lanes over dims.
+  const int warp = tid / 32;
+  const int lane = tid - warp * 32;
+  for (int e = warp; e < E; e += D / 32) {
     float s = 0.0f;
-    for (int i = 0; i < D; i++) {
+    for (int i = lane; i < D; i += 32) {
       const float qi = static_cast<float>(q[(bh * G + g) * D + i]);
       s += qi * static_cast<float>(ek[(bh * E + e) * D + i]);
     }
-    pexact[e] = s * qscale;
+    for (int off = 16; off > 0; off >>= 1) {
+      s += VX_SHFL_XOR(s, off);
+    }
+    if (lane == 0) {
+      pexact[e] = s * qscale;
+    }
   }
   VX_BARRIER();
   // Global max.
@@ -456,16 +552,16 @@ COMBINE_BODY = r"""
 
 # Quantise-and-pack arriving vectors: one threadgroup of D threads per token.
 # Template constants: D, HKV, PRE (undo RoPE first), TS (per-token scale).
-# meta: tokens in the chunk, position of the first, words per token.
+# position: a dummy whose length is the first token's position + 1; emeta: words per token.
 # basis (HKV, D, D): rows in pair order (PRE) or original order, columns = coefficients.
 ENCODE_BODY = r"""
   const int l = blk_x;
   const int bh = blk_y;
   const int h = bh % HKV;
   const int j = tid;
-  const int L = meta[0];
-  const int pos0 = meta[1];
-  const int wout = meta[2];
+  const int L = x_shape[2];
+  const int pos0 = position_shape[0] - 1;
+  const int wout = emeta[0];
   VX_SHARED float xs[D];
   VX_SHARED float ys[D];
   VX_SHARED unsigned int codes[D];
@@ -547,22 +643,22 @@ ENCODE_BODY = r"""
   }
 """
 
-DECODE_INPUTS = ["q", "perm", "params", "kwords", "ktok", "kbits", "kshift", "kscale", "basis",
-                 "key_mean", "rope", "vwords", "vtok", "vscales", "vbiases", "vbits", "vshift",
-                 "vscale", "codebook", "meta"]
+DECODE_INPUTS = ["q", "perm", "params", "coded", "layout", "basis_mma", "kwords", "ktok",
+                 "kbits", "kshift", "kscale", "basis", "key_mean", "rope", "vwords", "vtok",
+                 "vscales", "vbiases", "vbits", "vshift", "vscale", "codebook"]
 DECODE_OUTPUTS = ["out", "out_max", "out_sum"]
 COMBINE_INPUTS = ["q", "out", "out_max", "out_sum", "ek", "ev", "vback", "vmean", "params",
-                  "meta"]
+                  "cmeta"]
 COMBINE_OUTPUTS = ["result"]
 ENCODE_INPUTS = ["x", "perm", "rope", "mean", "basis", "rms", "bits", "shift", "scale",
-                 "codebook", "meta"]
+                 "codebook", "position", "emeta"]
 ENCODE_OUTPUTS = ["out_words", "out_scale"]
 
 
 def kernel_text(backend: str, body: str) -> tuple[str, str]:
     """(header, source) of a kernel body for "cuda" or "metal"."""
     if backend == "cuda":
-        return CUDA_HEADER, CUDA_PREAMBLE + body
+        return CUDA_HEADER + CUDA_MMA + CUDA_KEYS, CUDA_PREAMBLE + body
     if backend == "metal":
         return METAL_HEADER, METAL_PREAMBLE + body
     raise ValueError(f"no kernel text for backend {backend!r}")

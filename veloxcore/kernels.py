@@ -152,8 +152,9 @@ class SpectralKernels:
         self.heads, self.dims = H, D
         self.pre = cache.rope_mode == "pre"
         self.key_token_scale = cache.token_scale
-        chunk = CHUNK_ELEMENTS // D
-        columns, valid, self.key_rank = _compact(coder.bits, pad_to=chunk)
+        # Coded columns padded to whole tensor-core steps (16) and basis chunks.
+        columns, valid, self.key_rank = _compact(coder.bits, pad_to=max(16, CHUNK_ELEMENTS // D))
+        self.mma = self.pre and self.backend in ("cuda", "emulated")
         self.kbits, self.kshift, self.kscale = _coder_arrays(coder, columns, valid)
         self.key_words = coder.words
         basis = np.array(cache.key_basis)  # (H, D, D): original dims x coefficients
@@ -170,6 +171,9 @@ class SpectralKernels:
             self.encode_basis = mx.array(basis[:, self.perm, :].astype(np.float32))
             self.encode_mean = self.key_mean_pairs
             self.perm_mx = mx.array(self.perm)
+            # fp16 pairs along the coefficient axis, d-major: B fragments of mma.m16n8k16.
+            pairs = np.ascontiguousarray(compact[:, self.perm, :].astype(np.float16))
+            self.basis_mma = mx.array(pairs.view(np.uint32))
         else:
             self.perm = np.arange(D, dtype=np.int32)
             self.rope = mx.zeros((D,), mx.float32)
@@ -181,6 +185,7 @@ class SpectralKernels:
             self.encode_basis = mx.array(basis.astype(np.float32))
             self.encode_mean = self.key_mean_orig
             self.perm_mx = mx.array(self.perm)
+            self.basis_mma = mx.zeros((1,), mx.uint32)
         self.key_rms = cache.key_rms.reshape(H)
         self.key_full = (mx.array(coder.bits.astype(np.int32)),
                          mx.array(_offsets(coder.bits)), mx.array(coder.scales.astype(np.float32)))
@@ -215,6 +220,12 @@ class SpectralKernels:
         self.dummy_half = mx.zeros((1,), mx.float16)
         self.dummy_float = mx.zeros((1,), mx.float32)
         self._param_cache: dict[float, mx.array] = {}
+        # Small per-layer constants made once: fresh host arrays per launch are slow.
+        self._layouts: dict[int, mx.array] = {}
+        self._exact_meta: dict[int, mx.array] = {}
+        self._key_words_meta = mx.array([self.key_words], dtype=mx.int32)
+        self._value_words_meta = mx.array([self.value_words], dtype=mx.int32)
+        self._counter = mx.zeros((0,), mx.uint8)
 
     # ----------------------------------------------------------------- decode
     def attend(self, queries: mx.array, scale: float, parts, coded: int, pos0: int,
@@ -233,7 +244,6 @@ class SpectralKernels:
         B, Hq, L, D = queries.shape
         H = self.heads
         G = Hq // H
-        cap = parts[0].shape[2]
         dtype = queries.dtype
         tile = TILE_ELEMENTS // D
         splits = max(1, min(_cdiv(coded, tile), _cdiv(TARGET_THREADGROUPS, B * H)))
@@ -252,17 +262,22 @@ class SpectralKernels:
             vscales = vbiases = self.dummy_half
             vb, vg = 4, 32
         params = self._params(scale)
-        meta = mx.array([coded, pos0, per_split, self.key_rank, self.key_words,
-                         self.value_rank, self.value_words, cap, splits], dtype=mx.int32)
+        layout = self._layouts.get(pos0)
+        if layout is None:
+            layout = self._layouts[pos0] = mx.array(
+                [self.key_rank, self.key_words, self.value_rank, self.value_words, pos0],
+                dtype=mx.int32)
         basis, mean = ((self.basis_t, self.key_mean_pairs) if self.pre
                        else (self.query_basis, self.key_mean_orig))
         out, out_max, out_sum = _kernel(self.backend, "decode")(
-            inputs=[queries, self.perm_mx, params, parts[0], ktok, self.kbits, self.kshift,
-                    self.kscale, basis, mean, self.rope, vwords, vtok, vscales, vbiases,
-                    self.vbits, self.vshift, self.vscale, self.codebook, meta],
+            inputs=[queries, self.perm_mx, params, self._length(coded), layout, self.basis_mma,
+                    parts[0], ktok, self.kbits, self.kshift, self.kscale, basis, mean,
+                    self.rope, vwords, vtok, vscales, vbiases, self.vbits, self.vshift,
+                    self.vscale, self.codebook],
             template=[("T", dtype), ("D", D), ("G", G), ("HKV", H), ("T_TILE", tile),
                       ("NT", THREADS), ("MC", CHUNK_ELEMENTS // D),
-                      ("ACC", _cdiv(G * D, THREADS)), ("PRE", self.pre),
+                      ("ACC", _cdiv(G * D, THREADS)), ("PRE", self.pre), ("MMA", self.mma),
+                      ("RKMAX", self.key_rank), ("CHS", self.key_rank + 8),
                       ("KTS", self.key_token_scale), ("VTS", vtok is not self.dummy_half),
                       ("VAFF", self.value_affine is not None), ("VB", vb), ("VG", vg)],
             grid=(THREADS * splits, B * H, 1), threadgroup=(THREADS, 1, 1),
@@ -277,7 +292,6 @@ class SpectralKernels:
         G = Hq // H
         dtype = queries.dtype
         out, out_max, out_sum = partials
-        splits = out.shape[2]
         params = self._params(scale)
         if exact is None:
             ek = ev = mx.zeros((1,), dtype)
@@ -288,15 +302,25 @@ class SpectralKernels:
         spectral_values = self.value_affine is None
         vback, vmean = ((self.value_back, self.value_mean) if spectral_values
                         else (self.dummy_float, self.dummy_float))
+        cmeta = self._exact_meta.get(num_exact)
+        if cmeta is None:
+            cmeta = self._exact_meta[num_exact] = mx.array([num_exact, self.value_rank],
+                                                           dtype=mx.int32)
         (result,) = _kernel(self.backend, "combine")(
-            inputs=[queries, out, out_max, out_sum, ek, ev, vback, vmean, params,
-                    mx.array([splits, num_exact, self.value_rank], dtype=mx.int32)],
+            inputs=[queries, out, out_max, out_sum, ek, ev, vback, vmean, params, cmeta],
             template=[("T", dtype), ("D", D), ("G", G), ("HKV", H),
                       ("MAXS", TARGET_THREADGROUPS), ("MAXE", MAX_EXACT),
                       ("SPECV", spectral_values)],
             grid=(D, B * H * G, 1), threadgroup=(D, 1, 1),
             output_shapes=[(B, Hq, 1, D)], output_dtypes=[dtype])
         return result
+
+    def _length(self, n: int) -> mx.array:
+        """An array of length ``n`` (a view of one kept buffer): kernels read n from
+        its shape."""
+        if self._counter.shape[0] < n:
+            self._counter = mx.zeros((max(n, 2 * self._counter.shape[0], 4096),), mx.uint8)
+        return self._counter[:n]
 
     def _params(self, scale: float) -> mx.array:
         cached = self._param_cache.get(scale)
@@ -307,9 +331,10 @@ class SpectralKernels:
     # ----------------------------------------------------------------- encode
     def _encode(self, x, position, pre, basis, mean, rms, full, words, token_scale):
         B, H, L, D = x.shape
-        meta = mx.array([L, position, words], dtype=mx.int32)
+        words_meta = self._key_words_meta if words == self.key_words else self._value_words_meta
         out_words, out_scale = _kernel(self.backend, "encode")(
-            inputs=[x, self.perm_mx, self.rope, mean, basis, rms, *full, self.codebook, meta],
+            inputs=[x, self.perm_mx, self.rope, mean, basis, rms, *full, self.codebook,
+                    self._length(position + 1), words_meta],
             template=[("T", x.dtype), ("D", D), ("HKV", H), ("PRE", pre),
                       ("TS", token_scale)],
             grid=(D * L, B * H, 1), threadgroup=(D, 1, 1),
