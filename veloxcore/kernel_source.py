@@ -168,9 +168,23 @@ DECODE_BODY = r"""
   VX_SHARED float rescale[G];
   VX_SHARED float qbias[G];
   VX_SHARED VX_HALF_T ch[MMA ? T_TILE * CHS : 2];
+  VX_SHARED int kbits_s[D];
+  VX_SHARED int kshift_s[D];
+  VX_SHARED float kscale_s[D];
+  VX_SHARED int vbits_s[D];
+  VX_SHARED int vshift_s[D];
+  VX_SHARED float vscale_s[D];
 
   for (int i = tid; i < 510; i += NT) {
     table[i] = codebook[i];
+  }
+  for (int m = tid; m < D; m += NT) {
+    kbits_s[m] = m < rk ? kbits[h * rk + m] : 0;
+    kshift_s[m] = m < rk ? kshift[h * rk + m] : 0;
+    kscale_s[m] = m < rk ? kscale[h * rk + m] : 0.0f;
+    vbits_s[m] = !VAFF && m < rv ? vbits[h * rv + m] : 0;
+    vshift_s[m] = !VAFF && m < rv ? vshift[h * rv + m] : 0;
+    vscale_s[m] = !VAFF && m < rv ? vscale[h * rv + m] : 0.0f;
   }
   if (tid < G) {
     run_max[tid] = -1e30f;
@@ -252,10 +266,10 @@ DECODE_BODY = r"""
     for (int i = tid; i < T_TILE * ccols; i += NT) {
       const int t = i / ccols;
       const int m = i - t * ccols;
-      const int b = m < rk ? kbits[h * rk + m] : 0;
+      const int b = kbits_s[m];
       float c = 0.0f;
       if (b > 0) {
-        const int sh = kshift[h * rk + m];
+        const int sh = kshift_s[m];
         const int w0 = t * wk + (sh >> 5);
         const int o = sh & 31;
         unsigned int code = words[w0] >> o;
@@ -263,7 +277,7 @@ DECODE_BODY = r"""
           code |= words[w0 + 1] << (32 - o);
         }
         code &= (1u << b) - 1u;
-        c = table[(1 << b) - 2 + (int)code] * kscale[h * rk + m];
+        c = table[(1 << b) - 2 + (int)code] * kscale_s[m];
         if (KTS) {
           c *= tok_scale[t];
         }
@@ -339,15 +353,23 @@ DECODE_BODY = r"""
                     pos0 + t0, tile, RKP, T_TILE / 16, D / 8, tid / 32, NT / 32, tid % 32, D);
         VX_BARRIER();
       }
+      // Eight consecutive lanes per (head, token), each over every eighth dim.
       const int kd = MMA ? D : rk;
-      for (int i = tid; i < G * T_TILE; i += NT) {
-        const int g = i / T_TILE;
-        const int t = i - g * T_TILE;
-        float s = qbias[g];
-        for (int m = 0; m < kd; m++) {
+      for (int i = tid; i < G * T_TILE * 8; i += NT) {
+        const int pair = i / 8;
+        const int part = i - pair * 8;
+        const int g = pair / T_TILE;
+        const int t = pair - g * T_TILE;
+        float s = 0.0f;
+        for (int m = part; m < kd; m += 8) {
           s += ubuf[g * D + m] * tile[t * RKP + m];
         }
-        scores[i] = t < n ? s : -1e30f;
+        s += VX_SHFL_XOR(s, 4);
+        s += VX_SHFL_XOR(s, 2);
+        s += VX_SHFL_XOR(s, 1);
+        if (part == 0) {
+          scores[pair] = t < n ? s + qbias[g] : -1e30f;
+        }
       }
     }
     VX_BARRIER();
@@ -392,9 +414,10 @@ DECODE_BODY = r"""
     }
     VX_BARRIER();
     // 6. Codes -> values (or value coefficients) in the tile.
-    for (int i = tid; i < T_TILE * rv; i += NT) {
-      const int t = i / rv;
-      const int d = i - t * rv;
+    const int vcols = VAFF ? D : rv;
+    for (int i = tid; i < T_TILE * vcols; i += NT) {
+      const int t = i / vcols;
+      const int d = i - t * vcols;
       float v = 0.0f;
       if (t < n) {
         if (VAFF) {
@@ -403,9 +426,9 @@ DECODE_BODY = r"""
           const int gi = (bh * cap + t0 + t) * (D / VG) + d / VG;
           v = (float)code * VX_HALF(vscales[gi]) + VX_HALF(vbiases[gi]);
         } else {
-          const int b = vbits[h * rv + d];
+          const int b = vbits_s[d];
           if (b > 0) {
-            const int sh = vshift[h * rv + d];
+            const int sh = vshift_s[d];
             const int w0 = t * wv + (sh >> 5);
             const int o = sh & 31;
             unsigned int code = words[w0] >> o;
@@ -413,7 +436,7 @@ DECODE_BODY = r"""
               code |= words[w0 + 1] << (32 - o);
             }
             code &= (1u << b) - 1u;
-            v = table[(1 << b) - 2 + (int)code] * vscale[h * rv + d];
+            v = table[(1 << b) - 2 + (int)code] * vscale_s[d];
             if (VTS) {
               v *= tok_scale[t];
             }

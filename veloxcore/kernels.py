@@ -29,7 +29,7 @@ from .quantizers import lloyd_max_gaussian
 THREADS = 256
 TILE_ELEMENTS = 4096  # tokens per tile × head_dim
 CHUNK_ELEMENTS = 1024  # basis rows per shared chunk × head_dim
-TARGET_THREADGROUPS = 512  # enough to fill an H100 (132 SMs) or an M-series GPU
+TARGET_THREADGROUPS = 1024  # a few per SM on an H100/H200 (132 SMs), more on M-series
 MAX_EXACT = 256  # exact tokens (sinks + recent window) the merge kernel takes
 
 
