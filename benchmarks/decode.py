@@ -268,8 +268,8 @@ def main() -> None:
 
 def markdown(rows, name, backend) -> str:
     lines = [f"Device: {name}; kernels: {backend}", "",
-             "| shape | part | tokens | method | latency µs | tok/s | vs fp16 | code GB/s "
-             "| peak MiB | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | part | tokens | method | latency µs | append µs | tok/s | vs fp16 "
+             "| code GB/s | peak MiB | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["shape"], r["part"], r["tokens"]): r for r in rows
             if r["method"] == "fp16" and "error" not in r}
     for r in rows:
@@ -278,9 +278,10 @@ def markdown(rows, name, backend) -> str:
         if "error" not in r and ref:
             ratio = (f"{ref['latency_us'] / r['latency_us']:.2f}×" if r["part"] == "attention"
                      else f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}×")
-        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["shape"], r["part"], r["tokens"], r["method"],
             f"{r['latency_us']:.0f}" if "latency_us" in r else "",
+            f"{r['append_us']:.0f}" if r.get("append_us") else "",
             f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else "", ratio,
             f"{r['read_gbs']:.0f}" if "read_gbs" in r else "",
             f"{r['peak_memory_mib']:.0f}" if "peak_memory_mib" in r else "",
