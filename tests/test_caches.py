@@ -256,3 +256,18 @@ def test_query_aware_bits_reweight_the_same_budget(tiny):
         dataclasses.replace(rot, key_importance=None) for rot in rotations["pre"]])
     with pytest.raises(CacheConfigError, match="query statistics"):
         KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g32+qa", old))
+
+
+def test_recommended_config_uses_query_importance_only_when_calibrated(tiny):
+    import dataclasses
+
+    model, _, rotations = tiny
+    rot = rotations["pre"]
+    assert rot.has_key_importance
+    assert KVCacheConfig.recommended(rot).query_aware
+    older = dataclasses.replace(rot, layers=[dataclasses.replace(r, key_importance=None)
+                                             for r in rot.layers])
+    config = KVCacheConfig.recommended(older)
+    assert not config.query_aware
+    config.value_group_size = 32  # the tiny model's head_dim
+    assert len(KVCacheBuilder.build(model, config)) == len(model.layers)

@@ -94,6 +94,11 @@ class SpectralRotations:
     def token_count(self) -> int:
         return self.layers[0].token_count if self.layers else 0
 
+    @property
+    def has_key_importance(self) -> bool:
+        """Whether query statistics were recorded (needed for query-aware key bits)."""
+        return bool(self.layers) and all(r.key_importance is not None for r in self.layers)
+
 
 @dataclass
 class CalibrationProgress:
