@@ -271,3 +271,19 @@ def test_recommended_config_uses_query_importance_only_when_calibrated(tiny):
     assert not config.query_aware
     config.value_group_size = 32  # the tiny model's head_dim
     assert len(KVCacheBuilder.build(model, config)) == len(model.layers)
+
+
+def test_global_key_bits_spend_the_whole_budget_across_layers(tiny):
+    from veloxcore.caches import global_key_bits
+
+    model, _, rotations = tiny
+    config = parse_method("spectral:wf3/a4g32+qa+g", rotations["pre"])
+    assert config.global_key_bits and config.query_aware
+    bits = global_key_bits(config)
+    total = sum(b.size for b in bits)
+    assert sum(int(b.sum()) for b in bits) == round(3.0 * total)
+    per_layer = [b.mean() for b in bits]
+    assert max(per_layer) > min(per_layer)  # the budget moved between layers
+    caches = KVCacheBuilder.build(model, config)
+    for layer, b in enumerate(bits):
+        np.testing.assert_array_equal(caches.layer_bits[layer]["keys"], b)

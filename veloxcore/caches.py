@@ -91,6 +91,10 @@ class KVCacheConfig:
     # available, else decode-then-attend; "reference": the pure-MLX version of the
     # fused path, for checking it anywhere; "off": always decode-then-attend).
     kernels: str = "auto"
+    # Water-fill the key budget across all layers and heads at once (keys' distortion
+    # weighted by eigenvalue, × query importance with query_aware) instead of per head.
+    # Measured worse at equal real bits (BENCHMARKS.md, "+g" probe); not a default.
+    global_key_bits: bool = False
 
     @classmethod
     def recommended(cls, rotations: SpectralRotations) -> KVCacheConfig:
@@ -583,6 +587,8 @@ class KVCacheBuilder:
         caches.layer_bits = []
         if config.method == "spectral":
             _check_rotations(model, config)
+        keys_global = (global_key_bits(config) if config.method == "spectral"
+                       and config.global_key_bits and config.use_water_filling else None)
         groups = {}
         if config.method == "affine":
             groups["affine"] = config.group_size
@@ -607,7 +613,7 @@ class KVCacheBuilder:
                                          sink_tokens=config.sink_tokens,
                                          recent_tokens=config.recent_tokens))
             else:
-                cache, bits = _spectral_cache(model, config, layer)
+                cache, bits = _spectral_cache(model, config, layer, keys_global)
                 caches.layer_bits.append(bits)
                 caches.append(cache)
         caches.kernel_backend, caches.kernel_notes = _use_kernels(model, config, caches)
@@ -678,12 +684,36 @@ def spectral_layer_bits(rotation, config: KVCacheConfig, layer_plan: dict | None
     return np.stack(key_bits), np.stack(value_bits)
 
 
-def _spectral_cache(model, config: KVCacheConfig, layer: int):
+def global_key_bits(config: KVCacheConfig) -> list[np.ndarray]:
+    """Key bits (heads, head_dim) per layer from one water-filling over every layer,
+    head and dim: the same total budget goes where distortion costs most."""
+    spectra = []
+    for rot in config.rotations:
+        lam = rot.key_eigenvalues
+        if config.query_aware:
+            if rot.key_importance is None:
+                raise CacheConfigError("query-aware bits need rotations calibrated with query "
+                                       "statistics (recalibrate with this version)")
+            lam = lam * rot.key_importance
+        spectra.append(np.asarray(lam, dtype=np.float64))
+    target = config.target_avg_bits if config.target_avg_bits is not None else 3.0
+    flat = water_fill_bits(np.concatenate([s.reshape(-1) for s in spectra]), target,
+                           config.min_bits, config.max_bits)
+    out, start = [], 0
+    for s in spectra:
+        out.append(flat[start: start + s.size].reshape(s.shape))
+        start += s.size
+    return out
+
+
+def _spectral_cache(model, config: KVCacheConfig, layer: int, keys_global=None):
     rot = config.rotations[layer]
     plan = None
     if config.bit_plan is not None:
         plan = next((p for p in config.bit_plan.get("layers", []) if p["layer"] == layer), None)
     key_bits, value_bits = spectral_layer_bits(rot, config, plan)
+    if keys_global is not None and plan is None:
+        key_bits = keys_global[layer]
     rope = find_rope(model.layers[layer]) if rot.rope_mode == "pre" else None
     if rot.rope_mode == "pre" and rope is None:
         raise CacheConfigError(f"layer {layer}: pre-RoPE rotations need a RoPE module")
@@ -709,7 +739,8 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
     ``+r64`` keeps the newest 64 tokens exact, ``+s4`` sets the exact sink tokens,
     ``+x2.5`` the codebook scale inflation, ``+ts`` adds a per-token scale, ``+b64``
     codes keys in 64-token blocks with per-block scales, ``+qa`` water-fills keys on
-    eigenvalue × query importance.
+    eigenvalue × query importance, ``+g`` water-fills the key budget across all layers
+    and heads at once.
     """
     body, *modifiers = spec.strip().split("+")
     try:
@@ -727,6 +758,8 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
                 config.key_block_scale = int(mod[1:])
             elif mod == "qa":
                 config.query_aware = True
+            elif mod == "g":
+                config.global_key_bits = True
             else:
                 raise ValueError(mod)
         return config
