@@ -46,7 +46,9 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "assets" / "bundles" / "smollm2-135m-instruct-pre"
 SHAPES = {
-    # Llama-3.2-1B and Llama-3.1-8B layouts.
+    # The default model (SmolLM2-135M), Llama-3.2-1B and Llama-3.1-8B layouts.
+    "smollm2": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64),
     "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
                num_attention_heads=32, num_key_value_heads=8, head_dim=64),
     "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
@@ -252,7 +254,7 @@ def main() -> None:
             mx.eval(model.parameters())
             attention.install(model)
             for tokens in contexts:
-                for method in [m for m in methods if m != "spectral-unfused"]:
+                for method in methods:
                     try:
                         record(end_to_end_row(model, method, shape, tokens,
                                               args.decode_tokens, backend))
