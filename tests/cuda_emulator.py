@@ -137,7 +137,7 @@ def _build(code: str) -> ctypes.CDLL:
 def _source(which, dtypes, out_dtypes, template) -> str:
     body, inputs, outputs = BODIES[which]
     header = (src.CUDA_HEADER.replace("#define VX_SHARED __shared__", "#define VX_SHARED static")
-              + src.CUDA_KEYS)
+              + src.COMMON_HELPERS + src.CUDA_KEYS)
     args = []
     for n, d in zip(inputs, dtypes, strict=True):
         args.append(f"const {CTYPES[d]}* {n}")

@@ -657,17 +657,22 @@ def _check_rotations(model, config: KVCacheConfig) -> None:
                                f"not {config.value_method!r}")
 
 
+def _key_spectra(rotation, config: KVCacheConfig) -> np.ndarray:
+    """What key bits are water-filled on: eigenvalues, × query importance with +qa."""
+    if not config.query_aware:
+        return rotation.key_eigenvalues
+    if rotation.key_importance is None:
+        raise CacheConfigError("query-aware bits need rotations calibrated with query "
+                               "statistics (recalibrate with this version)")
+    return rotation.key_eigenvalues * rotation.key_importance
+
+
 def spectral_layer_bits(rotation, config: KVCacheConfig, layer_plan: dict | None = None):
     """(key_bits, value_bits) arrays of shape (heads, head_dim) for one layer."""
     if layer_plan is not None:
         return (np.asarray(layer_plan["keys"], dtype=np.int64),
                 np.asarray(layer_plan["values"], dtype=np.int64))
-    key_spectra = rotation.key_eigenvalues
-    if config.query_aware:
-        if rotation.key_importance is None:
-            raise CacheConfigError("query-aware bits need rotations calibrated with query "
-                                   "statistics (recalibrate with this version)")
-        key_spectra = key_spectra * rotation.key_importance
+    key_spectra = _key_spectra(rotation, config)
     key_bits, value_bits = [], []
     for lam_k, lam_v in zip(key_spectra, rotation.value_eigenvalues, strict=True):
         if config.use_water_filling:
@@ -687,15 +692,8 @@ def spectral_layer_bits(rotation, config: KVCacheConfig, layer_plan: dict | None
 def global_key_bits(config: KVCacheConfig) -> list[np.ndarray]:
     """Key bits (heads, head_dim) per layer from one water-filling over every layer,
     head and dim: the same total budget goes where distortion costs most."""
-    spectra = []
-    for rot in config.rotations:
-        lam = rot.key_eigenvalues
-        if config.query_aware:
-            if rot.key_importance is None:
-                raise CacheConfigError("query-aware bits need rotations calibrated with query "
-                                       "statistics (recalibrate with this version)")
-            lam = lam * rot.key_importance
-        spectra.append(np.asarray(lam, dtype=np.float64))
+    spectra = [np.asarray(_key_spectra(rot, config), dtype=np.float64)
+               for rot in config.rotations]
     target = config.target_avg_bits if config.target_avg_bits is not None else 3.0
     flat = water_fill_bits(np.concatenate([s.reshape(-1) for s in spectra]), target,
                            config.min_bits, config.max_bits)

@@ -24,6 +24,8 @@ Layout (per layer; B batch, HKV key/value heads, G query heads per KV head):
 
 CUDA_HEADER = r"""
 #define VX_SHARED __shared__
+#define VX_TG
+#define VX_FN __device__ inline
 #define VX_HALF_T __half
 #define VX_BARRIER() __syncthreads()
 #define VX_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
@@ -35,6 +37,23 @@ __device__ inline float2 vx_sincos(float x) {
   float s, c;
   sincosf(x, &s, &c);
   return make_float2(s, c);
+}
+"""
+
+# Helpers shared by both backends (after their header's macros).
+COMMON_HELPERS = r"""
+// The codebook level of the b-bit code starting at bit sh of a token's packed words
+// (it may straddle two words): unit Lloyd-Max level, width b at offset 2^b - 2.
+VX_FN float vx_level(VX_TG const unsigned int* words, int base, int sh, int b,
+                     VX_TG const float* table) {
+  const int w0 = base + (sh >> 5);
+  const int o = sh & 31;
+  unsigned int code = words[w0] >> o;
+  if (o + b > 32) {
+    code |= words[w0 + 1] << (32 - o);
+  }
+  code &= (1u << b) - 1u;
+  return table[(1 << b) - 2 + (int)code];
 }
 """
 
@@ -104,6 +123,8 @@ CUDA_PREAMBLE = r"""
 
 METAL_HEADER = r"""
 #define VX_SHARED threadgroup
+#define VX_TG threadgroup
+#define VX_FN inline
 #define VX_HALF_T half
 #define VX_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define VX_SHFL_XOR(v, m) simd_shuffle_xor((v), (ushort)(m))
@@ -269,15 +290,7 @@ DECODE_BODY = r"""
       const int b = kbits_s[m];
       float c = 0.0f;
       if (b > 0) {
-        const int sh = kshift_s[m];
-        const int w0 = t * wk + (sh >> 5);
-        const int o = sh & 31;
-        unsigned int code = words[w0] >> o;
-        if (o + b > 32) {
-          code |= words[w0 + 1] << (32 - o);
-        }
-        code &= (1u << b) - 1u;
-        c = table[(1 << b) - 2 + (int)code] * kscale_s[m];
+        c = vx_level(words, t * wk, kshift_s[m], b, table) * kscale_s[m];
         if (KTS) {
           c *= tok_scale[t];
         }
@@ -428,15 +441,7 @@ DECODE_BODY = r"""
         } else {
           const int b = vbits_s[d];
           if (b > 0) {
-            const int sh = vshift_s[d];
-            const int w0 = t * wv + (sh >> 5);
-            const int o = sh & 31;
-            unsigned int code = words[w0] >> o;
-            if (o + b > 32) {
-              code |= words[w0 + 1] << (32 - o);
-            }
-            code &= (1u << b) - 1u;
-            v = table[(1 << b) - 2 + (int)code] * vscale_s[d];
+            v = vx_level(words, t * wv, vshift_s[d], b, table) * vscale_s[d];
             if (VTS) {
               v *= tok_scale[t];
             }
@@ -681,7 +686,7 @@ ENCODE_OUTPUTS = ["out_words", "out_scale"]
 def kernel_text(backend: str, body: str) -> tuple[str, str]:
     """(header, source) of a kernel body for "cuda" or "metal"."""
     if backend == "cuda":
-        return CUDA_HEADER + CUDA_MMA + CUDA_KEYS, CUDA_PREAMBLE + body
+        return CUDA_HEADER + COMMON_HELPERS + CUDA_MMA + CUDA_KEYS, CUDA_PREAMBLE + body
     if backend == "metal":
-        return METAL_HEADER, METAL_PREAMBLE + body
+        return METAL_HEADER + COMMON_HELPERS, METAL_PREAMBLE + body
     raise ValueError(f"no kernel text for backend {backend!r}")
