@@ -284,3 +284,29 @@ def test_kernel_layout_compacts_coded_dims():
     kbits = np.array(kernels.kbits)
     for h in range(3):
         assert (kbits[h] > 0).sum() == coded[h]
+
+
+def test_kernel_self_test_passes_on_working_kernels_and_names_failures(monkeypatch):
+    from veloxcore.caches import kernel_self_test
+
+    if compiler() is not None:
+        original = kernels._kernel
+        monkeypatch.setattr(kernels, "_kernel", lambda b, which: emulated_kernel(which)
+                            if b.startswith("emulated") else original(b, which))
+        assert kernel_self_test.__wrapped__("emulated") is None
+    # A backend whose kernels cannot be built is reported, not raised.
+    monkeypatch.setattr(kernels, "_kernel", lambda b, which: 1 / 0)
+    problem = kernel_self_test.__wrapped__("cuda")
+    assert problem and "ZeroDivisionError" in problem
+
+
+def test_builder_falls_back_when_the_kernels_fail_their_self_test(monkeypatch):
+    import veloxcore.caches as caches_module
+    from veloxcore.caches import KVCacheConfig
+
+    model = tiny_model(seed=3, head_dim=64)
+    monkeypatch.setattr(caches_module, "kernel_self_test", lambda backend: "it broke")
+    config = KVCacheConfig(method="spectral", kernels="cuda")
+    backend, notes = caches_module._use_kernels(model, config, [])
+    # Decode-then-attend instead, with the reason in caches.kernel_notes.
+    assert backend is None and "it broke" in notes[0]

@@ -10,10 +10,12 @@ kept exact.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache, create_attention_mask
 
@@ -630,6 +632,11 @@ def _use_kernels(model, config: KVCacheConfig, caches) -> tuple[str | None, list
     backend = kernel_backend() if config.kernels == "auto" else config.kernels
     if config.kernels == "auto" and backend == "reference":
         return None, []  # CPU: decode-then-attend is the same computation, fewer ops
+    if backend != "reference":
+        problem = kernel_self_test(backend)
+        if problem:
+            return None, [f"the fused {backend} kernels failed their self-test ({problem}); "
+                          "decoding then attending"]
     if not attention.install(model):
         return None, ["the model's attention has no hook point; decoding then attending"]
     notes = []
@@ -642,6 +649,36 @@ def _use_kernels(model, config: KVCacheConfig, caches) -> tuple[str | None, list
         except ValueError as e:
             notes.append(f"layer {layer}: {e}")
     return backend, notes
+
+
+@functools.cache
+def kernel_self_test(backend: str) -> str | None:
+    """Run the fused kernels once on a small random cache against the pure-MLX
+    reference: None when they agree, else what went wrong. Guards against a GPU
+    or compiler on which they fail to build or compute (once per process)."""
+    rng = np.random.default_rng(0)
+    H, D, G = 2, 64, 2
+    lam = np.exp(-np.arange(D) / 10.0)[None].repeat(H, 0)
+    bits = np.clip(np.round(3 + 0.5 * np.log2(lam / lam.mean(1, keepdims=True))), 0, 8)
+    basis = np.stack([np.linalg.qr(rng.normal(size=(D, D)))[0] for _ in range(H)])
+    try:
+        cache = SpectralKVCache(basis, 2 * np.sqrt(lam), bits.astype(np.int64), basis,
+                                2 * np.sqrt(lam), None, "pre", nn.RoPE(D, traditional=True),
+                                value_affine=(4, 64), sink_tokens=4, token_scale=True)
+        keys = mx.array(rng.normal(size=(1, H, 300, D)).astype(np.float16))
+        values = mx.array(rng.normal(size=(1, H, 300, D)).astype(np.float16))
+        query = mx.array(rng.normal(size=(1, H * G, 1, D)).astype(np.float16))
+        cache.use_kernels(backend)
+        cache.update_and_fetch(keys, values)
+        fused = cache.attend(query, D**-0.5)
+        cache.kernels = None
+        reference = cache.attend(query, D**-0.5)
+        error = mx.max(mx.abs(fused.astype(mx.float32) - reference.astype(mx.float32))).item()
+    except Exception as e:  # noqa: BLE001 — any failure means: do not use them
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    # Tolerance: the encoders may round a few values to the neighbouring level, and CUDA
+    # rebuilds keys from fp16 coefficients.
+    return None if error < 2e-2 else f"output differs from the reference by {error:.3g}"
 
 
 def _check_rotations(model, config: KVCacheConfig) -> None:
