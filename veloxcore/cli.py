@@ -86,8 +86,12 @@ def cmd_chat(args) -> int:
     model, tokenizer, info = load(args.model)
     cache = build_cli_cache(args, model)
     label = args.method or "fp16"
+    if getattr(cache, "kernel_backend", None):
+        label += f" (fused {cache.kernel_backend} decode kernels)"
     print(f"{info.name}: {info.num_layers} layers, {info.dtype}, KV cache {label}. "
           "Empty line or Ctrl-D quits.", file=sys.stderr)
+    for note in getattr(cache, "kernel_notes", []):
+        print(f"note: {note}", file=sys.stderr)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     prompts = [args.prompt] if args.prompt else None
     while True:
