@@ -52,7 +52,7 @@ def orthogonal(rng, heads, dim):
 
 
 def make_cache(rng, heads=3, dim=64, mode="pre", values="affine", token_scale=False,
-               traditional=True, avg_bits=3, sink_tokens=4):
+               traditional=True, avg_bits=3, sink_tokens=4, token_scale_floor=1e-6):
     """A spectral cache with random bases, decaying spectra and water-filled-like bits."""
     lam = np.exp(-np.arange(dim) / (dim / 6.0))[None].repeat(heads, 0) * rng.uniform(
         0.5, 2.0, size=(heads, 1))
@@ -66,7 +66,7 @@ def make_cache(rng, heads=3, dim=64, mode="pre", values="affine", token_scale=Fa
                            value_affine, sink_tokens,
                            key_mean=rng.normal(size=(heads, dim)) * 0.3,
                            value_mean=rng.normal(size=(heads, dim)) * 0.3,
-                           token_scale=token_scale)
+                           token_scale=token_scale, token_scale_floor=token_scale_floor)
 
 
 def random_kv(rng, cache, tokens):
@@ -310,3 +310,17 @@ def test_builder_falls_back_when_the_kernels_fail_their_self_test(monkeypatch):
     backend, notes = caches_module._use_kernels(model, config, [])
     # Decode-then-attend instead, with the reason in caches.kernel_notes.
     assert backend is None and "it broke" in notes[0]
+
+
+def test_encode_kernel_clips_token_scales_like_the_reference(backend):
+    """Per-token scales clipped from below (``+tfX``) are the same in both encoders."""
+    rng = np.random.default_rng(11)
+    cache = make_cache(rng, 2, 64, "pre", "affine", True, sink_tokens=0, token_scale_floor=0.9)
+    keys, vals = random_kv(rng, cache, 200)
+    keys = keys * mx.array(rng.uniform(0.2, 2.0, size=(1, 1, 200, 1)).astype(np.float16))
+    cache.use_kernels("reference")
+    expected = np.array(cache.encode(keys, vals, 5)[1])
+    cache.use_kernels(backend)
+    got = np.array(cache.encode(keys, vals, 5)[1])
+    assert expected.min() >= np.float16(0.9) and (expected == np.float16(0.9)).mean() > 0.1
+    np.testing.assert_allclose(got, expected, rtol=2e-3)

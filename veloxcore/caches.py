@@ -81,6 +81,10 @@ class KVCacheConfig:
     # more than the coarser steps (measured: see BENCHMARKS.md).
     scale_inflation: float = 2.0
     token_scale: bool = False
+    # Smallest per-token scale: 1.0 scales down only vectors larger than a calibrated
+    # one ("+tc"), leaving typical tokens on the calibrated codebooks.
+    token_scale_floor: float = 1e-6
+    token_scale_ceiling: float = 1e30
     # Newest tokens kept exact (fp16) until they leave this window; counted in nbytes.
     recent_tokens: int = 0
     # Keys coded in blocks of this many tokens with per-block, per-dim scales
@@ -356,12 +360,15 @@ class SpectralKVCache(CodedKVCache):
                  value_bits: np.ndarray | None, rope_mode: str, rope=None,
                  value_affine: tuple[int, int] | None = None, sink_tokens: int = 4,
                  key_mean: np.ndarray | None = None, value_mean: np.ndarray | None = None,
-                 token_scale: bool = False, recent_tokens: int = 0, key_block: int = 0):
+                 token_scale: bool = False, recent_tokens: int = 0, key_block: int = 0,
+                 token_scale_floor: float = 1e-6, token_scale_ceiling: float = 1e30):
         super().__init__(sink_tokens, recent_tokens)
         H, D, _ = key_vectors.shape
         if key_block and token_scale:
             raise CacheConfigError("key block scales and per-token scales exclude each other")
         self.token_scale = token_scale
+        self.token_scale_floor = token_scale_floor
+        self.token_scale_ceiling = token_scale_ceiling
         self.key_block = key_block
         if key_block:
             self.block = key_block
@@ -444,7 +451,8 @@ class SpectralKVCache(CodedKVCache):
             return (coder.encode(y),)
         # Per-token scale: the vector's RMS relative to a calibrated vector's.
         scale = mx.sqrt(mx.mean(y * y, axis=-1, keepdims=True)) / rms
-        scale = mx.maximum(scale, 1e-6).astype(mx.float16)
+        scale = mx.clip(scale, self.token_scale_floor, self.token_scale_ceiling)
+        scale = scale.astype(mx.float16)
         return coder.encode(y / scale.astype(mx.float32)), scale
 
     def _encode_blocks(self, y):
@@ -760,6 +768,8 @@ def _spectral_cache(model, config: KVCacheConfig, layer: int, keys_global=None):
                             rot.rope_mode, rope, value_affine, config.sink_tokens,
                             key_mean=rot.key_mean, value_mean=rot.value_mean,
                             token_scale=config.token_scale,
+                            token_scale_floor=config.token_scale_floor,
+                            token_scale_ceiling=config.token_scale_ceiling,
                             recent_tokens=config.recent_tokens,
                             key_block=config.key_block_scale)
     return cache, {"layer": layer, "keys": key_bits.tolist(), "values": value_bits.tolist()}
@@ -772,7 +782,8 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
     spectral:wf3/3 (keys water-filled at 3 bits, values 3) · spectral:wf3/a4g64
     (affine 4-bit values, group 64; group 32 when omitted). Modifiers after "+":
     ``+r64`` keeps the newest 64 tokens exact, ``+s4`` sets the exact sink tokens,
-    ``+x2.5`` the codebook scale inflation, ``+ts`` adds a per-token scale, ``+b64``
+    ``+x2.5`` the codebook scale inflation, ``+ts`` adds a per-token scale (``+tc``: one
+    that only scales vectors down, ``+tu``: only up, ``+tf0.7``: never below 0.7), ``+b64``
     codes keys in 64-token blocks with per-block scales, ``+qa`` water-fills keys on
     eigenvalue × query importance, ``+g`` water-fills the key budget across all layers
     and heads at once.
@@ -783,6 +794,12 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
         for mod in modifiers:
             if mod == "ts":
                 config.token_scale = True
+            elif mod == "tc":
+                config.token_scale, config.token_scale_floor = True, 1.0
+            elif mod == "tu":
+                config.token_scale, config.token_scale_ceiling = True, 1.0
+            elif mod[:2] == "tf":
+                config.token_scale, config.token_scale_floor = True, float(mod[2:])
             elif mod[:1] == "r":
                 config.recent_tokens = int(mod[1:])
             elif mod[:1] == "s":

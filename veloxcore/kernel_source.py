@@ -623,7 +623,8 @@ ENCODE_BODY = r"""
       for (int d = 0; d < D; d++) {
         ss += ys[d] * ys[d];
       }
-      token_scale[0] = VX_ROUND_HALF(max(sqrt(ss / (float)D) / rms[h], 1e-6f));
+      const float ratio = sqrt(ss / (float)D) / rms[h];
+      token_scale[0] = VX_ROUND_HALF(min(max(ratio, ts_clamp[0]), ts_clamp[1]));
     }
     VX_BARRIER();
     ts = token_scale[0];
@@ -678,8 +679,8 @@ DECODE_OUTPUTS = ["out", "out_max", "out_sum"]
 COMBINE_INPUTS = ["q", "out", "out_max", "out_sum", "ek", "ev", "vback", "vmean", "params",
                   "cmeta"]
 COMBINE_OUTPUTS = ["result"]
-ENCODE_INPUTS = ["x", "perm", "rope", "mean", "basis", "rms", "bits", "shift", "scale",
-                 "codebook", "position", "emeta"]
+ENCODE_INPUTS = ["x", "perm", "rope", "mean", "basis", "rms", "ts_clamp", "bits", "shift",
+                 "scale", "codebook", "position", "emeta"]
 ENCODE_OUTPUTS = ["out_words", "out_scale"]
 
 

@@ -187,6 +187,9 @@ class SpectralKernels:
             self.perm_mx = mx.array(self.perm)
             self.basis_mma = mx.zeros((1,), mx.uint32)
         self.key_rms = cache.key_rms.reshape(H)
+        # Per-token scales are clipped to [floor, ceiling] (KVCacheConfig.token_scale_*).
+        self.ts_clamp = mx.array([cache.token_scale_floor,
+                                  min(cache.token_scale_ceiling, 3e38)], dtype=mx.float32)
         self.key_full = (mx.array(coder.bits.astype(np.int32)),
                          mx.array(_offsets(coder.bits)), mx.array(coder.scales.astype(np.float32)))
 
@@ -333,7 +336,8 @@ class SpectralKernels:
         B, H, L, D = x.shape
         words_meta = self._key_words_meta if words == self.key_words else self._value_words_meta
         out_words, out_scale = _kernel(self.backend, "encode")(
-            inputs=[x, self.perm_mx, self.rope, mean, basis, rms, *full, self.codebook,
+            inputs=[x, self.perm_mx, self.rope, mean, basis, rms, self.ts_clamp, *full,
+                    self.codebook,
                     self._length(position + 1), words_meta],
             template=[("T", x.dtype), ("D", D), ("HKV", H), ("PRE", pre),
                       ("TS", token_scale)],
