@@ -3,9 +3,9 @@
 ``SpectralKernels`` holds one layer's kernel-ready layout (compacted coded dims,
 RoPE pair order, unit codebook) and runs
 
-- ``attend(queries, scale, parts, coded, pos0)``: attention partials of the
-  query over the coded tokens, reading packed codes directly (flash-decoding:
-  the sequence is split over threadgroups, partials merged with log-sum-exp);
+- ``attend(queries, scale, parts, coded, pos0, exact)``: decode attention over
+  the coded tokens, reading packed codes directly (flash-decoding: the sequence is
+  split over threadgroups), merged with the exact tokens by a second kernel;
 - ``encode_keys`` / ``encode_values``: quantise and pack arriving vectors in
   one kernel (undoing RoPE first in pre-RoPE mode).
 
@@ -21,6 +21,7 @@ import os
 from functools import cache
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from . import kernel_source as src
@@ -87,13 +88,12 @@ def rope_pairs(rope, head_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     # Angle and amplitude from the module at position 1 (e_a -> amp·(cos θ, sin θ)).
     eye = mx.eye(head_dim, dtype=mx.float32).reshape(1, head_dim, 1, head_dim)
     at1 = np.array(rope(eye, offset=1).reshape(head_dim, head_dim))
-    npairs = head_dim // 2
     cos1 = at1[first, first]
     sin1 = at1[first, second]
     amp = np.sqrt(cos1**2 + sin1**2)
     theta = np.arctan2(sin1, cos1).astype(np.float64)
     base = getattr(rope, "base", None)
-    if isinstance(rope, __import__("mlx.nn", fromlist=["RoPE"]).RoPE) and base:
+    if isinstance(rope, nn.RoPE) and base:
         # nn.RoPE: theta_i = scale · base^(−2i/dims), exact rather than measured.
         exact = float(getattr(rope, "scale", 1.0)) * float(base) ** (
             -np.arange(dims // 2, dtype=np.float64) * 2 / dims)
@@ -108,7 +108,6 @@ def rope_pairs(rope, head_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
               np.abs(at_far[first, second] - expect_sin).max())
     if not err < 2e-3:
         raise ValueError(f"RoPE angles are not linear in the position (error {err:.2g})")
-    assert perm.size == head_dim and npairs == theta.size
     return perm.astype(np.int32), theta.astype(np.float32), amp.astype(np.float32)
 
 
@@ -131,8 +130,7 @@ def _coder_arrays(coder, columns, valid):
     H = columns.shape[0]
     rows = np.arange(H)[:, None]
     bits = np.where(valid, coder.bits[rows, columns], 0)
-    offsets = np.concatenate([np.zeros((H, 1), np.int64), np.cumsum(coder.bits, axis=1)], axis=1)
-    shift = np.where(valid, offsets[rows, columns], 0)
+    shift = np.where(valid, _offsets(coder.bits)[rows, columns], 0)
     scale = np.where(valid, coder.scales[rows, columns], 0.0)
     return (mx.array(bits.astype(np.int32)), mx.array(shift.astype(np.int32)),
             mx.array(scale.astype(np.float32)))
