@@ -162,9 +162,11 @@ class SpectralKernels:
         if self.pre:
             self.perm, theta, amp = rope_pairs(cache.rope, D)
             self.rope = mx.array(np.concatenate([theta, amp]))
-            # basis_t[h, m, j] = U[h, perm[j], column m]: coefficients -> pair-ordered dims.
-            self.basis_t = mx.array(compact[:, self.perm, :].transpose(0, 2, 1)
-                                    .astype(np.float32))
+            # basis_t[h, m, j] = U[h, perm[j], column m]: coefficients -> pair-ordered dims
+            # (the scalar path's fp32 copy; the tensor-core path reads basis_mma).
+            self.basis_t = (mx.zeros((1,), mx.float32) if self.mma else
+                            mx.array(compact[:, self.perm, :].transpose(0, 2, 1)
+                                     .astype(np.float32)))
             self.key_mean_pairs = mx.array(mean[:, self.perm].astype(np.float32))
             self.encode_basis = mx.array(basis[:, self.perm, :].astype(np.float32))
             self.encode_mean = self.key_mean_pairs
@@ -199,7 +201,7 @@ class SpectralKernels:
                                  "kernels (2, 4 or 8 bits)")
             self.value_rank = D
             self.value_words = D * bits // 32
-            self.vbits = self.vshift = self.vscale = mx.zeros((1,), mx.int32)
+            self.vbits = self.vshift = mx.zeros((1,), mx.int32)
             self.vscale = mx.zeros((1,), mx.float32)
         else:
             vcoder = cache.value_coder
