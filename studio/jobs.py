@@ -151,14 +151,14 @@ def _require_model(state) -> None:
 
 # ---- chat ------------------------------------------------------------------------
 # What the chat's "spectral" method uses when the view names no configuration.
-DEFAULT_SPECTRAL = "spectral:wf3/a4g64+ts+qa"
+DEFAULT_SPECTRAL = "spectral:wf3/a4g64+tf0.7+qa"
 
 
 def generate(state, job, messages: list[dict], max_tokens: int = 256, cache=None,
              temperature: float = 0.0):
     """Stream one assistant reply through a KV cache built for it.
 
-    cache: None or "fp16", a method spec ("affine4", "spectral:wf3/a4g64+ts+qa"),
+    cache: None or "fp16", a method spec ("affine4", "spectral:wf3/a4g64+tf0.7+qa"),
     "spectral" (the default spectral configuration) or ``{"bit_plan": plan,
     "token_scale": bool}`` (a Bits view plan). Spectral caches use the engine's
     rotations; without any, the bundle shipped for the loaded model is loaded

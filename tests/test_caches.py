@@ -265,6 +265,7 @@ def test_recommended_config_uses_query_importance_only_when_calibrated(tiny):
     rot = rotations["pre"]
     assert rot.has_key_importance
     assert KVCacheConfig.recommended(rot).query_aware
+    assert KVCacheConfig.recommended(rot).token_scale_floor == 0.7
     older = dataclasses.replace(rot, layers=[dataclasses.replace(r, key_importance=None)
                                              for r in rot.layers])
     config = KVCacheConfig.recommended(older)
