@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One GPU session's checks, in the order they matter (run on the lent H100/H200 after
+# staging MLX CUDA and the default model: ../shared/device/prepare-mlx-cuda.sh --with-model).
+#   bash benchmarks/gpu_checks.sh OUT_DIR [tests|decode|quality]...   (default: all three)
+# tests:   the fused kernels against the pure-MLX reference (tests/test_kernels.py)
+# decode:  benchmarks/decode.py on 1B/8B/default-model shapes, 1k-64k
+# quality: the 8k sweep of the default configuration and its neighbours at <= 3.5 bits
+set -euo pipefail
+out=${1:?output folder}; shift
+parts=${*:-tests decode quality}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+for part in $parts; do
+  case $part in
+    tests)
+      python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not emulated" \
+        2>&1 | tee "$out/tests.txt" | tail -5 ;;
+    decode)
+      python3 benchmarks/decode.py --shapes smollm2,1b,8b --contexts 1024,4096,16384,65536 \
+        --methods fp16,affine4,spectral --reps 30 --out "$out/decode" | grep -v '^{' ;;
+    quality)
+      python3 benchmarks/quality.py --model /root/models/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --bundle assets/bundles/smollm2-135m-instruct-pre --ctx 8192 --decode-tokens 16 \
+        --methods "fp16,affine4,spectral:wf3/a4g64+tf0.7+qa,spectral:wf3/a4g64+ts+qa,spectral:wf2.5/a4g64+tf0.7+qa,spectral:wf2/a4g64+tf0.7+qa,spectral:wf3/a3g64+tf0.7+qa" \
+        --out "$out/quality" ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
+  esac
+done
