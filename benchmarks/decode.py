@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from veloxcore import attention, load_cached_rotations
-from veloxcore.caches import SpectralKVCache
+from veloxcore.caches import SpectralKVCache, random_rotation
 from veloxcore.kernels import kernel_backend
 from veloxcore.spectral import water_fill_bits
 
@@ -91,8 +91,9 @@ def spectra(dim: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def orthogonal(rng, heads, dim):
-    q, r = np.linalg.qr(rng.normal(size=(heads, dim, dim)))
-    return q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+    """A Haar-random orthogonal basis per head (the RVQ cache's rotation)."""
+    return np.stack([random_rotation(dim, int(seed))
+                     for seed in rng.integers(1 << 30, size=heads)])
 
 
 def spectral_cache(rng, heads: int, dim: int, rope, backend: str) -> SpectralKVCache:

@@ -15,7 +15,7 @@ from mlx_lm.models.cache import KVCache
 from tinymodel import tiny_model
 
 from veloxcore import attention, kernels
-from veloxcore.caches import SpectralKVCache
+from veloxcore.caches import SpectralKVCache, random_rotation
 from veloxcore.kernels import (
     SpectralKernels,
     kernel_backend,
@@ -47,8 +47,9 @@ def backend(request, monkeypatch):
 
 
 def orthogonal(rng, heads, dim):
-    q, r = np.linalg.qr(rng.normal(size=(heads, dim, dim)))
-    return q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+    """A Haar-random orthogonal basis per head (the RVQ cache's rotation)."""
+    return np.stack([random_rotation(dim, int(seed))
+                     for seed in rng.integers(1 << 30, size=heads)])
 
 
 def make_cache(rng, heads=3, dim=64, mode="pre", values="affine", token_scale=False,

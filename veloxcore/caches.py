@@ -176,8 +176,10 @@ class CodedKVCache:
         B, H, L, D = keys.shape
         n_sink = max(0, min(self.sink_tokens - self.offset, L))
         if n_sink:
-            self.sink_keys = _cat(self.sink_keys, keys[..., :n_sink, :])
-            self.sink_values = _cat(self.sink_values, values[..., :n_sink, :])
+            # Contiguous copies: a slice would keep the whole arriving chunk alive, and
+            # kernels reading the sinks would copy the slice on every step.
+            self.sink_keys = mx.contiguous(_cat(self.sink_keys, keys[..., :n_sink, :]))
+            self.sink_values = mx.contiguous(_cat(self.sink_values, values[..., :n_sink, :]))
         if n_sink < L:
             self.recent_keys = _cat(self.recent_keys, keys[..., n_sink:, :])
             self.recent_values = _cat(self.recent_values, values[..., n_sink:, :])
@@ -411,40 +413,30 @@ class SpectralKVCache(CodedKVCache):
         if (kernels is None or kernels.backend == "reference" or not self.coded
                 or (exact is not None and exact[0].shape[2] > MAX_EXACT)):
             return super().attend(queries, scale)
-        if exact is not None and self.recent_keys is None:
-            # Sinks are a slice of the first chunk: make them contiguous once, not per step.
-            self.sink_keys, self.sink_values = mx.contiguous(exact[0]), mx.contiguous(exact[1])
-            exact = (self.sink_keys, self.sink_values)
         return kernels.attend(queries, scale, self.parts, self.coded, self.num_sinks, exact)
 
     def encode(self, keys, values, position):
-        if self.kernels is not None and self.kernels.backend != "reference":
-            return self._encode_fused(keys, values, position)
-        if self.inverter is not None:
-            keys = self.inverter(keys, position)
-        y = (keys.astype(mx.float32) - self.key_mean) @ self.key_basis
-        if self.key_block:
-            key_parts = self._encode_blocks(y)
+        fused = self.kernels is not None and self.kernels.backend != "reference"
+        if fused:
+            key_parts = self.kernels.encode_keys(keys, position)
         else:
-            key_parts = self._encode_part(self.key_coder, y, self.key_rms)
-        if self.value_affine is None:
+            if self.inverter is not None:
+                keys = self.inverter(keys, position)
+            y = (keys.astype(mx.float32) - self.key_mean) @ self.key_basis
+            if self.key_block:
+                key_parts = self._encode_blocks(y)
+            else:
+                key_parts = self._encode_part(self.key_coder, y, self.key_rms)
+        if self.value_affine is not None:
+            bits, group = self.value_affine
+            value_parts = tuple(mx.quantize(values.astype(mx.float16), group_size=group,
+                                            bits=bits))
+        elif fused:
+            value_parts = self.kernels.encode_values(values, self.token_scale)
+        else:
             centred = values.astype(mx.float32) - self.value_mean
             value_parts = self._encode_part(self.value_coder, centred @ self.value_basis,
                                             self.value_rms, token_scale=self.token_scale)
-        else:
-            bits, group = self.value_affine
-            value_parts = tuple(mx.quantize(values.astype(mx.float16), group_size=group,
-                                            bits=bits))
-        return (*key_parts, *value_parts)
-
-    def _encode_fused(self, keys, values, position):
-        key_parts = self.kernels.encode_keys(keys, position)
-        if self.value_affine is None:
-            value_parts = self.kernels.encode_values(values, self.token_scale)
-        else:
-            bits, group = self.value_affine
-            value_parts = tuple(mx.quantize(values.astype(mx.float16), group_size=group,
-                                            bits=bits))
         return (*key_parts, *value_parts)
 
     def _encode_part(self, coder, y, rms, token_scale: bool | None = None):
@@ -669,7 +661,7 @@ def kernel_self_test(backend: str) -> str | None:
     H, D, G = 2, 64, 2
     lam = np.exp(-np.arange(D) / 10.0)[None].repeat(H, 0)
     bits = np.clip(np.round(3 + 0.5 * np.log2(lam / lam.mean(1, keepdims=True))), 0, 8)
-    basis = np.stack([np.linalg.qr(rng.normal(size=(D, D)))[0] for _ in range(H)])
+    basis = np.stack([random_rotation(D, seed) for seed in range(H)])
     try:
         cache = SpectralKVCache(basis, 2 * np.sqrt(lam), bits.astype(np.int64), basis,
                                 2 * np.sqrt(lam), None, "pre", nn.RoPE(D, traditional=True),

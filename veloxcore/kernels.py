@@ -222,12 +222,8 @@ class SpectralKernels:
         self.codebook = mx.array(unit_codebook())
         self.dummy_half = mx.zeros((1,), mx.float16)
         self.dummy_float = mx.zeros((1,), mx.float32)
-        self._param_cache: dict[float, mx.array] = {}
-        # Small per-layer constants made once: fresh host arrays per launch are slow.
-        self._layouts: dict[int, mx.array] = {}
-        self._exact_meta: dict[int, mx.array] = {}
-        self._key_words_meta = mx.array([self.key_words], dtype=mx.int32)
-        self._value_words_meta = mx.array([self.value_words], dtype=mx.int32)
+        # Small constants made once: a fresh host array per launch is slow.
+        self._constants: dict[tuple, mx.array] = {}
         self._counter = mx.zeros((0,), mx.uint8)
 
     # ----------------------------------------------------------------- decode
@@ -264,12 +260,9 @@ class SpectralKernels:
             vtok = vparts[1] if len(vparts) > 1 else self.dummy_half
             vscales = vbiases = self.dummy_half
             vb, vg = 4, 32
-        params = self._params(scale)
-        layout = self._layouts.get(pos0)
-        if layout is None:
-            layout = self._layouts[pos0] = mx.array(
-                [self.key_rank, self.key_words, self.value_rank, self.value_words, pos0],
-                dtype=mx.int32)
+        params = self._constant(mx.float32, scale)
+        layout = self._constant(mx.int32, self.key_rank, self.key_words, self.value_rank,
+                                self.value_words, pos0)
         basis, mean = ((self.basis_t, self.key_mean_pairs) if self.pre
                        else (self.query_basis, self.key_mean_orig))
         out, out_max, out_sum = _kernel(self.backend, "decode")(
@@ -295,7 +288,7 @@ class SpectralKernels:
         G = Hq // H
         dtype = queries.dtype
         out, out_max, out_sum = partials
-        params = self._params(scale)
+        params = self._constant(mx.float32, scale)
         if exact is None:
             ek = ev = mx.zeros((1,), dtype)
             num_exact = 0
@@ -305,10 +298,7 @@ class SpectralKernels:
         spectral_values = self.value_affine is None
         vback, vmean = ((self.value_back, self.value_mean) if spectral_values
                         else (self.dummy_float, self.dummy_float))
-        cmeta = self._exact_meta.get(num_exact)
-        if cmeta is None:
-            cmeta = self._exact_meta[num_exact] = mx.array([num_exact, self.value_rank],
-                                                           dtype=mx.int32)
+        cmeta = self._constant(mx.int32, num_exact, self.value_rank)
         (result,) = _kernel(self.backend, "combine")(
             inputs=[queries, out, out_max, out_sum, ek, ev, vback, vmean, params, cmeta],
             template=[("T", dtype), ("D", D), ("G", G), ("HKV", H),
@@ -325,20 +315,20 @@ class SpectralKernels:
             self._counter = mx.zeros((max(n, 2 * self._counter.shape[0], 4096),), mx.uint8)
         return self._counter[:n]
 
-    def _params(self, scale: float) -> mx.array:
-        cached = self._param_cache.get(scale)
-        if cached is None:
-            cached = self._param_cache[scale] = mx.array([scale], dtype=mx.float32)
-        return cached
+    def _constant(self, dtype, *values) -> mx.array:
+        """A small 1-D array of ``values``, made once and reused across launches."""
+        key = (dtype, values)
+        if key not in self._constants:
+            self._constants[key] = mx.array(list(values), dtype=dtype)
+        return self._constants[key]
 
     # ----------------------------------------------------------------- encode
     def _encode(self, x, position, pre, basis, mean, rms, full, words, token_scale):
         B, H, L, D = x.shape
-        words_meta = self._key_words_meta if words == self.key_words else self._value_words_meta
         out_words, out_scale = _kernel(self.backend, "encode")(
             inputs=[x, self.perm_mx, self.rope, mean, basis, rms, self.ts_clamp, *full,
                     self.codebook,
-                    self._length(position + 1), words_meta],
+                    self._length(position + 1), self._constant(mx.int32, words)],
             template=[("T", x.dtype), ("D", D), ("HKV", H), ("PRE", pre),
                       ("TS", token_scale)],
             grid=(D * L, B * H, 1), threadgroup=(D, 1, 1),
