@@ -37,6 +37,9 @@ STEP = 256
 # A block's largest |coefficient| lands on this level of the unit Lloyd-Max codebook
 # (benchmarks/key_scale_experiment.py: "block max").
 BLOCK_LEVEL = 2.0
+# Weight, in tokens, of the calibrated key statistics when a cache adapts its key
+# plan to the prompt (``+ad``).
+ADAPT_PRIOR_TOKENS = 64
 
 
 class CacheConfigError(VeloxError):
@@ -101,6 +104,12 @@ class KVCacheConfig:
     # weighted by eigenvalue, × query importance with query_aware) instead of per head.
     # Measured worse at equal real bits (BENCHMARKS.md, "+g" probe); not a default.
     global_key_bits: bool = False
+    # Prompt-adaptive key plan: the first tokens a cache codes (the prompt) re-estimate
+    # each key dim's mean and variance in the calibrated basis, blended with the
+    # calibration's as if it were this many tokens; key bits are water-filled and
+    # codebooks scaled on the blend (0: off). Text unlike the calibration corpus moves
+    # energy between dims; see BENCHMARKS.md ("+ad").
+    adapt_prior_tokens: int = 0
 
     @classmethod
     def recommended(cls, rotations: SpectralRotations) -> KVCacheConfig:
@@ -350,6 +359,34 @@ class CodedKVCache:
 
 
 # ------------------------------------------------------------------- spectral
+@dataclass
+class KeyAdaptation:
+    """What a spectral cache needs to re-plan its keys on the prompt (``+ad``):
+    calibrated eigenvalues (H, D), query importance (H, D) or None, the water-filling
+    target and limits, the codebook scale inflation and the prior's weight in tokens."""
+
+    eigenvalues: np.ndarray
+    importance: np.ndarray | None
+    target_bits: float
+    min_bits: int
+    max_bits: int
+    inflation: float
+    prior_tokens: int
+
+    def plan(self, moments: np.ndarray, count: int):
+        """(shift, variance, bits) from the prompt's first and second moments
+        ``moments`` (2, H, D) of count tokens in the calibrated, centred basis."""
+        n0 = self.prior_tokens
+        first, second = moments
+        shift = first / (count + n0)
+        variance = (second + n0 * self.eigenvalues) / (count + n0) - shift * shift
+        variance = np.maximum(variance, 1e-12)
+        spectra = variance if self.importance is None else variance * self.importance
+        bits = np.stack([water_fill_bits(s, self.target_bits, self.min_bits, self.max_bits)
+                         for s in spectra])
+        return shift, variance, bits
+
+
 class SpectralKVCache(CodedKVCache):
     """Keys and values coded in their calibrated eigenbases.
 
@@ -364,7 +401,8 @@ class SpectralKVCache(CodedKVCache):
                  value_affine: tuple[int, int] | None = None, sink_tokens: int = 4,
                  key_mean: np.ndarray | None = None, value_mean: np.ndarray | None = None,
                  token_scale: bool = False, recent_tokens: int = 0, key_block: int = 0,
-                 token_scale_floor: float = 1e-6, token_scale_ceiling: float = 1e30):
+                 token_scale_floor: float = 1e-6, token_scale_ceiling: float = 1e30,
+                 adaptation: KeyAdaptation | None = None):
         super().__init__(sink_tokens, recent_tokens)
         H, D, _ = key_vectors.shape
         if key_block and token_scale:
@@ -393,6 +431,13 @@ class SpectralKVCache(CodedKVCache):
         self.inverter = RopeInverter(rope, D) if rope_mode == "pre" else None
         self.key_basis = mx.array(key_vectors.astype(np.float32))
         self.key_coder = make_coder(key_bits, key_scales)
+        if adaptation is not None and (key_block or not isinstance(self.key_coder, DimCoder)):
+            raise CacheConfigError("an adaptive key plan needs per-dim coded keys without "
+                                   "block scales")
+        self.adaptation = adaptation
+        # (moments (2, H, D), token count) the key plan was adapted to, once it is.
+        self.adapted: tuple[np.ndarray, int] | None = None
+        self.calibrated_plan = (self.key_mean, self.key_coder, self.key_rms)
         self.value_affine = value_affine
         if value_affine is None:
             self.value_basis = mx.array(value_vectors.astype(np.float32))
@@ -415,7 +460,33 @@ class SpectralKVCache(CodedKVCache):
             return super().attend(queries, scale)
         return kernels.attend(queries, scale, self.parts, self.coded, self.num_sinks, exact)
 
+    def _adapt(self, keys, position):
+        """Re-plan the keys on their first coded tokens (see KeyAdaptation)."""
+        B, _, L, _ = keys.shape
+        if self.inverter is not None:
+            keys = self.inverter(keys, position)
+        y = (keys.astype(mx.float32) - self.key_mean) @ self.key_basis
+        moments = mx.stack([y.sum(axis=(0, 2)), (y * y).sum(axis=(0, 2))])
+        self._apply_adaptation(np.array(moments, dtype=np.float64), B * L)
+
+    def _apply_adaptation(self, moments: np.ndarray, count: int) -> None:
+        shift, variance, bits = self.adaptation.plan(moments, count)
+        scales = self.adaptation.inflation * np.sqrt(variance)
+        basis = np.array(self.key_basis, dtype=np.float64)
+        # Centre on the blended mean: x − μ − V·shift has coefficients y − shift.
+        moved = np.einsum("hi,hdi->hd", shift, basis)
+        calibrated_mean = self.calibrated_plan[0]
+        self.key_mean = calibrated_mean + mx.array(moved[None, :, None, :].astype(np.float32))
+        self.key_coder = make_coder(bits, scales)
+        self.key_rms = mx.array(np.sqrt(np.mean(np.square(scales), axis=-1))
+                                [None, :, None, None].astype(np.float32))
+        self.adapted = (moments.astype(np.float32), count)
+        if self.kernels is not None:
+            self.kernels = SpectralKernels(self, self.kernels.backend)
+
     def encode(self, keys, values, position):
+        if self.adaptation is not None and self.adapted is None:
+            self._adapt(keys, position)
         fused = self.kernels is not None and self.kernels.backend != "reference"
         if fused:
             key_parts = self.kernels.encode_keys(keys, position)
@@ -474,6 +545,45 @@ class SpectralKVCache(CodedKVCache):
     def _decode_part(self, coder, parts):
         y = coder.decode(parts[0])
         return y * parts[1].astype(mx.float32) if self.token_scale else y
+
+    @property
+    def nbytes(self) -> int:
+        # The adapted plan belongs to this sequence: its moments count.
+        return super().nbytes + self._plan_nbytes()
+
+    @property
+    def used_nbytes(self) -> int:
+        return super().used_nbytes + self._plan_nbytes()
+
+    def _plan_nbytes(self) -> int:
+        return 0 if self.adapted is None else self.adapted[0].nbytes
+
+    @property
+    def state(self):
+        arrays = super().state
+        if self.adapted is not None:
+            arrays.append(mx.array(self.adapted[0]))
+        return arrays
+
+    @property
+    def meta_state(self) -> str:
+        meta = json.loads(super().meta_state)
+        meta["adapted_tokens"] = None if self.adapted is None else self.adapted[1]
+        return json.dumps(meta)
+
+    def restore(self, state, meta_state: str) -> None:
+        count = json.loads(meta_state).get("adapted_tokens")
+        arrays = list(state)
+        if count is not None and self.adaptation is None:
+            raise CacheConfigError("this state has an adapted key plan (+ad): restore it "
+                                   "into a cache built with the same adaptive config")
+        self.key_mean, self.key_coder, self.key_rms = self.calibrated_plan
+        self.adapted = None
+        if count is not None:
+            self._apply_adaptation(np.array(arrays.pop(), dtype=np.float64), count)
+        elif self.kernels is not None:
+            self.kernels = SpectralKernels(self, self.kernels.backend)
+        super().restore(arrays, meta_state)
 
     def decode(self, parts, position):
         n = 2 if (self.token_scale or self.key_block) else 1
@@ -742,6 +852,23 @@ def global_key_bits(config: KVCacheConfig) -> list[np.ndarray]:
     return out
 
 
+def _key_adaptation(rotation, config: KVCacheConfig) -> KeyAdaptation | None:
+    if not config.adapt_prior_tokens:
+        return None
+    if not config.use_water_filling or config.bit_plan is not None or config.global_key_bits:
+        raise CacheConfigError("an adaptive key plan (+ad) re-water-fills each head's keys: "
+                               "it needs water-filled keys (spectral:wfN/...) and no fixed "
+                               "bit plan or +g")
+    if config.adapt_prior_tokens < 0:
+        raise CacheConfigError(f"adapt_prior_tokens must be positive, not "
+                               f"{config.adapt_prior_tokens}")
+    importance = rotation.key_importance if config.query_aware else None
+    return KeyAdaptation(rotation.key_eigenvalues.astype(np.float64), importance,
+                         config.target_avg_bits if config.target_avg_bits is not None else 3.0,
+                         config.min_bits, config.max_bits, config.scale_inflation,
+                         config.adapt_prior_tokens)
+
+
 def _spectral_cache(model, config: KVCacheConfig, layer: int, keys_global=None):
     rot = config.rotations[layer]
     plan = None
@@ -764,7 +891,8 @@ def _spectral_cache(model, config: KVCacheConfig, layer: int, keys_global=None):
                             token_scale_floor=config.token_scale_floor,
                             token_scale_ceiling=config.token_scale_ceiling,
                             recent_tokens=config.recent_tokens,
-                            key_block=config.key_block_scale)
+                            key_block=config.key_block_scale,
+                            adaptation=_key_adaptation(rot, config))
     return cache, {"layer": layer, "keys": key_bits.tolist(), "values": value_bits.tolist()}
 
 
@@ -779,7 +907,8 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
     that only scales vectors down, ``+tu``: only up, ``+tf0.7``: never below 0.7), ``+b64``
     codes keys in 64-token blocks with per-block scales, ``+qa`` water-fills keys on
     eigenvalue × query importance, ``+g`` water-fills the key budget across all layers
-    and heads at once.
+    and heads at once, ``+ad`` adapts the key plan to the prompt (``+ad256``: with a
+    prior of 256 calibration tokens instead of 64).
     """
     body, *modifiers = spec.strip().split("+")
     try:
@@ -805,6 +934,8 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
                 config.query_aware = True
             elif mod == "g":
                 config.global_key_bits = True
+            elif mod[:2] == "ad":
+                config.adapt_prior_tokens = int(mod[2:] or ADAPT_PRIOR_TOKENS)
             else:
                 raise ValueError(mod)
         return config
