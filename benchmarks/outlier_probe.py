@@ -98,7 +98,8 @@ def main() -> None:
                   for i in range(len(model.layers))]
         lp = run(caches)
         kl = (mx.exp(reference) * (reference - lp)).sum(-1).mean().item()
-        bits = np.mean([c.mean_bits for c in caches]) + outliers * OUTLIER_BITS / rotations[0].head_dim
+        head_dim = rotations[0].head_dim
+        bits = np.mean([c.mean_bits for c in caches]) + outliers * OUTLIER_BITS / head_dim
         tail = mx.stack([mx.stack(c.tail).mean(0) for c in caches]).mean(0).tolist()
         row = {"key_bits": key_bits, "alpha": alpha, "outliers": outliers,
                "key_bits_real": round(float(bits), 3), "kl": kl,

@@ -95,7 +95,8 @@ def test_every_method_runs_through_mlx_lm_generate(tiny, spec):
     assert caches[0].offset in (11 + 7, 11 + 8)
 
 
-@pytest.mark.parametrize("spec", ["spectral:wf3/3", "rvq4", "affine4g32"])
+@pytest.mark.parametrize("spec", ["spectral:wf3/3", "spectral:wf3/a4+ts+ad", "rvq4",
+                                  "affine4g32"])
 def test_trim_and_state_round_trip(tiny, spec):
     model, tokenizer, rotations = tiny
     ids = tokenizer.encode(TEXT.text)[:120]
@@ -288,3 +289,51 @@ def test_global_key_bits_spend_the_whole_budget_across_layers(tiny):
     caches = KVCacheBuilder.build(model, config)
     for layer, b in enumerate(bits):
         np.testing.assert_array_equal(caches.layer_bits[layer]["keys"], b)
+
+
+def test_adaptive_key_plan_follows_the_prompt_moments(tiny):
+    """``+ad``: the first coded tokens' key moments in the calibrated basis, blended with
+    the calibration's (prior of N tokens), set the key codebook scales and bits."""
+    from veloxcore.calibration import RopeInverter, find_rope
+    from veloxcore.spectral import water_fill_bits
+
+    model, tokenizer, rotations = tiny
+    rot = rotations["pre"][0]
+    lam = np.maximum(rot.key_eigenvalues, 1e-12)
+    ids = tokenizer.encode(TEXT.text)[:90]
+    config = parse_method("spectral:wf3/3+ad32", rotations["pre"])
+    caches = KVCacheBuilder.build(model, config)
+    logits_with(model, caches, ids, chunk=90)
+    # numpy reference from the plain cache's post-RoPE keys of layer 0
+    plain = [KVCache() for _ in model.layers]
+    logits_with(model, plain, ids, chunk=90)
+    inverter = RopeInverter(find_rope(model.layers[0]), rot.head_dim)
+    keys = np.array(inverter(plain[0].keys[..., :90, :], 0), dtype=np.float64)[0, :, 4:]
+    y = np.einsum("htd,hdi->hti", keys - rot.key_mean[:, None], rot.key_eigenvectors)
+    n, n0 = y.shape[1], 32
+    shift = y.sum(1) / (n + n0)
+    var = ((y * y).sum(1) + n0 * lam) / (n + n0) - shift**2
+    coder = caches[0].key_coder
+    np.testing.assert_allclose(coder.scales, 2.0 * np.sqrt(var), rtol=2e-3)
+    bits = np.stack([water_fill_bits(v, 3.0, 0, 8) for v in var])
+    assert np.mean(bits == coder.bits) > 0.95  # float32 moments may tip a boundary dim
+    assert caches[0].adapted[1] == n
+    # The plan moved: text differs from the calibration sample.
+    assert not np.allclose(coder.scales, 2.0 * np.sqrt(lam), rtol=0.05)
+    # A huge prior keeps the calibrated plan.
+    stiff = KVCacheBuilder.build(model, parse_method("spectral:wf3/3+ad100000000",
+                                                     rotations["pre"]))
+    logits_with(model, stiff, ids, chunk=90)
+    np.testing.assert_allclose(stiff[0].key_coder.scales, 2.0 * np.sqrt(lam), rtol=1e-3,
+                               atol=1e-4 * np.sqrt(lam.max()))
+    # The plan's moments are part of the cache's bytes and state.
+    static = KVCacheBuilder.build(model, parse_method("spectral:wf3/3", rotations["pre"]))
+    logits_with(model, static, ids, chunk=90)
+    heads, dim = rot.key_eigenvalues.shape
+    assert caches[0].nbytes == stiff[0].nbytes == static[0].nbytes + 2 * heads * dim * 4
+
+
+def test_adaptive_key_plan_needs_water_filled_keys(tiny):
+    model, _, rotations = tiny
+    with pytest.raises(CacheConfigError, match="water-filled"):
+        KVCacheBuilder.build(model, parse_method("spectral:4/1/2+ad", rotations["pre"]))

@@ -325,3 +325,37 @@ def test_encode_kernel_clips_token_scales_like_the_reference(backend):
     got = np.array(cache.encode(keys, vals, 5)[1])
     assert expected.min() >= np.float16(0.9) and (expected == np.float16(0.9)).mean() > 0.1
     np.testing.assert_allclose(got, expected, rtol=2e-3)
+
+
+def test_adapted_key_plan_is_what_the_kernels_code_and_attend(backend):
+    """A cache that re-plans its keys on the prompt (``+ad``) rebuilds its kernel layout:
+    fused encode + attend agree with the reference path under the adapted plan."""
+    from veloxcore.caches import KeyAdaptation
+
+    rng = np.random.default_rng(13)
+
+    def adaptive():
+        cache = make_cache(np.random.default_rng(3), 2, 64, "pre", "affine", True)
+        lam = (np.array(cache.key_coder.scales) / 2.0) ** 2
+        cache.adaptation = KeyAdaptation(lam, None, 3.0, 0, 8, 2.0, 16)
+        return cache
+
+    keys, values = random_kv(rng, adaptive(), 120)
+    # Energy moved from the leading dims to trailing ones: the plan must follow it.
+    basis = np.array(adaptive().key_basis)
+    coeff = np.einsum("bhtd,hdm->bhtm", np.array(keys, dtype=np.float64), basis)
+    coeff = coeff[..., ::-1] * 0.5
+    keys = mx.array(np.einsum("bhtm,hdm->bhtd", coeff, basis).astype(np.float16))
+    q = mx.array(rng.normal(size=(1, 6, 1, 64)).astype(np.float16))
+    outputs = []
+    for which in ("reference", backend):
+        cache = adaptive()
+        static_bits = cache.key_coder.bits.copy()
+        cache.use_kernels(which)
+        cache.update_and_fetch(keys, values)
+        assert cache.adapted is not None and cache.adapted[1] == 120 - 4  # sinks are exact
+        assert cache.kernels.backend == which
+        # Trailing dims now carry the energy, so they get the bits.
+        assert cache.key_coder.bits[:, -8:].sum() > static_bits[:, -8:].sum()
+        outputs.append(np.array(cache.attend(q, 0.125).astype(mx.float32)))
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-3, rtol=2e-3)
