@@ -85,7 +85,7 @@ def test_spectral_at_16_bits_reproduces_fp16_logits(tiny, mode):
 
 
 @pytest.mark.parametrize("spec", ["affine4g32", "affine8g32", "rvq3", "spectral:4/1/2",
-                                  "spectral:wf3/3", "spectral:wf3/a4"])
+                                  "spectral:wf3/3", "spectral:wf3/a4", "spectral:wf3/a4+ad+vh"])
 def test_every_method_runs_through_mlx_lm_generate(tiny, spec):
     model, tokenizer, rotations = tiny
     caches = KVCacheBuilder.build(model, parse_method(spec, rotations["pre"]))
@@ -95,7 +95,7 @@ def test_every_method_runs_through_mlx_lm_generate(tiny, spec):
     assert caches[0].offset in (11 + 7, 11 + 8)
 
 
-@pytest.mark.parametrize("spec", ["spectral:wf3/3", "spectral:wf3/a4+ts+ad", "rvq4",
+@pytest.mark.parametrize("spec", ["spectral:wf3/3", "spectral:wf3/a4+ts+ad+vh", "rvq4",
                                   "affine4g32"])
 def test_trim_and_state_round_trip(tiny, spec):
     model, tokenizer, rotations = tiny
@@ -337,3 +337,33 @@ def test_adaptive_key_plan_needs_water_filled_keys(tiny):
     model, _, rotations = tiny
     with pytest.raises(CacheConfigError, match="water-filled"):
         KVCacheBuilder.build(model, parse_method("spectral:4/1/2+ad", rotations["pre"]))
+
+
+def test_rotated_values_are_coded_in_the_hadamard_basis(tiny):
+    """``+vh``: values are affine-coded after an orthonormal Hadamard rotation and
+    rotated back when decoded; the cache's bytes are those of plain affine values."""
+    from veloxcore.caches import value_rotation
+
+    model, tokenizer, rotations = tiny
+    h = value_rotation(32)
+    np.testing.assert_allclose(h @ h.T, np.eye(32), atol=1e-12)
+    assert np.all(np.abs(np.abs(h) - 32**-0.5) < 1e-12)
+    assert value_rotation(48).shape == (48, 48)  # not a power of two: a random rotation
+    ids = tokenizer.encode(TEXT.text)[:100]
+    plain, rotated = (KVCacheBuilder.build(model, parse_method(spec, rotations["pre"]))
+                      for spec in ("spectral:wf3/a4", "spectral:wf3/a4+vh"))
+    logits_with(model, plain, ids)
+    logits_with(model, rotated, ids)
+    assert rotated.nbytes == plain.nbytes
+    cache = rotated[0]
+    _, values = cache.fetch()
+    reference = [KVCache() for _ in model.layers]
+    logits_with(model, reference, ids)
+    exact = np.array(reference[0].values[..., :100, :], dtype=np.float32)
+    coded = np.array(exact[:, :, 4:] @ h, dtype=np.float16)
+    expected = mx.dequantize(*mx.quantize(mx.array(coded), group_size=32, bits=4),
+                             group_size=32, bits=4)
+    np.testing.assert_allclose(np.array(values[:, :, 4:]), np.array(expected) @ h.T,
+                               atol=1e-3)
+    with pytest.raises(CacheConfigError, match="affine values"):
+        KVCacheBuilder.build(model, parse_method("spectral:wf3/3+vh", rotations["pre"]))

@@ -15,7 +15,7 @@ from mlx_lm.models.cache import KVCache
 from tinymodel import tiny_model
 
 from veloxcore import attention, kernels
-from veloxcore.caches import SpectralKVCache, random_rotation
+from veloxcore.caches import SpectralKVCache, random_rotation, value_rotation
 from veloxcore.kernels import (
     SpectralKernels,
     kernel_backend,
@@ -54,20 +54,23 @@ def orthogonal(rng, heads, dim):
 
 def make_cache(rng, heads=3, dim=64, mode="pre", values="affine", token_scale=False,
                traditional=True, avg_bits=3, sink_tokens=4, token_scale_floor=1e-6):
-    """A spectral cache with random bases, decaying spectra and water-filled-like bits."""
+    """A spectral cache with random bases, decaying spectra and water-filled-like bits;
+    ``values``: "affine", "spectral" or "affine-rotated" (Hadamard-rotated affine, +vh)."""
     lam = np.exp(-np.arange(dim) / (dim / 6.0))[None].repeat(heads, 0) * rng.uniform(
         0.5, 2.0, size=(heads, 1))
     bits = np.clip(np.round(avg_bits + 0.5 * np.log2(lam / lam.mean(1, keepdims=True))),
                    0, 8).astype(np.int64)
     scales = 2.0 * np.sqrt(lam)
-    value_affine = (4, 64) if values == "affine" else None
+    value_affine = (4, 64) if values.startswith("affine") else None
+    rotation = value_rotation(dim) if values == "affine-rotated" else None
     rope = nn.RoPE(dim, traditional=traditional, base=10000) if mode == "pre" else None
     return SpectralKVCache(orthogonal(rng, heads, dim), scales, bits,
                            orthogonal(rng, heads, dim), scales, np.maximum(bits, 1), mode, rope,
                            value_affine, sink_tokens,
                            key_mean=rng.normal(size=(heads, dim)) * 0.3,
                            value_mean=rng.normal(size=(heads, dim)) * 0.3,
-                           token_scale=token_scale, token_scale_floor=token_scale_floor)
+                           token_scale=token_scale, token_scale_floor=token_scale_floor,
+                           value_rotation=rotation)
 
 
 def random_kv(rng, cache, tokens):
@@ -133,7 +136,7 @@ def greedy_logits(model, caches, prompt, steps):
 
 @pytest.mark.parametrize("mode,values,token_scale",
                          [("pre", "affine", True), ("pre", "spectral", False),
-                          ("post", "affine", False)])
+                          ("post", "affine", False), ("pre", "affine-rotated", False)])
 def test_fused_reference_decode_matches_decode_then_attend(mode, values, token_scale):
     """The attend path (exact + coded partials, hooked into mlx-lm's attention) gives
     the logits of the materialising path, step by step."""
@@ -187,6 +190,7 @@ SHAPES = [  # heads, query heads per KV head, head_dim, rope mode, values, token
     (8, 4, 128, "pre", "affine", False),
     (2, 4, 128, "post", "spectral", True),
     (4, 2, 64, "post", "affine", False),
+    (3, 3, 64, "pre", "affine-rotated", True),
 ]
 
 

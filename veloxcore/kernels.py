@@ -203,6 +203,13 @@ class SpectralKernels:
             self.value_words = D * bits // 32
             self.vbits = self.vshift = mx.zeros((1,), mx.int32)
             self.vscale = mx.zeros((1,), mx.float32)
+            self.value_back = None
+            if cache.value_rotation is not None:
+                # Values were coded as v·R: the merge turns the output back with Rᵀ
+                # ((r, D) rows per head, no mean), as it does for spectral values.
+                back = np.array(cache.value_rotation).T
+                self.value_back = mx.array(np.repeat(back[None], H, axis=0))
+                self.value_mean = mx.zeros((H, D), mx.float32)
         else:
             vcoder = cache.value_coder
             vcolumns, vvalid, self.value_rank = _compact(vcoder.bits)
@@ -295,7 +302,8 @@ class SpectralKernels:
         else:
             ek, ev = (x if x.dtype == dtype else x.astype(dtype) for x in exact)
             num_exact = ek.shape[2]
-        spectral_values = self.value_affine is None
+        # Spectral or rotated affine values: the splits' output is rotated back here.
+        spectral_values = self.value_back is not None
         vback, vmean = ((self.value_back, self.value_mean) if spectral_values
                         else (self.dummy_float, self.dummy_float))
         cmeta = self._constant(mx.int32, num_exact, self.value_rank)
