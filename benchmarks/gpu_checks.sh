@@ -5,10 +5,19 @@
 # tests:   the fused kernels against the pure-MLX reference (tests/test_kernels.py)
 # decode:  benchmarks/decode.py on 1B/8B/default-model shapes, 1k-64k
 # quality: the 8k sweep of the default configuration and its neighbours at <= 3.5 bits
+#          (QUALITY_METHODS overrides the list)
 set -euo pipefail
 out=${1:?output folder}; shift
 parts=${*:-tests decode quality}
 mkdir -p "$out"
+# The current default, the adaptive key plan (+ad) and Hadamard-rotated values (+vh)
+# and their neighbours at <= 3.5 bits.
+QUALITY_METHODS=${QUALITY_METHODS:-fp16,affine4,spectral:wf3/a4g64+tf0.7+qa,\
+spectral:wf3/a4g64+tf0.7+qa+ad+x1.5,spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh,\
+spectral:wf3/a4g64+tf0.7+qa+vh,spectral:wf2.5/a4g64+tf0.7+qa+ad+x1.5+vh,\
+spectral:wf2.5/a4g64+qa+ad+x1.5+vh,spectral:wf2/a4g64+tf0.7+qa+ad+x1.5+vh,\
+spectral:wf3/a3g64+qa+ad+x1.5+vh,spectral:wf3.5/a4g64+tf0.7+qa+ad+x1.5+vh,\
+spectral:wf4/a4g64+tf0.7+qa+ad+x1.5+vh}
 export PYTHONUNBUFFERED=1
 for part in $parts; do
   case $part in
@@ -21,7 +30,7 @@ for part in $parts; do
     quality)
       python3 benchmarks/quality.py --model /root/models/SmolLM2-135M-Instruct.Q4_1.gguf \
         --bundle assets/bundles/smollm2-135m-instruct-pre --ctx 8192 --decode-tokens 16 \
-        --methods "fp16,affine4,spectral:wf3/a4g64+tf0.7+qa,spectral:wf3/a4g64+ts+qa,spectral:wf2.5/a4g64+tf0.7+qa,spectral:wf2/a4g64+tf0.7+qa,spectral:wf3/a3g64+tf0.7+qa" \
+        --methods "$QUALITY_METHODS" \
         --out "$out/quality" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac

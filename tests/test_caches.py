@@ -267,6 +267,12 @@ def test_recommended_config_uses_query_importance_only_when_calibrated(tiny):
     assert rot.has_key_importance
     assert KVCacheConfig.recommended(rot).query_aware
     assert KVCacheConfig.recommended(rot).token_scale_floor == 0.7
+    # The default is the configuration the CLI and studio name and BENCHMARKS.md measured.
+    from studio.jobs import DEFAULT_SPECTRAL
+
+    named = parse_method(DEFAULT_SPECTRAL, rot)
+    named.value_group_size = 64
+    assert KVCacheConfig.recommended(rot) == named
     older = dataclasses.replace(rot, layers=[dataclasses.replace(r, key_importance=None)
                                              for r in rot.layers])
     config = KVCacheConfig.recommended(older)
@@ -367,3 +373,22 @@ def test_rotated_values_are_coded_in_the_hadamard_basis(tiny):
                                atol=1e-3)
     with pytest.raises(CacheConfigError, match="affine values"):
         KVCacheBuilder.build(model, parse_method("spectral:wf3/3+vh", rotations["pre"]))
+
+
+def test_studio_default_drops_query_awareness_for_older_rotations(tiny):
+    """Rotations without query statistics get the default minus ``+qa`` (logged), with
+    the modifiers after it kept."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from studio.jobs import DEFAULT_SPECTRAL, _cache_config
+
+    _, _, rotations = tiny
+    older = dataclasses.replace(rotations["pre"], layers=[
+        dataclasses.replace(r, key_importance=None) for r in rotations["pre"].layers])
+    logs = []
+    job = SimpleNamespace(emit=logs.append)
+    config, label, _ = _cache_config(SimpleNamespace(rotations=older), job, "spectral")
+    assert "+qa" not in label and label == DEFAULT_SPECTRAL.replace("+qa", "")
+    assert not config.query_aware and config.adapt_prior_tokens and config.rotate_values
+    assert "no query statistics" in logs[0]["log"]

@@ -46,8 +46,12 @@ METHODS = [("fp16", "fp16 (no compression)"),
 # Spectral configurations (method specs), with what they measured at 8k tokens on the
 # held-out text (BENCHMARKS.md). "plan" is the Bits view's current plan.
 SPECTRAL_CONFIGS = [
+    ("spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh",
+     "wf3/a4g64 + prompt-adaptive keys + rotated values — 3.9 bits, KL 0.051 (default)"),
+    ("spectral:wf3/a3g64+qa+ad+x1.5+vh+r64",
+     "wf3/a3g64 + prompt-adaptive keys + rotated values + 64 recent — 3.4 bits, KL 0.086"),
     ("spectral:wf3/a4g64+tf0.7+qa",
-     "wf3/a4g64 + query-aware bits + token scale ≥ 0.7 — 3.9 bits, KL 0.082 (default)"),
+     "wf3/a4g64 + query-aware bits + token scale ≥ 0.7 — 3.9 bits, KL 0.08"),
     ("spectral:wf3/a4g64+ts+qa", "wf3/a4g64 + query-aware bits + token scale — KL 0.09"),
     ("spectral:wf3/a4g64+ts", "wf3/a4g64 + token scale — 3.9 bits, KL 0.097"),
     ("spectral:wf3/a4g64+r64", "wf3/a4g64 + 64 exact recent tokens — 3.85 bits, KL 0.085"),
