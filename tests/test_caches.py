@@ -336,7 +336,15 @@ def test_adaptive_key_plan_follows_the_prompt_moments(tiny):
     static = KVCacheBuilder.build(model, parse_method("spectral:wf3/3", rotations["pre"]))
     logits_with(model, static, ids, chunk=90)
     heads, dim = rot.key_eigenvalues.shape
-    assert caches[0].nbytes == stiff[0].nbytes == static[0].nbytes + 2 * heads * dim * 4
+    # Keys' and (spectral) values' first and second moments, float32.
+    assert caches[0].nbytes == stiff[0].nbytes == static[0].nbytes + 4 * heads * dim * 4
+    # Spectral values re-plan the same way (no query importance, at value_bits).
+    values = np.array(plain[0].values[..., :90, :], dtype=np.float64)[0, :, 4:]
+    y = np.einsum("htd,hdi->hti", values - rot.value_mean[:, None], rot.value_eigenvectors)
+    lam_v = np.maximum(rot.value_eigenvalues, 1e-12)
+    shift = y.sum(1) / (n + n0)
+    var = ((y * y).sum(1) + n0 * lam_v) / (n + n0) - shift**2
+    np.testing.assert_allclose(caches[0].value_coder.scales, 2.0 * np.sqrt(var), rtol=2e-3)
 
 
 def test_adaptive_key_plan_needs_water_filled_keys(tiny):

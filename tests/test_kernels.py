@@ -15,7 +15,7 @@ from mlx_lm.models.cache import KVCache
 from tinymodel import tiny_model
 
 from veloxcore import attention, kernels
-from veloxcore.caches import SpectralKVCache, random_rotation, value_rotation
+from veloxcore.caches import PlanAdaptation, SpectralKVCache, random_rotation, value_rotation
 from veloxcore.kernels import (
     SpectralKernels,
     kernel_backend,
@@ -53,9 +53,11 @@ def orthogonal(rng, heads, dim):
 
 
 def make_cache(rng, heads=3, dim=64, mode="pre", values="affine", token_scale=False,
-               traditional=True, avg_bits=3, sink_tokens=4, token_scale_floor=1e-6):
+               traditional=True, avg_bits=3, sink_tokens=4, token_scale_floor=1e-6,
+               adapt_prior=0):
     """A spectral cache with random bases, decaying spectra and water-filled-like bits;
-    ``values``: "affine", "spectral" or "affine-rotated" (Hadamard-rotated affine, +vh)."""
+    ``values``: "affine", "spectral" or "affine-rotated" (Hadamard-rotated affine, +vh);
+    ``adapt_prior`` > 0: the plan adapts to the first coded tokens (+ad)."""
     lam = np.exp(-np.arange(dim) / (dim / 6.0))[None].repeat(heads, 0) * rng.uniform(
         0.5, 2.0, size=(heads, 1))
     bits = np.clip(np.round(avg_bits + 0.5 * np.log2(lam / lam.mean(1, keepdims=True))),
@@ -64,13 +66,16 @@ def make_cache(rng, heads=3, dim=64, mode="pre", values="affine", token_scale=Fa
     value_affine = (4, 64) if values.startswith("affine") else None
     rotation = value_rotation(dim) if values == "affine-rotated" else None
     rope = nn.RoPE(dim, traditional=traditional, base=10000) if mode == "pre" else None
+    adapt = (PlanAdaptation(lam, None, avg_bits, 0, 8, 2.0, adapt_prior) if adapt_prior
+             else None)
     return SpectralKVCache(orthogonal(rng, heads, dim), scales, bits,
                            orthogonal(rng, heads, dim), scales, np.maximum(bits, 1), mode, rope,
                            value_affine, sink_tokens,
                            key_mean=rng.normal(size=(heads, dim)) * 0.3,
                            value_mean=rng.normal(size=(heads, dim)) * 0.3,
                            token_scale=token_scale, token_scale_floor=token_scale_floor,
-                           value_rotation=rotation)
+                           value_rotation=rotation, adaptation=adapt,
+                           value_adaptation=adapt if value_affine is None else None)
 
 
 def random_kv(rng, cache, tokens):
@@ -331,20 +336,18 @@ def test_encode_kernel_clips_token_scales_like_the_reference(backend):
     np.testing.assert_allclose(got, expected, rtol=2e-3)
 
 
-def test_adapted_key_plan_is_what_the_kernels_code_and_attend(backend):
-    """A cache that re-plans its keys on the prompt (``+ad``) rebuilds its kernel layout:
-    fused encode + attend agree with the reference path under the adapted plan."""
-    from veloxcore.caches import KeyAdaptation
-
+@pytest.mark.parametrize("values", ["affine", "spectral"])
+def test_adapted_plan_is_what_the_kernels_code_and_attend(backend, values):
+    """A cache that re-plans keys (and spectral values) on the prompt (``+ad``) rebuilds
+    its kernel layout: fused encode + attend agree with the reference path under the
+    adapted plan."""
     rng = np.random.default_rng(13)
 
     def adaptive():
-        cache = make_cache(np.random.default_rng(3), 2, 64, "pre", "affine", True)
-        lam = (np.array(cache.key_coder.scales) / 2.0) ** 2
-        cache.adaptation = KeyAdaptation(lam, None, 3.0, 0, 8, 2.0, 16)
-        return cache
+        return make_cache(np.random.default_rng(3), 2, 64, "pre", values, True,
+                          adapt_prior=16)
 
-    keys, values = random_kv(rng, adaptive(), 120)
+    keys, vals = random_kv(rng, adaptive(), 120)
     # Energy moved from the leading dims to trailing ones: the plan must follow it.
     basis = np.array(adaptive().key_basis)
     coeff = np.einsum("bhtd,hdm->bhtm", np.array(keys, dtype=np.float64), basis)
@@ -355,11 +358,14 @@ def test_adapted_key_plan_is_what_the_kernels_code_and_attend(backend):
     for which in ("reference", backend):
         cache = adaptive()
         static_bits = cache.key_coder.bits.copy()
+        static_values = None if values == "affine" else cache.value_coder.scales.copy()
         cache.use_kernels(which)
-        cache.update_and_fetch(keys, values)
+        cache.update_and_fetch(keys, vals)
         assert cache.adapted is not None and cache.adapted[1] == 120 - 4  # sinks are exact
         assert cache.kernels.backend == which
         # Trailing dims now carry the energy, so they get the bits.
         assert cache.key_coder.bits[:, -8:].sum() > static_bits[:, -8:].sum()
+        if static_values is not None:
+            assert not np.allclose(cache.value_coder.scales, static_values, rtol=0.05)
         outputs.append(np.array(cache.attend(q, 0.125).astype(mx.float32)))
     np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-3, rtol=2e-3)

@@ -365,10 +365,11 @@ class CodedKVCache:
 
 # ------------------------------------------------------------------- spectral
 @dataclass
-class KeyAdaptation:
-    """What a spectral cache needs to re-plan its keys on the prompt (``+ad``):
-    calibrated eigenvalues (H, D), query importance (H, D) or None, the water-filling
-    target and limits, the codebook scale inflation and the prior's weight in tokens."""
+class PlanAdaptation:
+    """What a spectral cache needs to re-plan its keys (or spectral values) on the prompt
+    (``+ad``): calibrated eigenvalues (H, D), query importance (H, D) or None, the
+    water-filling target and limits, the codebook scale inflation and the prior's weight
+    in tokens."""
 
     eigenvalues: np.ndarray
     importance: np.ndarray | None
@@ -392,6 +393,20 @@ class KeyAdaptation:
         return shift, variance, bits
 
 
+def _adapted_plan(adaptation: PlanAdaptation, moments: np.ndarray, count: int,
+                  basis: mx.array, calibrated_mean: mx.array):
+    """(mean, coder, rms) of a plan re-fitted to ``moments`` (2, H, D) of ``count``
+    tokens' coefficients in ``basis`` (H, D, D), centred on ``calibrated_mean``."""
+    shift, variance, bits = adaptation.plan(moments, count)
+    scales = adaptation.inflation * np.sqrt(variance)
+    # Centre on the blended mean: x − μ − V·shift has coefficients y − shift.
+    moved = np.einsum("hi,hdi->hd", shift, np.array(basis, dtype=np.float64))
+    mean = calibrated_mean + mx.array(moved[None, :, None, :].astype(np.float32))
+    rms = mx.array(np.sqrt(np.mean(np.square(scales), axis=-1))[None, :, None, None]
+                   .astype(np.float32))
+    return mean, make_coder(bits, scales), rms
+
+
 class SpectralKVCache(CodedKVCache):
     """Keys and values coded in their calibrated eigenbases.
 
@@ -407,8 +422,9 @@ class SpectralKVCache(CodedKVCache):
                  key_mean: np.ndarray | None = None, value_mean: np.ndarray | None = None,
                  token_scale: bool = False, recent_tokens: int = 0, key_block: int = 0,
                  token_scale_floor: float = 1e-6, token_scale_ceiling: float = 1e30,
-                 adaptation: KeyAdaptation | None = None,
-                 value_rotation: np.ndarray | None = None):
+                 adaptation: PlanAdaptation | None = None,
+                 value_rotation: np.ndarray | None = None,
+                 value_adaptation: PlanAdaptation | None = None):
         super().__init__(sink_tokens, recent_tokens)
         H, D, _ = key_vectors.shape
         if key_block and token_scale:
@@ -441,9 +457,6 @@ class SpectralKVCache(CodedKVCache):
             raise CacheConfigError("an adaptive key plan needs per-dim coded keys without "
                                    "block scales")
         self.adaptation = adaptation
-        # (moments (2, H, D), token count) the key plan was adapted to, once it is.
-        self.adapted: tuple[np.ndarray, int] | None = None
-        self.calibrated_plan = (self.key_mean, self.key_coder, self.key_rms)
         self.value_affine = value_affine
         if value_rotation is not None and value_affine is None:
             raise CacheConfigError("a value rotation applies to affine values only")
@@ -454,6 +467,17 @@ class SpectralKVCache(CodedKVCache):
         if value_affine is None:
             self.value_basis = mx.array(value_vectors.astype(np.float32))
             self.value_coder = make_coder(value_bits, value_scales)
+        if value_adaptation is not None and (value_affine is not None or adaptation is None
+                                             or not isinstance(self.value_coder, DimCoder)):
+            raise CacheConfigError("an adaptive value plan needs coded spectral values and "
+                                   "an adaptive key plan")
+        self.value_adaptation = value_adaptation
+        # (moments (2 or 4, H, D): keys' then values' first and second moments, token
+        # count) the plan was adapted to, once it is.
+        self.adapted: tuple[np.ndarray, int] | None = None
+        self.calibrated_plan = (self.key_mean, self.key_coder, self.key_rms)
+        if value_adaptation is not None:
+            self.calibrated_plan += (self.value_mean, self.value_coder, self.value_rms)
         self.kernels: SpectralKernels | None = None
 
     def use_kernels(self, backend: str) -> None:
@@ -472,33 +496,33 @@ class SpectralKVCache(CodedKVCache):
             return super().attend(queries, scale)
         return kernels.attend(queries, scale, self.parts, self.coded, self.num_sinks, exact)
 
-    def _adapt(self, keys, position):
-        """Re-plan the keys on their first coded tokens (see KeyAdaptation)."""
+    def _adapt(self, keys, values, position):
+        """Re-plan keys (and spectral values) on their first coded tokens (see
+        PlanAdaptation)."""
         B, _, L, _ = keys.shape
         if self.inverter is not None:
             keys = self.inverter(keys, position)
         y = (keys.astype(mx.float32) - self.key_mean) @ self.key_basis
-        moments = mx.stack([y.sum(axis=(0, 2)), (y * y).sum(axis=(0, 2))])
-        self._apply_adaptation(np.array(moments, dtype=np.float64), B * L)
+        moments = [y.sum(axis=(0, 2)), (y * y).sum(axis=(0, 2))]
+        if self.value_adaptation is not None:
+            y = (values.astype(mx.float32) - self.value_mean) @ self.value_basis
+            moments += [y.sum(axis=(0, 2)), (y * y).sum(axis=(0, 2))]
+        self._apply_adaptation(np.array(mx.stack(moments), dtype=np.float64), B * L)
 
     def _apply_adaptation(self, moments: np.ndarray, count: int) -> None:
-        shift, variance, bits = self.adaptation.plan(moments, count)
-        scales = self.adaptation.inflation * np.sqrt(variance)
-        basis = np.array(self.key_basis, dtype=np.float64)
-        # Centre on the blended mean: x − μ − V·shift has coefficients y − shift.
-        moved = np.einsum("hi,hdi->hd", shift, basis)
-        calibrated_mean = self.calibrated_plan[0]
-        self.key_mean = calibrated_mean + mx.array(moved[None, :, None, :].astype(np.float32))
-        self.key_coder = make_coder(bits, scales)
-        self.key_rms = mx.array(np.sqrt(np.mean(np.square(scales), axis=-1))
-                                [None, :, None, None].astype(np.float32))
+        calibrated = self.calibrated_plan
+        self.key_mean, self.key_coder, self.key_rms = _adapted_plan(
+            self.adaptation, moments[:2], count, self.key_basis, calibrated[0])
+        if self.value_adaptation is not None:
+            self.value_mean, self.value_coder, self.value_rms = _adapted_plan(
+                self.value_adaptation, moments[2:4], count, self.value_basis, calibrated[3])
         self.adapted = (moments.astype(np.float32), count)
         if self.kernels is not None:
             self.kernels = SpectralKernels(self, self.kernels.backend)
 
     def encode(self, keys, values, position):
         if self.adaptation is not None and self.adapted is None:
-            self._adapt(keys, position)
+            self._adapt(keys, values, position)
         fused = self.kernels is not None and self.kernels.backend != "reference"
         if fused:
             key_parts = self.kernels.encode_keys(keys, position)
@@ -591,7 +615,9 @@ class SpectralKVCache(CodedKVCache):
         if count is not None and self.adaptation is None:
             raise CacheConfigError("this state has an adapted key plan (+ad): restore it "
                                    "into a cache built with the same adaptive config")
-        self.key_mean, self.key_coder, self.key_rms = self.calibrated_plan
+        self.key_mean, self.key_coder, self.key_rms = self.calibrated_plan[:3]
+        if self.value_adaptation is not None:
+            self.value_mean, self.value_coder, self.value_rms = self.calibrated_plan[3:]
         self.adapted = None
         if count is not None:
             self._apply_adaptation(np.array(arrays.pop(), dtype=np.float64), count)
@@ -888,7 +914,7 @@ def _value_rotation(rotation, config: KVCacheConfig) -> np.ndarray | None:
     return value_rotation(rotation.head_dim)
 
 
-def _key_adaptation(rotation, config: KVCacheConfig) -> KeyAdaptation | None:
+def _key_adaptation(rotation, config: KVCacheConfig) -> PlanAdaptation | None:
     if not config.adapt_prior_tokens:
         return None
     if not config.use_water_filling or config.bit_plan is not None or config.global_key_bits:
@@ -899,10 +925,19 @@ def _key_adaptation(rotation, config: KVCacheConfig) -> KeyAdaptation | None:
         raise CacheConfigError(f"adapt_prior_tokens must be positive, not "
                                f"{config.adapt_prior_tokens}")
     importance = rotation.key_importance if config.query_aware else None
-    return KeyAdaptation(rotation.key_eigenvalues.astype(np.float64), importance,
+    return PlanAdaptation(rotation.key_eigenvalues.astype(np.float64), importance,
                          config.target_avg_bits if config.target_avg_bits is not None else 3.0,
                          config.min_bits, config.max_bits, config.scale_inflation,
                          config.adapt_prior_tokens)
+
+
+def _value_adaptation(rotation, config: KVCacheConfig) -> PlanAdaptation | None:
+    """Spectral values water-filled at value_bits re-plan with the keys under +ad."""
+    if not config.adapt_prior_tokens or config.value_method != "spectral":
+        return None
+    return PlanAdaptation(rotation.value_eigenvalues.astype(np.float64), None,
+                          float(config.value_bits), config.min_bits, config.max_bits,
+                          config.scale_inflation, config.adapt_prior_tokens)
 
 
 def _spectral_cache(model, config: KVCacheConfig, layer: int, keys_global=None):
@@ -929,7 +964,8 @@ def _spectral_cache(model, config: KVCacheConfig, layer: int, keys_global=None):
                             recent_tokens=config.recent_tokens,
                             key_block=config.key_block_scale,
                             adaptation=_key_adaptation(rot, config),
-                            value_rotation=_value_rotation(rot, config))
+                            value_rotation=_value_rotation(rot, config),
+                            value_adaptation=_value_adaptation(rot, config))
     return cache, {"layer": layer, "keys": key_bits.tolist(), "values": value_bits.tolist()}
 
 
