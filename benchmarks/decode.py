@@ -17,7 +17,8 @@ For each model shape and context N:
 Spectral caches use random orthogonal bases with the default model's measured
 eigenvalue spectra (shipped bundle; interpolated to head_dim 128), keys
 water-filled at 3 bits pre-RoPE with a per-token scale and affine 4-bit values
-(the default configuration). Speed does not depend on the basis itself.
+(spectral-vh: Hadamard-rotated values, as the default configuration's +vh;
+spectral-a3vh: 3-bit rotated values). Speed does not depend on the basis itself.
 Writes DIR/decode.json and DIR/decode.md.
 """
 
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from veloxcore import attention, load_cached_rotations
-from veloxcore.caches import SpectralKVCache, random_rotation
+from veloxcore.caches import SpectralKVCache, random_rotation, value_rotation
 from veloxcore.kernels import kernel_backend
 from veloxcore.spectral import water_fill_bits
 
@@ -96,15 +97,17 @@ def orthogonal(rng, heads, dim):
                      for seed in rng.integers(1 << 30, size=heads)])
 
 
-def spectral_cache(rng, heads: int, dim: int, rope, backend: str) -> SpectralKVCache:
+def spectral_cache(rng, heads: int, dim: int, rope, backend: str, value_bits: int = 4,
+                   rotate_values: bool = False) -> SpectralKVCache:
     lam_k, lam_v = spectra(dim)
     bits = np.stack([water_fill_bits(lam_k, 3.0, 0, 8)] * heads)
     scale = lambda lam: np.stack([2.0 * np.sqrt(lam)] * heads)  # noqa: E731
     cache = SpectralKVCache(orthogonal(rng, heads, dim), scale(lam_k), bits,
                             orthogonal(rng, heads, dim), scale(lam_v), None, "pre", rope,
-                            value_affine=(4, 64), sink_tokens=4,
+                            value_affine=(value_bits, 64), sink_tokens=4,
                             key_mean=np.zeros((heads, dim)), value_mean=np.zeros((heads, dim)),
-                            token_scale=True)
+                            token_scale=True,
+                            value_rotation=value_rotation(dim) if rotate_values else None)
     if backend != "off":
         cache.use_kernels(backend)
         cache.fused_decode = True
@@ -137,8 +140,12 @@ def make_cache(method: str, heads: int, dim: int, rope, backend: str, rng):
         return KVCache()
     if method.startswith("affine"):
         return QuantizedKVCache(group_size=64, bits=int(method[6:]))
-    return spectral_cache(rng, heads, dim, rope, "off" if method == "spectral-unfused"
-                          else backend)
+    # spectral-vh: values Hadamard-rotated (the default configuration's +vh);
+    # spectral-a3vh: 3-bit rotated values (the best measured configuration at <= 3.5 bits).
+    return spectral_cache(rng, heads, dim, rope,
+                          "off" if method == "spectral-unfused" else backend,
+                          value_bits=3 if method == "spectral-a3vh" else 4,
+                          rotate_values=method in ("spectral-vh", "spectral-a3vh"))
 
 
 def attention_row(method, shape, tokens, backend, reps, bandwidth):
@@ -159,7 +166,7 @@ def attention_row(method, shape, tokens, backend, reps, bandwidth):
         v = [a[..., :tokens, :] for a in cache.values]
         fn = lambda: quantized_scaled_dot_product_attention(  # noqa: E731
             q, k, v, scale=scale, mask=None, group_size=64, bits=cache.bits)
-    elif method == "spectral":
+    elif method.startswith("spectral") and method != "spectral-unfused":
         fn = lambda: cache.attend(q, scale)  # noqa: E731
     else:  # decode the codes, then the fp16 kernel
         def fn():

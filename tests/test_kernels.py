@@ -56,15 +56,17 @@ def make_cache(rng, heads=3, dim=64, mode="pre", values="affine", token_scale=Fa
                traditional=True, avg_bits=3, sink_tokens=4, token_scale_floor=1e-6,
                adapt_prior=0):
     """A spectral cache with random bases, decaying spectra and water-filled-like bits;
-    ``values``: "affine", "spectral" or "affine-rotated" (Hadamard-rotated affine, +vh);
+    ``values``: "affine", "affine3" (3-bit), "spectral", "affine-rotated" or
+    "affine3-rotated" (Hadamard-rotated affine, +vh);
     ``adapt_prior`` > 0: the plan adapts to the first coded tokens (+ad)."""
     lam = np.exp(-np.arange(dim) / (dim / 6.0))[None].repeat(heads, 0) * rng.uniform(
         0.5, 2.0, size=(heads, 1))
     bits = np.clip(np.round(avg_bits + 0.5 * np.log2(lam / lam.mean(1, keepdims=True))),
                    0, 8).astype(np.int64)
     scales = 2.0 * np.sqrt(lam)
-    value_affine = (4, 64) if values.startswith("affine") else None
-    rotation = value_rotation(dim) if values == "affine-rotated" else None
+    value_affine = ((3 if values.startswith("affine3") else 4, 64)
+                    if values.startswith("affine") else None)
+    rotation = value_rotation(dim) if values.endswith("rotated") else None
     rope = nn.RoPE(dim, traditional=traditional, base=10000) if mode == "pre" else None
     adapt = (PlanAdaptation(lam, None, avg_bits, 0, 8, 2.0, adapt_prior) if adapt_prior
              else None)
@@ -196,6 +198,8 @@ SHAPES = [  # heads, query heads per KV head, head_dim, rope mode, values, token
     (2, 4, 128, "post", "spectral", True),
     (4, 2, 64, "post", "affine", False),
     (3, 3, 64, "pre", "affine-rotated", True),
+    (3, 3, 64, "pre", "affine3-rotated", False),
+    (2, 4, 128, "post", "affine3", True),
 ]
 
 

@@ -434,8 +434,15 @@ DECODE_BODY = r"""
       float v = 0.0f;
       if (t < n) {
         if (VAFF) {
+          // mx.quantize packs codes as a little-endian bit stream; 3/5/6-bit codes
+          // can straddle two words.
           const int bit = d * VB;
-          const unsigned int code = (words[t * wv + (bit >> 5)] >> (bit & 31)) & ((1u << VB) - 1u);
+          const int sh = bit & 31;
+          unsigned int code = words[t * wv + (bit >> 5)] >> sh;
+          if ((VB & (VB - 1)) != 0 && sh + VB > 32) {
+            code |= words[t * wv + (bit >> 5) + 1] << (32 - sh);
+          }
+          code &= (1u << VB) - 1u;
           const int gi = (bh * cap + t0 + t) * (D / VG) + d / VG;
           v = (float)code * VX_HALF(vscales[gi]) + VX_HALF(vbiases[gi]);
         } else {

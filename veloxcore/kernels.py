@@ -196,9 +196,9 @@ class SpectralKernels:
         self.value_affine = cache.value_affine
         if self.value_affine is not None:
             bits, group = self.value_affine
-            if bits not in (2, 4, 8):
-                raise ValueError(f"affine {bits}-bit values are not supported by the fused "
-                                 "kernels (2, 4 or 8 bits)")
+            if bits not in (2, 3, 4, 5, 6, 8) or D * bits % 32:
+                raise ValueError(f"affine {bits}-bit values of {D} dims are not supported by "
+                                 "the fused kernels (2-6 or 8 bits, whole 32-bit words)")
             self.value_rank = D
             self.value_words = D * bits // 32
             self.vbits = self.vshift = mx.zeros((1,), mx.int32)
