@@ -13,32 +13,21 @@ import sys
 
 import numpy as np
 import outlier_probe as op
+from probe_text import HeldOut
 
-from veloxcore import load, load_cached_rotations
+from veloxcore import load_cached_rotations
 from veloxcore.caches import CodedKVCache
 from veloxcore.calibration import RopeInverter, find_rope
-from veloxcore.evaluate import _log_probs, load_eval_text
 from veloxcore.quantizers import DimCoder
 from veloxcore.spectral import water_fill_bits
 
 mx = __import__("mlx.core").core  # after veloxcore (OpenBLAS first)
-KVCache = __import__("mlx_lm.models.cache").models.cache.KVCache
 
 TOK = int(sys.argv[1])
 CH = int(sys.argv[2])
 KB = 3
-model, tok, _ = load("default")
-_, text, _ = load_eval_text()
-inputs = mx.array(tok.encode(text)[:TOK])[None]
-
-
-def run(caches):
-    return mx.concatenate(
-        [_log_probs(model(inputs[:, s : s + CH], cache=caches)[0]) for s in range(0, TOK, CH)]
-    )
-
-
-ref = run([KVCache() for _ in model.layers])
+held_out = HeldOut(TOK, CH)
+model = held_out.model
 rot = load_cached_rotations(op.BUNDLE, model=model)
 
 
@@ -114,10 +103,8 @@ for alpha, n0, ab in [
     (1.0, 64, True),
 ]:
     caches = [AdaptiveKeys(rot[i], i, alpha, n0, ab) for i in range(len(model.layers))]
-    lp = run(caches)
-    kl = (mx.exp(ref) * (ref - lp)).sum(-1).mean().item()
-    # KL on second half only (out of sample w.r.t. the adapted first chunk)
-    d = (mx.exp(ref) * (ref - lp)).sum(-1)
+    d = held_out.kl(caches)
+    kl = d.mean().item()
     print(
         f"alpha {alpha} n0 {n0} basis {ab} bits "
         f"{np.mean([c.mean_bits for c in caches]):.3f} KL {kl:.4f}  "

@@ -13,27 +13,16 @@ the fraction of coefficients beyond 2/3/4/6 calibrated standard deviations.
 import sys
 
 import outlier_probe as op
+from probe_text import HeldOut
 
-from veloxcore import load, load_cached_rotations
+from veloxcore import load_cached_rotations
 from veloxcore.calibration import calibrate_spectral_rotation
 from veloxcore.corpus import Corpus
-from veloxcore.evaluate import _log_probs, load_eval_text
 
 mx = __import__("mlx.core").core  # after veloxcore (OpenBLAS first)
-KVCache = __import__("mlx_lm.models.cache").models.cache.KVCache
 
-model, tok, _ = load("default")
-_, text, _ = load_eval_text()
-inputs = mx.array(tok.encode(text)[:1024])[None]
-
-
-def run(caches):
-    return mx.concatenate(
-        [_log_probs(model(inputs[:, s : s + 64], cache=caches)[0]) for s in range(0, 1024, 64)]
-    )
-
-
-ref = run([KVCache() for _ in model.layers])
+held_out = HeldOut(1024, 64)
+model, tok, text = held_out.model, held_out.tokenizer, held_out.text
 rots = {"shipped": load_cached_rotations(op.BUNDLE, model=model)}
 rots["genesis-2nd-half"] = calibrate_spectral_rotation(
     model,
@@ -47,7 +36,6 @@ for name, r in rots.items():
         caches = [
             op.SparseOutlierKeys(model, r[i], i, bits, alpha, 0) for i in range(len(model.layers))
         ]
-        lp = run(caches)
-        kl = (mx.exp(ref) * (ref - lp)).sum(-1).mean().item()
+        kl = held_out.kl(caches).mean().item()
         tail = mx.stack([mx.stack(c.tail).mean(0) for c in caches]).mean(0).tolist()
         print(name, bits, alpha, round(kl, 4), [round(t, 4) for t in tail], flush=True)

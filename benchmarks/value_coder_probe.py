@@ -11,14 +11,12 @@ head_dim 64) and coded with the Gaussian Lloyd-Max codebook of B bits.
 from __future__ import annotations
 
 import numpy as np
+from probe_text import HeldOut
 
-from veloxcore import load
 from veloxcore.caches import CodedKVCache, value_rotation
-from veloxcore.evaluate import _log_probs, load_eval_text
 from veloxcore.quantizers import DimCoder
 
 mx = __import__("mlx.core").core  # after veloxcore (OpenBLAS first)
-KVCache = __import__("mlx_lm.models.cache").models.cache.KVCache
 
 TOKENS, CHUNK = 2048, 512
 
@@ -47,22 +45,16 @@ class RotatedValues(CodedKVCache):
 
 
 def main() -> None:
-    model, tokenizer, _ = load("default")
-    _, text, _ = load_eval_text()
-    inputs = mx.array(tokenizer.encode(text)[:TOKENS])[None]
+    held_out = HeldOut(TOKENS, CHUNK)
+    model = held_out.model
     attn = model.layers[0].self_attn
     heads, dim = attn.n_kv_heads, attn.head_dim
 
-    def run(caches):
-        return mx.concatenate([_log_probs(model(inputs[:, s: s + CHUNK], cache=caches)[0])
-                               for s in range(0, TOKENS, CHUNK)])
-
-    reference = run([KVCache() for _ in model.layers])
     for coder, bits, alpha, cost in [("affine", 4, 0, 4.5), ("lloyd-max", 4, 1.0, 4.25),
                                      ("lloyd-max", 4, 1.25, 4.25), ("affine", 3, 0, 3.5),
                                      ("lloyd-max", 3, 1.0, 3.25), ("lloyd-max", 5, 1.0, 5.25)]:
-        lp = run([RotatedValues(coder, bits, alpha, dim, heads) for _ in model.layers])
-        kl = (mx.exp(reference) * (reference - lp)).sum(-1).mean().item()
+        caches = [RotatedValues(coder, bits, alpha, dim, heads) for _ in model.layers]
+        kl = held_out.kl(caches).mean().item()
         print(f"values {coder:9s} {bits} bits alpha {alpha:<4} ({cost} bits/elem)  KL {kl:.4f}",
               flush=True)
 

@@ -8,27 +8,15 @@ rotation), decoded and rotated back.
 """
 
 import numpy as np
+from probe_text import HeldOut
 
-from veloxcore import load
 from veloxcore.caches import CodedKVCache, random_rotation, value_rotation
-from veloxcore.evaluate import _log_probs, load_eval_text
 
 mx = __import__("mlx.core").core  # after veloxcore (OpenBLAS first)
-KVCache = __import__("mlx_lm.models.cache").models.cache.KVCache
 
 TOK, CH = 2048, 512
-model, tok, _ = load("default")
-_, text, _ = load_eval_text()
-inputs = mx.array(tok.encode(text)[:TOK])[None]
-
-
-def run(caches):
-    return mx.concatenate(
-        [_log_probs(model(inputs[:, s : s + CH], cache=caches)[0]) for s in range(0, TOK, CH)]
-    )
-
-
-ref = run([KVCache() for _ in model.layers])
+held_out = HeldOut(TOK, CH)
+model = held_out.model
 
 
 class Values(CodedKVCache):
@@ -62,6 +50,5 @@ for name, b, g, R in [
     ("a3g32 hadamard", 3, 32, H),
     ("a3g32", 3, 32, None),
 ]:
-    lp = run([Values(b, g, R) for _ in model.layers])
-    kl = (mx.exp(ref) * (ref - lp)).sum(-1).mean().item()
+    kl = held_out.kl([Values(b, g, R) for _ in model.layers]).mean().item()
     print(f"values {name:16s} bits {b + 32 / g:.2f}  KL {kl:.4f}", flush=True)
