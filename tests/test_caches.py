@@ -309,6 +309,7 @@ def test_adaptive_key_plan_follows_the_prompt_moments(tiny):
     ids = tokenizer.encode(TEXT.text)[:90]
     config = parse_method("spectral:wf3/3+ad32", rotations["pre"])
     caches = KVCacheBuilder.build(model, config)
+    calibrated_scales = caches[0].key_coder.scales.copy()  # the calibrated plan
     logits_with(model, caches, ids, chunk=90)
     # numpy reference from the plain cache's post-RoPE keys of layer 0
     plain = [KVCache() for _ in model.layers]
@@ -345,6 +346,13 @@ def test_adaptive_key_plan_follows_the_prompt_moments(tiny):
     shift = y.sum(1) / (n + n0)
     var = ((y * y).sum(1) + n0 * lam_v) / (n + n0) - shift**2
     np.testing.assert_allclose(caches[0].value_coder.scales, 2.0 * np.sqrt(var), rtol=2e-3)
+    # Restoring a state that never adapted (only sink tokens) puts the calibrated plan back.
+    short = KVCacheBuilder.build(model, config)
+    logits_with(model, short, ids[:3])
+    assert short[0].adapted is None
+    caches[0].restore(short[0].state, short[0].meta_state)
+    assert caches[0].adapted is None and caches[0].offset == 3
+    np.testing.assert_array_equal(caches[0].key_coder.scales, calibrated_scales)
 
 
 def test_adaptive_key_plan_needs_water_filled_keys(tiny):

@@ -467,7 +467,6 @@ class SpectralKVCache(CodedKVCache):
         # A Hadamard rotation runs as mlx's fast Walsh-Hadamard transform (the same
         # Sylvester ordering; symmetric, so it also rotates back): on an H200 it plus the
         # quantisation takes 36 µs per append against 80 µs as a small fp32 matmul.
-        D = value_vectors.shape[1]
         self.value_hadamard = (value_rotation is not None and not D & (D - 1)
                                and np.allclose(value_rotation, _hadamard(D)))
         if value_affine is None:
@@ -623,14 +622,17 @@ class SpectralKVCache(CodedKVCache):
         if count is not None and self.adaptation is None:
             raise CacheConfigError("this state has an adapted key plan (+ad): restore it "
                                    "into a cache built with the same adaptive config")
-        self.key_mean, self.key_coder, self.key_rms = self.calibrated_plan[:3]
-        if self.value_adaptation is not None:
-            self.value_mean, self.value_coder, self.value_rms = self.calibrated_plan[3:]
-        self.adapted = None
         if count is not None:
+            # _apply_adaptation starts from the calibrated plan and rebuilds the kernels.
             self._apply_adaptation(np.array(arrays.pop(), dtype=np.float64), count)
-        elif self.kernels is not None:
-            self.kernels = SpectralKernels(self, self.kernels.backend)
+        elif self.adapted is not None:
+            # Back to the calibrated plan (only a cache that had adapted has left it).
+            self.key_mean, self.key_coder, self.key_rms = self.calibrated_plan[:3]
+            if self.value_adaptation is not None:
+                self.value_mean, self.value_coder, self.value_rms = self.calibrated_plan[3:]
+            self.adapted = None
+            if self.kernels is not None:
+                self.kernels = SpectralKernels(self, self.kernels.backend)
         super().restore(arrays, meta_state)
 
     def decode(self, parts, position):
