@@ -14,11 +14,9 @@ which this fake-quant probe does not count. A research probe, not a feature.
 from __future__ import annotations
 
 import numpy as np
+from probe_text import HeldOut, PreRopeKeyProbe
 
-from veloxcore import load, load_cached_rotations
-from veloxcore.caches import CodedKVCache
-from veloxcore.calibration import RopeInverter, find_rope
-from veloxcore.evaluate import _log_probs, load_eval_text
+from veloxcore import load_cached_rotations
 from veloxcore.quantizers import DimCoder
 from veloxcore.spectral import water_fill_bits
 
@@ -28,15 +26,11 @@ TOKENS, CHUNK = 1024, 64
 BUNDLE = "assets/bundles/smollm2-135m-instruct-pre"
 
 
-class BlockScaledKeys(CodedKVCache):
+class BlockScaledKeys(PreRopeKeyProbe):
     """Keys in the centred pre-RoPE basis with per-block or static scales; values exact."""
 
     def __init__(self, model, rotation, layer: int, key_bits: float, alpha: float, mode: str):
-        super().__init__(sink_tokens=4)
-        self.rope = find_rope(model.layers[layer])
-        self.inverter = RopeInverter(self.rope, rotation.head_dim)
-        self.basis = mx.array(rotation.key_eigenvectors)
-        self.mean = mx.array(rotation.key_mean[None, :, None, :])
+        super().__init__(model, rotation, layer)
         lam = rotation.key_eigenvalues
         bits = np.stack([water_fill_bits(v, key_bits, 1, 8) for v in lam])
         self.static = mx.array(np.sqrt(np.maximum(lam, 1e-12))[None, :, None, :]
@@ -45,7 +39,7 @@ class BlockScaledKeys(CodedKVCache):
         self.alpha, self.mode = alpha, mode
 
     def encode(self, keys, values, position):
-        y = (self.inverter(keys, position) - self.mean) @ self.basis
+        y = self.coefficients(keys, position)
         if self.mode == "static":
             scale = self.static * self.alpha
         elif self.mode == "rms":
@@ -55,32 +49,17 @@ class BlockScaledKeys(CodedKVCache):
         scale = mx.maximum(scale, 1e-6).astype(mx.float16).astype(mx.float32)
         return self.coder.decode(self.coder.encode(y / scale)) * scale, values
 
-    def decode(self, parts, position):
-        keys = parts[0] @ self.basis.swapaxes(-1, -2) + self.mean
-        return self.rope(keys, offset=position), parts[1]
-
 
 def main() -> None:
-    model, tokenizer, _ = load("default")
+    held_out = HeldOut(TOKENS, CHUNK)
+    model = held_out.model
     rotations = load_cached_rotations(BUNDLE, model=model)
-    _, text, _ = load_eval_text()
-    inputs = mx.array(tokenizer.encode(text)[:TOKENS])[None]
-
-    def run(caches):
-        pieces = [_log_probs(model(inputs[:, s: s + CHUNK], cache=caches)[0])
-                  for s in range(0, TOKENS, CHUNK)]
-        return mx.concatenate(pieces)
-
-    from mlx_lm.models.cache import KVCache
-
-    reference = run([KVCache() for _ in model.layers])
     for key_bits in (3, 2):
         for mode, alpha in (("static", 2.0), ("rms", 1.5), ("rms", 2.0), ("rms", 2.5),
                             ("max", 0.0)):
             caches = [BlockScaledKeys(model, rotations[i], i, key_bits, alpha, mode)
                       for i in range(len(model.layers))]
-            lp = run(caches)
-            kl = (mx.exp(reference) * (reference - lp)).sum(-1).mean().item()
+            kl = held_out.kl(caches).mean().item()
             print(f"keys {key_bits} bits  {mode:<6} alpha {alpha:<4}  KL {kl:.4f}", flush=True)
 
 

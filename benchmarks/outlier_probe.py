@@ -18,11 +18,9 @@ import argparse
 import json
 
 import numpy as np
+from probe_text import HeldOut, PreRopeKeyProbe
 
-from veloxcore import load, load_cached_rotations
-from veloxcore.caches import CodedKVCache
-from veloxcore.calibration import RopeInverter, find_rope
-from veloxcore.evaluate import _log_probs, load_eval_text
+from veloxcore import load_cached_rotations
 from veloxcore.quantizers import DimCoder
 from veloxcore.spectral import water_fill_bits
 
@@ -33,17 +31,13 @@ BUNDLE = "assets/bundles/smollm2-135m-instruct-pre"
 OUTLIER_BITS = 16 + 6
 
 
-class SparseOutlierKeys(CodedKVCache):
+class SparseOutlierKeys(PreRopeKeyProbe):
     """Keys in the centred pre-RoPE basis, ``alpha``x calibrated std codebooks, the
     ``outliers`` worst-coded coefficients per (token, head) kept exact; values exact."""
 
     def __init__(self, model, rotation, layer: int, key_bits: float, alpha: float,
                  outliers: int):
-        super().__init__(sink_tokens=4)
-        self.rope = find_rope(model.layers[layer])
-        self.inverter = RopeInverter(self.rope, rotation.head_dim)
-        self.basis = mx.array(rotation.key_eigenvectors)
-        self.mean = mx.array(rotation.key_mean[None, :, None, :])
+        super().__init__(model, rotation, layer)
         lam = rotation.key_eigenvalues
         omega = rotation.key_importance
         bits = np.stack([water_fill_bits(v, key_bits, 0, 8) for v in lam * omega])
@@ -56,7 +50,7 @@ class SparseOutlierKeys(CodedKVCache):
         self.tail = []
 
     def encode(self, keys, values, position):
-        y = (self.inverter(keys, position) - self.mean) @ self.basis
+        y = self.coefficients(keys, position)
         z = mx.abs(y) / self.std
         self.tail.append(mx.stack([(z > t).astype(mx.float32).mean() for t in (2, 3, 4, 6)]))
         coded = self.coder.dequantize(self.coder.quantize(y))
@@ -67,37 +61,22 @@ class SparseOutlierKeys(CodedKVCache):
             coded = mx.put_along_axis(coded, index, exact, axis=-1)
         return coded, values
 
-    def decode(self, parts, position):
-        keys = parts[0] @ self.basis.swapaxes(-1, -2) + self.mean
-        return self.rope(keys, offset=position), parts[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--json")
     args = parser.parse_args()
-    model, tokenizer, _ = load("default")
+    held_out = HeldOut(args.tokens, CHUNK)
+    model = held_out.model
     rotations = load_cached_rotations(BUNDLE, model=model)
-    _, text, _ = load_eval_text()
-    inputs = mx.array(tokenizer.encode(text)[: args.tokens])[None]
-
-    def run(caches):
-        pieces = [_log_probs(model(inputs[:, s: s + CHUNK], cache=caches)[0])
-                  for s in range(0, args.tokens, CHUNK)]
-        return mx.concatenate(pieces)
-
-    from mlx_lm.models.cache import KVCache
-
-    reference = run([KVCache() for _ in model.layers])
     rows = []
     for key_bits, alpha, outliers in [(3, 2.0, 0), (3, 1.5, 0), (3, 1.0, 1), (3, 1.25, 1),
                                       (3, 1.5, 1), (3, 1.0, 2), (3, 1.25, 2), (2.5, 1.25, 1),
                                       (3.5, 2.0, 0), (2.5, 2.0, 0)]:
         caches = [SparseOutlierKeys(model, rotations[i], i, key_bits, alpha, outliers)
                   for i in range(len(model.layers))]
-        lp = run(caches)
-        kl = (mx.exp(reference) * (reference - lp)).sum(-1).mean().item()
+        kl = held_out.kl(caches).mean().item()
         head_dim = rotations[0].head_dim
         bits = np.mean([c.mean_bits for c in caches]) + outliers * OUTLIER_BITS / head_dim
         tail = mx.stack([mx.stack(c.tail).mean(0) for c in caches]).mean(0).tolist()

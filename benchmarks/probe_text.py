@@ -1,10 +1,12 @@
 """Shared set-up of the CPU quality probes: the default model, the first ``tokens``
 held-out tokens, teacher-forced log-probabilities through given caches in ``chunk``-token
-steps, and per-token KL against mlx-lm's fp16 cache."""
+steps, per-token KL against mlx-lm's fp16 cache, and the base of the probes' key coders."""
 
 from __future__ import annotations
 
 from veloxcore import load
+from veloxcore.caches import CodedKVCache
+from veloxcore.calibration import RopeInverter, find_rope
 from veloxcore.evaluate import _log_probs, load_eval_text
 
 mx = __import__("mlx.core").core  # after veloxcore (OpenBLAS first)
@@ -28,3 +30,23 @@ class HeldOut:
         """KL(fp16 ‖ caches) per token."""
         ref = self.reference
         return (mx.exp(ref) * (ref - self.log_probs(caches))).sum(-1)
+
+
+class PreRopeKeyProbe(CodedKVCache):
+    """A probe cache coding keys in a layer's calibrated, centred pre-RoPE basis, values
+    exact. Subclasses code ``coefficients(keys, position)`` in ``encode`` and return
+    (decoded coefficients, values); ``decode`` rebuilds keys and re-applies RoPE."""
+
+    def __init__(self, model, rotation, layer: int, sink_tokens: int = 4):
+        super().__init__(sink_tokens=sink_tokens)
+        self.rope = find_rope(model.layers[layer])
+        self.inverter = RopeInverter(self.rope, rotation.head_dim)
+        self.basis = mx.array(rotation.key_eigenvectors)
+        self.mean = mx.array(rotation.key_mean[None, :, None, :])
+
+    def coefficients(self, keys, position):
+        return (self.inverter(keys, position) - self.mean) @ self.basis
+
+    def decode(self, parts, position):
+        keys = parts[0] @ self.basis.swapaxes(-1, -2) + self.mean
+        return self.rope(keys, offset=position), parts[1]
