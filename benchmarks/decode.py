@@ -18,7 +18,9 @@ Spectral caches use random orthogonal bases with the default model's measured
 eigenvalue spectra (shipped bundle; interpolated to head_dim 128), keys
 water-filled at 3 bits pre-RoPE with a per-token scale and affine 4-bit values
 (spectral-vh: Hadamard-rotated values, as the default configuration's +vh;
-spectral-a3vh: 3-bit rotated values). Speed does not depend on the basis itself.
+spectral-a3vh: 3-bit rotated values; a "-tiles" suffix, e.g. spectral-vh-tiles, runs the
+block-tiled decode kernel instead of the warp-tiled one). Speed does not depend on the
+basis itself.
 Writes DIR/decode.json and DIR/decode.md.
 """
 
@@ -30,11 +32,12 @@ import platform
 import statistics
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from veloxcore import attention, load_cached_rotations
+from veloxcore import attention, kernels, load_cached_rotations
 from veloxcore.caches import SpectralKVCache, random_rotation, value_rotation
 from veloxcore.kernels import kernel_backend
 from veloxcore.spectral import water_fill_bits
@@ -218,6 +221,16 @@ def end_to_end_row(model, method, shape, tokens, decode_tokens, backend):
                 peak_memory_mib=mx.get_peak_memory() / 2**20)
 
 
+@contextmanager
+def decode_kernel(method: str):
+    """Methods named "...-tiles" run the block-tiled decode kernel."""
+    kernels.WARP_DECODE = not method.endswith("-tiles")
+    try:
+        yield
+    finally:
+        kernels.WARP_DECODE = True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="1b,8b")
@@ -248,8 +261,10 @@ def main() -> None:
             for tokens in contexts:
                 for method in methods:
                     try:
-                        record(attention_row(method, shape, tokens, backend, args.reps,
-                                             bandwidth))
+                        with decode_kernel(method):
+                            record(attention_row(method.removesuffix("-tiles"), shape,
+                                                 tokens, backend, args.reps, bandwidth)
+                                   | dict(method=method))
                     except Exception as e:  # a method that fails here is a result too
                         record(dict(part="attention", shape=shape, method=method,
                                     tokens=tokens, error=str(e).splitlines()[0][:200]))
@@ -264,8 +279,10 @@ def main() -> None:
             for tokens in contexts:
                 for method in methods:
                     try:
-                        record(end_to_end_row(model, method, shape, tokens,
-                                              args.decode_tokens, backend))
+                        with decode_kernel(method):
+                            record(end_to_end_row(model, method.removesuffix("-tiles"),
+                                                  shape, tokens, args.decode_tokens, backend)
+                                   | dict(method=method))
                     except Exception as e:
                         record(dict(part="end_to_end", shape=shape, method=method,
                                     tokens=tokens, error=str(e).splitlines()[0][:200]))

@@ -3,10 +3,11 @@
     python benchmarks/profile_decode.py --shape 8b --tokens 1024,65536 [--json OUT]
 
 Times, each as the median of evaluating the stage on its own: an empty custom
-kernel (the fixed cost of one launch + evaluation), fp16 SDPA, the decode kernel
-alone (codes -> per-split partials), the merge kernel alone, the whole
-``attend``, and ``attend`` with 8 calls evaluated together (launch overhead
-amortised). Under ``ncu`` the kernels' own durations can be read as well.
+kernel (the fixed cost of one launch + evaluation), fp16 SDPA, the whole ``attend``
+and ``attend`` with 8 calls evaluated together (launch overhead amortised); with the
+block-tiled kernel (``VELOX_WARP_DECODE=0``) also its decode kernel alone (codes ->
+per-split partials) and its merge kernel alone. The warp-tiled kernel is one launch.
+Under ``ncu`` the kernels' own durations can be read as well.
 """
 
 from __future__ import annotations
@@ -41,17 +42,16 @@ def profile(H, D, Hq, rope, tokens, reps) -> list[dict]:
     v = mx.random.normal((1, H, tokens, D)).astype(mx.float16)
     scale = D**-0.5
     kern = cache.kernels
-    args_decode = (q, scale, cache.parts, cache.coded, cache.num_sinks)
-    partials = kern.decode_partials(*args_decode)
-    mx.eval(partials)
-    exact = (cache.sink_keys, cache.sink_values)
-    stages = {
-        "fp16 sdpa": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale),
-        "decode kernel": lambda: kern.decode_partials(*args_decode),
-        "merge kernel": lambda: kern.combine(q, scale, partials, exact),
-        "attend": lambda: cache.attend(q, scale),
-        "attend x8 (per call)": lambda: [cache.attend(q, scale) for _ in range(8)],
-    }
+    stages = {"fp16 sdpa": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)}
+    if not kern.warp_decode(q):  # the block-tiled kernel and its separate merge
+        args_decode = (q, scale, cache.parts, cache.coded, cache.num_sinks)
+        partials = kern.decode_partials(*args_decode)
+        mx.eval(partials)
+        exact = (cache.sink_keys, cache.sink_values)
+        stages["decode kernel"] = lambda: kern.decode_partials(*args_decode)
+        stages["merge kernel"] = lambda: kern.combine(q, scale, partials, exact)
+    stages["attend"] = lambda: cache.attend(q, scale)
+    stages["attend x8 (per call)"] = lambda: [cache.attend(q, scale) for _ in range(8)]
     rows = []
     for name, fn in stages.items():
         us = timed(fn, reps) * 1e6
@@ -59,8 +59,7 @@ def profile(H, D, Hq, rope, tokens, reps) -> list[dict]:
             us /= 8
         rows.append(dict(stage=name, tokens=tokens, us=us))
     code_bytes = sum(p[..., : cache.coded, :].nbytes for p in cache.parts)
-    rows.append(dict(stage="code bytes", tokens=tokens, bytes=code_bytes,
-                     splits=int(partials[0].shape[2])))
+    rows.append(dict(stage="code bytes", tokens=tokens, bytes=code_bytes))
     return rows
 
 

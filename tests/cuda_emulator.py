@@ -28,6 +28,7 @@ import numpy as np
 from veloxcore import kernel_source as src
 
 PRELUDE = r"""
+#include <atomic>
 #include <barrier>
 #include <thread>
 #include <vector>
@@ -61,6 +62,21 @@ inline float __shfl_xor_sync(unsigned, float v, int m) {
   return r;
 }
 #define __device__
+inline void __sincosf(float x, float* s, float* c) { *s = std::sin(x); *c = std::cos(x); }
+inline unsigned int vx_pack_half2(float lo, float hi) {
+  const _Float16 a = (_Float16)lo, b = (_Float16)hi;
+  unsigned short ua, ub;
+  __builtin_memcpy(&ua, &a, 2);
+  __builtin_memcpy(&ub, &b, 2);
+  return (unsigned int)ua | ((unsigned int)ub << 16);
+}
+inline float __ldcg(const float* p) { return *p; }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline void vx_cp_async4(void* dst, const void* src) { __builtin_memcpy(dst, src, 4); }
+inline void vx_cp_commit() {}
+inline void vx_cp_wait_prior() {}
+inline void __syncwarp() { warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 // mma.sync.m16n8k16 (.row.col, f16 x f16 -> f32) across a warp, from the fragment
 // layout documented in kernel_source.CUDA_MMA.
 static unsigned int mma_a[1024][4];
@@ -106,6 +122,8 @@ CTYPES = {mx.float32: "float", mx.float16: "__half", mx.uint32: "uint32_t", mx.i
 NUMPY = {mx.float32: np.float32, mx.float16: np.float16, mx.uint32: np.uint32, mx.uint8: np.uint8,
          mx.int32: np.int32}
 BODIES = {"decode": (src.DECODE_BODY, src.DECODE_INPUTS, src.DECODE_OUTPUTS),
+          "decode_warp": (src.DECODE_WARP_BODY, src.DECODE_WARP_INPUTS,
+                          src.DECODE_WARP_OUTPUTS),
           "combine": (src.COMBINE_BODY, src.COMBINE_INPUTS, src.COMBINE_OUTPUTS),
           "encode": (src.ENCODE_BODY, src.ENCODE_INPUTS, src.ENCODE_OUTPUTS)}
 
@@ -137,7 +155,7 @@ def _build(code: str) -> ctypes.CDLL:
 def _source(which, dtypes, out_dtypes, template) -> str:
     body, inputs, outputs = BODIES[which]
     header = (src.CUDA_HEADER.replace("#define VX_SHARED __shared__", "#define VX_SHARED static")
-              + src.COMMON_HELPERS + src.CUDA_KEYS)
+              + src.COMMON_HELPERS + src.CUDA_KEYS + src.CUDA_STAGE)
     args = []
     for n, d in zip(inputs, dtypes, strict=True):
         args.append(f"const {CTYPES[d]}* {n}")

@@ -38,6 +38,19 @@ __device__ inline float2 vx_sincos(float x) {
   sincosf(x, &s, &c);
   return make_float2(s, c);
 }
+// Loads of what other blocks wrote in this launch (past L1), and the fence before telling.
+__device__ inline float vx_ld_cg(const float* p) { return __ldcg(p); }
+__device__ inline void vx_threadfence() { __threadfence(); }
+// sin/cos of an fp32 angle: reduced to [-pi, pi] with 2*pi in two parts (exact to ~1e-7
+// for |x| < 1e5), then the fast hardware approximation (abs. error ~5e-7 there).
+__device__ inline float2 vx_sincos_fast(float x) {
+  const float k = rintf(x * 0.159154943f);
+  float r = fmaf(-k, 6.28318548f, x);
+  r = fmaf(k, 1.74845553e-7f, r);
+  float s, c;
+  __sincosf(r, &s, &c);
+  return make_float2(s, c);
+}
 """
 
 # Helpers shared by both backends (after their header's macros).
@@ -71,6 +84,19 @@ __device__ inline void vx_mma_16816(float& c0, float& c1, float& c2, float& c3,
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// Asynchronous 4-byte copies global -> shared (sm_80+), committed and waited in groups:
+// the next tile's codes load while this one is computed.
+__device__ inline void vx_cp_async4(void* smem, const void* gmem) {
+  const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ inline void vx_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ inline void vx_cp_wait_prior() { asm volatile("cp.async.wait_group 1;\n" ::); }
+// Two floats as fp16 in one register, the first in the low half (an mma fragment pair).
+__device__ inline unsigned int vx_pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const unsigned int*>(&h);
 }
 """
 
@@ -110,6 +136,33 @@ __device__ inline void vx_mma_keys(const __half* ch, int chs, const unsigned int
       tile[row * tstride + col] = amp * (a * sc.y - b * sc.x);
       tile[row * tstride + col + 1] = amp * (a * sc.x + b * sc.y);
     }
+  }
+}
+"""
+
+# Start copying one warp's 16-token tile of codes into shared memory (vx_cp_async4; wait
+# before reading). Counts in 32-bit words per token: wk key, vwn value; sbw scale (and
+# bias) words per 16 tokens; 8 words of fp16 per-token key scales when kts.
+CUDA_STAGE = r"""
+__device__ inline void vx_stage_tile(unsigned int* kw, unsigned int* vw, unsigned int* vsc,
+                                     unsigned int* vbi, unsigned int* kts,
+                                     const unsigned int* kwords, const unsigned int* vwords,
+                                     const VX_HALF_T* vscales, const VX_HALF_T* vbiases,
+                                     const VX_HALF_T* ktok, int row0, int wk, int vwn, int sbw,
+                                     bool with_kts, int lane) {
+  for (int i = lane; i < 16 * wk; i += 32) {
+    vx_cp_async4(kw + i, kwords + row0 * wk + i);
+  }
+  for (int i = lane; i < 16 * vwn; i += 32) {
+    vx_cp_async4(vw + i, vwords + row0 * vwn + i);
+  }
+  const int sb0 = row0 / 16 * sbw;
+  for (int i = lane; i < sbw; i += 32) {
+    vx_cp_async4(vsc + i, reinterpret_cast<const unsigned int*>(vscales) + sb0 + i);
+    vx_cp_async4(vbi + i, reinterpret_cast<const unsigned int*>(vbiases) + sb0 + i);
+  }
+  if (with_kts && lane < 8) {
+    vx_cp_async4(kts + lane, reinterpret_cast<const unsigned int*>(ktok) + row0 / 2 + lane);
   }
 }
 """
@@ -487,6 +540,361 @@ DECODE_BODY = r"""
   }
 """
 
+# Decode attention over the coded tokens, one warp per 16-token tile (CUDA; the default
+# configuration: pre-RoPE keys on tensor cores, affine values). Each warp runs its own
+# online softmax over the tiles it takes (every NW-th of the split) with no block-wide
+# barrier; the warps' partials are merged once at the end into the split's (out, max,
+# sum), the same outputs as DECODE_BODY. Per tile and lane: the key coefficients of
+# tokens (gid, gid + 8) are decoded straight into mma A fragments (fp16), keys = basis ·
+# coefficients come out of mma.m16n8k16 as C fragments whose column pairs are RoPE pairs,
+# so the mean, RoPE and the scores against the G query heads are applied in registers;
+# values are read by dims (lane + 32 j) and accumulated in registers.
+# Template constants: T, D, G, HKV, NW (warps), NT (= 32 NW), RKMAX (coefficient columns,
+# a multiple of 16), KTS (per-token key scale), VB, VG (affine value bits, group).
+# bfrag: the basis as B fragments, ((h · D/8 + n-tile) · RKMAX/16 + k-step) · 64 + reg ·
+# 32 + lane; kbits/kshift/kscale: per compacted column (H, RKMAX); key_mean, rope in RoPE
+# pair order.
+DECODE_WARP_BODY = r"""
+  const int split = blk_x;
+  const int bh = blk_y;
+  const int h = bh % HKV;
+  const int total = coded_shape[0];
+  const int cap = kwords_shape[2];
+  const int n_splits = grid_x;
+  constexpr int STEP = 16 * NW;
+  constexpr int KS = RKMAX / 16;
+  constexpr int NTD = D / 8;
+  constexpr int VW = D * VB / 32;
+  constexpr int NG = D / VG;
+  constexpr int DJ = D / 32;
+  const int per_split = ((total + n_splits - 1) / n_splits + STEP - 1) / STEP * STEP;
+  const int wk = layout[1];
+  const int pos0 = layout[4];
+  const int start = split * per_split;
+  const int stop = min(start + per_split, total);
+  const int warp = tid / 32;
+  const int lane = tid - warp * 32;
+  const int gid = lane >> 2;
+  const int tig = lane & 3;
+
+  VX_SHARED float table[510];
+  VX_SHARED float qs[G * D];
+  // Per warp, two buffers of a tile's codes (double-buffered: one loads, one is read).
+  // fp16 arrays travel as 32-bit words (16 tokens: whole words, 4-byte aligned).
+  constexpr int KWMAX = 16 * (D / 4);
+  constexpr int SBW = 16 * NG / 2;
+  VX_SHARED unsigned int kw_s[NW][2][KWMAX];
+  VX_SHARED unsigned int vw_s[NW][2][16 * VW + 1];
+  VX_SHARED unsigned int vsc_s[NW][2][SBW];
+  VX_SHARED unsigned int vbi_s[NW][2][SBW];
+  VX_SHARED unsigned int kts_s[NW][2][8];
+  VX_SHARED float p_s[NW][16 * G];
+  VX_SHARED float fin_m[NW][G];
+  VX_SHARED float fin_l[NW][G];
+  VX_SHARED float fin_o[NW][G * D];
+
+  for (int i = tid; i < 510; i += NT) {
+    table[i] = codebook[i];
+  }
+  // The query in RoPE pair order, times the softmax scale.
+  for (int i = tid; i < G * D; i += NT) {
+    const int g = i / D;
+    qs[i] = static_cast<float>(q[(bh * G + g) * D + perm[i - g * D]]) * params[0];
+  }
+  VX_BARRIER();
+
+  float acc[G][DJ];
+  float m_run[G];
+  float l_run[G];
+  for (int g = 0; g < G; g++) {
+    m_run[g] = -1e30f;
+    l_run[g] = 0.0f;
+    for (int j = 0; j < DJ; j++) {
+      acc[g][j] = 0.0f;
+    }
+  }
+  // 1. A tile's codes are contiguous in each array: whole 16-token tiles are copied (the
+  // buffers' capacity is a multiple of 16; rows past the last token are masked below).
+  int buf = 0;
+  if (start + warp * 16 < stop) {
+    vx_stage_tile(kw_s[warp][0], vw_s[warp][0], vsc_s[warp][0], vbi_s[warp][0],
+                  kts_s[warp][0], kwords, vwords, vscales, vbiases, ktok,
+                  bh * cap + start + warp * 16, wk, VW, SBW, KTS, lane);
+  }
+  vx_cp_commit();
+  for (int t0 = start + warp * 16; t0 < stop; t0 += STEP) {
+    const int n = min(16, stop - t0);
+    if (t0 + STEP < stop) {
+      vx_stage_tile(kw_s[warp][buf ^ 1], vw_s[warp][buf ^ 1], vsc_s[warp][buf ^ 1],
+                    vbi_s[warp][buf ^ 1], kts_s[warp][buf ^ 1], kwords, vwords, vscales,
+                    vbiases, ktok, bh * cap + t0 + STEP, wk, VW, SBW, KTS, lane);
+    }
+    vx_cp_commit();
+    vx_cp_wait_prior();
+    __syncwarp();
+    const unsigned int* kw = kw_s[warp][buf];
+    const unsigned int* vw = vw_s[warp][buf];
+    const VX_HALF_T* vsc = reinterpret_cast<const VX_HALF_T*>(vsc_s[warp][buf]);
+    const VX_HALF_T* vbi = reinterpret_cast<const VX_HALF_T*>(vbi_s[warp][buf]);
+    const VX_HALF_T* kts = reinterpret_cast<const VX_HALF_T*>(kts_s[warp][buf]);
+    // 2. Key coefficients of tokens gid and gid + 8 -> A fragments (fp16).
+    const float ts0 = KTS ? VX_HALF(kts[gid]) : 1.0f;
+    const float ts1 = KTS ? VX_HALF(kts[gid + 8]) : 1.0f;
+    unsigned int afrag[KS][4];
+    for (int ks = 0; ks < KS; ks++) {
+      float c[8];
+      for (int e = 0; e < 4; e++) {
+        const int col = ks * 16 + 2 * tig + (e & 1) + (e >> 1) * 8;
+        const int b = kbits[h * RKMAX + col];
+        float c0 = 0.0f;
+        float c1 = 0.0f;
+        if (b > 0) {
+          const int sh = kshift[h * RKMAX + col];
+          const float sc = kscale[h * RKMAX + col];
+          c0 = vx_level(kw, gid * wk, sh, b, table) * sc * ts0;
+          c1 = vx_level(kw, (gid + 8) * wk, sh, b, table) * sc * ts1;
+        }
+        c[e] = c0;
+        c[4 + e] = c1;
+      }
+      afrag[ks][0] = vx_pack_half2(c[0], c[1]);
+      afrag[ks][1] = vx_pack_half2(c[4], c[5]);
+      afrag[ks][2] = vx_pack_half2(c[2], c[3]);
+      afrag[ks][3] = vx_pack_half2(c[6], c[7]);
+    }
+    // 3. Keys of 8 dims at a time on tensor cores; mean, RoPE and scores in registers.
+    float s0[G];
+    float s1[G];
+    for (int g = 0; g < G; g++) {
+      s0[g] = 0.0f;
+      s1[g] = 0.0f;
+    }
+    const float pos = (float)(pos0 + t0 + gid);
+    for (int nt = 0; nt < NTD; nt++) {
+      float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
+      for (int ks = 0; ks < KS; ks++) {
+        const int fb = ((h * NTD + nt) * KS + ks) * 64 + lane;
+        vx_mma_16816(c0, c1, c2, c3, afrag[ks][0], afrag[ks][1], afrag[ks][2], afrag[ks][3],
+                     bfrag[fb], bfrag[fb + 32]);
+      }
+      const int col = nt * 8 + tig * 2;  // even: (col, col + 1) is a RoPE pair
+      const float theta = rope[col / 2];
+      const float amp = rope[D / 2 + col / 2];
+      const float ma = key_mean[h * D + col];
+      const float mb = key_mean[h * D + col + 1];
+      const float2 r0 = vx_sincos_fast(pos * theta);
+      const float2 r1 = vx_sincos_fast((pos + 8.0f) * theta);
+      const float a0 = c0 + ma, b0 = c1 + mb, a1 = c2 + ma, b1 = c3 + mb;
+      const float k0a = amp * (a0 * r0.y - b0 * r0.x);
+      const float k0b = amp * (a0 * r0.x + b0 * r0.y);
+      const float k1a = amp * (a1 * r1.y - b1 * r1.x);
+      const float k1b = amp * (a1 * r1.x + b1 * r1.y);
+      for (int g = 0; g < G; g++) {
+        const float qa = qs[g * D + col];
+        const float qb = qs[g * D + col + 1];
+        s0[g] += qa * k0a + qb * k0b;
+        s1[g] += qa * k1a + qb * k1b;
+      }
+    }
+    // 4. Scores summed over the quad, masked past n; online softmax per query head.
+    const bool ok0 = gid < n;
+    const bool ok1 = gid + 8 < n;
+    for (int g = 0; g < G; g++) {
+      float a = s0[g];
+      float b = s1[g];
+      a += VX_SHFL_XOR(a, 1);
+      a += VX_SHFL_XOR(a, 2);
+      b += VX_SHFL_XOR(b, 1);
+      b += VX_SHFL_XOR(b, 2);
+      a = ok0 ? a : -1e30f;
+      b = ok1 ? b : -1e30f;
+      float top = max(a, b);
+      top = max(top, VX_SHFL_XOR(top, 4));
+      top = max(top, VX_SHFL_XOR(top, 8));
+      top = max(top, VX_SHFL_XOR(top, 16));
+      const float m_new = max(m_run[g], top);
+      const float pa = vx_exp(a - m_new);
+      const float pb = vx_exp(b - m_new);
+      float sum = pa + pb;
+      sum += VX_SHFL_XOR(sum, 4);
+      sum += VX_SHFL_XOR(sum, 8);
+      sum += VX_SHFL_XOR(sum, 16);
+      const float r = vx_exp(m_run[g] - m_new);
+      l_run[g] = l_run[g] * r + sum;
+      m_run[g] = m_new;
+      for (int j = 0; j < DJ; j++) {
+        acc[g][j] *= r;
+      }
+      if (tig == 0) {
+        p_s[warp][gid * G + g] = pa;
+        p_s[warp][(gid + 8) * G + g] = pb;
+      }
+    }
+    __syncwarp();
+    // 5. Values: this lane's dims lane + 32 j (mx.quantize's little-endian bit stream).
+    for (int t = 0; t < n; t++) {
+      float pr[G];
+      for (int g = 0; g < G; g++) {
+        pr[g] = p_s[warp][t * G + g];
+      }
+      for (int j = 0; j < DJ; j++) {
+        const int d = lane + 32 * j;
+        const int bit = d * VB;
+        const int sh = bit & 31;
+        const int w = t * VW + (bit >> 5);
+        unsigned int code = vw[w] >> sh;
+        if ((VB & (VB - 1)) != 0 && sh + VB > 32) {
+          code |= vw[w + 1] << (32 - sh);
+        }
+        code &= (1u << VB) - 1u;
+        const int gi = t * NG + d / VG;
+        const float v = (float)code * VX_HALF(vsc[gi]) + VX_HALF(vbi[gi]);
+        for (int g = 0; g < G; g++) {
+          acc[g][j] += pr[g] * v;
+        }
+      }
+    }
+    __syncwarp();
+    buf ^= 1;
+  }
+  // 6. Merge the warps' partials into the split's.
+  for (int g = 0; g < G; g++) {
+    if (lane == 0) {
+      fin_m[warp][g] = m_run[g];
+      fin_l[warp][g] = l_run[g];
+    }
+    for (int j = 0; j < DJ; j++) {
+      fin_o[warp][g * D + lane + 32 * j] = acc[g][j];
+    }
+  }
+  VX_BARRIER();
+  for (int i = tid; i < G * D; i += NT) {
+    const int g = i / D;
+    const int d = i - g * D;
+    float top = -1e30f;
+    for (int w = 0; w < NW; w++) {
+      top = max(top, fin_m[w][g]);
+    }
+    float o = 0.0f;
+    float l = 0.0f;
+    for (int w = 0; w < NW; w++) {
+      const float f = vx_exp(fin_m[w][g] - top);
+      o += f * fin_o[w][i];
+      l += f * fin_l[w][g];
+    }
+    const int slot = (bh * n_splits + split) * G + g;
+    out[slot * D + d] = o;
+    if (d == 0) {
+      out_max[slot] = top;
+      out_sum[slot] = l;
+    }
+  }
+  // 7. The last split of this KV head to finish merges all splits with the exact tokens
+  // (sinks, recent window) and normalises: one launch per decode step. ``counter`` is
+  // zero before and after every launch (the last block resets it).
+  VX_SHARED int is_last;
+  vx_threadfence();
+  VX_BARRIER();
+  if (tid == 0) {
+    is_last = atomicAdd(const_cast<int*>(counter) + bh, 1) == n_splits - 1;
+  }
+  VX_BARRIER();
+  if (!is_last) {
+    return;
+  }
+  vx_threadfence();
+  const int E = cmeta[0];
+  const int rv = cmeta[1];
+  VX_SHARED float pexact[G * MAXE];
+  VX_SHARED float head_top[G];
+  VX_SHARED float head_coded[G];
+  VX_SHARED float head_total[G];
+  // Exact tokens' scores: a warp per (head, token), lanes over dims.
+  for (int i = warp; i < G * E; i += NW) {
+    const int g = i / E;
+    const int e = i - g * E;
+    float sc = 0.0f;
+    for (int d = lane; d < D; d += 32) {
+      sc += static_cast<float>(q[(bh * G + g) * D + d]) *
+            static_cast<float>(ek[(bh * E + e) * D + d]);
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+      sc += VX_SHFL_XOR(sc, off);
+    }
+    if (lane == 0) {
+      pexact[g * MAXE + e] = sc * params[0];
+    }
+  }
+  VX_BARRIER();
+  // Per head: the largest score, the coded tokens' and the exact tokens' weights.
+  for (int g = warp; g < G; g += NW) {
+    const int base = bh * n_splits * G + g;
+    float top = -1e30f;
+    for (int s = lane; s < n_splits; s += 32) {
+      top = max(top, vx_ld_cg(out_max + base + s * G));
+    }
+    for (int e = lane; e < E; e += 32) {
+      top = max(top, pexact[g * MAXE + e]);
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+      top = max(top, VX_SHFL_XOR(top, off));
+    }
+    float coded_sum = 0.0f;
+    for (int s = lane; s < n_splits; s += 32) {
+      coded_sum += vx_exp(vx_ld_cg(out_max + base + s * G) - top) *
+                   vx_ld_cg(out_sum + base + s * G);
+    }
+    float exact_sum = 0.0f;
+    for (int e = lane; e < E; e += 32) {
+      const float pe = vx_exp(pexact[g * MAXE + e] - top);
+      pexact[g * MAXE + e] = pe;
+      exact_sum += pe;
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+      coded_sum += VX_SHFL_XOR(coded_sum, off);
+      exact_sum += VX_SHFL_XOR(exact_sum, off);
+    }
+    if (lane == 0) {
+      head_top[g] = top;
+      head_coded[g] = coded_sum;
+      head_total[g] = coded_sum + exact_sum;
+    }
+  }
+  VX_BARRIER();
+  // The coded tokens' output, weighted split by split (into fin_o[0]).
+  for (int i = tid; i < G * D; i += NT) {
+    const int g = i / D;
+    const int d = i - g * D;
+    const int base = bh * n_splits * G + g;
+    float o4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int s = 0; s < n_splits; s++) {
+      o4[s & 3] += vx_exp(vx_ld_cg(out_max + base + s * G) - head_top[g]) *
+                   vx_ld_cg(out + (base + s * G) * D + d);
+    }
+    fin_o[0][i] = (o4[0] + o4[1]) + (o4[2] + o4[3]);
+  }
+  VX_BARRIER();
+  for (int i = tid; i < G * D; i += NT) {
+    const int g = i / D;
+    const int d = i - g * D;
+    float o = fin_o[0][i];
+    if (SPECV) {
+      // Values were coded rotated (or as coefficients): turn the output back.
+      o = vmean[h * D + d] * head_coded[g];
+      for (int m = 0; m < rv; m++) {
+        o += fin_o[0][g * D + m] * vback[(h * rv + m) * D + d];
+      }
+    }
+    for (int e = 0; e < E; e++) {
+      o += pexact[g * MAXE + e] * static_cast<float>(ev[(bh * E + e) * D + d]);
+    }
+    result[(bh * G + g) * D + d] = static_cast<T>(o / head_total[g]);
+  }
+  if (tid == 0) {
+    const_cast<int*>(counter)[bh] = 0;
+  }
+"""
+
 # Merge the splits' partials with the exact tokens (sinks, recent window) and
 # normalise: one threadgroup of D threads per query head (D a power of two).
 # Spectral values are rotated back here (coefficients -> dims, plus the mean).
@@ -566,11 +974,19 @@ COMBINE_BODY = r"""
   for (int e = 0; e < E; e++) {
     total += pexact[e];
   }
-  // Coded tokens' output (in coefficient space for spectral values).
-  float o = 0.0f;
-  for (int s = 0; s < S; s++) {
-    o += wsplit[s] * out[(base + s * G) * D + d];
+  // Coded tokens' output (in coefficient space for spectral values); four independent
+  // sums keep four loads in flight (one chain of S dependent loads was ~40 us at S = 128).
+  float o4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  int s4 = 0;
+  for (; s4 + 4 <= S; s4 += 4) {
+    for (int u = 0; u < 4; u++) {
+      o4[u] += wsplit[s4 + u] * out[(base + (s4 + u) * G) * D + d];
+    }
   }
+  for (; s4 < S; s4++) {
+    o4[0] += wsplit[s4] * out[(base + s4 * G) * D + d];
+  }
+  float o = (o4[0] + o4[1]) + (o4[2] + o4[3]);
   if (SPECV) {
     oc[d] = o;
     VX_BARRIER();
@@ -683,6 +1099,10 @@ DECODE_INPUTS = ["q", "perm", "params", "coded", "layout", "basis_mma", "kwords"
                  "kbits", "kshift", "kscale", "basis", "key_mean", "rope", "vwords", "vtok",
                  "vscales", "vbiases", "vbits", "vshift", "vscale", "codebook"]
 DECODE_OUTPUTS = ["out", "out_max", "out_sum"]
+DECODE_WARP_INPUTS = ["q", "perm", "params", "coded", "layout", "bfrag", "kwords", "ktok",
+                      "kbits", "kshift", "kscale", "key_mean", "rope", "vwords", "vscales",
+                      "vbiases", "codebook", "ek", "ev", "vback", "vmean", "cmeta", "counter"]
+DECODE_WARP_OUTPUTS = ["out", "out_max", "out_sum", "result"]
 COMBINE_INPUTS = ["q", "out", "out_max", "out_sum", "ek", "ev", "vback", "vmean", "params",
                   "cmeta"]
 COMBINE_OUTPUTS = ["result"]
@@ -694,7 +1114,8 @@ ENCODE_OUTPUTS = ["out_words", "out_scale"]
 def kernel_text(backend: str, body: str) -> tuple[str, str]:
     """(header, source) of a kernel body for "cuda" or "metal"."""
     if backend == "cuda":
-        return CUDA_HEADER + COMMON_HELPERS + CUDA_MMA + CUDA_KEYS, CUDA_PREAMBLE + body
+        return (CUDA_HEADER + COMMON_HELPERS + CUDA_MMA + CUDA_KEYS + CUDA_STAGE,
+                CUDA_PREAMBLE + body)
     if backend == "metal":
         return METAL_HEADER + COMMON_HELPERS, METAL_PREAMBLE + body
     raise ValueError(f"no kernel text for backend {backend!r}")

@@ -32,6 +32,11 @@ TILE_ELEMENTS = 4096  # tokens per tile × head_dim
 CHUNK_ELEMENTS = 1024  # basis rows per shared chunk × head_dim
 TARGET_THREADGROUPS = 1024  # a few per SM on an H100/H200 (132 SMs), more on M-series
 MAX_EXACT = 256  # exact tokens (sinks + recent window) the merge kernel takes
+WARPS = 4  # warps per threadgroup of the warp-tiled decode kernel (16 tokens per warp-tile)
+MAX_WARP_GROUP = 8  # query heads per KV head the warp-tiled kernel keeps in registers
+# The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
+# falls back to the block-tiled one (for comparisons).
+WARP_DECODE = os.environ.get("VELOX_WARP_DECODE", "1") != "0"
 
 
 def kernel_backend() -> str:
@@ -58,6 +63,8 @@ def unit_codebook() -> np.ndarray:
 def _kernel(backend: str, which: str):
     body, inputs, outputs = {
         "decode": (src.DECODE_BODY, src.DECODE_INPUTS, src.DECODE_OUTPUTS),
+        "decode_warp": (src.DECODE_WARP_BODY, src.DECODE_WARP_INPUTS,
+                        src.DECODE_WARP_OUTPUTS),
         "encode": (src.ENCODE_BODY, src.ENCODE_INPUTS, src.ENCODE_OUTPUTS),
         "combine": (src.COMBINE_BODY, src.COMBINE_INPUTS, src.COMBINE_OUTPUTS),
     }[which]
@@ -174,6 +181,7 @@ class SpectralKernels:
             # fp16 pairs along the coefficient axis, d-major: B fragments of mma.m16n8k16.
             pairs = np.ascontiguousarray(compact[:, self.perm, :].astype(np.float16))
             self.basis_mma = mx.array(pairs.view(np.uint32))
+            self.bfrag = mx.array(_b_fragments(pairs.view(np.uint32)))
         else:
             self.perm = np.arange(D, dtype=np.int32)
             self.rope = mx.zeros((D,), mx.float32)
@@ -232,6 +240,8 @@ class SpectralKernels:
         # Small constants made once: a fresh host array per launch is slow.
         self._constants: dict[tuple, mx.array] = {}
         self._counter = mx.zeros((0,), mx.uint8)
+        # Splits finished per KV head in a warp-tiled launch (zero between launches).
+        self._counter_bh: mx.array | None = None
 
     # ----------------------------------------------------------------- decode
     def attend(self, queries: mx.array, scale: float, parts, coded: int, pos0: int,
@@ -240,8 +250,22 @@ class SpectralKernels:
         from position ``pos0``) and the ``exact`` (keys, values) tokens: two kernel
         launches, one over the codes in splits, one merging the splits with the
         exact tokens."""
+        if self.warp_decode(queries) and self.whole_tiles(parts):
+            return self._attend_warp(queries, scale, parts, coded, pos0, exact)
         partials = self.decode_partials(queries, scale, parts, coded, pos0)
         return self.combine(queries, scale, partials, exact)
+
+    def warp_decode(self, queries) -> bool:
+        """Whether ``attend`` runs the one-launch warp-tiled kernel (CUDA, pre-RoPE keys,
+        affine values, at most MAX_WARP_GROUP query heads per KV head)."""
+        G = queries.shape[1] // self.heads
+        return (self.mma and self.value_affine is not None and WARP_DECODE
+                and G <= MAX_WARP_GROUP)
+
+    @staticmethod
+    def whole_tiles(parts) -> bool:
+        """The warp-tiled kernel copies whole 16-token tiles: buffers must hold them."""
+        return parts[0].shape[2] % 16 == 0
 
     def decode_partials(self, queries, scale, parts, coded, pos0):
         """First launch: (out, max, sum) per split, shapes (B, H, S, G, D) / (B, H, S, G)."""
@@ -287,6 +311,50 @@ class SpectralKernels:
             output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G)],
             output_dtypes=[mx.float32] * 3)
         return out, out_max, out_sum
+
+    def _attend_warp(self, queries, scale, parts, coded, pos0, exact):
+        """The warp-tiled decode kernel (kernel_source.DECODE_WARP_BODY): codes, exact
+        tokens and the merge in one launch."""
+        B, Hq, L, D = queries.shape
+        H = self.heads
+        G = Hq // H
+        dtype = queries.dtype
+        kwords = parts[0]
+        ktok = parts[1] if self.key_token_scale else self.dummy_half
+        vparts = parts[2 if self.key_token_scale else 1:]
+        if exact is None:
+            ek = ev = mx.zeros((1,), dtype)
+            num_exact = 0
+        else:
+            ek, ev = (x if x.dtype == dtype else x.astype(dtype) for x in exact)
+            num_exact = ek.shape[2]
+        rotated = self.value_back is not None
+        vback, vmean = ((self.value_back, self.value_mean) if rotated
+                        else (self.dummy_float, self.dummy_float))
+        if self._counter_bh is None or self._counter_bh.size < B * H:
+            self._counter_bh = mx.zeros((B * H,), mx.int32)
+        step = 16 * WARPS
+        splits = max(1, min(_cdiv(coded, step), _cdiv(TARGET_THREADGROUPS, B * H)))
+        per_split = _cdiv(_cdiv(coded, splits), step) * step
+        splits = _cdiv(coded, per_split)
+        vb, vg = self.value_affine
+        layout = self._constant(mx.int32, self.key_rank, self.key_words, self.value_rank,
+                                self.value_words, pos0)
+        _, _, _, result = _kernel(self.backend, "decode_warp")(
+            inputs=[queries, self.perm_mx, self._constant(mx.float32, scale),
+                    self._length(coded), layout, self.bfrag, kwords, ktok, self.kbits,
+                    self.kshift, self.kscale, self.key_mean_pairs, self.rope, *vparts,
+                    self.codebook, ek, ev, vback, vmean,
+                    self._constant(mx.int32, num_exact, self.value_rank), self._counter_bh],
+            template=[("T", dtype), ("D", D), ("G", G), ("HKV", H), ("NW", WARPS),
+                      ("NT", 32 * WARPS), ("RKMAX", self.key_rank),
+                      ("KTS", self.key_token_scale), ("VB", vb), ("VG", vg),
+                      ("MAXE", MAX_EXACT), ("SPECV", rotated)],
+            grid=(32 * WARPS * splits, B * H, 1), threadgroup=(32 * WARPS, 1, 1),
+            output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G),
+                           (B, Hq, 1, D)],
+            output_dtypes=[mx.float32] * 3 + [dtype])
+        return result
 
     def combine(self, queries, scale, partials, exact):
         """Second launch: merge the splits with the exact tokens and normalise."""
@@ -351,6 +419,17 @@ class SpectralKernels:
     def encode_values(self, values: mx.array, token_scale: bool):
         return self._encode(values, 0, False, self.value_basis_full, self.value_mean,
                             self.value_rms, self.value_full, self.value_words, token_scale)
+
+
+def _b_fragments(words: np.ndarray) -> np.ndarray:
+    """The key basis as mma.m16n8k16 B fragments, in the order the warp-tiled decode
+    kernel loads them: ``words`` (H, D, RKMAX/2) holds fp16 pairs along the coefficient
+    axis; fragment register r of lane 4·gid + tig for n-tile nt and k-step ks is the pair
+    at (dim nt·8 + gid, coefficients ks·16 + 8r + 2tig, +1), laid out as
+    ((h, nt, ks, r), lane)."""
+    H, D, half = words.shape
+    frags = words.reshape(H, D // 8, 8, half // 8, 2, 4)  # h, nt, gid, ks, r, tig
+    return np.ascontiguousarray(frags.transpose(0, 1, 3, 4, 2, 5)).reshape(-1)
 
 
 def _offsets(bits: np.ndarray) -> np.ndarray:
