@@ -231,6 +231,22 @@ def test_decode_kernel_matches_reference(backend, monkeypatch, heads, group, dim
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
+def test_code_buffers_grow_in_whole_steps():
+    """Capacity stays a multiple of 256 tokens whatever the chunk sizes (the warp-tiled
+    kernel copies whole 16-token tiles)."""
+    from veloxcore.caches import STEP
+
+    rng = np.random.default_rng(4)
+    cache = make_cache(rng, 2, 64)
+    keys, values = random_kv(rng, cache, 1500)
+    for a, b in ((0, 300), (300, 301), (301, 1100), (1100, 1500)):
+        cache.update_and_fetch(keys[:, :, a:b], values[:, :, a:b])
+        assert cache.parts[0].shape[2] % STEP == 0 and cache.parts[0].shape[2] >= cache.coded
+    assert cache.coded == 1500 - 4
+    decoded = cache.fetch()[0]
+    np.testing.assert_array_equal(np.array(decoded[:, :, :4]), np.array(keys[:, :, :4]))
+
+
 @pytest.mark.parametrize("heads,group,dim,mode,values,token_scale", SHAPES)
 def test_encode_kernel_matches_reference(backend, heads, group, dim, mode, values, token_scale):
     rng = np.random.default_rng(dim)

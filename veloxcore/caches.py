@@ -261,7 +261,8 @@ class CodedKVCache:
         L = parts[0].shape[2]
         prev = self.coded
         if self.parts is None or prev + L > self.parts[0].shape[2]:
-            grow = (L + STEP - 1) // STEP * STEP
+            # Capacity stays a multiple of STEP (the warp-tiled kernel reads whole tiles).
+            grow = (prev + L + STEP - 1) // STEP * STEP - prev
             fresh = [mx.zeros((*p.shape[:2], grow, p.shape[3]), dtype=p.dtype) for p in parts]
             if self.parts is None:
                 self.parts = fresh

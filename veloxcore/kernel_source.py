@@ -866,12 +866,19 @@ DECODE_WARP_BODY = r"""
     const int g = i / D;
     const int d = i - g * D;
     const int base = bh * n_splits * G + g;
-    float o4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int s = 0; s < n_splits; s++) {
-      o4[s & 3] += vx_exp(vx_ld_cg(out_max + base + s * G) - head_top[g]) *
-                   vx_ld_cg(out + (base + s * G) * D + d);
+    float o0 = 0.0f, o1 = 0.0f;  // two sums: two loads in flight
+    int s = 0;
+    for (; s + 2 <= n_splits; s += 2) {
+      o0 += vx_exp(vx_ld_cg(out_max + base + s * G) - head_top[g]) *
+            vx_ld_cg(out + (base + s * G) * D + d);
+      o1 += vx_exp(vx_ld_cg(out_max + base + (s + 1) * G) - head_top[g]) *
+            vx_ld_cg(out + (base + (s + 1) * G) * D + d);
     }
-    fin_o[0][i] = (o4[0] + o4[1]) + (o4[2] + o4[3]);
+    if (s < n_splits) {
+      o0 += vx_exp(vx_ld_cg(out_max + base + s * G) - head_top[g]) *
+            vx_ld_cg(out + (base + s * G) * D + d);
+    }
+    fin_o[0][i] = o0 + o1;
   }
   VX_BARRIER();
   for (int i = tid; i < G * D; i += NT) {
