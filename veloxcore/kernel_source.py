@@ -866,19 +866,21 @@ DECODE_WARP_BODY = r"""
     const int g = i / D;
     const int d = i - g * D;
     const int base = bh * n_splits * G + g;
-    float o0 = 0.0f, o1 = 0.0f;  // two sums: two loads in flight
+    // Eight independent sums keep eight loads in flight (one chain of dependent loads
+    // costs an L2 round trip per split).
+    float o8[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     int s = 0;
-    for (; s + 2 <= n_splits; s += 2) {
-      o0 += vx_exp(vx_ld_cg(out_max + base + s * G) - head_top[g]) *
-            vx_ld_cg(out + (base + s * G) * D + d);
-      o1 += vx_exp(vx_ld_cg(out_max + base + (s + 1) * G) - head_top[g]) *
-            vx_ld_cg(out + (base + (s + 1) * G) * D + d);
+    for (; s + 8 <= n_splits; s += 8) {
+      for (int u = 0; u < 8; u++) {
+        o8[u] += vx_exp(vx_ld_cg(out_max + base + (s + u) * G) - head_top[g]) *
+                 vx_ld_cg(out + (base + (s + u) * G) * D + d);
+      }
     }
-    if (s < n_splits) {
-      o0 += vx_exp(vx_ld_cg(out_max + base + s * G) - head_top[g]) *
-            vx_ld_cg(out + (base + s * G) * D + d);
+    for (; s < n_splits; s++) {
+      o8[0] += vx_exp(vx_ld_cg(out_max + base + s * G) - head_top[g]) *
+               vx_ld_cg(out + (base + s * G) * D + d);
     }
-    fin_o[0][i] = o0 + o1;
+    fin_o[0][i] = ((o8[0] + o8[1]) + (o8[2] + o8[3])) + ((o8[4] + o8[5]) + (o8[6] + o8[7]));
   }
   VX_BARRIER();
   for (int i = tid; i < G * D; i += NT) {

@@ -334,7 +334,9 @@ class SpectralKernels:
         if self._counter_bh is None or self._counter_bh.size < B * H:
             self._counter_bh = mx.zeros((B * H,), mx.int32)
         step = 16 * WARPS
-        splits = max(1, min(_cdiv(coded, step), _cdiv(TARGET_THREADGROUPS, B * H)))
+        # At least two tiles per warp: fewer, longer splits cost less to start and merge
+        # (the merge reads every split) than they lose in parallelism at short lengths.
+        splits = max(1, min(_cdiv(coded, 2 * step), _cdiv(TARGET_THREADGROUPS, B * H)))
         per_split = _cdiv(_cdiv(coded, splits), step) * step
         splits = _cdiv(coded, per_split)
         vb, vg = self.value_affine
