@@ -236,6 +236,13 @@ def load_cached_rotations(directory: str | Path, model=None,
         model_fingerprint=dict(manifest["model"]))
     if model is not None:
         check_model(rotations, model, root, allow_model_mismatch)
+    from .sensitivity import load_sensitivity
+
+    sensitivity = load_sensitivity(root)
+    if sensitivity is not None and sensitivity.num_layers != layers_n:
+        raise BundleError(f"{root / 'layer_sensitivity.json'}: costs for "
+                          f"{sensitivity.num_layers} layers, the bundle has {layers_n}")
+    rotations.layer_sensitivity = sensitivity
     return rotations
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,6 +30,7 @@ from .kernels import (
     reference_partials,
 )
 from .quantizers import DimCoder, make_coder
+from .sensitivity import allocate_layer_bits
 from .spectral import compute_spectral_gap, water_fill_bits
 
 METHODS = ("spectral", "rvq", "affine", "fp16")
@@ -113,6 +114,10 @@ class KVCacheConfig:
     # Affine values coded after a Hadamard rotation ("+vh"): outlier channels are spread
     # over each group (BENCHMARKS.md: value-only KL −26% at 4 bits, 2k tokens).
     rotate_values: bool = False
+    # One budget over layers ("+la"): each layer's key target and affine value width
+    # chosen from the bundle's measured layer sensitivity (veloxcore.sensitivity) so the
+    # modelled KL is least at the same total bits as target_avg_bits / value_bits.
+    layer_allocation: bool = False
 
     @classmethod
     def recommended(cls, rotations: SpectralRotations) -> KVCacheConfig:
@@ -772,6 +777,10 @@ class KVCacheBuilder:
             _check_rotations(model, config)
         keys_global = (global_key_bits(config) if config.method == "spectral"
                        and config.global_key_bits and config.use_water_filling else None)
+        layer_configs = (_layer_allocation(config, num_layers)
+                         if config.method == "spectral" and config.layer_allocation else None)
+        caches.layer_allocation = layer_configs and [
+            {"keys": c.target_avg_bits, "values": c.value_bits} for c in layer_configs]
         groups = {}
         if config.method == "affine":
             groups["affine"] = config.group_size
@@ -796,11 +805,33 @@ class KVCacheBuilder:
                                          sink_tokens=config.sink_tokens,
                                          recent_tokens=config.recent_tokens))
             else:
-                cache, bits = _spectral_cache(model, config, layer, keys_global)
+                cache, bits = _spectral_cache(
+                    model, layer_configs[layer] if layer_configs else config, layer,
+                    keys_global)
                 caches.layer_bits.append(bits)
                 caches.append(cache)
         caches.kernel_backend, caches.kernel_notes = _use_kernels(model, config, caches)
         return caches
+
+
+def _layer_allocation(config: KVCacheConfig, num_layers: int) -> list[KVCacheConfig]:
+    """One config per layer with its own key target and value width (``+la``)."""
+    sensitivity = config.rotations.layer_sensitivity
+    if sensitivity is None:
+        raise CacheConfigError("+la needs the bundle's measured layer sensitivity: run "
+                               "`velox sensitivity --bundle DIR` first")
+    if not config.use_water_filling or config.value_method != "affine" or (
+            config.bit_plan is not None or config.global_key_bits):
+        raise CacheConfigError("+la allocates water-filled key targets and affine value "
+                               "widths per layer: it needs spectral:wfN/aB... without a "
+                               "fixed bit plan or +g")
+    if sensitivity.num_layers != num_layers:
+        raise CacheConfigError(f"layer sensitivity has {sensitivity.num_layers} layers, the "
+                               f"model {num_layers}")
+    target = config.target_avg_bits if config.target_avg_bits is not None else 3.0
+    plan = allocate_layer_bits(sensitivity, target, config.value_bits)
+    return [replace(config, target_avg_bits=k, value_bits=v, layer_allocation=False)
+            for k, v in zip(plan["keys"], plan["values"], strict=True)]
 
 
 def _use_kernels(model, config: KVCacheConfig, caches) -> tuple[str | None, list[str]]:
@@ -999,7 +1030,8 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
     eigenvalue × query importance, ``+g`` water-fills the key budget across all layers
     and heads at once, ``+ad`` adapts the key plan to the prompt (``+ad256``: with a
     prior of 256 calibration tokens instead of 64), ``+vh`` rotates affine values by a
-    Hadamard matrix before coding them.
+    Hadamard matrix before coding them, ``+la`` spreads the same bits over layers by
+    their measured sensitivity (needs ``velox sensitivity`` on the bundle).
     """
     body, *modifiers = spec.strip().split("+")
     try:
@@ -1027,6 +1059,8 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
                 config.global_key_bits = True
             elif mod == "vh":
                 config.rotate_values = True
+            elif mod == "la":
+                config.layer_allocation = True
             elif mod[:2] == "ad":
                 config.adapt_prior_tokens = int(mod[2:] or ADAPT_PRIOR_TOKENS)
             else:

@@ -80,6 +80,8 @@ class SpectralRotations:
     seed: int
     sink_tokens: int
     model_fingerprint: dict = field(default_factory=dict)
+    # Measured per-layer costs of coded keys/values (veloxcore.sensitivity), or None.
+    layer_sensitivity: object | None = None
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -205,6 +205,45 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_sensitivity(args) -> int:
+    from .bundle import load_cached_rotations
+    from .corpus import load_corpus, sample_windows
+    from .models import load
+    from .sensitivity import allocate_layer_bits, run_sensitivity, save_sensitivity
+
+    model, tokenizer, info = load(args.model)
+    rotations = load_cached_rotations(args.bundle, model=model)
+    corpus = load_corpus(args.corpus)
+    ids = sample_windows(tokenizer.encode(corpus.text), 1, args.tokens, seed=args.seed)[0]
+    print(f"Measuring {info.name}'s {info.num_layers} layers one at a time on {args.tokens} "
+          f"tokens of {corpus.name}", file=sys.stderr)
+    interactive = sys.stderr.isatty()
+
+    def progress(stage, done, total):
+        line = f"[{done}/{total}] {stage}"
+        if interactive:
+            print("\r" + line.ljust(60), end="", file=sys.stderr, flush=True)
+        elif done == total or done % max(1, total // 10) == 0:
+            print(line, file=sys.stderr)
+
+    sensitivity = run_sensitivity(model, rotations, ids, progress=progress,
+                                  corpus_sha256=corpus.sha256)
+    if interactive:
+        print(file=sys.stderr)
+    path = save_sensitivity(sensitivity, args.bundle)
+    keys, values = sensitivity.keys, sensitivity.values
+    print(f"{'layer':>5}  " + "  ".join(f"keys@{b:g}" for b in keys) + "  "
+          + "  ".join(f"values@{b:g}" for b in values))
+    for layer in range(sensitivity.num_layers):
+        print(f"{layer:>5}  " + "  ".join(f"{keys[b][layer]:>7.5f}" for b in keys) + "  "
+              + "  ".join(f"{values[b][layer]:>9.5f}" for b in values))
+    plan = allocate_layer_bits(sensitivity, 3.0, 4)
+    print(f"+la at keys 3 / values 4 bits: keys {plan['keys']}, values {plan['values']}; "
+          f"modelled KL {plan['predicted_kl']:.4f} vs {plan['uniform_kl']:.4f} uniform")
+    print(f"Wrote {path}", file=sys.stderr)
+    return 0
+
+
 def load_bundle_for_cli(directory):
     from .bundle import load_cached_rotations
 
@@ -345,6 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("sensitivity",
+                       help="measure each layer's cost of coded keys/values (for +la)")
+    p.add_argument("--bundle", required=True, help="bundle directory (the file goes there)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--corpus", default="bundled",
+                   help="calibration text: 'bundled' or a .txt/.md/.jsonl file")
+    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("inspect", help="print a bundle's spectra per layer")
     p.add_argument("bundle")

@@ -1,0 +1,158 @@
+"""Layer sensitivity (velox sensitivity) and one bit budget over layers (+la)."""
+
+import itertools
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import KVCache
+from test_calibration import TEXT
+from tinymodel import write_tiny_dir
+
+import veloxcore
+from veloxcore import calibrate_spectral_rotation, load_cached_rotations, save_rotations
+from veloxcore.caches import CacheConfigError, KVCacheBuilder, cache_memory, parse_method
+from veloxcore.evaluate import _log_probs
+from veloxcore.sensitivity import (
+    SENSITIVITY_FILE,
+    LayerSensitivity,
+    SensitivityError,
+    allocate_layer_bits,
+    layer_cost,
+    load_sensitivity,
+    probe_specs,
+    run_sensitivity,
+    save_sensitivity,
+)
+
+
+def synthetic(layers=4, seed=0):
+    rng = np.random.default_rng(seed)
+    k3 = rng.uniform(1e-4, 5e-3, layers)
+    v4 = rng.uniform(1e-4, 3e-3, layers)
+    return LayerSensitivity(keys={2.0: k3 * rng.uniform(2, 5, layers), 3.0: k3},
+                            values={3: v4 * rng.uniform(2.5, 4.5, layers), 4: v4}, tokens=64)
+
+
+def test_layer_cost_passes_through_the_probes_and_falls_with_bits():
+    s = synthetic()
+    np.testing.assert_allclose(layer_cost(s.keys, 2.0), s.keys[2.0])
+    np.testing.assert_allclose(layer_cost(s.keys, 3.0), s.keys[3.0])
+    between = layer_cost(s.keys, 2.5)
+    np.testing.assert_allclose(between, np.sqrt(s.keys[2.0] * s.keys[3.0]))  # log-linear
+    widths = [1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+    costs = np.stack([layer_cost(s.keys, b) for b in widths])
+    assert np.all(np.diff(costs, axis=0) < 0)
+
+
+def test_allocation_is_the_exact_optimum_within_the_budget():
+    s = synthetic(layers=4, seed=3)
+    plan = allocate_layer_bits(s, 3.0, 4)
+    keys = [1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5]
+    values = [3, 4, 5]
+    best = None
+    for picks in itertools.product(itertools.product(keys, values), repeat=4):
+        if sum(k + v for k, v in picks) > 4 * 7.0 + 1e-9:
+            continue
+        cost = sum(layer_cost(s.keys, k)[i] + layer_cost(s.values, v)[i]
+                   for i, (k, v) in enumerate(picks))
+        if best is None or cost < best[0]:
+            best = (cost, picks)
+    assert plan["predicted_kl"] == pytest.approx(best[0], rel=1e-9)
+    assert sum(plan["keys"]) + sum(plan["values"]) <= 28.0 + 1e-9
+    assert plan["predicted_kl"] <= plan["uniform_kl"]
+
+
+def test_equal_layers_keep_the_uniform_widths():
+    same = np.full(5, 2e-3)
+    s = LayerSensitivity({2.0: same * 3, 3.0: same}, {3: same * 3, 4: same}, tokens=1)
+    plan = allocate_layer_bits(s, 3.0, 4)
+    assert plan["keys"] == [3.0] * 5 and plan["values"] == [4] * 5
+    assert plan["predicted_kl"] == pytest.approx(plan["uniform_kl"])
+
+
+def test_file_round_trip_and_clear_errors(tmp_path):
+    s = synthetic()
+    save_sensitivity(s, tmp_path)
+    loaded = load_sensitivity(tmp_path)
+    for part in ("keys", "values"):
+        for b, v in getattr(s, part).items():
+            np.testing.assert_array_equal(getattr(loaded, part)[b], v)
+    assert load_sensitivity(tmp_path / "nowhere") is None
+    path = tmp_path / SENSITIVITY_FILE
+    path.write_text("{not json")
+    with pytest.raises(SensitivityError, match=f"{SENSITIVITY_FILE}: unreadable JSON"):
+        load_sensitivity(tmp_path)
+    data = s.to_json()
+    data["keys"]["2.0"] = data["keys"]["2.0"][:-1]
+    path.write_text(json.dumps(data))
+    with pytest.raises(SensitivityError, match="one cost per layer"):
+        load_sensitivity(tmp_path)
+    data = s.to_json()
+    data["values"]["3"][0] = -1.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(SensitivityError, match="finite and >= 0"):
+        load_sensitivity(tmp_path)
+    with pytest.raises(SensitivityError, match="no such bundle directory"):
+        save_sensitivity(s, tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-sensitivity")
+    write_tiny_dir(root / "model", head_dim=64, num_hidden_layers=3)
+    model, tokenizer, _ = veloxcore.load(root / "model")
+    rotations = calibrate_spectral_rotation(model, tokenizer, num_samples=4, sequence_length=96,
+                                            corpus=TEXT, rope="pre")
+    bundle = save_rotations(rotations, root / "bundle")
+    ids = tokenizer.encode(TEXT.text)[:128]
+    return model, tokenizer, bundle, ids
+
+
+def test_measured_costs_are_single_layer_kl_on_the_text(tiny):
+    model, _, bundle, ids = tiny
+    rotations = load_cached_rotations(bundle, model=model)
+    assert rotations.layer_sensitivity is None
+    stages = []
+    s = run_sensitivity(model, rotations, ids, chunk=64,
+                        progress=lambda *a: stages.append(a))
+    assert [d for _, d, _ in stages] == list(range(1, 3 * 4 + 1))
+    assert s.num_layers == 3 and s.tokens == 128
+    # Recompute one entry independently: values at 3 bits in layer 1 only.
+    spec = probe_specs(rotations.has_key_importance, 64)["values"][3]
+    caches = [KVCache() for _ in range(3)]
+    caches[1] = KVCacheBuilder.build(model, parse_method(spec, rotations))[1]
+    x = mx.array(ids)[None]
+    fp = [KVCache() for _ in range(3)]
+    ref = mx.concatenate([_log_probs(model(x[:, i: i + 64], cache=fp)[0]) for i in (0, 64)])
+    got = mx.concatenate([_log_probs(model(x[:, i: i + 64], cache=caches)[0]) for i in (0, 64)])
+    kl = (mx.exp(ref) * (ref - got)).sum(-1).mean().item()
+    assert s.values[3][1] == pytest.approx(max(kl, 0.0), rel=1e-4, abs=1e-7)
+    assert np.all(s.keys[2.0] >= 0) and np.all(np.isfinite(s.values[4]))
+
+
+def test_layer_allocation_builds_per_layer_widths_within_the_budget(tiny, tmp_path):
+    model, _, bundle, _ = tiny
+    rotations = load_cached_rotations(bundle, model=model)
+    with pytest.raises(CacheConfigError, match="velox sensitivity"):
+        KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g64+la", rotations))
+    # Layer 0 costs far more than the others: it should get more bits.
+    costs = np.array([5e-2, 1e-3, 1e-3])
+    save_sensitivity(LayerSensitivity({2.0: costs * 3, 3.0: costs}, {3: costs * 3, 4: costs},
+                                      tokens=1), bundle)
+    rotations = load_cached_rotations(bundle, model=model)
+    uniform = KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g64+vh", rotations))
+    allocated = KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g64+vh+la", rotations))
+    layers = allocated.layer_allocation
+    assert layers[0]["keys"] > 3.0 and layers[0]["values"] >= 4
+    assert sum(x["keys"] + x["values"] for x in layers) <= 3 * 7.0
+    assert [c.value_affine[0] for c in allocated] == [x["values"] for x in layers]
+    ids = mx.array(list(range(10, 200)))[None]
+    for caches in (uniform, allocated):
+        model(ids, cache=caches)
+    # Same budget: the real footprint is within one word per token of the uniform one.
+    assert cache_memory(allocated, model).nbytes <= cache_memory(uniform, model).nbytes * 1.05
+    with pytest.raises(CacheConfigError, match="affine value widths"):
+        KVCacheBuilder.build(model, parse_method("spectral:wf3/3+la", rotations))
+    (bundle / SENSITIVITY_FILE).unlink()
