@@ -550,7 +550,8 @@ DECODE_BODY = r"""
 # so the mean, RoPE and the scores against the G query heads are applied in registers;
 # values are read by dims (lane + 32 j) and accumulated in registers.
 # Template constants: T, D, G, HKV, NW (warps), NT (= 32 NW), RKMAX (coefficient columns,
-# a multiple of 16), KTS (per-token key scale), VB, VG (affine value bits, group).
+# a multiple of 16), KTS (per-token key scale), VB, VG (affine value bits, group),
+# UNROLL_NT (unrolling of the loop over 8-dim slices: fewer registers when small).
 # bfrag: the basis as B fragments, ((h · D/8 + n-tile) · RKMAX/16 + k-step) · 64 + reg ·
 # 32 + lane; kbits/kshift/kscale: per compacted column (H, RKMAX); key_mean, rope in RoPE
 # pair order.
@@ -670,6 +671,7 @@ DECODE_WARP_BODY = r"""
       s1[g] = 0.0f;
     }
     const float pos = (float)(pos0 + t0 + gid);
+#pragma unroll UNROLL_NT
     for (int nt = 0; nt < NTD; nt++) {
       float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
       for (int ks = 0; ks < KS; ks++) {

@@ -37,6 +37,9 @@ MAX_WARP_GROUP = 8  # query heads per KV head the warp-tiled kernel keeps in reg
 # The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
 # falls back to the block-tiled one (for comparisons).
 WARP_DECODE = os.environ.get("VELOX_WARP_DECODE", "1") != "0"
+# Unrolling of its loop over 8-dim slices of the head (0: fully); fewer registers, more
+# resident warps when small.
+WARP_UNROLL = int(os.environ.get("VELOX_WARP_UNROLL", "0"))
 
 
 def kernel_backend() -> str:
@@ -351,7 +354,8 @@ class SpectralKernels:
             template=[("T", dtype), ("D", D), ("G", G), ("HKV", H), ("NW", WARPS),
                       ("NT", 32 * WARPS), ("RKMAX", self.key_rank),
                       ("KTS", self.key_token_scale), ("VB", vb), ("VG", vg),
-                      ("MAXE", MAX_EXACT), ("SPECV", rotated)],
+                      ("MAXE", MAX_EXACT), ("SPECV", rotated),
+                      ("UNROLL_NT", WARP_UNROLL or D // 8)],
             grid=(32 * WARPS * splits, B * H, 1), threadgroup=(32 * WARPS, 1, 1),
             output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G),
                            (B, Hq, 1, D)],
