@@ -151,14 +151,14 @@ def _require_model(state) -> None:
 
 # ---- chat ------------------------------------------------------------------------
 # What the chat's "spectral" method uses when the view names no configuration.
-DEFAULT_SPECTRAL = "spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh"
+DEFAULT_SPECTRAL = "spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh+la"
 
 
 def generate(state, job, messages: list[dict], max_tokens: int = 256, cache=None,
              temperature: float = 0.0):
     """Stream one assistant reply through a KV cache built for it.
 
-    cache: None or "fp16", a method spec ("affine4", "spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh"),
+    cache: None or "fp16", a method spec ("affine4", "spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh+la"),
     "spectral" (the default spectral configuration) or ``{"bit_plan": plan,
     "token_scale": bool}`` (a Bits view plan). Spectral caches use the engine's
     rotations; without any, the bundle shipped for the loaded model is loaded
@@ -258,9 +258,16 @@ def _cache_config(state, job, cache):
     body, *modifiers = spec.split("+")
     if "qa" in modifiers and not rotations.has_key_importance:
         # Rotations from an older calibration carry no query statistics.
-        spec = "+".join([body, *(m for m in modifiers if m != "qa")])
+        modifiers = [m for m in modifiers if m != "qa"]
+        spec = "+".join([body, *modifiers])
         job.emit({"log": "Chat: these rotations have no query statistics; using "
                          f"{spec} (recalibrate for query-aware key bits)"})
+    if "la" in modifiers and getattr(rotations, "layer_sensitivity", None) is None:
+        # Layer sensitivity is measured separately (velox sensitivity).
+        spec = "+".join([body, *(m for m in modifiers if m != "la")])
+        job.emit({"log": "Chat: this bundle has no measured layer sensitivity; using "
+                         f"{spec} (run `velox sensitivity --bundle DIR` to spread bits "
+                         "over layers)"})
     return parse_method(spec, rotations), spec, loaded
 
 

@@ -270,9 +270,16 @@ def test_recommended_config_uses_query_importance_only_when_calibrated(tiny):
     # The default is the configuration the CLI and studio name and BENCHMARKS.md measured.
     from studio.jobs import DEFAULT_SPECTRAL
 
-    named = parse_method(DEFAULT_SPECTRAL, rot)
+    # Without measured layer sensitivity the default keeps the same bits in every layer.
+    assert not KVCacheConfig.recommended(rot).layer_allocation
+    from veloxcore.sensitivity import LayerSensitivity
+
+    costs = np.full(len(rot), 1e-3)
+    measured = dataclasses.replace(rot, layer_sensitivity=LayerSensitivity(
+        {2.0: costs * 3, 3.0: costs}, {3: costs * 3, 4: costs}, tokens=1))
+    named = parse_method(DEFAULT_SPECTRAL, measured)
     named.value_group_size = 64
-    assert KVCacheConfig.recommended(rot) == named
+    assert KVCacheConfig.recommended(measured) == named
     older = dataclasses.replace(rot, layers=[dataclasses.replace(r, key_importance=None)
                                              for r in rot.layers])
     config = KVCacheConfig.recommended(older)
@@ -405,6 +412,8 @@ def test_studio_default_drops_query_awareness_for_older_rotations(tiny):
     logs = []
     job = SimpleNamespace(emit=logs.append)
     config, label, _ = _cache_config(SimpleNamespace(rotations=older), job, "spectral")
-    assert "+qa" not in label and label == DEFAULT_SPECTRAL.replace("+qa", "")
+    assert "+qa" not in label and label == DEFAULT_SPECTRAL.replace("+qa", "").replace("+la", "")
     assert not config.query_aware and config.adapt_prior_tokens and config.rotate_values
+    assert not config.layer_allocation
     assert "no query statistics" in logs[0]["log"]
+    assert "no measured layer sensitivity" in logs[1]["log"]

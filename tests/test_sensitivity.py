@@ -156,3 +156,31 @@ def test_layer_allocation_builds_per_layer_widths_within_the_budget(tiny, tmp_pa
     with pytest.raises(CacheConfigError, match="affine value widths"):
         KVCacheBuilder.build(model, parse_method("spectral:wf3/3+la", rotations))
     (bundle / SENSITIVITY_FILE).unlink()
+
+
+def test_cli_writes_the_file_that_plus_la_uses(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    write_tiny_dir(tmp_path / "tiny", head_dim=64)
+    (tmp_path / "corpus.txt").write_text(TEXT.text)
+    common = ["--model", str(tmp_path / "tiny"), "--corpus", str(tmp_path / "corpus.txt")]
+    run = subprocess.run([str(bin_dir / "velox"), "calibrate", *common, "--samples", "4",
+                          "--seq-len", "64", "--out", str(tmp_path / "b")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    run = subprocess.run([str(bin_dir / "velox"), "sensitivity", *common, "--bundle",
+                          str(tmp_path / "b"), "--tokens", "128"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "+la at keys 3 / values 4 bits" in run.stdout
+    model, _, _ = veloxcore.load(tmp_path / "tiny")
+    rotations = load_cached_rotations(tmp_path / "b", model=model)
+    assert rotations.layer_sensitivity.tokens == 128
+    caches = KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g64+la", rotations))
+    assert len(caches.layer_allocation) == len(model.layers)
+    bad = subprocess.run([str(bin_dir / "velox"), "sensitivity", *common, "--bundle",
+                          str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "nope" in bad.stderr

@@ -122,21 +122,23 @@ class KVCacheConfig:
     @classmethod
     def recommended(cls, rotations: SpectralRotations) -> KVCacheConfig:
         """The default spectral configuration (CLI chat and studio,
-        ``spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh``): keys water-filled at 3 bits in the
+        ``spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh+la``): keys water-filled at 3 bits in the
         pre-RoPE basis on eigenvalue × query importance (when the rotations carry query
         statistics), re-planned on the prompt's own key statistics (``+ad``) with
         codebooks at 1.5× the standard deviation, a per-token scale never below 0.7;
-        values affine 4-bit (group 64) after a Hadamard rotation; 4 exact sink tokens.
-        BENCHMARKS.md, 8k context (H200): 3.88 bits, KL 0.051, +3.0% perplexity; without
-        +ad/+vh (the previous default) KL 0.081, +4.2%; affine 4-bit: 4.5 bits, KL 0.21,
-        +17%. Without scaling small tokens up, the short prompt "What is the capital of
-        France?" once got a derailed reply."""
+        values affine 4-bit (group 64) after a Hadamard rotation; 4 exact sink tokens; the
+        same bits spread over layers by their measured sensitivity (``+la``, when the
+        bundle has it). BENCHMARKS.md, 8k context (H200): 3.88 bits, KL 0.045, +2.9%
+        perplexity (without +la 0.051; without +ad/+vh/+la, the default before, 0.081,
+        +4.2%); affine 4-bit: 4.5 bits, KL 0.21, +17%. Without scaling small tokens up, the
+        short prompt "What is the capital of France?" once got a derailed reply."""
         return cls(method="spectral", rotations=rotations, use_water_filling=True,
                    target_avg_bits=3.0, value_method="affine", value_bits=4,
                    value_group_size=64, sink_tokens=4, token_scale=True,
                    token_scale_floor=0.7, query_aware=rotations.has_key_importance,
                    adapt_prior_tokens=ADAPT_PRIOR_TOKENS, scale_inflation=1.5,
-                   rotate_values=True)
+                   rotate_values=True,
+                   layer_allocation=rotations.layer_sensitivity is not None)
 
     def label(self) -> str:
         if self.method == "fp16":

@@ -227,6 +227,7 @@ def cmd_sensitivity(args) -> int:
             print(line, file=sys.stderr)
 
     sensitivity = run_sensitivity(model, rotations, ids, progress=progress,
+                                  chunk=min(512, args.tokens // 2),
                                   corpus_sha256=corpus.sha256)
     if interactive:
         print(file=sys.stderr)
