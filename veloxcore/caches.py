@@ -128,7 +128,7 @@ class KVCacheConfig:
         codebooks at 1.5× the standard deviation, a per-token scale never below 0.7;
         values affine 4-bit (group 64) after a Hadamard rotation; 4 exact sink tokens; the
         same bits spread over layers by their measured sensitivity (``+la``, when the
-        bundle has it). BENCHMARKS.md, 8k context (H200): 3.88 bits, KL 0.045, +2.9%
+        bundle has it). BENCHMARKS.md, 8k context (H200): 3.88 bits, KL 0.043, +2.6%
         perplexity (without +la 0.051; without +ad/+vh/+la, the default before, 0.081,
         +4.2%); affine 4-bit: 4.5 bits, KL 0.21, +17%. Without scaling small tokens up, the
         short prompt "What is the capital of France?" once got a derailed reply."""

@@ -2,7 +2,9 @@
 allocation of one bit budget over layers that it makes possible (``+la``).
 
 ``measure_layer_sensitivity`` codes one layer at a time (every other layer keeps an
-exact fp16 cache) and measures the mean KL(fp16 ‖ that) over calibration text, for
+exact fp16 cache) and measures the mean KL(fp16 ‖ that) over a text (``velox
+sensitivity`` uses text the model writes itself by default: its costs track other text
+better than a reference manual's do, BENCHMARKS.md), for
 keys at two water-filled widths (values near exact) and values at two affine widths
 (keys near exact). The costs of layers add up (measured: the sum over single layers
 is within 8% of all layers coded together), and each extra bit divides a layer's

@@ -47,10 +47,10 @@ METHODS = [("fp16", "fp16 (no compression)"),
 # held-out text (BENCHMARKS.md). "plan" is the Bits view's current plan.
 SPECTRAL_CONFIGS = [
     ("spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh+la",
-     "wf3/a4g64 + adaptive keys + rotated values + layer budget — 3.9 bits, KL 0.045 "
+     "wf3/a4g64 + adaptive keys + rotated values + layer budget — 3.9 bits, KL 0.043 "
      "(default)"),
     ("spectral:wf2.5/a4g64+qa+ad+x1.5+vh+la",
-     "wf2.5/a4g64 + adaptive keys + rotated values + layer budget — 3.5 bits, KL 0.067"),
+     "wf2.5/a4g64 + adaptive keys + rotated values + layer budget — 3.5 bits, KL 0.060"),
     ("spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh",
      "wf3/a4g64 + prompt-adaptive keys + rotated values — 3.9 bits, KL 0.051"),
     ("spectral:wf3/a3g64+qa+ad+x1.5+vh+r64",
