@@ -5,12 +5,15 @@ RoPE pair order, unit codebook) and runs
 
 - ``attend(queries, scale, parts, coded, pos0, exact)``: decode attention over
   the coded tokens, reading packed codes directly (flash-decoding: the sequence is
-  split over threadgroups), merged with the exact tokens by a second kernel;
+  split over threadgroups), merged with the exact tokens — in one launch by the
+  warp-tiled kernel (CUDA, pre-RoPE keys with affine values), else by a second
+  kernel after the block-tiled one;
 - ``encode_keys`` / ``encode_values``: quantise and pack arriving vectors in
   one kernel (undoing RoPE first in pre-RoPE mode).
 
 Backends: ``mx.fast.cuda_kernel`` on NVIDIA, ``mx.fast.metal_kernel`` on Apple
-silicon — the same source text (``kernel_source``) — and a pure-MLX reference
+silicon — the same source text (``kernel_source``; the warp-tiled kernel is CUDA-only,
+its fragments are PTX's) — and a pure-MLX reference
 elsewhere or when ``VELOX_KERNELS=reference``. The reference computes the same
 quantities with MLX ops (decoding every coded token to full precision first).
 """
@@ -250,9 +253,9 @@ class SpectralKernels:
     def attend(self, queries: mx.array, scale: float, parts, coded: int, pos0: int,
                exact: tuple[mx.array, mx.array] | None) -> mx.array:
         """Decode attention (B, Hq, 1, D) over ``coded`` tokens in ``parts`` (codes
-        from position ``pos0``) and the ``exact`` (keys, values) tokens: two kernel
-        launches, one over the codes in splits, one merging the splits with the
-        exact tokens."""
+        from position ``pos0``) and the ``exact`` (keys, values) tokens: one launch of
+        the warp-tiled kernel where it applies (``warp_decode``), else two of the
+        block-tiled one (the codes in splits, then a merge with the exact tokens)."""
         if self.warp_decode(queries) and self.whole_tiles(parts):
             return self._attend_warp(queries, scale, parts, coded, pos0, exact)
         partials = self.decode_partials(queries, scale, parts, coded, pos0)
