@@ -191,3 +191,21 @@ def test_cli_writes_the_file_that_plus_la_uses(tmp_path):
     bad = subprocess.run([str(bin_dir / "velox"), "sensitivity", *common, "--bundle",
                           str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "nope" in bad.stderr
+
+
+def test_bundles_carry_their_sensitivity_through_export(tiny, tmp_path):
+    model, _, bundle, _ = tiny
+    rotations = load_cached_rotations(bundle, model=model)
+    rotations.layer_sensitivity = synthetic(layers=3)
+    path = save_rotations(rotations, tmp_path / "exported")
+    again = load_cached_rotations(path, model=model)
+    np.testing.assert_array_equal(again.layer_sensitivity.keys[2.0],
+                                  rotations.layer_sensitivity.keys[2.0])
+    assert not [p for p in path.iterdir() if p.name.startswith(".sensitivity")]
+    # Re-measuring replaces the side file without breaking the manifest's hashes.
+    save_sensitivity(synthetic(layers=3, seed=5), path)
+    assert load_cached_rotations(path, model=model).layer_sensitivity is not None
+    # A sensitivity for another layer count is refused, naming the file.
+    save_sensitivity(synthetic(layers=4), path)
+    with pytest.raises(veloxcore.BundleError, match=SENSITIVITY_FILE):
+        load_cached_rotations(path, model=model)

@@ -107,10 +107,16 @@ def save_rotations(rotations: SpectralRotations, directory: str | Path,
                       for name in files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if rotations.layer_sensitivity is not None:  # a side file, re-measurable later
+            from .sensitivity import save_sensitivity
+
+            save_sensitivity(rotations.layer_sensitivity, tmp)
         umask = os.umask(0)
         os.umask(umask)
         for name in [*files, MANIFEST]:  # safetensors writes 0600; bundles are for sharing
             os.chmod(tmp / name, 0o666 & ~umask)
+        if (tmp / "layer_sensitivity.json").exists():
+            os.chmod(tmp / "layer_sensitivity.json", 0o666 & ~umask)
         os.chmod(tmp, 0o777 & ~umask)
         _swap_into_place(tmp, target)
     finally:

@@ -99,9 +99,16 @@ def save_sensitivity(sensitivity: LayerSensitivity, directory: str | Path) -> Pa
         raise SensitivityError(f"{root}: no such bundle directory")
     target = root / SENSITIVITY_FILE
     fd, tmp = tempfile.mkstemp(prefix=".sensitivity-", dir=root)
-    with os.fdopen(fd, "w") as f:
-        json.dump(sensitivity.to_json(), f, indent=1)
-    os.replace(tmp, target)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(sensitivity.to_json(), f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; bundles are for sharing
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return target
 
 
