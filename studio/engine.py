@@ -110,7 +110,7 @@ class _Worker(QObject):
 
 # Errors whose message already says everything a user needs.
 _PLAIN_ERRORS = {"ModelLoadError", "VeloxError", "BundleError", "CalibrationError",
-                 "CacheConfigError"}
+                 "CacheConfigError", "SensitivityError", "CorpusError"}
 
 
 def _jobs():
@@ -240,6 +240,14 @@ class Engine(QObject):
         return self.submit("calibrate", _jobs_fn("calibrate"), corpus=corpus, samples=samples,
                            seq_len=seq_len, rope=rope, seed=seed, progress_layer=progress_layer,
                            generated_tokens=generated_tokens)
+
+    def measure_sensitivity(self, corpus: str = "generated", tokens: int = 1024) -> int:
+        """Measure each layer's cost of coded keys and values for the current rotations
+        (job "sensitivity"; progress ``{"stage": "layer", done, total, what}``); the
+        rotations keep it, so ``+la`` and exported bundles use it."""
+        self.log.emit("Measuring layer sensitivity …")
+        return self.submit("sensitivity", _jobs_fn("measure_sensitivity"), corpus=corpus,
+                           tokens=tokens)
 
     def export_bundle(self, directory: str, bit_plan: dict | None = None) -> int:
         """Write the current rotations (and a bit plan) as a bundle (job "export_bundle")."""

@@ -92,6 +92,55 @@ def calibrate(state, job, corpus: str = "bundled", samples: int = 64, seq_len: i
     return summary
 
 
+def measure_sensitivity(state, job, corpus: str = "generated", tokens: int = 1024):
+    """Measure each layer's cost of coded keys and values (veloxcore.sensitivity) for the
+    current rotations; they keep it (``+la`` uses it, exports write it)."""
+    from veloxcore.corpus import generate_corpus, load_corpus, sample_windows
+    from veloxcore.sensitivity import allocate_layer_bits, measure_layer_sensitivity
+
+    _require_model(state)
+    if state.rotations is None:
+        raise veloxcore.VeloxError("no rotations: run a calibration or load a bundle first")
+    start = time.perf_counter()
+    try:
+        if corpus == "generated":
+            job.emit({"stage": "generating", "log": "Sensitivity: the model writes its text…"})
+            text = generate_corpus(state.model, state.tokenizer, cancel=job.cancelled,
+                                   tokens_per_prompt=max(64, -(-tokens * 5 // 32)))
+        else:
+            text = load_corpus(corpus)
+    except veloxcore.VeloxError:
+        job.check()  # a cancelled generation reports as cancelled
+        raise
+    job.check()
+    ids = state.tokenizer.encode(text.text)
+    ids = sample_windows(ids, 1, min(tokens, len(ids)), seed=0)[0]
+    job.emit({"stage": "measuring", "log": f"Sensitivity: {len(ids)} tokens of "
+                                          f"“{text.name}”, one layer at a time"})
+    steps = measure_layer_sensitivity(state.model, state.rotations, ids,
+                                      chunk=min(512, len(ids) // 2), corpus_sha256=text.sha256)
+    while True:
+        job.check()
+        try:
+            stage, done, total = next(steps)
+        except StopIteration as finished:
+            sensitivity = finished.value
+            break
+        yield {"stage": "layer", "done": done, "total": total, "what": stage}
+    rotations = state.rotations
+    job.commit = lambda: setattr(rotations, "layer_sensitivity", sensitivity)
+    plan = allocate_layer_bits(sensitivity, 3.0, 4)
+    result = {"keys": {b: v.tolist() for b, v in sensitivity.keys.items()},
+              "values": {b: v.tolist() for b, v in sensitivity.values.items()},
+              "tokens": sensitivity.tokens, "allocation": plan,
+              "elapsed_s": time.perf_counter() - start}
+    job.emit({"stage": "done", "log": f"Sensitivity: done in {result['elapsed_s']:.0f} s; "
+                                      f"+la at 3/4 bits: modelled KL "
+                                      f"{plan['predicted_kl']:.4f} vs {plan['uniform_kl']:.4f} "
+                                      "with the same bits in every layer"})
+    return result
+
+
 def export_bundle(state, job, directory: str, bit_plan: dict | None = None):
     if state.rotations is None:
         raise veloxcore.VeloxError("no rotations to export: run a calibration or load a bundle "
@@ -141,6 +190,7 @@ def rotation_summary(rotations, state, source: str) -> dict:
         "key_eigenvalues": np.stack([r.key_eigenvalues for r in rotations]).astype(np.float64),
         "value_eigenvalues": np.stack([r.value_eigenvalues for r in rotations]).astype(np.float64),
         "bit_plan": None,
+        "layer_sensitivity": getattr(rotations, "layer_sensitivity", None) is not None,
     }
 
 

@@ -168,12 +168,14 @@ class MainWindow(QMainWindow):
         if kind in ROTATION_JOBS:
             self.spectrum_view.set_summary(result)
             self.bits_view.set_summary(result)
+            self.calibrate_view.set_rotations(result)
             if result.get("bit_plan"):
                 self.chat_view.prefer_plan()
         elif kind == "generate" and isinstance(result, dict) and result.get("rotations"):
             # The chat loaded the bundle shipped for this model.
             self.spectrum_view.set_summary(result["rotations"])
             self.bits_view.set_summary(result["rotations"])
+            self.calibrate_view.set_rotations(result["rotations"])
         elif kind == "export_bundle":
             self.statusBar().showMessage(f"Exported bundle to {result['path']}", 8000)
 

@@ -86,3 +86,49 @@ def test_smoke_test_command_exits_zero():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "smoke test: loaded SmolLM2" in out.stdout
+
+
+def test_layer_sensitivity_job_measures_keeps_and_exports(qtbot, window, engine, tmp_path):
+    """Calibrate a tiny model, measure its layer sensitivity from the Calibrate view, and
+    export: the bundle carries it and +la uses it."""
+    from tinymodel import write_tiny_dir
+
+    import veloxcore
+    from veloxcore.caches import KVCacheBuilder, parse_method
+
+    write_tiny_dir(tmp_path / "tiny", head_dim=64)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    with qtbot.waitSignal(engine.jobFinished, timeout=60_000):
+        window.model_view.load(str(tmp_path / "tiny"))
+    cal = window.calibrate_view
+    assert not cal.sensitivity_button.isEnabled()  # no rotations yet
+    with qtbot.waitSignal(engine.jobFinished, timeout=60_000,
+                          check_params_cb=lambda jid, kind, res: kind == "calibrate"):
+        engine.calibrate(corpus=str(corpus), samples=2, seq_len=64)
+    assert cal.sensitivity_button.isEnabled()
+    # The view measures on generated text; cancelling keeps nothing and frees the button.
+    with qtbot.waitSignal(engine.jobCancelled, timeout=60_000):
+        qtbot.mouseClick(cal.sensitivity_button, Qt.MouseButton.LeftButton)
+        assert cal.running and not cal.sensitivity_button.isEnabled()
+        cal.cancel()
+    assert not cal.running and cal.sensitivity_button.isEnabled()
+    assert "Cancelled" in cal.status.text()
+    # Measured on the corpus file through the engine, as the view's job does.
+    steps = []
+    engine.jobProgress.connect(lambda jid, kind, ev: kind == "sensitivity"
+                               and ev.get("stage") == "layer" and steps.append(ev["done"]))
+    with qtbot.waitSignal(engine.jobFinished, timeout=120_000,
+                          check_params_cb=lambda jid, kind, res: kind == "sensitivity") as done:
+        engine.measure_sensitivity(corpus=str(corpus), tokens=128)
+    result = done.args[2]
+    assert steps == list(range(1, 2 * 4 + 1))  # two layers, four probes each
+    assert len(result["keys"][2.0]) == 2 and result["tokens"] == 128
+    with qtbot.waitSignal(engine.jobFinished, timeout=60_000,
+                          check_params_cb=lambda jid, kind, res: kind == "export_bundle"):
+        engine.export_bundle(str(tmp_path / "bundle"))
+    model, _, _ = veloxcore.load(tmp_path / "tiny")
+    rotations = veloxcore.load_cached_rotations(tmp_path / "bundle", model=model)
+    assert rotations.layer_sensitivity.keys[2.0].tolist() == result["keys"][2.0]
+    caches = KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g64+la", rotations))
+    assert len(caches.layer_allocation) == 2

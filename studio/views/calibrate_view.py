@@ -60,6 +60,7 @@ class CalibrateView(QWidget):
         super().__init__(parent)
         self.engine = engine
         self.model_info: dict | None = None
+        self.rotations: dict | None = None  # summary of the engine's rotations, if any
         self.job: int | None = None
         self.running = False
         self.latest: dict | None = None  # newest sample event, drawn by the timer
@@ -145,6 +146,12 @@ class CalibrateView(QWidget):
         buttons.addWidget(self.cancel_button, 1)
         run.addLayout(buttons)
         run.addWidget(self.spectrum_button)
+        self.sensitivity_button = QPushButton("Measure layer sensitivity")
+        self.sensitivity_button.setToolTip(
+            "Measure each layer's cost of coded keys and values on text the model writes "
+            "(minutes). The chat's default cache then spreads its bits over layers (+la), "
+            "and exported bundles keep the measurement.")
+        run.addWidget(self.sensitivity_button)
         self.model_note = QLabel("Load a model in the Model view first.")
         self.model_note.setWordWrap(True)
         self.model_note.setStyleSheet("color: #a04000;")
@@ -214,6 +221,7 @@ class CalibrateView(QWidget):
         self.start_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
         self.spectrum_button.clicked.connect(self.showSpectrum)
+        self.sensitivity_button.clicked.connect(self.measure_sensitivity)
         engine.jobStarted.connect(self._on_started)
         engine.jobProgress.connect(self._on_progress)
         engine.jobFinished.connect(self._on_finished)
@@ -226,8 +234,14 @@ class CalibrateView(QWidget):
         self.spectrum_button.setEnabled(False)
 
     # ---- model ----------------------------------------------------------
+    def set_rotations(self, summary: dict | None) -> None:
+        """Rotations the engine holds now (a calibration or a loaded bundle), or None."""
+        self.rotations = summary
+        self._update_buttons()
+
     def set_model(self, info: dict | None) -> None:
         self.model_info = info
+        self.rotations = None  # the engine drops rotations of the previous model
         if info:
             self.layer_spin.setRange(0, info["num_layers"] - 1)
             if info.get("context_length"):
@@ -284,6 +298,18 @@ class CalibrateView(QWidget):
         self.stateChanged.emit(True)
         return self.job
 
+    def measure_sensitivity(self) -> int | None:
+        """Measure the current rotations' layer sensitivity (engine job "sensitivity")."""
+        if self.running or self.rotations is None:
+            return None
+        self.running = True
+        self.progress.setValue(0)
+        self.status.setText("Layer sensitivity: the model writes its text…")
+        self.job = self.engine.measure_sensitivity()
+        self._update_buttons()
+        self.stateChanged.emit(True)
+        return self.job
+
     def cancel(self) -> None:
         if self.running and self.job is not None:
             self.engine.cancel(self.job)
@@ -306,7 +332,7 @@ class CalibrateView(QWidget):
 
     # ---- engine events --------------------------------------------------
     def _mine(self, job_id: int, kind: str) -> bool:
-        return kind == "calibrate" and job_id == self.job
+        return kind in ("calibrate", "sensitivity") and job_id == self.job
 
     def _on_started(self, job_id: int, kind: str) -> None:
         if self._mine(job_id, kind):
@@ -316,6 +342,12 @@ class CalibrateView(QWidget):
         if not self._mine(job_id, kind):
             return
         stage = event.get("stage")
+        if kind == "sensitivity":
+            if stage == "layer":
+                self.progress.setValue(int(1000 * event["done"] / max(event["total"], 1)))
+                self.status.setText(f"Layer sensitivity: {event['what']} "
+                                    f"({event['done']}/{event['total']})")
+            return
         if stage == "sample":
             self.latest = event  # drawn by the timer
         elif stage == "generating":
@@ -328,6 +360,16 @@ class CalibrateView(QWidget):
 
     def _on_finished(self, job_id: int, kind: str, summary: object) -> None:
         if not self._mine(job_id, kind):
+            return
+        if kind == "sensitivity":
+            self._to_idle()
+            self.progress.setValue(1000)
+            plan = summary["allocation"]
+            self.status.setText(
+                f"Layer sensitivity measured in {format_duration(summary['elapsed_s'])}: at "
+                f"3-bit keys / 4-bit values, spreading the bits over layers (+la) models KL "
+                f"{plan['predicted_kl']:.4f} vs {plan['uniform_kl']:.4f}. The chat's default "
+                "uses it; Export keeps it.")
             return
         self._redraw()  # the last sample's spectrum
         if self.latest is not None and self._speed_key():
@@ -351,7 +393,8 @@ class CalibrateView(QWidget):
         if self._mine(job_id, kind):
             self._to_idle()
             self.progress.setValue(0)
-            self._clear_curves()
+            if kind == "calibrate":
+                self._clear_curves()
             self.status.setText("Cancelled — nothing was kept.")
 
     def _to_idle(self) -> None:
@@ -433,6 +476,7 @@ class CalibrateView(QWidget):
     def _update_buttons(self) -> None:
         self.start_button.setEnabled(self.can_start())
         self.cancel_button.setEnabled(self.running)
+        self.sensitivity_button.setEnabled(not self.running and self.rotations is not None)
         for widget in (self.corpus_combo, self.browse_button, self.generated_spin,
                        self.samples_spin, self.seq_spin, self.rope_combo, self.seed_spin,
                        self.layer_spin):
