@@ -316,8 +316,8 @@ def _cache_config(state, job, cache):
         # Layer sensitivity is measured separately (velox sensitivity).
         spec = "+".join([body, *(m for m in modifiers if m != "la")])
         job.emit({"log": "Chat: this bundle has no measured layer sensitivity; using "
-                         f"{spec} (run `velox sensitivity --bundle DIR` to spread bits "
-                         "over layers)"})
+                         f"{spec} (Calibrate → Measure layer sensitivity, or `velox "
+                         "sensitivity --bundle DIR`, spreads the bits over layers)"})
     return parse_method(spec, rotations), spec, loaded
 
 
