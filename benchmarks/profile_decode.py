@@ -51,7 +51,10 @@ def profile(H, D, Hq, rope, tokens, reps) -> list[dict]:
         stages["decode kernel"] = lambda: kern.decode_partials(*args_decode)
         stages["merge kernel"] = lambda: kern.combine(q, scale, partials, exact)
     stages["attend"] = lambda: cache.attend(q, scale)
-    stages["attend x8 (per call)"] = lambda: [cache.attend(q, scale) for _ in range(8)]
+    if not kern.warp_decode(q):
+        # Not for the warp-tiled kernel: launches on one cache share its split counter and
+        # must not run at once (MLX may overlap independent launches).
+        stages["attend x8 (per call)"] = lambda: [cache.attend(q, scale) for _ in range(8)]
     rows = []
     for name, fn in stages.items():
         us = timed(fn, reps) * 1e6

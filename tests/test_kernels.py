@@ -231,6 +231,22 @@ def test_decode_kernel_matches_reference(backend, monkeypatch, heads, group, dim
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("dim,group,value_bits,warp", [
+    (64, 3, 4, True), (128, 4, 4, True), (128, 5, 4, True), (128, 6, 4, False),
+    (128, 8, 4, False), (128, 4, 8, False), (64, 9, 4, False)])
+def test_warp_kernel_only_where_its_shared_memory_fits(dim, group, value_bits, warp):
+    """CUDA refuses more than 48 KiB of static shared memory; larger query groups, head
+    dims or value widths take the block-tiled kernel (sizes checked with ptxas, sm_90:
+    43,452 B at head_dim 128 / 4 query heads, 51,212 B at 6)."""
+    cache = make_cache(np.random.default_rng(0), 2, dim)
+    cache.value_affine = (value_bits, 64)
+    layout = SpectralKernels(cache, "emulated")
+    q = mx.zeros((1, 2 * group, 1, dim), mx.float16)
+    assert layout.warp_decode(q) == warp
+    assert (kernels.warp_shared_bytes(dim, group, value_bits, 64)
+            <= kernels.WARP_SHARED_LIMIT) == (warp or group > kernels.MAX_WARP_GROUP)
+
+
 def test_code_buffers_grow_in_whole_steps():
     """Capacity stays a multiple of 256 tokens whatever the chunk sizes (the warp-tiled
     kernel copies whole 16-token tiles)."""

@@ -64,6 +64,15 @@ def test_allocation_is_the_exact_optimum_within_the_budget():
     assert plan["predicted_kl"] <= plan["uniform_kl"]
 
 
+@pytest.mark.parametrize("key_bits", [3.2, 3.25, 2.75])
+def test_targets_between_half_bits_stay_within_the_uniform_budget(key_bits):
+    s = synthetic(layers=30, seed=7)
+    plan = allocate_layer_bits(s, key_bits, 4)
+    assert sum(plan["keys"]) + sum(plan["values"]) <= 30 * (key_bits + 4) + 1e-6
+    assert all(round(2 * (k - key_bits), 6).is_integer() for k in plan["keys"])
+    assert plan["predicted_kl"] <= plan["uniform_kl"]
+
+
 def test_equal_layers_keep_the_uniform_widths():
     same = np.full(5, 2e-3)
     s = LayerSensitivity({2.0: same * 3, 3.0: same}, {3: same * 3, 4: same}, tokens=1)
@@ -93,6 +102,21 @@ def test_file_round_trip_and_clear_errors(tmp_path):
     data["values"]["3"][0] = -1.0
     path.write_text(json.dumps(data))
     with pytest.raises(SensitivityError, match="finite and >= 0"):
+        load_sensitivity(tmp_path)
+    data = s.to_json()
+    data["keys"] = {"2": data["keys"]["2.0"], "2.0": data["keys"]["3.0"]}  # one width twice
+    path.write_text(json.dumps(data))
+    with pytest.raises(SensitivityError, match="two or more distinct"):
+        load_sensitivity(tmp_path)
+    data = s.to_json()
+    data["values"]["nan"] = data["values"].pop("3")
+    path.write_text(json.dumps(data))
+    with pytest.raises(SensitivityError, match="two or more distinct"):
+        load_sensitivity(tmp_path)
+    data = s.to_json()
+    data["tokens"] = "many"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SensitivityError, match="'tokens'"):
         load_sensitivity(tmp_path)
     with pytest.raises(SensitivityError, match="no such bundle directory"):
         save_sensitivity(s, tmp_path / "missing")
@@ -209,3 +233,6 @@ def test_bundles_carry_their_sensitivity_through_export(tiny, tmp_path):
     save_sensitivity(synthetic(layers=4), path)
     with pytest.raises(veloxcore.BundleError, match=SENSITIVITY_FILE):
         load_cached_rotations(path, model=model)
+    # ... but a new measurement can still load the rotations to replace it.
+    plain = load_cached_rotations(path, model=model, layer_sensitivity=False)
+    assert plain.layer_sensitivity is None and len(plain) == 3

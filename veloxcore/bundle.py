@@ -179,10 +179,12 @@ def read_manifest(directory: str | Path) -> dict:
 
 
 def load_cached_rotations(directory: str | Path, model=None,
-                          allow_model_mismatch: bool = False) -> SpectralRotations:
+                          allow_model_mismatch: bool = False,
+                          layer_sensitivity: bool = True) -> SpectralRotations:
     """Load and verify a bundle: schema, file hashes, tensor shapes and, when a
     model is given, its fingerprint. ``allow_model_mismatch`` overrides a
-    fingerprint mismatch (same shapes, other weights) — never a hash failure."""
+    fingerprint mismatch (same shapes, other weights) — never a hash failure.
+    ``layer_sensitivity=False`` skips the optional layer_sensitivity.json."""
     root = Path(directory).expanduser()
     manifest = read_manifest(root)
     for name, entry in manifest["files"].items():
@@ -244,7 +246,7 @@ def load_cached_rotations(directory: str | Path, model=None,
         check_model(rotations, model, root, allow_model_mismatch)
     from .sensitivity import load_sensitivity
 
-    sensitivity = load_sensitivity(root)
+    sensitivity = load_sensitivity(root) if layer_sensitivity else None
     if sensitivity is not None and sensitivity.num_layers != layers_n:
         raise BundleError(f"{root / 'layer_sensitivity.json'}: costs for "
                           f"{sensitivity.num_layers} layers, the bundle has {layers_n}")

@@ -212,7 +212,8 @@ def cmd_sensitivity(args) -> int:
     from .sensitivity import allocate_layer_bits, run_sensitivity, save_sensitivity
 
     model, tokenizer, info = load(args.model)
-    rotations = load_cached_rotations(args.bundle, model=model)
+    # A broken earlier measurement must not stop this one from replacing it.
+    rotations = load_cached_rotations(args.bundle, model=model, layer_sensitivity=False)
     if args.corpus == "generated":
         # Text the model writes itself is closer to other text than a reference manual
         # (BENCHMARKS.md: the allocation it gives does as well or better on held-out text).
@@ -234,7 +235,7 @@ def cmd_sensitivity(args) -> int:
             print(line, file=sys.stderr)
 
     sensitivity = run_sensitivity(model, rotations, ids, progress=progress,
-                                  chunk=min(512, args.tokens // 2),
+                                  chunk=min(512, len(ids) // 2),
                                   corpus_sha256=corpus.sha256)
     if interactive:
         print(file=sys.stderr)

@@ -37,6 +37,8 @@ TARGET_THREADGROUPS = 1024  # a few per SM on an H100/H200 (132 SMs), more on M-
 MAX_EXACT = 256  # exact tokens (sinks + recent window) the merge kernel takes
 WARPS = 4  # warps per threadgroup of the warp-tiled decode kernel (16 tokens per warp-tile)
 MAX_WARP_GROUP = 8  # query heads per KV head the warp-tiled kernel keeps in registers
+# Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
+WARP_SHARED_LIMIT = 48 * 1024 - 256
 # The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
 # falls back to the block-tiled one (for comparisons).
 WARP_DECODE = os.environ.get("VELOX_WARP_DECODE", "1") != "0"
@@ -263,10 +265,13 @@ class SpectralKernels:
 
     def warp_decode(self, queries) -> bool:
         """Whether ``attend`` runs the one-launch warp-tiled kernel (CUDA, pre-RoPE keys,
-        affine values, at most MAX_WARP_GROUP query heads per KV head)."""
+        affine values, at most MAX_WARP_GROUP query heads per KV head, and its static
+        shared memory within CUDA's 48 KiB; e.g. head_dim 128 with 6+ query heads per KV
+        head, or 8-bit values, take the block-tiled kernel)."""
         G = queries.shape[1] // self.heads
         return (self.mma and self.value_affine is not None and WARP_DECODE
-                and G <= MAX_WARP_GROUP)
+                and G <= MAX_WARP_GROUP
+                and warp_shared_bytes(self.dims, G, *self.value_affine) <= WARP_SHARED_LIMIT)
 
     @staticmethod
     def whole_tiles(parts) -> bool:
@@ -337,6 +342,10 @@ class SpectralKernels:
         rotated = self.value_back is not None
         vback, vmean = ((self.value_back, self.value_mean) if rotated
                         else (self.dummy_float, self.dummy_float))
+        # Splits finished per KV head: the kernel's last block resets it. Two launches on
+        # one cache must therefore not run at once — decoding never does (each step needs
+        # the previous one's output); a benchmark evaluating several attends together
+        # should give each its own cache.
         if self._counter_bh is None or self._counter_bh.size < B * H:
             self._counter_bh = mx.zeros((B * H,), mx.int32)
         step = 16 * WARPS
@@ -428,6 +437,18 @@ class SpectralKernels:
     def encode_values(self, values: mx.array, token_scale: bool):
         return self._encode(values, 0, False, self.value_basis_full, self.value_mean,
                             self.value_rms, self.value_full, self.value_words, token_scale)
+
+
+def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int) -> int:
+    """Static shared memory of the warp-tiled kernel (the VX_SHARED arrays of
+    kernel_source.DECODE_WARP_BODY, in their order)."""
+    vw = D * value_bits // 32
+    sbw = 16 * (D // value_group) // 2
+    words = (510 + G * D  # codebook table, query
+             + WARPS * 2 * (16 * (D // 4) + 16 * vw + 1 + 2 * sbw + 8)  # staged codes
+             + WARPS * 16 * G + 2 * WARPS * G + WARPS * G * D  # p, warp max/sum/output
+             + 1 + G * MAX_EXACT + 3 * G)  # merge: flag, exact scores, per-head sums
+    return 4 * words
 
 
 def _b_fragments(words: np.ndarray) -> np.ndarray:

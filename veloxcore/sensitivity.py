@@ -80,6 +80,11 @@ class LayerSensitivity:
             except (TypeError, ValueError) as e:
                 raise SensitivityError(f"{where}: {part!r} is not a table of numbers ({e})") \
                     from None
+        for part, table in parts.items():
+            widths = list(table)
+            if len(widths) < 2 or not all(np.isfinite(widths)) or any(b <= 0 for b in widths):
+                raise SensitivityError(f"{where}: {part!r} needs costs at two or more "
+                                       f"distinct, positive widths (got {widths})")
         lengths = {v.shape for table in parts.values() for v in table.values()}
         if len(lengths) != 1 or len(next(iter(lengths))) != 1:
             raise SensitivityError(f"{where}: every width needs one cost per layer "
@@ -88,8 +93,11 @@ class LayerSensitivity:
             for v in table.values():
                 if not np.all(np.isfinite(v)) or np.any(v < 0):
                     raise SensitivityError(f"{where}: costs must be finite and >= 0")
-        return cls(parts["keys"], parts["values"], int(data.get("tokens", 0)),
-                   str(data.get("corpus_sha256", "")))
+        try:
+            tokens = int(data.get("tokens", 0))
+        except (TypeError, ValueError):
+            raise SensitivityError(f"{where}: 'tokens' must be a whole number") from None
+        return cls(parts["keys"], parts["values"], tokens, str(data.get("corpus_sha256", "")))
 
 
 def save_sensitivity(sensitivity: LayerSensitivity, directory: str | Path) -> Path:
@@ -214,32 +222,37 @@ def allocate_layer_bits(sensitivity: LayerSensitivity, key_bits: float, value_bi
     configuration's. Returns {"keys": [...], "values": [...], "predicted_kl",
     "uniform_kl"}."""
     L = sensitivity.num_layers
-    key_options = [b for b in np.arange(key_bits - key_spread, key_bits + key_spread + 1e-9,
-                                        0.5) if 1.0 <= b <= 8.0]
+    key_options = [round(float(b), 6) for b in np.arange(
+        key_bits - key_spread, key_bits + key_spread + 1e-9, 0.5) if 1.0 <= b <= 8.0]
     value_options = [b for b in AFFINE_VALUE_BITS if abs(b - value_bits) <= value_spread]
     if value_bits not in AFFINE_VALUE_BITS:
         raise SensitivityError(f"affine values take {AFFINE_VALUE_BITS} bits, not {value_bits}")
     key_cost = np.stack([layer_cost(sensitivity.keys, b) for b in key_options], axis=1)
     value_cost = np.stack([layer_cost(sensitivity.values, b) for b in value_options], axis=1)
-    # Options per layer: (half-bit units, cost, key bits, value bits).
-    options = [[(int(round(2 * (kb + vb))), key_cost[l, i] + value_cost[l, j], kb, vb)
+    # Options per layer: (half-bit units above the uniform choice, cost, key bits, value
+    # bits). Key options are the target ± whole half bits, so the units are exact, and the
+    # budget is "no more than uniform": a total of at most 0.
+    options = [[(int(round(2 * (kb - key_bits))) + 2 * (vb - value_bits),
+                 key_cost[l, i] + value_cost[l, j], kb, vb)
                 for i, kb in enumerate(key_options) for j, vb in enumerate(value_options)]
                for l in range(L)]
-    budget = int(round(2 * L * (key_bits + value_bits)))
     # Dynamic programme over layers: units spent -> (cost, units before, choice).
     stages: list[dict[int, tuple[float, int, tuple[float, int]]]] = []
     frontier = {0: 0.0}
-    for layer_options in options:
+    for layer, layer_options in enumerate(options):
+        rest = L - layer - 1  # later layers can give back at most this much each
+        give_back = rest * -min(u for u, *_ in layer_options)
         stage: dict[int, tuple[float, int, tuple[float, int]]] = {}
         for spent, cost in frontier.items():
             for units, c, kb, vb in layer_options:
                 u = spent + units
-                if u <= budget and (u not in stage or cost + c < stage[u][0]):
+                if u - give_back <= 0 and (u not in stage or cost + c < stage[u][0]):
                     stage[u] = (cost + c, spent, (kb, vb))
-        if not stage:
-            raise SensitivityError("no allocation fits the budget")
         stages.append(stage)
         frontier = {u: entry[0] for u, entry in stage.items()}
+    frontier = {u: c for u, c in frontier.items() if u <= 0}
+    if not frontier:
+        raise SensitivityError("no allocation fits the budget")
     units = min(frontier, key=frontier.get)
     cost = frontier[units]
     picks = []
