@@ -95,26 +95,25 @@ def calibrate(state, job, corpus: str = "bundled", samples: int = 64, seq_len: i
 def measure_sensitivity(state, job, corpus: str = "generated", tokens: int = 1024):
     """Measure each layer's cost of coded keys and values (veloxcore.sensitivity) for the
     current rotations; they keep it (``+la`` uses it, exports write it)."""
-    from veloxcore.corpus import generate_corpus, load_corpus, sample_windows
-    from veloxcore.sensitivity import allocate_layer_bits, measure_layer_sensitivity
+    from veloxcore.sensitivity import (
+        allocate_layer_bits,
+        measure_layer_sensitivity,
+        sensitivity_tokens,
+    )
 
     _require_model(state)
     if state.rotations is None:
         raise veloxcore.VeloxError("no rotations: run a calibration or load a bundle first")
     start = time.perf_counter()
+    if corpus == "generated":
+        job.emit({"stage": "generating", "log": "Sensitivity: the model writes its text…"})
     try:
-        if corpus == "generated":
-            job.emit({"stage": "generating", "log": "Sensitivity: the model writes its text…"})
-            text = generate_corpus(state.model, state.tokenizer, cancel=job.cancelled,
-                                   tokens_per_prompt=max(64, -(-tokens * 5 // 32)))
-        else:
-            text = load_corpus(corpus)
+        text, ids = sensitivity_tokens(state.model, state.tokenizer, corpus, tokens,
+                                       cancel=job.cancelled)
     except veloxcore.VeloxError:
         job.check()  # a cancelled generation reports as cancelled
         raise
     job.check()
-    ids = state.tokenizer.encode(text.text)
-    ids = sample_windows(ids, 1, min(tokens, len(ids)), seed=0)[0]
     job.emit({"stage": "measuring", "log": f"Sensitivity: {len(ids)} tokens of "
                                           f"“{text.name}”, one layer at a time"})
     steps = measure_layer_sensitivity(state.model, state.rotations, ids,

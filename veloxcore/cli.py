@@ -207,22 +207,20 @@ def cmd_calibrate(args) -> int:
 
 def cmd_sensitivity(args) -> int:
     from .bundle import load_cached_rotations
-    from .corpus import generate_corpus, load_corpus, sample_windows
     from .models import load
-    from .sensitivity import allocate_layer_bits, run_sensitivity, save_sensitivity
+    from .sensitivity import (
+        allocate_layer_bits,
+        run_sensitivity,
+        save_sensitivity,
+        sensitivity_tokens,
+    )
 
     model, tokenizer, info = load(args.model)
     # A broken earlier measurement must not stop this one from replacing it.
     rotations = load_cached_rotations(args.bundle, model=model, layer_sensitivity=False)
-    if args.corpus == "generated":
-        # Text the model writes itself is closer to other text than a reference manual
-        # (BENCHMARKS.md: the allocation it gives does as well or better on held-out text).
-        corpus = generate_corpus(model, tokenizer, seed=args.seed,
-                                 tokens_per_prompt=max(64, -(-args.tokens * 5 // 32)))
-    else:
-        corpus = load_corpus(args.corpus)
-    ids = tokenizer.encode(corpus.text)
-    ids = sample_windows(ids, 1, min(args.tokens, len(ids)), seed=args.seed)[0]
+    # Text the model writes itself by default: closer to other text than a reference
+    # manual (BENCHMARKS.md: the allocation it gives does as well or better on held-out text).
+    corpus, ids = sensitivity_tokens(model, tokenizer, args.corpus, args.tokens, args.seed)
     print(f"Measuring {info.name}'s {info.num_layers} layers one at a time on {len(ids)} "
           f"tokens of {corpus.name}", file=sys.stderr)
     interactive = sys.stderr.isatty()

@@ -333,15 +333,7 @@ class SpectralKernels:
         kwords = parts[0]
         ktok = parts[1] if self.key_token_scale else self.dummy_half
         vparts = parts[2 if self.key_token_scale else 1:]
-        if exact is None:
-            ek = ev = mx.zeros((1,), dtype)
-            num_exact = 0
-        else:
-            ek, ev = (x if x.dtype == dtype else x.astype(dtype) for x in exact)
-            num_exact = ek.shape[2]
-        rotated = self.value_back is not None
-        vback, vmean = ((self.value_back, self.value_mean) if rotated
-                        else (self.dummy_float, self.dummy_float))
+        ek, ev, num_exact, rotated, vback, vmean = self._merge_inputs(exact, dtype)
         # Splits finished per KV head: the kernel's last block resets it. Two launches on
         # one cache must therefore not run at once — decoding never does (each step needs
         # the previous one's output); a benchmark evaluating several attends together
@@ -382,16 +374,7 @@ class SpectralKernels:
         dtype = queries.dtype
         out, out_max, out_sum = partials
         params = self._constant(mx.float32, scale)
-        if exact is None:
-            ek = ev = mx.zeros((1,), dtype)
-            num_exact = 0
-        else:
-            ek, ev = (x if x.dtype == dtype else x.astype(dtype) for x in exact)
-            num_exact = ek.shape[2]
-        # Spectral or rotated affine values: the splits' output is rotated back here.
-        spectral_values = self.value_back is not None
-        vback, vmean = ((self.value_back, self.value_mean) if spectral_values
-                        else (self.dummy_float, self.dummy_float))
+        ek, ev, num_exact, spectral_values, vback, vmean = self._merge_inputs(exact, dtype)
         cmeta = self._constant(mx.int32, num_exact, self.value_rank)
         (result,) = _kernel(self.backend, "combine")(
             inputs=[queries, out, out_max, out_sum, ek, ev, vback, vmean, params, cmeta],
@@ -401,6 +384,21 @@ class SpectralKernels:
             grid=(D, B * H * G, 1), threadgroup=(D, 1, 1),
             output_shapes=[(B, Hq, 1, D)], output_dtypes=[dtype])
         return result
+
+    def _merge_inputs(self, exact, dtype):
+        """What a merge reads besides the partials: exact keys and values (in ``dtype``)
+        and their count, and for spectral or rotated affine values (the output is rotated
+        back) the rotation and mean: (ek, ev, count, rotated, vback, vmean)."""
+        if exact is None:
+            ek = ev = mx.zeros((1,), dtype)
+            num_exact = 0
+        else:
+            ek, ev = (x if x.dtype == dtype else x.astype(dtype) for x in exact)
+            num_exact = ek.shape[2]
+        rotated = self.value_back is not None
+        vback, vmean = ((self.value_back, self.value_mean) if rotated
+                        else (self.dummy_float, self.dummy_float))
+        return ek, ev, num_exact, rotated, vback, vmean
 
     def _length(self, n: int) -> mx.array:
         """An array of length ``n`` (a view of one kept buffer): kernels read n from

@@ -142,6 +142,22 @@ def probe_specs(query_aware: bool, head_dim: int) -> dict[str, dict[float, str]]
             "values": {b: f"spectral:wf5/a{b}g{g}{common}" for b in VALUE_PROBE_BITS}}
 
 
+def sensitivity_tokens(model, tokenizer, corpus: str = "generated", tokens: int = 1024,
+                       seed: int = 0, cancel=None):
+    """(Corpus, token ids) to measure on: ``tokens`` tokens of text the model writes from
+    the seed prompts ("generated": 25% more than needed, one window kept), of the bundled
+    corpus ("bundled") or of a file."""
+    from .corpus import generate_corpus, load_corpus, sample_windows
+
+    if corpus == "generated":
+        text = generate_corpus(model, tokenizer, seed=seed, cancel=cancel,
+                               tokens_per_prompt=max(64, -(-tokens * 5 // 32)))
+    else:
+        text = load_corpus(corpus)
+    ids = tokenizer.encode(text.text)
+    return text, sample_windows(ids, 1, min(tokens, len(ids)), seed=seed)[0]
+
+
 def measure_layer_sensitivity(model, rotations, token_ids, chunk: int = 512,
                               corpus_sha256: str = "") -> Iterator[tuple[str, int, int]]:
     """Measure every layer's cost (a generator: yields (stage, done, total) as it goes and
