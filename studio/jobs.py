@@ -189,7 +189,6 @@ def rotation_summary(rotations, state, source: str) -> dict:
         "key_eigenvalues": np.stack([r.key_eigenvalues for r in rotations]).astype(np.float64),
         "value_eigenvalues": np.stack([r.value_eigenvalues for r in rotations]).astype(np.float64),
         "bit_plan": None,
-        "layer_sensitivity": getattr(rotations, "layer_sensitivity", None) is not None,
     }
 
 

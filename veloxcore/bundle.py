@@ -110,13 +110,11 @@ def save_rotations(rotations: SpectralRotations, directory: str | Path,
         if rotations.layer_sensitivity is not None:  # a side file, re-measurable later
             from .sensitivity import save_sensitivity
 
-            save_sensitivity(rotations.layer_sensitivity, tmp)
+            save_sensitivity(rotations.layer_sensitivity, tmp)  # readable, as below
         umask = os.umask(0)
         os.umask(umask)
         for name in [*files, MANIFEST]:  # safetensors writes 0600; bundles are for sharing
             os.chmod(tmp / name, 0o666 & ~umask)
-        if (tmp / "layer_sensitivity.json").exists():
-            os.chmod(tmp / "layer_sensitivity.json", 0o666 & ~umask)
         os.chmod(tmp, 0o777 & ~umask)
         _swap_into_place(tmp, target)
     finally:
@@ -244,11 +242,11 @@ def load_cached_rotations(directory: str | Path, model=None,
         model_fingerprint=dict(manifest["model"]))
     if model is not None:
         check_model(rotations, model, root, allow_model_mismatch)
-    from .sensitivity import load_sensitivity
+    from .sensitivity import SENSITIVITY_FILE, load_sensitivity
 
     sensitivity = load_sensitivity(root) if layer_sensitivity else None
     if sensitivity is not None and sensitivity.num_layers != layers_n:
-        raise BundleError(f"{root / 'layer_sensitivity.json'}: costs for "
+        raise BundleError(f"{root / SENSITIVITY_FILE}: costs for "
                           f"{sensitivity.num_layers} layers, the bundle has {layers_n}")
     rotations.layer_sensitivity = sensitivity
     return rotations
