@@ -12,18 +12,11 @@ lot, one shared budget allocated by measured sensitivity beats the same bits eve
 import argparse
 import json
 
-from probe_text import HeldOut, KVCache
+from probe_text import HeldOut
 
 from veloxcore import load_cached_rotations
 from veloxcore.caches import KVCacheBuilder, parse_method
-
-COMMON = "+qa+ad+x1.5+vh"
-CONFIGS = {
-    "keys2": "spectral:wf2/a8g64" + COMMON,
-    "keys3": "spectral:wf3/a8g64" + COMMON,
-    "values3": "spectral:wf5/a3g64" + COMMON,
-    "values4": "spectral:wf5/a4g64" + COMMON,
-}
+from veloxcore.sensitivity import probe_specs, run_sensitivity
 
 
 def main() -> None:
@@ -35,20 +28,21 @@ def main() -> None:
     args = parser.parse_args()
     held_out = HeldOut(args.tokens, args.chunk)
     model = held_out.model
-    rotations = load_cached_rotations(args.bundle, model=model)
+    rotations = load_cached_rotations(args.bundle, model=model, layer_sensitivity=False)
+    # The same single-layer measurement as `velox sensitivity`, on the held-out text.
+    per_layer = run_sensitivity(model, rotations, held_out.inputs[0].tolist(),
+                                chunk=args.chunk,
+                                progress=lambda s, d, t: print(s, flush=True))
     rows = []
-    for name, spec in CONFIGS.items():
-        config = parse_method(spec, rotations)
-        whole = held_out.kl(KVCacheBuilder.build(model, config)).mean().item()
-        per_layer = []
-        for layer in range(len(model.layers)):
-            caches = [KVCache() for _ in model.layers]
-            caches[layer] = KVCacheBuilder.build(model, config)[layer]
-            per_layer.append(held_out.kl(caches).mean().item())
-            print(f"{name} layer {layer:2d} KL {per_layer[-1]:.5f}", flush=True)
-        rows.append(dict(config=name, spec=spec, all_layers=whole, per_layer=per_layer,
-                         sum_of_layers=sum(per_layer)))
-        print(json.dumps(rows[-1]), flush=True)
+    for part, table in probe_specs(rotations.has_key_importance, 64).items():
+        costs = getattr(per_layer, part)
+        for bits, spec in table.items():
+            config = parse_method(spec, rotations)
+            whole = held_out.kl(KVCacheBuilder.build(model, config)).mean().item()
+            layers = costs[bits].tolist()
+            rows.append(dict(config=f"{part}{bits:g}", spec=spec, all_layers=whole,
+                             per_layer=layers, sum_of_layers=sum(layers)))
+            print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(tokens=args.tokens, chunk=args.chunk, rows=rows), f, indent=1)
