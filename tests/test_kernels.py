@@ -54,11 +54,12 @@ def orthogonal(rng, heads, dim):
 
 def make_cache(rng, heads=3, dim=64, mode="pre", values="affine", token_scale=False,
                traditional=True, avg_bits=3, sink_tokens=4, token_scale_floor=1e-6,
-               adapt_prior=0):
+               adapt_prior=0, metric=False):
     """A spectral cache with random bases, decaying spectra and water-filled-like bits;
     ``values``: "affine", "affine3" (3-bit), "spectral", "affine-rotated" or
     "affine3-rotated" (Hadamard-rotated affine, +vh);
-    ``adapt_prior`` > 0: the plan adapts to the first coded tokens (+ad)."""
+    ``adapt_prior`` > 0: the plan adapts to the first coded tokens (+ad);
+    ``metric``: keys code through E = S·U and decode through G = S⁻¹·U (+qm)."""
     lam = np.exp(-np.arange(dim) / (dim / 6.0))[None].repeat(heads, 0) * rng.uniform(
         0.5, 2.0, size=(heads, 1))
     bits = np.clip(np.round(avg_bits + 0.5 * np.log2(lam / lam.mean(1, keepdims=True))),
@@ -70,21 +71,28 @@ def make_cache(rng, heads=3, dim=64, mode="pre", values="affine", token_scale=Fa
     rope = nn.RoPE(dim, traditional=traditional, base=10000) if mode == "pre" else None
     adapt = (PlanAdaptation(lam, None, avg_bits, 0, 8, 2.0, adapt_prior) if adapt_prior
              else None)
-    return SpectralKVCache(orthogonal(rng, heads, dim), scales, bits,
+    key_vectors, key_decoder = orthogonal(rng, heads, dim), None
+    if metric:
+        root = np.stack([(a @ a.T) / dim + np.eye(dim) * 0.3
+                         for a in rng.normal(size=(heads, dim, dim))])
+        key_decoder = np.linalg.inv(root) @ key_vectors
+        key_vectors = root @ key_vectors
+    return SpectralKVCache(key_vectors, scales, bits,
                            orthogonal(rng, heads, dim), scales, np.maximum(bits, 1), mode, rope,
                            value_affine, sink_tokens,
                            key_mean=rng.normal(size=(heads, dim)) * 0.3,
                            value_mean=rng.normal(size=(heads, dim)) * 0.3,
                            token_scale=token_scale, token_scale_floor=token_scale_floor,
                            value_rotation=rotation, adaptation=adapt,
-                           value_adaptation=adapt if value_affine is None else None)
+                           value_adaptation=adapt if value_affine is None else None,
+                           key_decoder=key_decoder)
 
 
 def random_kv(rng, cache, tokens):
     H, D = cache.key_coder.heads, cache.key_coder.dims
     lam = np.array(cache.key_coder.scales) / 2.0
     coeff = rng.normal(size=(1, H, tokens, D)) * lam[None, :, None, :]
-    keys = np.einsum("bhtm,hdm->bhtd", coeff, np.array(cache.key_basis))
+    keys = np.einsum("bhtm,hdm->bhtd", coeff, np.array(cache.key_decoder))
     values = rng.normal(size=(1, H, tokens, D))
     return mx.array(keys.astype(np.float16)), mx.array(values.astype(np.float16))
 
@@ -417,4 +425,29 @@ def test_adapted_plan_is_what_the_kernels_code_and_attend(backend, values):
     got.parts = expected.parts
     np.testing.assert_allclose(np.array(got.attend(q, 0.125).astype(mx.float32)),
                                np.array(expected.attend(q, 0.125).astype(mx.float32)),
+                               atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("tokens", [200, 4099])
+def test_metric_weighted_basis_kernels_match_reference(backend, tokens):
+    """+qm keys code through one matrix and decode through its inverse transpose: the
+    fused encoder and decode kernels take each from the right place."""
+    if backend.startswith("emulated") and tokens > 1000:
+        pytest.skip("too slow to emulate")
+    rng = np.random.default_rng(21)
+    cache = make_cache(rng, 3, 64, "pre", "affine-rotated", True, metric=True)
+    assert not np.allclose(np.array(cache.key_basis), np.array(cache.key_decoder))
+    keys, vals = random_kv(rng, cache, tokens)
+    cache.use_kernels("reference")
+    expected = cache.encode(keys, vals, 9)
+    cache.use_kernels(backend)
+    got = cache.encode(keys, vals, 9)
+    coder = cache.key_coder
+    a, b = (np.array(coder.unpack(x[0])).astype(int) for x in (expected, got))
+    assert (a != b).mean() < 2e-3 and np.abs(a - b).max() <= 1
+    filled(cache, rng, tokens)
+    q = mx.array(rng.normal(size=(1, 9, 1, 64)).astype(np.float16))
+    want = np.array(cache.attend(q, 0.125).astype(mx.float32))
+    cache.use_kernels("reference")
+    np.testing.assert_allclose(want, np.array(cache.attend(q, 0.125).astype(mx.float32)),
                                atol=2e-3, rtol=2e-3)

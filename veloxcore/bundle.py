@@ -77,6 +77,9 @@ def save_rotations(rotations: SpectralRotations, directory: str | Path,
             if rot.key_importance is not None:
                 tensors[_tensor_name(rot.layer, "keys", "importance")] = np.ascontiguousarray(
                     rot.key_importance, dtype=np.float32)
+            if rot.key_metric is not None:
+                tensors[_tensor_name(rot.layer, "keys", "metric")] = np.ascontiguousarray(
+                    rot.key_metric, dtype=np.float32)
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
         files = [TENSORS]
         if bit_plan is not None:
@@ -176,6 +179,16 @@ def read_manifest(directory: str | Path) -> dict:
     return manifest
 
 
+def _optional_tensor(root: Path, tensors: dict, name: str, shape: tuple) -> np.ndarray | None:
+    """An optional tensor of the bundle, checked: None if absent."""
+    array = tensors.get(name)
+    if array is not None and (array.shape != shape or array.dtype != np.float32
+                              or not np.all(np.isfinite(array))):
+        raise BundleError(f"{root / TENSORS}: tensor {name!r} has shape {array.shape} "
+                          f"{array.dtype} or non-finite values, expected {shape} float32")
+    return array
+
+
 def load_cached_rotations(directory: str | Path, model=None,
                           allow_model_mismatch: bool = False,
                           layer_sensitivity: bool = True) -> SpectralRotations:
@@ -219,20 +232,16 @@ def load_cached_rotations(directory: str | Path, model=None,
                 if not np.all(np.isfinite(array)):
                     raise BundleError(f"{root / TENSORS}: tensor {name!r} has NaN/inf values")
                 parts[(part, what)] = array
-        importance = tensors.get(_tensor_name(layer, "keys", "importance"))
-        if importance is not None and (importance.shape != (heads, dim)
-                                       or importance.dtype != np.float32
-                                       or not np.all(np.isfinite(importance))):
-            raise BundleError(f"{root / TENSORS}: tensor "
-                              f"{_tensor_name(layer, 'keys', 'importance')!r} has shape "
-                              f"{importance.shape} {importance.dtype} or non-finite values, "
-                              f"expected {(heads, dim)} float32")
+        importance = _optional_tensor(root, tensors, _tensor_name(layer, "keys", "importance"),
+                                      (heads, dim))
+        metric = _optional_tensor(root, tensors, _tensor_name(layer, "keys", "metric"),
+                                  (heads, dim, dim))
         layers.append(SpectralRotation(
             layer, dim, calib["rope_mode"], int(calib.get("token_count", 0)),
             parts[("keys", "eigenvalues")], parts[("keys", "eigenvectors")],
             parts[("values", "eigenvalues")], parts[("values", "eigenvectors")],
             key_mean=parts[("keys", "mean")], value_mean=parts[("values", "mean")],
-            key_importance=importance))
+            key_importance=importance, key_metric=metric))
     rotations = SpectralRotations(
         layers=layers, rope_mode=calib["rope_mode"],
         num_samples=int(calib.get("num_samples", 0)),

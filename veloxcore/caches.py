@@ -29,6 +29,7 @@ from .kernels import (
     merge_partials,
     reference_partials,
 )
+from .key_metric import metric_basis
 from .quantizers import DimCoder, make_coder
 from .sensitivity import allocate_layer_bits
 from .spectral import compute_spectral_gap, water_fill_bits
@@ -118,6 +119,11 @@ class KVCacheConfig:
     # chosen from the bundle's measured layer sensitivity (veloxcore.sensitivity) so the
     # modelled KL is least at the same total bits as target_avg_bits / value_bits.
     layer_allocation: bool = False
+    # Metric-weighted key basis ("+qm"): keys coded in the PCA basis of M^½·k, where M is
+    # the queries' second moment averaged over relative positions (the rotations'
+    # key_metric), so coefficient errors add up to score error; water-filled on that
+    # spectrum (it replaces +qa's per-dim weights). See veloxcore.key_metric.
+    query_metric: bool = False
 
     @classmethod
     def recommended(cls, rotations: SpectralRotations) -> KVCacheConfig:
@@ -404,7 +410,8 @@ class PlanAdaptation:
 def _adapted_plan(adaptation: PlanAdaptation, moments: np.ndarray, count: int,
                   basis: mx.array, calibrated_mean: mx.array):
     """(mean, coder, rms) of a plan re-fitted to ``moments`` (2, H, D) of ``count``
-    tokens' coefficients in ``basis`` (H, D, D), centred on ``calibrated_mean``."""
+    tokens' coefficients, centred on ``calibrated_mean``; ``basis`` (H, D, D) decodes
+    coefficients (original dims × coefficients)."""
     shift, variance, bits = adaptation.plan(moments, count)
     scales = adaptation.inflation * np.sqrt(variance)
     # Centre on the blended mean: x − μ − V·shift has coefficients y − shift.
@@ -432,7 +439,8 @@ class SpectralKVCache(CodedKVCache):
                  token_scale_floor: float = 1e-6, token_scale_ceiling: float = 1e30,
                  adaptation: PlanAdaptation | None = None,
                  value_rotation: np.ndarray | None = None,
-                 value_adaptation: PlanAdaptation | None = None):
+                 value_adaptation: PlanAdaptation | None = None,
+                 key_decoder: np.ndarray | None = None):
         super().__init__(sink_tokens, recent_tokens)
         H, D, _ = key_vectors.shape
         if key_block and token_scale:
@@ -459,7 +467,12 @@ class SpectralKVCache(CodedKVCache):
         self.rope_mode = rope_mode
         self.rope = rope
         self.inverter = RopeInverter(rope, D) if rope_mode == "pre" else None
+        # Keys code as (k − mean)·key_basis and decode as coefficients·key_decoderᵀ + mean;
+        # the two are the same orthonormal basis unless the basis is metric-weighted
+        # (veloxcore.key_metric). Both map original dims × coefficients, (H, D, D).
         self.key_basis = mx.array(key_vectors.astype(np.float32))
+        self.key_decoder = (self.key_basis if key_decoder is None
+                            else mx.array(key_decoder.astype(np.float32)))
         self.key_coder = make_coder(key_bits, key_scales)
         if adaptation is not None and (key_block or not isinstance(self.key_coder, DimCoder)):
             raise CacheConfigError("an adaptive key plan needs per-dim coded keys without "
@@ -525,7 +538,7 @@ class SpectralKVCache(CodedKVCache):
     def _apply_adaptation(self, moments: np.ndarray, count: int) -> None:
         calibrated = self.calibrated_plan
         self.key_mean, self.key_coder, self.key_rms = _adapted_plan(
-            self.adaptation, moments[:2], count, self.key_basis, calibrated[0])
+            self.adaptation, moments[:2], count, self.key_decoder, calibrated[0])
         if self.value_adaptation is not None:
             self.value_mean, self.value_coder, self.value_rms = _adapted_plan(
                 self.value_adaptation, moments[2:4], count, self.value_basis, calibrated[3])
@@ -649,7 +662,7 @@ class SpectralKVCache(CodedKVCache):
             y = self._decode_blocks(*parts[:2])
         else:
             y = self._decode_part(self.key_coder, parts[:n])
-        keys = y @ self.key_basis.swapaxes(-1, -2) + self.key_mean
+        keys = y @ self.key_decoder.swapaxes(-1, -2) + self.key_mean
         if self.inverter is not None:
             keys = self.rope(keys, offset=position)
         if self.value_affine is None:
@@ -909,7 +922,10 @@ def _check_rotations(model, config: KVCacheConfig) -> None:
 
 
 def _key_spectra(rotation, config: KVCacheConfig) -> np.ndarray:
-    """What key bits are water-filled on: eigenvalues, × query importance with +qa."""
+    """What key bits are water-filled on: eigenvalues, × query importance with +qa, the
+    metric-weighted spectrum with +qm."""
+    if config.query_metric:
+        return key_metric_basis(rotation)[0]
     if not config.query_aware:
         return rotation.key_eigenvalues
     if rotation.key_importance is None:
@@ -964,6 +980,18 @@ def _value_rotation(rotation, config: KVCacheConfig) -> np.ndarray | None:
     return value_rotation(rotation.head_dim)
 
 
+def key_metric_basis(rotation) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(spectrum, encoder, decoder) of the layer's metric-weighted key basis (+qm)."""
+    if rotation.key_metric is None:
+        raise CacheConfigError("a metric-weighted key basis (+qm) needs rotations "
+                               "calibrated with the query metric (recalibrate with this "
+                               "version)")
+    if rotation.rope_mode != "pre":
+        raise CacheConfigError("a metric-weighted key basis (+qm) needs pre-RoPE rotations")
+    return metric_basis(rotation.key_eigenvalues, rotation.key_eigenvectors,
+                        rotation.key_metric)
+
+
 def _key_adaptation(rotation, config: KVCacheConfig) -> PlanAdaptation | None:
     if not config.adapt_prior_tokens:
         return None
@@ -974,8 +1002,11 @@ def _key_adaptation(rotation, config: KVCacheConfig) -> PlanAdaptation | None:
     if config.adapt_prior_tokens < 0:
         raise CacheConfigError(f"adapt_prior_tokens must be positive, not "
                                f"{config.adapt_prior_tokens}")
-    importance = rotation.key_importance if config.query_aware else None
-    return PlanAdaptation(rotation.key_eigenvalues.astype(np.float64), importance,
+    importance = (rotation.key_importance if config.query_aware and not config.query_metric
+                  else None)
+    eigenvalues = _key_spectra(rotation, config) if config.query_metric \
+        else rotation.key_eigenvalues
+    return PlanAdaptation(eigenvalues.astype(np.float64), importance,
                          config.target_avg_bits if config.target_avg_bits is not None else 3.0,
                          config.min_bits, config.max_bits, config.scale_inflation,
                          config.adapt_prior_tokens)
@@ -1004,7 +1035,10 @@ def _spectral_cache(model, config: KVCacheConfig, layer: int, keys_global=None):
     scales = lambda lam: config.scale_inflation * np.sqrt(np.maximum(lam, 1e-12))  # noqa: E731
     value_affine = ((config.value_bits, config.value_group_size)
                     if config.value_method == "affine" else None)
-    cache = SpectralKVCache(rot.key_eigenvectors, scales(rot.key_eigenvalues), key_bits,
+    key_vectors, key_spectrum, key_decoder = rot.key_eigenvectors, rot.key_eigenvalues, None
+    if config.query_metric:
+        key_spectrum, key_vectors, key_decoder = key_metric_basis(rot)
+    cache = SpectralKVCache(key_vectors, scales(key_spectrum), key_bits,
                             rot.value_eigenvectors, scales(rot.value_eigenvalues), value_bits,
                             rot.rope_mode, rope, value_affine, config.sink_tokens,
                             key_mean=rot.key_mean, value_mean=rot.value_mean,
@@ -1015,7 +1049,8 @@ def _spectral_cache(model, config: KVCacheConfig, layer: int, keys_global=None):
                             key_block=config.key_block_scale,
                             adaptation=_key_adaptation(rot, config),
                             value_rotation=_value_rotation(rot, config),
-                            value_adaptation=_value_adaptation(rot, config))
+                            value_adaptation=_value_adaptation(rot, config),
+                            key_decoder=key_decoder)
     return cache, {"layer": layer, "keys": key_bits.tolist(), "values": value_bits.tolist()}
 
 
@@ -1039,7 +1074,9 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
     try:
         config = _parse_body(body, rotations, sink_tokens)
         for mod in modifiers:
-            if mod == "ts":
+            if mod == "qm":
+                config.query_metric = True
+            elif mod == "ts":
                 config.token_scale = True
             elif mod == "tc":
                 config.token_scale, config.token_scale_floor = True, 1.0

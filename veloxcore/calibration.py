@@ -21,6 +21,7 @@ import numpy as np
 
 from .corpus import Corpus, load_corpus, sample_windows
 from .errors import VeloxError
+from .key_metric import position_averaged_metric, rope_pairs
 
 ROPE_MODES = ("pre", "post")
 
@@ -54,6 +55,10 @@ class SpectralRotation:
     value_mean: np.ndarray | None = None
     # How much query energy each key eigen-direction meets (mean 1 per head), or None.
     key_importance: np.ndarray | None = None
+    # The score-error metric of pre-RoPE key errors (kv_heads, head_dim, head_dim): the
+    # head's queries' second moment averaged over relative positions
+    # (veloxcore.key_metric), or None.
+    key_metric: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         zeros = np.zeros(self.key_eigenvalues.shape, dtype=np.float32)
@@ -196,21 +201,35 @@ class CovarianceCapture:
 
 class QueryPairEnergy(nn.Module):
     """Wraps a layer's q_proj during calibration and sums each query head's energy per
-    RoPE pair, Σ|q_pair|². RoPE rotates within pairs, so these energies are the same
-    before and after RoPE, at every position."""
+    RoPE pair, Σ|q_pair|² (RoPE rotates within pairs, so these energies are the same
+    before and after RoPE, at every position), and each KV head's query group's second
+    moment Σ q·qᵀ (pre-RoPE; veloxcore.key_metric averages it over positions)."""
 
-    def __init__(self, inner: nn.Module, heads: int, head_dim: int, traditional: bool):
+    def __init__(self, inner: nn.Module, heads: int, kv_heads: int, head_dim: int,
+                 traditional: bool):
         super().__init__()
         self.inner = inner
-        self.heads, self.head_dim, self.traditional = heads, head_dim, traditional
+        self.heads, self.kv_heads = heads, kv_heads
+        self.head_dim, self.traditional = head_dim, traditional
         self.energy = mx.zeros((heads, head_dim // 2), dtype=mx.float32)
+        self.moment = mx.zeros((kv_heads, head_dim, head_dim), dtype=mx.float32)
+        self.count = 0
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.inner(x)
         B, L, _ = y.shape
         q = y.reshape(B, L, self.heads, self.head_dim).astype(mx.float32)
         self.energy = self.energy + pair_energy(q, self.traditional).sum(axis=(0, 1))
+        # mlx-lm repeats KV head h for query heads h·G … h·G + G − 1.
+        grouped = q.reshape(B * L, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        self.moment = self.moment + mx.einsum("nhgd,nhge->hde", grouped, grouped)
+        self.count += B * L
         return y
+
+    def reset(self) -> None:
+        self.energy = mx.zeros_like(self.energy)
+        self.moment = mx.zeros_like(self.moment)
+        self.count = 0
 
 
 def pair_energy(x: mx.array, traditional: bool) -> mx.array:
@@ -248,7 +267,7 @@ def _install_query_recorders(model) -> list[QueryPairEnergy] | None:
     """Wrap every layer's q_proj, or return None where the layout is not known."""
     args = model.args
     heads = args.num_attention_heads
-    _, _, head_dim = model_shape(model)
+    _, kv_heads, head_dim = model_shape(model)
     attns = [getattr(layer, "self_attn", None) for layer in model.layers]
     if not all(a is not None and isinstance(getattr(a, "q_proj", None), nn.Module)
                for a in attns):
@@ -257,7 +276,7 @@ def _install_query_recorders(model) -> list[QueryPairEnergy] | None:
     for attn, layer in zip(attns, model.layers, strict=True):
         rope = find_rope(layer)
         traditional = bool(getattr(rope, "traditional", getattr(args, "rope_traditional", False)))
-        recorder = QueryPairEnergy(attn.q_proj, heads, head_dim, traditional)
+        recorder = QueryPairEnergy(attn.q_proj, heads, kv_heads, head_dim, traditional)
         attn.q_proj = recorder
         recorders.append(recorder)
     return recorders
@@ -376,12 +395,15 @@ def calibrate_spectral_rotation(
     tokens_per_sample = sequence_length - sink_tokens
     forward = model.model if hasattr(model, "model") else model
     recorders = _install_query_recorders(model)
-    query_acc = (np.zeros((num_layers, *recorders[0].energy.shape), dtype=np.float64)
-                 if recorders else None)
+    query_acc = query_moment = None
+    if recorders:
+        query_acc = np.zeros((num_layers, *recorders[0].energy.shape), dtype=np.float64)
+        query_moment = np.zeros((num_layers, *recorders[0].moment.shape), dtype=np.float64)
     try:
         _calibration_loop(forward, mine, captures, recorders, key_acc, value_acc, key_sum,
-                          value_sum, query_acc, cancel, progress, progress_layer, size,
-                          len(windows), sequence_length, tokens_per_sample)
+                          value_sum, (query_acc, query_moment), cancel, progress,
+                          progress_layer, size, len(windows), sequence_length,
+                          tokens_per_sample)
     finally:
         _remove_query_recorders(model, recorders)
     if cancel is not None and cancel.is_set():
@@ -393,20 +415,24 @@ def calibrate_spectral_rotation(
         key_sum, value_sum = _all_sum_f64(key_sum, group), _all_sum_f64(value_sum, group)
         if query_acc is not None:
             query_acc = _all_sum_f64(query_acc, group)
+            query_moment = _all_sum_f64(query_moment, group)
         count = len(windows) * tokens_per_sample
     layers = []
     for layer in range(num_layers):
         key_vals, key_vecs = _eigh_descending(_covariance(key_acc[layer], key_sum[layer], count))
         value_vals, value_vecs = _eigh_descending(_covariance(value_acc[layer], value_sum[layer],
                                                               count))
-        importance = None
+        importance = metric = None
         if recorders:
             importance = key_importance(query_acc[layer], key_vecs, recorders[layer].traditional)
+            if rope == "pre":
+                metric = _key_metric(model.layers[layer], query_moment[layer], head_dim,
+                                     len(windows) * sequence_length)
         layers.append(SpectralRotation(
             layer, head_dim, rope, count, key_vals, key_vecs, value_vals, value_vecs,
             key_mean=(key_sum[layer] / count).astype(np.float32),
             value_mean=(value_sum[layer] / count).astype(np.float32),
-            key_importance=importance))
+            key_importance=importance, key_metric=metric))
     info = getattr(model, "velox_info", None)
     return SpectralRotations(
         layers=layers, rope_mode=rope, num_samples=len(windows),
@@ -417,9 +443,20 @@ def calibrate_spectral_rotation(
     )
 
 
+def _key_metric(layer, query_moment: np.ndarray, head_dim: int, count: int):
+    """The layer's score-error metric for pre-RoPE keys, or None where its RoPE is not a
+    plain rotation linear in the position."""
+    try:
+        perm, theta, amp = rope_pairs(find_rope(layer), head_dim)
+    except ValueError:
+        return None
+    return position_averaged_metric(query_moment / count, perm, theta, amp).astype(np.float32)
+
+
 def _calibration_loop(forward, mine, captures, recorders, key_acc, value_acc, key_sum,
-                      value_sum, query_acc, cancel, progress, progress_layer, size, total,
+                      value_sum, query_accs, cancel, progress, progress_layer, size, total,
                       sequence_length, tokens_per_sample) -> None:
+    query_acc, query_moment = query_accs
     start = time.perf_counter()
     for i, window in enumerate(mine):
         if cancel is not None and cancel.is_set():
@@ -430,7 +467,7 @@ def _calibration_loop(forward, mine, captures, recorders, key_acc, value_acc, ke
         # Only the moments are evaluated: MLX skips work they do not depend on
         # (the last MLP and the LM head).
         forward(mx.array(window)[None], cache=captures)
-        mx.eval([c.state for c in captures], [r.energy for r in recorders or []])
+        mx.eval([c.state for c in captures], [(r.energy, r.moment) for r in recorders or []])
         for layer, capture in enumerate(captures):
             key_acc[layer] += np.array(capture.key_moment)
             value_acc[layer] += np.array(capture.value_moment)
@@ -438,7 +475,8 @@ def _calibration_loop(forward, mine, captures, recorders, key_acc, value_acc, ke
             value_sum[layer] += np.array(capture.value_sum)
         for layer, recorder in enumerate(recorders or []):
             query_acc[layer] += np.array(recorder.energy)
-            recorder.energy = mx.zeros_like(recorder.energy)
+            query_moment[layer] += np.array(recorder.moment)
+            recorder.reset()
         if progress is not None:
             done = i + 1
             elapsed = time.perf_counter() - start

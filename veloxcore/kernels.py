@@ -24,10 +24,10 @@ import os
 from functools import cache
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from . import kernel_source as src
+from .key_metric import rope_pairs
 from .quantizers import lloyd_max_gaussian
 
 THREADS = 256
@@ -82,50 +82,6 @@ def _kernel(backend: str, which: str):
                 source=source, header=header)
 
 
-def rope_pairs(rope, head_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(perm, theta, amp) of a RoPE module: ``perm`` lists dims so that each rotated
-    pair is adjacent (pair i = perm[2i], perm[2i+1]); pair i turns by pos·theta[i]
-    and is scaled by amp[i]. Unrotated dims pair up with theta 0, amp 1.
-
-    Checked against the module itself at two positions; a module whose angles are
-    not linear in the position is refused (callers fall back to the reference).
-    """
-    dims = int(getattr(rope, "dims", getattr(rope, "dim", head_dim)))
-    traditional = bool(getattr(rope, "traditional", False))
-    if traditional:
-        first, second = np.arange(0, dims, 2), np.arange(1, dims, 2)
-    else:
-        first, second = np.arange(dims // 2), np.arange(dims // 2, dims)
-    rest = np.arange(dims, head_dim)
-    first = np.concatenate([first, rest[0::2]])
-    second = np.concatenate([second, rest[1::2]])
-    perm = np.stack([first, second], axis=1).reshape(-1)
-    # Angle and amplitude from the module at position 1 (e_a -> amp·(cos θ, sin θ)).
-    eye = mx.eye(head_dim, dtype=mx.float32).reshape(1, head_dim, 1, head_dim)
-    at1 = np.array(rope(eye, offset=1).reshape(head_dim, head_dim))
-    cos1 = at1[first, first]
-    sin1 = at1[first, second]
-    amp = np.sqrt(cos1**2 + sin1**2)
-    theta = np.arctan2(sin1, cos1).astype(np.float64)
-    base = getattr(rope, "base", None)
-    if isinstance(rope, nn.RoPE) and base:
-        # nn.RoPE: theta_i = scale · base^(−2i/dims), exact rather than measured.
-        exact = float(getattr(rope, "scale", 1.0)) * float(base) ** (
-            -np.arange(dims // 2, dtype=np.float64) * 2 / dims)
-        theta[: dims // 2] = exact
-    theta[dims // 2:] = 0.0
-    # Verify at a far position.
-    far = 3001
-    at_far = np.array(rope(eye, offset=far).reshape(head_dim, head_dim))
-    expect_cos = amp * np.cos(far * theta)
-    expect_sin = amp * np.sin(far * theta)
-    err = max(np.abs(at_far[first, first] - expect_cos).max(),
-              np.abs(at_far[first, second] - expect_sin).max())
-    if not err < 2e-3:
-        raise ValueError(f"RoPE angles are not linear in the position (error {err:.2g})")
-    return perm.astype(np.int32), theta.astype(np.float32), amp.astype(np.float32)
-
-
 def _compact(bits: np.ndarray, pad_to: int = 1):
     """Per head, the coded dims (width > 0) first: (columns (H, r), r)."""
     H, D = bits.shape
@@ -171,9 +127,11 @@ class SpectralKernels:
         self.kbits, self.kshift, self.kscale = _coder_arrays(coder, columns, valid)
         self.key_words = coder.words
         basis = np.array(cache.key_basis)  # (H, D, D): original dims x coefficients
+        decoder = np.array(cache.key_decoder)  # the same unless metric-weighted
         mean = np.array(cache.key_mean).reshape(H, D)
         rows = np.arange(H)[:, None]
-        compact = np.where(valid[:, None, :], basis[rows, :, columns].transpose(0, 2, 1), 0.0)
+        compact = np.where(valid[:, None, :], decoder[rows, :, columns].transpose(0, 2, 1),
+                           0.0)
         if self.pre:
             self.perm, theta, amp = rope_pairs(cache.rope, D)
             self.rope = mx.array(np.concatenate([theta, amp]))

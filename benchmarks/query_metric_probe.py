@@ -1,0 +1,99 @@
+"""Probe: metric-weighted key bases (+qm) against query-aware bits (+qa) (CPU).
+
+    python benchmarks/query_metric_probe.py [--ctx 1024] [--span 4096] [--methods …]
+
+Records the queries' second moment per KV head on calibration-corpus windows
+(q_proj outputs, pre-RoPE), averages it over relative positions 0 … span−1
+(veloxcore.key_metric), attaches it to the shipped bundle's rotations and runs the
+teacher-forced evaluation on the held-out text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+
+import numpy as np
+
+from veloxcore import caches, load, load_cached_rotations
+from veloxcore.caches import parse_method
+from veloxcore.calibration import find_rope
+from veloxcore.corpus import load_corpus, sample_windows
+from veloxcore.evaluate import evaluate_methods, load_eval_text, results_table
+from veloxcore.kernels import rope_pairs
+from veloxcore.key_metric import RIDGE, metric_basis, position_averaged_metric
+
+mx = __import__("mlx.core").core  # after veloxcore (OpenBLAS first)
+KVCache = __import__("mlx_lm.models.cache").models.cache.KVCache
+
+BUNDLE = "assets/bundles/smollm2-135m-instruct-pre"
+
+
+def query_moments(model, tokenizer, samples: int, length: int) -> list[np.ndarray]:
+    """Per layer (kv_heads, D, D): Σ over each KV head's query group of E[q·qᵀ]."""
+    attn0 = model.layers[0].self_attn
+    Hq, H = attn0.n_heads, attn0.n_kv_heads
+    D = attn0.head_dim
+    sums = [np.zeros((H, D, D)) for _ in model.layers]
+    count = [0]
+
+    class Recorder:
+        def __init__(self, inner, layer):
+            self.inner, self.layer = inner, layer
+
+        def __call__(self, x):
+            y = self.inner(x)
+            B, L, _ = y.shape
+            q = y.reshape(B * L, H, Hq // H, D).astype(mx.float32)
+            m = mx.einsum("nhgd,nhge->hde", q, q)
+            sums[self.layer] += np.array(m, dtype=np.float64)
+            if self.layer == 0:
+                count[0] += B * L
+            return y
+
+    originals = [layer.self_attn.q_proj for layer in model.layers]
+    for i, layer in enumerate(model.layers):
+        layer.self_attn.q_proj = Recorder(layer.self_attn.q_proj, i)
+    try:
+        ids = tokenizer.encode(load_corpus().text)
+        for window in sample_windows(ids, samples, length):
+            mx.eval(model(mx.array(window)[None], cache=[KVCache() for _ in model.layers]))
+    finally:
+        for layer, q in zip(model.layers, originals, strict=True):
+            layer.self_attn.q_proj = q
+    return [s / count[0] for s in sums]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--span", type=int, default=4096)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--ridge", type=float, default=RIDGE)
+    ap.add_argument("--methods", default="spectral:wf2.5/a4g64+qa+ad+x1.5+vh,"
+                    "spectral:wf2.5/a4g64+qm+ad+x1.5+vh")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    model, tokenizer, _ = load("default")
+    caches.metric_basis = functools.partial(metric_basis, ridge=args.ridge)
+    rotations = load_cached_rotations(BUNDLE, model, layer_sensitivity=True)
+    moments = query_moments(model, tokenizer, args.samples, 1024)
+    for rot, m, layer in zip(rotations, moments, model.layers, strict=True):
+        perm, theta, amp = rope_pairs(find_rope(layer), rot.head_dim)
+        rot.key_metric = position_averaged_metric(m, perm, theta, amp, args.span)
+    configs = {"fp16": parse_method("fp16")}
+    configs.update({m: parse_method(m, rotations) for m in args.methods.split(",")})
+    _, text, _ = load_eval_text()
+    results = evaluate_methods(model, tokenizer, configs, text, args.ctx)
+    print(f"span {args.span}, ridge {args.ridge}, {args.samples} x 1024 corpus tokens")
+    print(results_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(command=" ".join(sys.argv), span=args.span,
+                           results=[r.to_dict() for r in results]), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Metric-weighted key bases (+qm): the position-averaged query metric, the whitened
+basis, calibration, bundles and the cache that codes in it."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from test_calibration import TEXT
+from tinymodel import write_tiny_dir
+
+import veloxcore
+from veloxcore import BundleError, calibrate_spectral_rotation, load_cached_rotations
+from veloxcore.bundle import save_rotations
+from veloxcore.caches import CacheConfigError, KVCacheBuilder, parse_method
+from veloxcore.key_metric import metric_basis, position_averaged_metric, rope_pairs
+
+
+def brute_force_metric(rope, moments, span):
+    """Σ_d R(d)·M·R(d)ᵀ / span with R(d) read off the RoPE module itself."""
+    D = moments.shape[-1]
+    eye = mx.eye(D, dtype=mx.float32).reshape(1, D, 1, D)
+    total = np.zeros((D, D))
+    for d in range(span):
+        turn = np.array(rope(eye, offset=d).reshape(D, D), dtype=np.float64).T
+        total += turn @ moments @ turn.T
+    return total / span
+
+
+@pytest.mark.parametrize("traditional", [True, False])
+@pytest.mark.parametrize("dims", [16, 12])  # 12: the last 4 dims are not rotated
+def test_position_average_equals_the_sum_over_rotated_queries(traditional, dims):
+    rope = nn.RoPE(dims, traditional=traditional, base=500.0)
+    a = np.random.default_rng(0).normal(size=(16, 16))
+    moments = a @ a.T
+    perm, theta, amp = rope_pairs(rope, 16)
+    got = position_averaged_metric(moments, perm, theta, amp, span=53)
+    want = brute_force_metric(rope, moments, 53)
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+    # Fast pairs lose their cross terms, slow pairs keep them.
+    assert np.abs(got - moments).max() > 0.1 * np.abs(moments).max()
+
+
+def random_case(seed, D=12, H=2):
+    rng = np.random.default_rng(seed)
+    lam = np.sort(rng.gamma(0.5, size=(H, D)), axis=1)[:, ::-1] * 4
+    vecs = np.stack([np.linalg.qr(rng.normal(size=(D, D)))[0] for _ in range(H)])
+    q = rng.normal(size=(H, D, D)) * np.geomspace(3, 0.1, D)
+    metric = q @ q.swapaxes(1, 2)
+    return lam, vecs, metric
+
+
+def test_metric_basis_whitens_the_score_error():
+    lam, vecs, metric = random_case(1)
+    spectrum, enc, dec = metric_basis(lam, vecs, metric, ridge=0.0)
+    for h in range(2):
+        cov = (vecs[h] * lam[h]) @ vecs[h].T
+        m = metric[h] / np.linalg.eigvalsh(metric[h]).mean()
+        # decode ∘ encode = identity; coefficients uncorrelated with variances `spectrum`
+        np.testing.assert_allclose(enc[h] @ dec[h].T, np.eye(12), atol=1e-9)
+        np.testing.assert_allclose(enc[h].T @ cov @ enc[h], np.diag(spectrum[h]), atol=1e-9)
+        # a coefficient error ε costs exactly |ε|² of (normalised) score error
+        np.testing.assert_allclose(dec[h].T @ m @ dec[h], np.eye(12), atol=1e-9)
+        assert np.all(np.diff(spectrum[h]) <= 1e-12)
+        # Hadamard's inequality: no orthogonal basis with per-dim weights does better
+        omega = np.einsum("di,de,ei->i", vecs[h], m, vecs[h])
+        assert np.sum(np.log(spectrum[h])) <= np.sum(np.log(lam[h] * omega)) + 1e-9
+
+
+def test_metric_basis_ridge_bounds_the_decoder():
+    lam, vecs, metric = random_case(2)
+    metric[:, :, 0] = metric[:, 0, :] = 0.0  # no query looks along dim 0
+    spectrum, enc, dec = metric_basis(lam, vecs, metric)
+    assert np.all(np.isfinite(dec)) and np.abs(dec).max() < 100
+    np.testing.assert_allclose(np.einsum("hdi,hdj->hij", enc, dec),
+                               np.broadcast_to(np.eye(12), (2, 12, 12)), atol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-qm")
+    write_tiny_dir(root / "model", head_dim=32)
+    model, tokenizer, _ = veloxcore.load(root / "model")
+    rotations = calibrate_spectral_rotation(model, tokenizer, num_samples=3,
+                                            sequence_length=96, corpus=TEXT, rope="pre")
+    return model, tokenizer, rotations, root
+
+
+def test_calibration_records_the_query_metric(tiny, tmp_path):
+    model, tokenizer, rotations, _ = tiny
+    # numpy reference: the queries of layer 1, grouped per KV head, averaged over positions
+    attn = model.layers[1].self_attn
+    H, G, D = attn.n_kv_heads, attn.n_heads // attn.n_kv_heads, attn.head_dim
+    from veloxcore.corpus import sample_windows
+
+    windows = sample_windows(tokenizer.encode(TEXT.text), 3, 96)
+    seen = []
+    inner = attn.q_proj
+
+    def record(x):
+        y = inner(x)
+        seen.append(np.array(y.astype(mx.float32)).reshape(-1, H, G, D))
+        return y
+
+    attn.q_proj = record
+    try:
+        for w in windows:
+            model(mx.array(w)[None])
+    finally:
+        attn.q_proj = inner
+    q = np.concatenate(seen).astype(np.float64)
+    moments = np.einsum("nhgd,nhge->hde", q, q) / len(q)
+    want = position_averaged_metric(moments, *rope_pairs(attn.rope, D))
+    got = rotations[1].key_metric
+    assert got.shape == (H, D, D) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    post = calibrate_spectral_rotation(model, tokenizer, num_samples=1, sequence_length=64,
+                                       corpus=TEXT, rope="post")
+    assert all(rot.key_metric is None for rot in post)
+
+
+def test_bundles_keep_the_metric_and_refuse_a_broken_one(tiny, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model, _, rotations, _ = tiny
+    path = save_rotations(rotations, tmp_path / "b")
+    loaded = load_cached_rotations(path, model=model)
+    for a, b in zip(rotations, loaded, strict=True):
+        np.testing.assert_array_equal(a.key_metric, b.key_metric)
+    tensors = load_file(str(path / "rotations.safetensors"))
+    tensors["layers.0.keys.metric"] = tensors["layers.0.keys.metric"][:, :4]
+    save_file(tensors, str(path / "rotations.safetensors"), metadata={"format":
+                                                                       "velox.spectral-rotations"})
+    import json
+
+    from veloxcore.bundle import _sha256
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["rotations.safetensors"]["sha256"] = _sha256(path / "rotations.safetensors")
+    manifest["files"]["rotations.safetensors"]["bytes"] = (
+        path / "rotations.safetensors").stat().st_size
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"rotations\.safetensors: tensor "
+                                          r"'layers\.0\.keys\.metric' has shape"):
+        load_cached_rotations(path, model=model)
+
+
+def test_metric_cache_codes_in_the_whitened_basis(tiny):
+    """+qm: keys coded as (k − μ)·E with bits water-filled on the whitened spectrum and
+    decoded through G; at 8 bits the logits follow fp16 closely."""
+    from mlx_lm.models.cache import KVCache
+    from test_caches import logits_with
+
+    from veloxcore.spectral import water_fill_bits
+
+    model, tokenizer, rotations, _ = tiny
+    config = parse_method("spectral:wf3/a4+qm", rotations)
+    caches = KVCacheBuilder.build(model, config)
+    rot = rotations[0]
+    spectrum, enc, dec = metric_basis(rot.key_eigenvalues, rot.key_eigenvectors,
+                                      rot.key_metric)
+    np.testing.assert_allclose(np.array(caches[0].key_basis), enc, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(caches[0].key_decoder), dec, rtol=1e-5, atol=1e-6)
+    want = np.stack([water_fill_bits(s, 3.0, 0, 8) for s in spectrum])
+    np.testing.assert_array_equal(np.array(caches.layer_bits[0]["keys"]), want)
+    ids = tokenizer.encode(TEXT.text)[:120]
+    reference = logits_with(model, [KVCache() for _ in model.layers], ids)
+    fine = KVCacheBuilder.build(model, parse_method("spectral:wf8/a8+qm", rotations))
+    got = logits_with(model, fine, ids)
+    np.testing.assert_allclose(got, reference, atol=3e-2 * np.abs(reference).max())
+    coarse = logits_with(model, caches, ids)
+    assert np.abs(coarse - reference).mean() > np.abs(got - reference).mean()
+
+
+def test_metric_cache_needs_the_metric(tiny):
+    import dataclasses
+
+    model, _, rotations, _ = tiny
+    old = dataclasses.replace(rotations, layers=[
+        dataclasses.replace(rot, key_metric=None) for rot in rotations])
+    with pytest.raises(CacheConfigError, match="query metric"):
+        KVCacheBuilder.build(model, parse_method("spectral:wf3/a4+qm", old))
