@@ -1,11 +1,12 @@
-"""Probe: metric-weighted key bases (+qm) against query-aware bits (+qa) (CPU).
+"""Probe: metric-weighted key bases (+qm) against query-aware bits (+qa).
 
-    python benchmarks/query_metric_probe.py [--ctx 1024] [--span 4096] [--methods …]
+    python benchmarks/query_metric_probe.py [--model PATH] [--ctx 1024]
+        [--metrics u4096,u256/0.3,h8192] [--methods …] [--baselines …] [--json OUT]
 
 Records the queries' second moment per KV head on calibration-corpus windows
-(q_proj outputs, pre-RoPE), averages it over relative positions 0 … span−1
-(veloxcore.key_metric), attaches it to the shipped bundle's rotations and runs the
-teacher-forced evaluation on the held-out text.
+(q_proj outputs, pre-RoPE), averages it over relative distances with each weighting
+(veloxcore.key_metric), attaches it to the bundle's rotations and runs the
+teacher-forced evaluation on the held-out text for each, plus the baselines once.
 """
 
 from __future__ import annotations
@@ -68,31 +69,45 @@ def query_moments(model, tokenizer, samples: int, length: int) -> list[np.ndarra
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--bundle", default=BUNDLE)
     ap.add_argument("--ctx", type=int, default=1024)
-    ap.add_argument("--span", type=int, default=4096)
+    ap.add_argument("--metrics", default="u4096",
+                    help="comma-separated distance weightings: uN (uniform over N "
+                         "tokens) or hN (∝ 1/(d+1) over N), each optionally /RIDGE")
     ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--ridge", type=float, default=RIDGE)
-    ap.add_argument("--methods", default="spectral:wf2.5/a4g64+qa+ad+x1.5+vh,"
-                    "spectral:wf2.5/a4g64+qm+ad+x1.5+vh")
+    ap.add_argument("--methods", default="spectral:wf2.5/a4g64+qm+ad+x1.5+vh")
+    ap.add_argument("--baselines", default="spectral:wf2.5/a4g64+qa+ad+x1.5+vh",
+                    help="methods run once, without a metric")
     ap.add_argument("--json")
     args = ap.parse_args()
-    model, tokenizer, _ = load("default")
-    caches.metric_basis = functools.partial(metric_basis, ridge=args.ridge)
-    rotations = load_cached_rotations(BUNDLE, model, layer_sensitivity=True)
+    model, tokenizer, _ = load(args.model, dequantize=True)
+    rotations = load_cached_rotations(args.bundle, model, layer_sensitivity=True)
     moments = query_moments(model, tokenizer, args.samples, 1024)
-    for rot, m, layer in zip(rotations, moments, model.layers, strict=True):
-        perm, theta, amp = rope_pairs(find_rope(layer), rot.head_dim)
-        rot.key_metric = position_averaged_metric(m, perm, theta, amp, args.span)
-    configs = {"fp16": parse_method("fp16")}
-    configs.update({m: parse_method(m, rotations) for m in args.methods.split(",")})
     _, text, _ = load_eval_text()
-    results = evaluate_methods(model, tokenizer, configs, text, args.ctx)
-    print(f"span {args.span}, ridge {args.ridge}, {args.samples} x 1024 corpus tokens")
-    print(results_table(results))
+    rows = []
+    runs = [("none", RIDGE)] if args.baselines else []
+    for spec in args.metrics.split(","):
+        weighting, _, ridge = spec.partition("/")
+        runs.append((weighting, float(ridge) if ridge else RIDGE))
+    for weighting, ridge in runs:
+        methods = args.baselines if weighting == "none" else args.methods
+        if weighting != "none":
+            span, harmonic = int(weighting[1:]), weighting[0] == "h"
+            for rot, m, layer in zip(rotations, moments, model.layers, strict=True):
+                perm, theta, amp = rope_pairs(find_rope(layer), rot.head_dim)
+                rot.key_metric = position_averaged_metric(m, perm, theta, amp, span, harmonic)
+        caches.metric_basis = functools.partial(metric_basis, ridge=ridge)
+        configs = {"fp16": parse_method("fp16")}
+        configs.update({m: parse_method(m, rotations) for m in methods.split(",")})
+        results = evaluate_methods(model, tokenizer, configs, text, args.ctx)
+        print(f"metric {weighting}, ridge {ridge}, {args.samples} x 1024 corpus tokens")
+        print(results_table(results[1:]), flush=True)
+        rows += [dict(metric=weighting, ridge=ridge, **r.to_dict()) for r in results[1:]]
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(command=" ".join(sys.argv), span=args.span,
-                           results=[r.to_dict() for r in results]), f, indent=1)
+            json.dump(dict(command=" ".join(sys.argv), samples=args.samples, results=rows),
+                      f, indent=1)
 
 
 if __name__ == "__main__":

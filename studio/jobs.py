@@ -199,14 +199,16 @@ def _require_model(state) -> None:
 
 # ---- chat ------------------------------------------------------------------------
 # What the chat's "spectral" method uses when the view names no configuration.
-DEFAULT_SPECTRAL = "spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh+la"
+DEFAULT_SPECTRAL = "spectral:wf3/a4g64+qm+ad+x1.5+vh+la"
+# The default for rotations calibrated before the query metric (+qm).
+FALLBACK_SPECTRAL = "spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh+la"
 
 
 def generate(state, job, messages: list[dict], max_tokens: int = 256, cache=None,
              temperature: float = 0.0):
     """Stream one assistant reply through a KV cache built for it.
 
-    cache: None or "fp16", a method spec ("affine4", "spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh+la"),
+    cache: None or "fp16", a method spec ("affine4", "spectral:wf3/a4g64+qm+ad+x1.5+vh+la"),
     "spectral" (the default spectral configuration) or ``{"bit_plan": plan,
     "token_scale": bool}`` (a Bits view plan). Spectral caches use the engine's
     rotations; without any, the bundle shipped for the loaded model is loaded
@@ -303,6 +305,11 @@ def _cache_config(state, job, cache):
         label = cache.get("label") or plan_label(plan, config.token_scale)
         return config, label, loaded
     spec = DEFAULT_SPECTRAL if cache == "spectral" else cache
+    if "qm" in spec.split("+") and not rotations.has_key_metric:
+        # Rotations from an older calibration carry no query metric.
+        spec = FALLBACK_SPECTRAL if spec == DEFAULT_SPECTRAL else spec.replace("+qm", "+qa")
+        job.emit({"log": "Chat: these rotations have no query metric; using "
+                         f"{spec} (recalibrate for the metric-weighted key basis)"})
     body, *modifiers = spec.split("+")
     if "qa" in modifiers and not rotations.has_key_importance:
         # Rotations from an older calibration carry no query statistics.

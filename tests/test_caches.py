@@ -259,16 +259,17 @@ def test_query_aware_bits_reweight_the_same_budget(tiny):
         KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g32+qa", old))
 
 
-def test_recommended_config_uses_query_importance_only_when_calibrated(tiny):
+def test_recommended_config_uses_query_statistics_only_when_calibrated(tiny):
     import dataclasses
 
     model, _, rotations = tiny
     rot = rotations["pre"]
-    assert rot.has_key_importance
-    assert KVCacheConfig.recommended(rot).query_aware
-    assert KVCacheConfig.recommended(rot).token_scale_floor == 0.7
+    assert rot.has_key_importance and rot.has_key_metric
+    recommended = KVCacheConfig.recommended(rot)
+    assert recommended.query_metric and not recommended.query_aware
+    assert not recommended.token_scale
     # The default is the configuration the CLI and studio name and BENCHMARKS.md measured.
-    from studio.jobs import DEFAULT_SPECTRAL
+    from studio.jobs import DEFAULT_SPECTRAL, FALLBACK_SPECTRAL
 
     # Without measured layer sensitivity the default keeps the same bits in every layer.
     assert not KVCacheConfig.recommended(rot).layer_allocation
@@ -280,10 +281,18 @@ def test_recommended_config_uses_query_importance_only_when_calibrated(tiny):
     named = parse_method(DEFAULT_SPECTRAL, measured)
     named.value_group_size = 64
     assert KVCacheConfig.recommended(measured) == named
-    older = dataclasses.replace(rot, layers=[dataclasses.replace(r, key_importance=None)
+    # Rotations calibrated before the metric: the previous default, query-aware bits.
+    no_metric = dataclasses.replace(measured, layers=[dataclasses.replace(r, key_metric=None)
+                                                      for r in rot.layers])
+    fallback = parse_method(FALLBACK_SPECTRAL, no_metric)
+    fallback.value_group_size = 64
+    assert KVCacheConfig.recommended(no_metric) == fallback
+    assert fallback.query_aware and fallback.token_scale_floor == 0.7
+    older = dataclasses.replace(rot, layers=[dataclasses.replace(r, key_importance=None,
+                                                                 key_metric=None)
                                              for r in rot.layers])
     config = KVCacheConfig.recommended(older)
-    assert not config.query_aware
+    assert not config.query_aware and not config.query_metric
     config.value_group_size = 32  # the tiny model's head_dim
     assert len(KVCacheBuilder.build(model, config)) == len(model.layers)
 
@@ -398,22 +407,35 @@ def test_rotated_values_are_coded_in_the_hadamard_basis(tiny):
         KVCacheBuilder.build(model, parse_method("spectral:wf3/3+vh", rotations["pre"]))
 
 
-def test_studio_default_drops_query_awareness_for_older_rotations(tiny):
-    """Rotations without query statistics get the default minus ``+qa`` (logged), with
-    the modifiers after it kept."""
+def test_studio_default_falls_back_for_older_rotations(tiny):
+    """Rotations without the query metric get the previous default (logged); without
+    query statistics too, that minus ``+qa``, with the modifiers after it kept."""
     import dataclasses
     from types import SimpleNamespace
 
-    from studio.jobs import DEFAULT_SPECTRAL, _cache_config
+    from studio.jobs import FALLBACK_SPECTRAL, _cache_config
 
     _, _, rotations = tiny
+    no_metric = dataclasses.replace(rotations["pre"], layers=[
+        dataclasses.replace(r, key_metric=None) for r in rotations["pre"].layers])
+    logs = []
+    job = SimpleNamespace(emit=logs.append)
+    config, label, _ = _cache_config(SimpleNamespace(rotations=no_metric), job, "spectral")
+    assert label == FALLBACK_SPECTRAL.replace("+la", "") and config.query_aware
+    assert "no query metric" in logs[0]["log"]
     older = dataclasses.replace(rotations["pre"], layers=[
-        dataclasses.replace(r, key_importance=None) for r in rotations["pre"].layers])
+        dataclasses.replace(r, key_importance=None, key_metric=None)
+        for r in rotations["pre"].layers])
     logs = []
     job = SimpleNamespace(emit=logs.append)
     config, label, _ = _cache_config(SimpleNamespace(rotations=older), job, "spectral")
-    assert "+qa" not in label and label == DEFAULT_SPECTRAL.replace("+qa", "").replace("+la", "")
+    assert label == FALLBACK_SPECTRAL.replace("+qa", "").replace("+la", "")
     assert not config.query_aware and config.adapt_prior_tokens and config.rotate_values
-    assert not config.layer_allocation
-    assert "no query statistics" in logs[0]["log"]
-    assert "no measured layer sensitivity" in logs[1]["log"]
+    assert not config.layer_allocation and not config.query_metric
+    assert "no query metric" in logs[0]["log"]
+    assert "no query statistics" in logs[1]["log"]
+    assert "no measured layer sensitivity" in logs[2]["log"]
+    # A named +qm spec on such rotations becomes its +qa twin.
+    config, label, _ = _cache_config(SimpleNamespace(rotations=no_metric), job,
+                                     "spectral:wf2.5/a4g64+qm+ad")
+    assert label == "spectral:wf2.5/a4g64+qa+ad" and config.query_aware

@@ -15,26 +15,29 @@ from veloxcore.caches import CacheConfigError, KVCacheBuilder, parse_method
 from veloxcore.key_metric import metric_basis, position_averaged_metric, rope_pairs
 
 
-def brute_force_metric(rope, moments, span):
-    """Σ_d R(d)·M·R(d)ᵀ / span with R(d) read off the RoPE module itself."""
+def brute_force_metric(rope, moments, span, harmonic):
+    """Σ_d w(d)·R(d)·M·R(d)ᵀ / Σ_d w(d) with R(d) read off the RoPE module itself."""
     D = moments.shape[-1]
     eye = mx.eye(D, dtype=mx.float32).reshape(1, D, 1, D)
-    total = np.zeros((D, D))
+    total, weights = np.zeros((D, D)), 0.0
     for d in range(span):
         turn = np.array(rope(eye, offset=d).reshape(D, D), dtype=np.float64).T
-        total += turn @ moments @ turn.T
-    return total / span
+        w = 1.0 / (d + 1) if harmonic else 1.0
+        total += w * turn @ moments @ turn.T
+        weights += w
+    return total / weights
 
 
 @pytest.mark.parametrize("traditional", [True, False])
 @pytest.mark.parametrize("dims", [16, 12])  # 12: the last 4 dims are not rotated
-def test_position_average_equals_the_sum_over_rotated_queries(traditional, dims):
+@pytest.mark.parametrize("harmonic", [True, False])
+def test_position_average_equals_the_sum_over_rotated_queries(traditional, dims, harmonic):
     rope = nn.RoPE(dims, traditional=traditional, base=500.0)
     a = np.random.default_rng(0).normal(size=(16, 16))
     moments = a @ a.T
     perm, theta, amp = rope_pairs(rope, 16)
-    got = position_averaged_metric(moments, perm, theta, amp, span=53)
-    want = brute_force_metric(rope, moments, 53)
+    got = position_averaged_metric(moments, perm, theta, amp, span=53, harmonic=harmonic)
+    want = brute_force_metric(rope, moments, 53, harmonic)
     np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
     # Fast pairs lose their cross terms, slow pairs keep them.
     assert np.abs(got - moments).max() > 0.1 * np.abs(moments).max()

@@ -144,7 +144,8 @@ def test_measured_costs_are_single_layer_kl_on_the_text(tiny):
     assert [d for _, d, _ in stages] == list(range(1, 3 * 4 + 1))
     assert s.num_layers == 3 and s.tokens == 128
     # Recompute one entry independently: values at 3 bits in layer 1 only.
-    spec = probe_specs(rotations.has_key_importance, 64)["values"][3]
+    spec = probe_specs(rotations.has_key_importance, 64, rotations.has_key_metric)["values"][3]
+    assert "+qm" in spec  # calibrated with the query metric: the default key basis
     caches = [KVCache() for _ in range(3)]
     caches[1] = KVCacheBuilder.build(model, parse_method(spec, rotations))[1]
     x = mx.array(ids)[None]

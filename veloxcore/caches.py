@@ -128,20 +128,25 @@ class KVCacheConfig:
     @classmethod
     def recommended(cls, rotations: SpectralRotations) -> KVCacheConfig:
         """The default spectral configuration (CLI chat and studio,
-        ``spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh+la``): keys water-filled at 3 bits in the
-        pre-RoPE basis on eigenvalue × query importance (when the rotations carry query
-        statistics), re-planned on the prompt's own key statistics (``+ad``) with
-        codebooks at 1.5× the standard deviation, a per-token scale never below 0.7;
-        values affine 4-bit (group 64) after a Hadamard rotation; 4 exact sink tokens; the
-        same bits spread over layers by their measured sensitivity (``+la``, when the
-        bundle has it). BENCHMARKS.md, 8k context (H200): 3.88 bits, KL 0.043, +2.6%
-        perplexity (without +la 0.051; without +ad/+vh/+la, the default before, 0.081,
-        +4.2%); affine 4-bit: 4.5 bits, KL 0.21, +17%. Without scaling small tokens up, the
-        short prompt "What is the capital of France?" once got a derailed reply."""
+        ``spectral:wf3/a4g64+qm+ad+x1.5+vh+la``): keys water-filled at 3 bits in the
+        metric-weighted pre-RoPE basis (``+qm``: coefficient errors add up to score error),
+        re-planned on the prompt's own key statistics (``+ad``) with codebooks at 1.5× the
+        standard deviation; values affine 4-bit (group 64) after a Hadamard rotation; 4
+        exact sink tokens; the same bits spread over layers by their measured sensitivity
+        (``+la``, when the bundle has it). BENCHMARKS.md, 8k context (H200): see
+        "Metric-weighted key basis"; affine 4-bit: 4.5 bits, KL 0.21, +17%.
+
+        Rotations calibrated before the query metric get the previous default,
+        ``spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh+la``: query-aware bits (eigenvalue ×
+        query importance, when calibrated with query statistics) and a per-token scale
+        never below 0.7 (without it, the short prompt "What is the capital of France?"
+        once got a derailed reply)."""
+        metric = rotations.has_key_metric
         return cls(method="spectral", rotations=rotations, use_water_filling=True,
                    target_avg_bits=3.0, value_method="affine", value_bits=4,
-                   value_group_size=64, sink_tokens=4, token_scale=True,
-                   token_scale_floor=0.7, query_aware=rotations.has_key_importance,
+                   value_group_size=64, sink_tokens=4, token_scale=not metric,
+                   token_scale_floor=1e-6 if metric else 0.7, query_metric=metric,
+                   query_aware=not metric and rotations.has_key_importance,
                    adapt_prior_tokens=ADAPT_PRIOR_TOKENS, scale_inflation=1.5,
                    rotate_values=True,
                    layer_allocation=rotations.layer_sensitivity is not None)

@@ -102,6 +102,11 @@ class SpectralRotations:
         return self.layers[0].token_count if self.layers else 0
 
     @property
+    def has_key_metric(self) -> bool:
+        """Whether every layer carries the query metric (+qm)."""
+        return bool(self.layers) and all(r.key_metric is not None for r in self.layers)
+
+    @property
     def has_key_importance(self) -> bool:
         """Whether query statistics were recorded (needed for query-aware key bits)."""
         return bool(self.layers) and all(r.key_importance is not None for r in self.layers)

@@ -3,7 +3,7 @@
 A key enters attention only through scores q·k. For a pre-RoPE key error e, the score
 error against a query d tokens later is qᵀ·R(−dθ)·e, so the error that matters is
 eᵀ·M·e with M = E_d E_q[R(dθ)·q·qᵀ·R(−dθ)]: the queries' second moment averaged over
-relative positions. Pairs that RoPE turns fast average out to their pair energy (what
+relative positions (weighted ∝ 1/(d + 1): near tokens carry most attention). Pairs that RoPE turns fast average out to their pair energy (what
 ``key_importance`` assumes), but slow pairs barely turn even over thousands of tokens,
 so cross terms between them survive — and keys keep most of their energy there.
 
@@ -20,11 +20,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-# Relative distances the metric averages over (uniform, 0 … span−1).
-DEFAULT_SPAN = 4096
+# Relative distances the metric averages over: 0 … span−1, weighted ∝ 1/(d + 1)
+# (BENCHMARKS.md, "Metric-weighted key basis": at 8k this beat uniform weightings over
+# 256 or 4,096 tokens and matched a harmonic one over 65,536).
+DEFAULT_SPAN = 8192
+DEFAULT_HARMONIC = True
 # Ridge on the metric, relative to its mean eigenvalue: directions no query looks at get
-# no bits rather than an unbounded decoder.
-RIDGE = 1e-3
+# few bits rather than an unbounded decoder (0.001–0.3 measured alike at 8k).
+RIDGE = 0.1
 
 
 def rope_pairs(rope, head_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,15 +74,22 @@ def rope_pairs(rope, head_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return perm.astype(np.int32), theta.astype(np.float32), amp.astype(np.float32)
 
 
-def _mean_rotation(phi: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mean cos, mean sin) of phi·d over d = 0 … span−1, elementwise in phi."""
-    d = np.arange(span, dtype=np.float64)
-    angles = phi[..., None] * d
-    return np.cos(angles).mean(-1), np.sin(angles).mean(-1)
+def distance_weights(span: int, harmonic: bool) -> np.ndarray:
+    """Weights of relative distances 0 … span−1: uniform, or ∝ 1/(d + 1) (attention
+    falls off with distance, so near tokens meet most queries' weight)."""
+    w = 1.0 / np.arange(1, span + 1) if harmonic else np.ones(span)
+    return w / w.sum()
+
+
+def _mean_rotation(phi: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(weighted mean cos, mean sin) of phi·d over d = 0 … span−1, elementwise in phi."""
+    angles = phi[..., None] * np.arange(weights.size, dtype=np.float64)
+    return np.cos(angles) @ weights, np.sin(angles) @ weights
 
 
 def position_averaged_metric(moments: np.ndarray, perm: np.ndarray, theta: np.ndarray,
-                             amp: np.ndarray, span: int = DEFAULT_SPAN) -> np.ndarray:
+                             amp: np.ndarray, span: int = DEFAULT_SPAN,
+                             harmonic: bool = DEFAULT_HARMONIC) -> np.ndarray:
     """E_d[R(dθ)·M·R(−dθ)] for second moments ``moments`` (..., D, D) in the model's dim
     order; RoPE pair i is dims perm[2i], perm[2i+1], turning by θᵢ per position.
 
@@ -94,8 +104,9 @@ def position_averaged_metric(moments: np.ndarray, perm: np.ndarray, theta: np.nd
     a, b, c, d = x[..., 0, 0], x[..., 0, 1], x[..., 1, 0], x[..., 1, 1]
     cp, cq = (a + d) / 2, (c - b) / 2  # C = cp·I + cq·[[0,-1],[1,0]]
     sr, ss = (a - d) / 2, (b + c) / 2  # S = sr·diag(1,-1) + ss·[[0,1],[1,0]]
-    cos_m, sin_m = _mean_rotation(theta[:, None] - theta[None, :], span)
-    cos_p, sin_p = _mean_rotation(-theta[:, None] - theta[None, :], span)
+    weights = distance_weights(span, harmonic)
+    cos_m, sin_m = _mean_rotation(theta[:, None] - theta[None, :], weights)
+    cos_p, sin_p = _mean_rotation(-theta[:, None] - theta[None, :], weights)
     # C·R̄(φ) with R̄ = [[c,-s],[s,c]]: rotation-like again, angle adds.
     c0, c1 = cp * cos_m - cq * sin_m, cp * sin_m + cq * cos_m
     # S·R̄(φ): reflection-like again.

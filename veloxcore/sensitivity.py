@@ -133,10 +133,13 @@ def load_sensitivity(directory: str | Path) -> LayerSensitivity | None:
 
 
 # ------------------------------------------------------------------ measuring
-def probe_specs(query_aware: bool, head_dim: int) -> dict[str, dict[float, str]]:
-    """Method specs of the probes (the default configuration's modifiers; value groups of
-    64 where head_dim allows, else 32)."""
-    common = ("+qa" if query_aware else "") + "+ad+x1.5+vh"
+def probe_specs(query_aware: bool, head_dim: int,
+                query_metric: bool = False) -> dict[str, dict[float, str]]:
+    """Method specs of the probes (the default configuration's modifiers: the
+    metric-weighted key basis where calibrated, else query-aware bits where calibrated;
+    value groups of 64 where head_dim allows, else 32)."""
+    keys = "+qm" if query_metric else "+qa" if query_aware else ""
+    common = keys + "+ad+x1.5+vh"
     g = 64 if head_dim % 64 == 0 else 32
     return {"keys": {b: f"spectral:wf{b:g}/a8g{g}{common}" for b in KEY_PROBE_BITS},
             "values": {b: f"spectral:wf5/a{b}g{g}{common}" for b in VALUE_PROBE_BITS}}
@@ -182,7 +185,8 @@ def measure_layer_sensitivity(model, rotations, token_ids, chunk: int = 512,
     reference = log_probs([KVCache() for _ in range(layers)])
     weights = mx.exp(reference)
     mx.eval(reference, weights)
-    specs = probe_specs(rotations.has_key_importance, rotations[0].head_dim)
+    specs = probe_specs(rotations.has_key_importance, rotations[0].head_dim,
+                        rotations.has_key_metric)
     total = layers * sum(len(v) for v in specs.values())
     done = 0
     costs = {"keys": {}, "values": {}}
