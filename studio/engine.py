@@ -196,7 +196,7 @@ class Engine(QObject):
         """Stream a chat reply (job "generate"; see ``studio.jobs.generate``).
 
         cache: "fp16" (or None), a method spec such as "affine4" or
-        "spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh+la", "spectral" (the default spectral
+        "spectral:wf3/a4g64+qm+ad+x1.5+vh+la", "spectral" (the default spectral
         configuration), or
         ``{"bit_plan": plan, "token_scale": bool, "label": str}`` for a Bits view plan
         (its ``value_method`` may say "affine", see ``measure``). Progress

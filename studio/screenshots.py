@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     shoot("bits")
 
     chat = window.chat_view
-    chat.set_method("spectral", "spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh+la")
+    chat.set_method("spectral", "spectral:wf3/a4g64+qm+ad+x1.5+vh+la")
     chat.max_tokens_spin.setValue(24)
     window.show_view("Chat")
     for text, compare in CHAT:

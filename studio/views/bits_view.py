@@ -194,7 +194,7 @@ class BitsView(QWidget):
             "How values are coded. Spectral: in their eigenbasis with the bits planned here. "
             "Affine: mlx's group-wise affine quantisation (per group of 64 dims an fp16 scale "
             "and bias; 4.5 bits/elem at 4 bits), as the measured best configurations and the "
-            "chat's default (spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh) do; the value target is "
+            "chat's default (spectral:wf3/a4g64+qm+ad+x1.5+vh+la) do; the value target is "
             "then unused and there is no spectral prediction.")
         form.addRow("Keys", self._row(self.key_slider, self.key_label))
         form.addRow("", self.water_check)
