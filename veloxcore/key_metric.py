@@ -3,9 +3,10 @@
 A key enters attention only through scores q·k. For a pre-RoPE key error e, the score
 error against a query d tokens later is qᵀ·R(−dθ)·e, so the error that matters is
 eᵀ·M·e with M = E_d E_q[R(dθ)·q·qᵀ·R(−dθ)]: the queries' second moment averaged over
-relative positions (weighted ∝ 1/(d + 1): near tokens carry most attention). Pairs that RoPE turns fast average out to their pair energy (what
-``key_importance`` assumes), but slow pairs barely turn even over thousands of tokens,
-so cross terms between them survive — and keys keep most of their energy there.
+relative positions (weighted ∝ 1/(d + 1): near tokens carry most attention). Pairs that
+RoPE turns fast average out to their pair energy (what ``key_importance`` assumes), but
+slow pairs barely turn even over thousands of tokens, so cross terms between them survive
+— and keys keep most of their energy there.
 
 Coding the whitened key M^½·(k − μ) in its own PCA basis gives independent coefficient
 errors whose squares add up to exactly that score error, and by Hadamard's inequality
