@@ -242,6 +242,10 @@ def test_distributed_two_ranks_equal_one(tmp_path):
             for h in range(va.shape[0]):
                 dots = np.abs(np.sum(ea[h, :, :3] * eb[h, :, :3], axis=0))
                 np.testing.assert_allclose(dots, 1.0, atol=1e-3)
+        # The query statistics are summed over ranks too.
+        np.testing.assert_allclose(a.key_importance, b.key_importance, rtol=1e-4)
+        np.testing.assert_allclose(a.key_metric, b.key_metric, rtol=1e-4,
+                                   atol=1e-5 * np.abs(a.key_metric).max())
 
 
 @pytest.mark.parametrize("traditional", [True, False])
