@@ -182,3 +182,20 @@ def test_metric_cache_needs_the_metric(tiny):
         dataclasses.replace(rot, key_metric=None) for rot in rotations])
     with pytest.raises(CacheConfigError, match="query metric"):
         KVCacheBuilder.build(model, parse_method("spectral:wf3/a4+qm", old))
+
+
+def test_metric_basis_is_kept_per_rotation_until_its_arrays_change(tiny):
+    from veloxcore.caches import key_metric_basis
+
+    _, _, rotations, _ = tiny
+    rot = rotations[0]
+    first = key_metric_basis(rot)
+    assert key_metric_basis(rot) is first
+    rot.key_metric = rot.key_metric * 2.0  # a new array: the basis is recomputed
+    try:
+        again = key_metric_basis(rot)
+        assert again is not first
+        # M and 2·M give the same normalised metric, hence the same basis
+        np.testing.assert_allclose(again[1], first[1], rtol=1e-6, atol=1e-8)
+    finally:
+        rot.key_metric = rot.key_metric / 2.0

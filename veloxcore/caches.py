@@ -993,8 +993,14 @@ def key_metric_basis(rotation) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                                "version)")
     if rotation.rope_mode != "pre":
         raise CacheConfigError("a metric-weighted key basis (+qm) needs pre-RoPE rotations")
-    return metric_basis(rotation.key_eigenvalues, rotation.key_eigenvectors,
-                        rotation.key_metric)
+    # Kept on the rotation (a chat builds a cache per reply; the eigendecompositions cost
+    # ~10 ms a layer), valid while it still holds the same arrays.
+    sources = (rotation.key_eigenvalues, rotation.key_eigenvectors, rotation.key_metric)
+    cached = getattr(rotation, "_metric_basis", None)
+    if cached is None or any(a is not b for a, b in zip(cached[0], sources, strict=True)):
+        cached = (sources, metric_basis(*sources))
+        rotation._metric_basis = cached
+    return cached[1]
 
 
 def _key_adaptation(rotation, config: KVCacheConfig) -> PlanAdaptation | None:
