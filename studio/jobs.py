@@ -169,8 +169,13 @@ def load_bundle(state, job, directory: str):
 
 
 def rotation_summary(rotations, state, source: str) -> dict:
-    """What views see of rotations: eigenvalues (layers × heads × head_dim) and the record."""
+    """What views see of rotations: eigenvalues (layers × heads × head_dim), the spectra of
+    the score-weighted key basis (+qm; None without the query metric) and the record."""
+    from veloxcore.caches import key_metric_basis
+
     first = rotations[0]
+    scored = (np.stack([key_metric_basis(r)[0] for r in rotations]).astype(np.float64)
+              if rotations.has_key_metric else None)
     return {
         "source": source,
         "num_layers": len(rotations),
@@ -188,6 +193,7 @@ def rotation_summary(rotations, state, source: str) -> dict:
         "context_length": state.info.context_length if state.info is not None else None,
         "key_eigenvalues": np.stack([r.key_eigenvalues for r in rotations]).astype(np.float64),
         "value_eigenvalues": np.stack([r.value_eigenvalues for r in rotations]).astype(np.float64),
+        "key_metric_spectra": scored,
         "bit_plan": None,
     }
 

@@ -126,6 +126,26 @@ def test_calibrate_inspect_allocate_export_and_reload(qtbot, studio, tmp_path):
     spectrum.set_part("values")
     assert "Values" in spectrum.eig_item.titleLabel.text
     assert bits.layer_spin.value() == 7  # the selected layer follows across views
+    # The score-weighted key spectra (+qm) the default configuration water-fills on.
+    assert summary["key_metric_spectra"].shape == (30, 3, 64)
+    assert spectrum.parts == ["keys", "values", "scored"]
+    assert not spectrum.part_buttons["scored"].isHidden()
+    spectrum.set_part("scored")
+    assert "score-weighted" in spectrum.eig_item.titleLabel.text
+    np.testing.assert_allclose(
+        spectrum.pr_bars["scored"].opts["height"],
+        engine.participation_ratio(summary["key_metric_spectra"]).mean(axis=1))
+    spectrum.head_combo.setCurrentIndex(spectrum.head_combo.findData(0))
+    scored7 = summary["key_metric_spectra"][7, 0]  # the plot's y axis is log10
+    np.testing.assert_allclose(curve_y(spectrum.curves[0]),
+                               np.log10(np.maximum(scored7, scored7.max() * 1e-10)),
+                               rtol=1e-6, atol=1e-9)
+    without = dict(summary, key_metric_spectra=None)  # rotations calibrated before +qm
+    spectrum.set_summary(without)
+    assert spectrum.part == "keys" and spectrum.part_buttons["scored"].isHidden()
+    assert not spectrum.pr_bars["scored"].isVisible()
+    spectrum.set_summary(summary)
+    spectrum.set_part("values")
 
     # ---- bits: the slider moves the plan, the error and the memory readout ------
     window.show_view("Bits")

@@ -30,15 +30,21 @@ pg.setConfigOptions(antialias=True, background="w", foreground="#303030")
 
 KEY_COLOR = "#2f6db5"
 VALUE_COLOR = "#d9731c"
-PART_COLORS = {"keys": KEY_COLOR, "values": VALUE_COLOR}
-PART_LABELS = {"keys": "Keys", "values": "Values"}
+SCORED_COLOR = "#1b8a6b"
+# "scored": keys in the score-weighted basis the default configuration codes them in (+qm).
+PART_COLORS = {"keys": KEY_COLOR, "values": VALUE_COLOR, "scored": SCORED_COLOR}
+PART_LABELS = {"keys": "Keys", "values": "Values", "scored": "Keys, score-weighted"}
 # Per-head shades of each part's colour (up to 8 heads get distinct lines).
 HEAD_SHADES = {
     "keys": ["#1f4e8c", "#2f6db5", "#5b93d6", "#8fb6e6",
              "#15365f", "#3d7fc9", "#6fa3dd", "#a9c7ec"],
     "values": ["#a4520f", "#d9731c", "#f09a4a", "#f5bd85",
                "#7a3c0a", "#e3852e", "#f2ab66", "#f8cfa2"],
+    "scored": ["#0f5c47", "#1b8a6b", "#3fb08f", "#7fcfb5",
+               "#0a4033", "#27a07d", "#5fc2a3", "#a3ddca"],
 }
+SUMMARY_KEYS = {"keys": "key_eigenvalues", "values": "value_eigenvalues",
+                "scored": "key_metric_spectra"}
 GAP_COLOR = "#7a2e8e"
 SELECT_BRUSH = (255, 210, 80, 70)
 
@@ -67,12 +73,13 @@ def styled_plot(title: str | None = None, left: str | None = None,
     return widget
 
 
-def part_toggle(parent: QWidget) -> tuple[QButtonGroup, dict[str, QPushButton]]:
-    """Exclusive Keys / Values buttons."""
+def part_toggle(parent: QWidget, parts: tuple[str, ...] = ("keys", "values")
+                ) -> tuple[QButtonGroup, dict[str, QPushButton]]:
+    """Exclusive Keys / Values (/ …) buttons."""
     group = QButtonGroup(parent)
     group.setExclusive(True)
     buttons = {}
-    for i, part in enumerate(("keys", "values")):
+    for i, part in enumerate(parts):
         button = QPushButton(PART_LABELS[part])
         button.setCheckable(True)
         button.setChecked(i == 0)
@@ -144,7 +151,13 @@ class SpectrumView(QWidget):
         self.head_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
         self.head_combo.setMinimumWidth(130)
         self.head_combo.setToolTip("One KV head, every head as its own curve, or the mean")
-        self.part_group, self.part_buttons = part_toggle(self)
+        self.part_group, self.part_buttons = part_toggle(self, ("keys", "values", "scored"))
+        self.part_buttons["scored"].setToolTip(
+            "Keys as the default configuration codes them (+qm): whitened by the score-error "
+            "metric (the queries' second moment averaged over relative positions) before PCA, "
+            "so each component's variance is the score error it can cause. Needs rotations "
+            "calibrated with this version.")
+        self.part_buttons["scored"].hide()
         controls = QHBoxLayout()
         controls.addWidget(QLabel("Layer"))
         controls.addWidget(self.layer_spin)
@@ -169,10 +182,7 @@ class SpectrumView(QWidget):
         self.gap_lines: list[pg.InfiniteLine] = []
 
         # Participation ratio per layer: keys and values side by side.
-        self.pr_plot = styled_plot(
-            "Participation ratio per layer: " + legend_html(("keys", "■ keys"),
-                                                            ("values", "■ values"))
-            + " (click a bar to select its layer)", "effective dims", "layer")
+        self.pr_plot = styled_plot("", "effective dims", "layer")
         self.pr_plot.setToolTip("(Σλ)² / Σλ²: the effective number of dimensions of each "
                                 "KV head's spectrum, averaged over heads")
         self.pr_item = self.pr_plot.getPlotItem()
@@ -181,10 +191,9 @@ class SpectrumView(QWidget):
         self.selection_band.setZValue(-10)
         self.pr_item.addItem(self.selection_band)
         self.pr_bars = {}
-        for part, offset in (("keys", -0.2), ("values", 0.2)):
+        for part in ("keys", "values", "scored"):
             bars = pg.BarGraphItem(x=[], height=[], width=0.38, brush=PART_COLORS[part],
                                    pen=pg.mkPen(None), name=PART_LABELS[part])
-            bars.offset = offset
             self.pr_item.addItem(bars)
             self.pr_bars[part] = bars
         self.pr_plot.scene().sigMouseClicked.connect(self._on_pr_click)
@@ -236,19 +245,31 @@ class SpectrumView(QWidget):
     # ---- data -----------------------------------------------------------
     @property
     def part(self) -> str:
-        return "keys" if self.part_buttons["keys"].isChecked() else "values"
+        return next(p for p, b in self.part_buttons.items() if b.isChecked())
+
+    @property
+    def parts(self) -> list[str]:
+        """The parts this summary has (score-weighted keys need the query metric)."""
+        if self.summary is None:
+            return []
+        return [p for p, key in SUMMARY_KEYS.items() if self.summary.get(key) is not None]
 
     def set_part(self, part: str) -> None:
         self.part_buttons[part].setChecked(True)
         self._draw_all()
 
     def eigenvalues(self, part: str | None = None) -> np.ndarray:
-        return self.summary[f"{'key' if (part or self.part) == 'keys' else 'value'}_eigenvalues"]
+        return self.summary[SUMMARY_KEYS[part or self.part]]
 
     def set_summary(self, summary: dict) -> None:
         self.summary = summary
         heads = summary["num_kv_heads"]
-        for part in ("keys", "values"):
+        scored = "scored" in self.parts
+        self.part_buttons["scored"].setVisible(scored)
+        if not scored and self.part == "scored":
+            self.part_buttons["keys"].setChecked(True)
+        self.participation, self.gaps, self.mean_gaps = {}, {}, {}
+        for part in self.parts:
             lam = self.eigenvalues(part)
             self.participation[part] = self.engine.participation_ratio(lam)
             self.gaps[part] = self.engine.spectral_gap(lam)
@@ -362,10 +383,22 @@ class SpectrumView(QWidget):
 
     def _draw_participation(self) -> None:
         layers = np.arange(self.summary["num_layers"])
+        parts = self.parts
+        width = 0.76 / len(parts)
         for part, bars in self.pr_bars.items():
-            bars.setOpts(x=layers + bars.offset, height=self.participation[part].mean(axis=1))
+            if part not in parts:
+                bars.setOpts(x=[], height=[])
+                bars.hide()
+                continue
+            offset = (parts.index(part) - (len(parts) - 1) / 2) * width
+            bars.setOpts(x=layers + offset, height=self.participation[part].mean(axis=1),
+                         width=width * 0.95)
+            bars.show()
+        self.pr_item.setTitle("Participation ratio per layer: " + legend_html(
+            *((p, f"■ {PART_LABELS[p].lower()}") for p in parts))
+            + " (click a bar to select its layer)", size="10pt")
         self.pr_item.setXRange(-0.8, layers[-1] + 0.8, padding=0)
-        top = max(float(self.participation[p].mean(axis=1).max()) for p in self.pr_bars)
+        top = max(float(self.participation[p].mean(axis=1).max()) for p in parts)
         self.pr_item.setYRange(0, top * 1.12, padding=0)
 
     def _draw_heatmap(self) -> None:
