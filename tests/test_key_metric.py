@@ -199,3 +199,19 @@ def test_metric_basis_is_kept_per_rotation_until_its_arrays_change(tiny):
         np.testing.assert_allclose(again[1], first[1], rtol=1e-6, atol=1e-8)
     finally:
         rot.key_metric = rot.key_metric / 2.0
+
+
+def test_velox_inspect_prints_the_score_weighted_participation_ratio(tiny, tmp_path, capsys):
+    from veloxcore.cli import main
+    from veloxcore.spectral import compute_participation_ratio
+
+    _, _, rotations, _ = tiny
+    path = save_rotations(rotations, tmp_path / "b")
+    assert main(["inspect", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[1].split()
+    assert header[:5] == ["layer", "key", "PR", "value", "PR"] and "scored" in header
+    for rot, line in zip(rotations, lines[2:], strict=False):
+        spectrum = metric_basis(rot.key_eigenvalues, rot.key_eigenvectors, rot.key_metric)[0]
+        want = np.mean([compute_participation_ratio(s) for s in spectrum])
+        assert float(line.split()[3]) == pytest.approx(want, abs=0.006)

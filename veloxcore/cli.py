@@ -267,16 +267,28 @@ def cmd_inspect(args) -> int:
           f"head_dim {rotations[0].head_dim}, keys {rotations.rope_mode} RoPE, "
           f"{rotations.num_samples} × {rotations.sequence_length} tokens of "
           f"{rotations.corpus_name}")
-    print(f"{'layer':>5}  {'key PR':>7}  {'value PR':>8}  {'key gap':>9}  {'value gap':>9}  "
-          f"top key eigenvalues (mean over heads)")
+    # Keys in the score-weighted basis the default configuration codes them in (+qm).
+    scored = rotations.has_key_metric
+    if scored:
+        from .caches import key_metric_basis
+    print(f"{'layer':>5}  {'key PR':>7}  {'value PR':>8}  "
+          + (f"{'scored PR':>9}  " if scored else "")
+          + f"{'key gap':>9}  {'value gap':>9}  top key eigenvalues (mean over heads)")
     for rot in rotations:
         key_pr = np.mean([compute_participation_ratio(v) for v in rot.key_eigenvalues])
         value_pr = np.mean([compute_participation_ratio(v) for v in rot.value_eigenvalues])
+        scored_pr = ""
+        if scored:
+            pr = np.mean([compute_participation_ratio(v) for v in key_metric_basis(rot)[0]])
+            scored_pr = f"{pr:>9.2f}  "
         key_gap = "/".join(str(compute_spectral_gap(v)) for v in rot.key_eigenvalues)
         value_gap = "/".join(str(compute_spectral_gap(v)) for v in rot.value_eigenvalues)
         top = ", ".join(f"{x:.3g}" for x in rot.key_eigenvalues.mean(axis=0)[: args.top])
-        print(f"{rot.layer:>5}  {key_pr:>7.2f}  {value_pr:>8.2f}  {key_gap:>9}  {value_gap:>9}  "
-              f"{top}")
+        print(f"{rot.layer:>5}  {key_pr:>7.2f}  {value_pr:>8.2f}  {scored_pr}{key_gap:>9}  "
+              f"{value_gap:>9}  {top}")
+    if scored:
+        print("scored PR: participation ratio of the keys whitened by the score-error metric "
+              "(+qm, the default key basis)")
     return 0
 
 
