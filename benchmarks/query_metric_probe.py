@@ -23,8 +23,7 @@ from veloxcore.caches import parse_method
 from veloxcore.calibration import find_rope
 from veloxcore.corpus import load_corpus, sample_windows
 from veloxcore.evaluate import evaluate_methods, load_eval_text, results_table
-from veloxcore.kernels import rope_pairs
-from veloxcore.key_metric import RIDGE, metric_basis, position_averaged_metric
+from veloxcore.key_metric import RIDGE, metric_basis, position_averaged_metric, rope_pairs
 
 mx = __import__("mlx.core").core  # after veloxcore (OpenBLAS first)
 KVCache = __import__("mlx_lm.models.cache").models.cache.KVCache

@@ -428,14 +428,28 @@ def test_adapted_plan_is_what_the_kernels_code_and_attend(backend, values):
                                atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("tokens", [200, 4099])
-def test_metric_weighted_basis_kernels_match_reference(backend, tokens):
+@pytest.mark.parametrize("tokens,adapt", [(200, 0), (200, 16), (4099, 0)])
+def test_metric_weighted_basis_kernels_match_reference(backend, tokens, adapt):
     """+qm keys code through one matrix and decode through its inverse transpose: the
-    fused encoder and decode kernels take each from the right place."""
+    fused encoder and decode kernels take each from the right place (also once the plan
+    has adapted to the prompt, +ad: its mean shift goes through the decoder)."""
     if backend.startswith("emulated") and tokens > 1000:
         pytest.skip("too slow to emulate")
     rng = np.random.default_rng(21)
-    cache = make_cache(rng, 3, 64, "pre", "affine-rotated", True, metric=True)
+    cache = make_cache(rng, 3, 64, "pre", "affine-rotated", True, metric=True,
+                       adapt_prior=adapt)
+    if adapt:
+        keys, vals = random_kv(rng, cache, 120)
+        cache.update_and_fetch(keys + 0.7, vals)  # a shifted prompt: the mean moves
+        assert cache.adapted is not None
+        # The adapted mean moved by the blended coefficient shift decoded through G:
+        # coefficients about it are y − shift, with shift = Σy / (n + prior).
+        exact = np.array(cache.inverter(keys[..., 4:, :] + 0.7, 4), dtype=np.float64)
+        enc = np.array(cache.key_basis, dtype=np.float64)
+        y = np.einsum("bhtd,hdm->bhtm", exact - np.array(cache.calibrated_plan[0]), enc)
+        about_adapted = np.einsum("bhtd,hdm->bhtm", exact - np.array(cache.key_mean), enc)
+        shift = y.sum(axis=2, keepdims=True) / (y.shape[2] + adapt)
+        np.testing.assert_allclose(about_adapted, y - shift, atol=2e-4 * np.abs(y).max())
     assert not np.allclose(np.array(cache.key_basis), np.array(cache.key_decoder))
     keys, vals = random_kv(rng, cache, tokens)
     cache.use_kernels("reference")

@@ -210,6 +210,7 @@ def test_measure_overlays_measured_on_predicted_and_the_report_exports(studio, t
         assert png.stat().st_size > 5_000 and png.read_bytes()[:4] == b"\x89PNG"
         assert f"({chart})" in report
     assert "## Model" in report and "SmolLM2" in report and "## Bit plan" in report
+    assert "| Score-weighted keys PR |" in report  # the shipped bundle has the metric
     assert "## Measured" in report and "earlier plan" in report
     assert json.loads((tmp_path / "report" / "bit_plan.json").read_text())["key_avg_bits"] == 2.0
     assert not window.error_dialogs

@@ -182,10 +182,13 @@ def read_manifest(directory: str | Path) -> dict:
 def _optional_tensor(root: Path, tensors: dict, name: str, shape: tuple) -> np.ndarray | None:
     """An optional tensor of the bundle, checked: None if absent."""
     array = tensors.get(name)
-    if array is not None and (array.shape != shape or array.dtype != np.float32
-                              or not np.all(np.isfinite(array))):
+    if array is None:
+        return None
+    if array.shape != shape or array.dtype != np.float32:
         raise BundleError(f"{root / TENSORS}: tensor {name!r} has shape {array.shape} "
-                          f"{array.dtype} or non-finite values, expected {shape} float32")
+                          f"{array.dtype}, expected {shape} float32")
+    if not np.all(np.isfinite(array)):
+        raise BundleError(f"{root / TENSORS}: tensor {name!r} has NaN/inf values")
     return array
 
 
@@ -236,6 +239,10 @@ def load_cached_rotations(directory: str | Path, model=None,
                                       (heads, dim))
         metric = _optional_tensor(root, tensors, _tensor_name(layer, "keys", "metric"),
                                   (heads, dim, dim))
+        if metric is not None and calib["rope_mode"] != "pre":
+            raise BundleError(f"{root / TENSORS}: tensor "
+                              f"{_tensor_name(layer, 'keys', 'metric')!r} belongs to pre-RoPE "
+                              f"keys, but this bundle's keys are {calib['rope_mode']}-RoPE")
         layers.append(SpectralRotation(
             layer, dim, calib["rope_mode"], int(calib.get("token_count", 0)),
             parts[("keys", "eigenvalues")], parts[("keys", "eigenvectors")],

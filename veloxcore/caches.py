@@ -428,7 +428,9 @@ def _adapted_plan(adaptation: PlanAdaptation, moments: np.ndarray, count: int,
 
 
 class SpectralKVCache(CodedKVCache):
-    """Keys and values coded in their calibrated eigenbases.
+    """Keys and values coded in their calibrated bases (eigenbases; for keys with +qm the
+    metric-weighted basis, coded through ``key_vectors`` and decoded through
+    ``key_decoder``).
 
     rope_mode "pre": arriving (post-RoPE) keys are un-rotated by the layer's RoPE
     module, coded, and RoPE is re-applied to what is decoded — no attention code
@@ -930,6 +932,7 @@ def _key_spectra(rotation, config: KVCacheConfig) -> np.ndarray:
     """What key bits are water-filled on: eigenvalues, × query importance with +qa, the
     metric-weighted spectrum with +qm."""
     if config.query_metric:
+        _check_query_metric(config)
         return key_metric_basis(rotation)[0]
     if not config.query_aware:
         return rotation.key_eigenvalues
@@ -983,6 +986,15 @@ def _value_rotation(rotation, config: KVCacheConfig) -> np.ndarray | None:
         raise CacheConfigError("+vh rotates affine values (spectral:wfN/aB...); spectral "
                                "values are already coded in their own basis")
     return value_rotation(rotation.head_dim)
+
+
+def _check_query_metric(config: KVCacheConfig) -> None:
+    if config.query_aware:
+        raise CacheConfigError("+qm and +qa exclude each other: the metric-weighted basis "
+                               "already weighs each direction by the queries (use one)")
+    if config.bit_plan is not None:
+        raise CacheConfigError("a bit plan gives widths per eigen-direction; the "
+                               "metric-weighted basis (+qm) has directions of its own")
 
 
 def key_metric_basis(rotation) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1048,6 +1060,7 @@ def _spectral_cache(model, config: KVCacheConfig, layer: int, keys_global=None):
                     if config.value_method == "affine" else None)
     key_vectors, key_spectrum, key_decoder = rot.key_eigenvectors, rot.key_eigenvalues, None
     if config.query_metric:
+        _check_query_metric(config)
         key_spectrum, key_vectors, key_decoder = key_metric_basis(rot)
     cache = SpectralKVCache(key_vectors, scales(key_spectrum), key_bits,
                             rot.value_eigenvectors, scales(rot.value_eigenvalues), value_bits,

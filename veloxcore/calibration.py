@@ -103,8 +103,9 @@ class SpectralRotations:
 
     @property
     def has_key_metric(self) -> bool:
-        """Whether every layer carries the query metric (+qm)."""
-        return bool(self.layers) and all(r.key_metric is not None for r in self.layers)
+        """Whether every layer carries the query metric (+qm; pre-RoPE keys only)."""
+        return (bool(self.layers) and self.rope_mode == "pre"
+                and all(r.key_metric is not None for r in self.layers))
 
     @property
     def has_key_importance(self) -> bool:
@@ -205,7 +206,7 @@ class CovarianceCapture:
 
 
 class QueryPairEnergy(nn.Module):
-    """Wraps a layer's q_proj during calibration and sums each query head's energy per
+    """Wraps a layer's q_proj (or q_norm) during calibration and sums each query head's energy per
     RoPE pair, Σ|q_pair|² (RoPE rotates within pairs, so these energies are the same
     before and after RoPE, at every position), and each KV head's query group's second
     moment Σ q·qᵀ (pre-RoPE; veloxcore.key_metric averages it over positions)."""
@@ -218,23 +219,20 @@ class QueryPairEnergy(nn.Module):
         self.head_dim, self.traditional = head_dim, traditional
         self.energy = mx.zeros((heads, head_dim // 2), dtype=mx.float32)
         self.moment = mx.zeros((kv_heads, head_dim, head_dim), dtype=mx.float32)
-        self.count = 0
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.inner(x)
-        B, L, _ = y.shape
+        B, L = y.shape[:2]  # (B, L, H·D) from q_proj, (B, L, H, D) from q_norm
         q = y.reshape(B, L, self.heads, self.head_dim).astype(mx.float32)
         self.energy = self.energy + pair_energy(q, self.traditional).sum(axis=(0, 1))
         # mlx-lm repeats KV head h for query heads h·G … h·G + G − 1.
         grouped = q.reshape(B * L, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
         self.moment = self.moment + mx.einsum("nhgd,nhge->hde", grouped, grouped)
-        self.count += B * L
         return y
 
     def reset(self) -> None:
         self.energy = mx.zeros_like(self.energy)
         self.moment = mx.zeros_like(self.moment)
-        self.count = 0
 
 
 def pair_energy(x: mx.array, traditional: bool) -> mx.array:
@@ -281,15 +279,19 @@ def _install_query_recorders(model) -> list[QueryPairEnergy] | None:
     for attn, layer in zip(attns, model.layers, strict=True):
         rope = find_rope(layer)
         traditional = bool(getattr(rope, "traditional", getattr(args, "rope_traditional", False)))
-        recorder = QueryPairEnergy(attn.q_proj, heads, kv_heads, head_dim, traditional)
-        attn.q_proj = recorder
+        # Queries as RoPE receives them: after a per-head q_norm where the model has one
+        # (Qwen3, Gemma 3, OLMo 2…), as the keys are taken after k_norm.
+        name = "q_norm" if isinstance(getattr(attn, "q_norm", None), nn.Module) else "q_proj"
+        recorder = QueryPairEnergy(getattr(attn, name), heads, kv_heads, head_dim, traditional)
+        recorder.attribute = name
+        setattr(attn, name, recorder)
         recorders.append(recorder)
     return recorders
 
 
 def _remove_query_recorders(model, recorders) -> None:
     for layer, recorder in zip(model.layers, recorders or [], strict=False):
-        layer.self_attn.q_proj = recorder.inner
+        setattr(layer.self_attn, recorder.attribute, recorder.inner)
 
 
 def _rows(x: mx.array) -> mx.array:

@@ -135,7 +135,8 @@ class SpectralKernels:
         if self.pre:
             self.perm, theta, amp = rope_pairs(cache.rope, D)
             self.rope = mx.array(np.concatenate([theta, amp]))
-            # basis_t[h, m, j] = U[h, perm[j], column m]: coefficients -> pair-ordered dims
+            # basis_t[h, m, j] = G[h, perm[j], column m] (G: the decoder, U unless +qm):
+            # coefficients -> pair-ordered dims
             # (the scalar path's fp32 copy; the tensor-core path reads basis_mma).
             self.basis_t = (mx.zeros((1,), mx.float32) if self.mma else
                             mx.array(compact[:, self.perm, :].transpose(0, 2, 1)
@@ -153,7 +154,7 @@ class SpectralKernels:
             self.rope = mx.zeros((D,), mx.float32)
             self.basis_t = mx.zeros((1,), mx.float32)
             self.key_mean_pairs = mx.zeros((1,), mx.float32)
-            # Post-RoPE: q' = q · U[:, columns] (H, D, r); bias q · mean.
+            # Post-RoPE: q' = q · G[:, columns] (H, D, r); bias q · mean.
             self.query_basis = mx.array(compact.astype(np.float32))
             self.key_mean_orig = mx.array(mean.astype(np.float32))
             self.encode_basis = mx.array(basis.astype(np.float32))

@@ -17,6 +17,8 @@ with G = M^-½·U (k = μ + c·Gᵀ).
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -82,17 +84,31 @@ def distance_weights(span: int, harmonic: bool) -> np.ndarray:
     return w / w.sum()
 
 
-def _mean_rotation(phi: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(weighted mean cos, mean sin) of phi·d over d = 0 … span−1, elementwise in phi."""
-    angles = phi[..., None] * np.arange(weights.size, dtype=np.float64)
-    return np.cos(angles) @ weights, np.sin(angles) @ weights
+@functools.lru_cache(maxsize=8)
+def _mean_rotations(theta: tuple[float, ...], span: int, harmonic: bool):
+    """(cos, sin) weighted means over d of (θⱼ − θₗ)·d and (−θⱼ − θₗ)·d, each (P, P):
+    the same for every layer of a model, so computed once; summed in chunks of
+    distances to keep memory at P²·CHUNK."""
+    t = np.asarray(theta, dtype=np.float64)
+    weights = distance_weights(span, harmonic)
+    out = []
+    for phi in (t[:, None] - t[None, :], -t[:, None] - t[None, :]):
+        cos, sin = np.zeros_like(phi), np.zeros_like(phi)
+        for start in range(0, span, 1024):
+            d = np.arange(start, min(start + 1024, span), dtype=np.float64)
+            angles = phi[..., None] * d
+            cos += np.cos(angles) @ weights[start: start + d.size]
+            sin += np.sin(angles) @ weights[start: start + d.size]
+        out += [cos, sin]
+    return tuple(out)
 
 
 def position_averaged_metric(moments: np.ndarray, perm: np.ndarray, theta: np.ndarray,
                              amp: np.ndarray, span: int = DEFAULT_SPAN,
                              harmonic: bool = DEFAULT_HARMONIC) -> np.ndarray:
     """E_d[R(dθ)·M·R(−dθ)] for second moments ``moments`` (..., D, D) in the model's dim
-    order; RoPE pair i is dims perm[2i], perm[2i+1], turning by θᵢ per position.
+    order; RoPE pair i is dims perm[2i], perm[2i+1], turning by θᵢ per position and
+    scaled by amp_i (on queries and keys alike).
 
     Each 2×2 block X of pairs (j, l) splits into a rotation-like part C (commutes with
     rotations) and a reflection-like part S (R(a)·S = S·R(−a)), so the average is
@@ -105,9 +121,8 @@ def position_averaged_metric(moments: np.ndarray, perm: np.ndarray, theta: np.nd
     a, b, c, d = x[..., 0, 0], x[..., 0, 1], x[..., 1, 0], x[..., 1, 1]
     cp, cq = (a + d) / 2, (c - b) / 2  # C = cp·I + cq·[[0,-1],[1,0]]
     sr, ss = (a - d) / 2, (b + c) / 2  # S = sr·diag(1,-1) + ss·[[0,1],[1,0]]
-    weights = distance_weights(span, harmonic)
-    cos_m, sin_m = _mean_rotation(theta[:, None] - theta[None, :], weights)
-    cos_p, sin_p = _mean_rotation(-theta[:, None] - theta[None, :], weights)
+    key = tuple(float(t) for t in np.asarray(theta, dtype=np.float64))
+    cos_m, sin_m, cos_p, sin_p = _mean_rotations(key, span, harmonic)
     # C·R̄(φ) with R̄ = [[c,-s],[s,c]]: rotation-like again, angle adds.
     c0, c1 = cp * cos_m - cq * sin_m, cp * sin_m + cq * cos_m
     # S·R̄(φ): reflection-like again.
@@ -115,7 +130,9 @@ def position_averaged_metric(moments: np.ndarray, perm: np.ndarray, theta: np.nd
     out = np.empty_like(x)
     out[..., 0, 0], out[..., 1, 1] = c0 + s0, c0 - s0
     out[..., 0, 1], out[..., 1, 0] = -c1 + s1, c1 + s1
-    out *= (amp[:, None] * amp[None, :])[..., None, None]
+    # RoPE scales the query and the key alike: pair j's score term carries amp_j².
+    amp2 = np.asarray(amp, dtype=np.float64) ** 2
+    out *= (amp2[:, None] * amp2[None, :])[..., None, None]
     pair_order = out.swapaxes(-3, -2).reshape(*m.shape)
     result = np.empty_like(pair_order)
     result[..., perm[:, None], perm[None, :]] = pair_order

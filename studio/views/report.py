@@ -101,13 +101,18 @@ def write_report(window, directory: str | Path) -> Path:
                   "![Participation ratio per layer (effective dimensions)](participation.png)",
                   ""]
         rows = []
+        scored = "scored" in spectrum.parts  # keys in the score-weighted basis (+qm)
+        pr_parts = ("keys", "values", "scored") if scored else ("keys", "values")
         for li in range(summary["num_layers"]):
-            rows.append([li] + [f"{spectrum.participation[p][li].mean():.1f}"
-                                for p in ("keys", "values")]
+            rows.append([li] + [f"{spectrum.participation[p][li].mean():.1f}" for p in pr_parts]
                         + [int(spectrum.mean_gaps[p][li]) for p in ("keys", "values")])
-        lines += _table(["Layer", "Keys PR", "Values PR", "Keys gap", "Values gap"], rows)
+        lines += _table(["Layer", "Keys PR", "Values PR"]
+                        + (["Score-weighted keys PR"] if scored else [])
+                        + ["Keys gap", "Values gap"], rows)
         lines += ["", "PR: participation ratio (Σλ)²/Σλ², mean over KV heads; gap: leading "
-                      "components holding 99 % of the head-mean spectrum's energy.", ""]
+                      "components holding 99 % of the head-mean spectrum's energy."
+                  + (" Score-weighted keys: whitened by the score-error metric, the basis the "
+                     "default configuration codes keys in (+qm)." if scored else ""), ""]
 
         plan = bits.bit_plan()
         (root / "bit_plan.json").write_text(json.dumps(plan, indent=1))
