@@ -118,6 +118,15 @@ def test_file_round_trip_and_clear_errors(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(SensitivityError, match="'tokens'"):
         load_sensitivity(tmp_path)
+    data = s.to_json()
+    data["key_basis"] = "pca"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SensitivityError, match="'key_basis' must be one of 'qm', 'qa', "
+                                               "'eigen', not 'pca'"):
+        load_sensitivity(tmp_path)
+    del data["key_basis"]  # files from before it was recorded
+    path.write_text(json.dumps(data))
+    assert load_sensitivity(tmp_path).key_basis == ""
     with pytest.raises(SensitivityError, match="no such bundle directory"):
         save_sensitivity(s, tmp_path / "missing")
 
@@ -142,7 +151,7 @@ def test_measured_costs_are_single_layer_kl_on_the_text(tiny):
     s = run_sensitivity(model, rotations, ids, chunk=64,
                         progress=lambda *a: stages.append(a))
     assert [d for _, d, _ in stages] == list(range(1, 3 * 4 + 1))
-    assert s.num_layers == 3 and s.tokens == 128
+    assert s.num_layers == 3 and s.tokens == 128 and s.key_basis == "qm"
     # Recompute one entry independently: values at 3 bits in layer 1 only.
     spec = probe_specs(rotations.has_key_importance, 64, rotations.has_key_metric)["values"][3]
     assert "+qm" in spec  # calibrated with the query metric: the default key basis

@@ -247,7 +247,7 @@ def cmd_sensitivity(args) -> int:
     plan = allocate_layer_bits(sensitivity, 3.0, 4)
     print(f"+la at keys 3 / values 4 bits: keys {plan['keys']}, values {plan['values']}; "
           f"modelled KL {plan['predicted_kl']:.4f} vs {plan['uniform_kl']:.4f} uniform")
-    print(f"Wrote {path}", file=sys.stderr)
+    print(f"Wrote {path} (keys probed in the {sensitivity.key_basis} basis)", file=sys.stderr)
     return 0
 
 

@@ -39,6 +39,7 @@ FORMAT = "velox.layer-sensitivity"
 KEY_PROBE_BITS = (2.0, 3.0)
 VALUE_PROBE_BITS = (3, 4)
 AFFINE_VALUE_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize (and the fused kernels) take
+KEY_BASES = ("qm", "qa", "eigen", "")
 
 
 class SensitivityError(VeloxError):
@@ -53,6 +54,9 @@ class LayerSensitivity:
     values: dict[float, np.ndarray]
     tokens: int
     corpus_sha256: str = ""
+    # The key basis the probes coded in: "qm" (metric-weighted), "qa" (eigenbasis,
+    # query-aware bits), "eigen", or "" (not recorded: files from before it was).
+    key_basis: str = ""
 
     @property
     def num_layers(self) -> int:
@@ -60,7 +64,7 @@ class LayerSensitivity:
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": 1, "tokens": self.tokens,
-                "corpus_sha256": self.corpus_sha256,
+                "corpus_sha256": self.corpus_sha256, "key_basis": self.key_basis,
                 "keys": {str(b): v.tolist() for b, v in self.keys.items()},
                 "values": {str(b): v.tolist() for b, v in self.values.items()}}
 
@@ -97,7 +101,13 @@ class LayerSensitivity:
             tokens = int(data.get("tokens", 0))
         except (TypeError, ValueError):
             raise SensitivityError(f"{where}: 'tokens' must be a whole number") from None
-        return cls(parts["keys"], parts["values"], tokens, str(data.get("corpus_sha256", "")))
+        key_basis = data.get("key_basis", "")
+        if key_basis not in KEY_BASES:
+            raise SensitivityError(f"{where}: 'key_basis' must be one of "
+                                   f"{', '.join(repr(b) for b in KEY_BASES if b)}, not "
+                                   f"{key_basis!r}")
+        return cls(parts["keys"], parts["values"], tokens, str(data.get("corpus_sha256", "")),
+                   key_basis)
 
 
 def save_sensitivity(sensitivity: LayerSensitivity, directory: str | Path) -> Path:
@@ -202,7 +212,9 @@ def measure_layer_sensitivity(model, rotations, token_ids, chunk: int = 512,
                 done += 1
                 yield f"{part} at {bits:g} bits, layer {layer}", done, total
             costs[part][bits] = per_layer
-    return LayerSensitivity(costs["keys"], costs["values"], int(n), corpus_sha256)
+    basis = ("qm" if rotations.has_key_metric else "qa" if rotations.has_key_importance
+             else "eigen")
+    return LayerSensitivity(costs["keys"], costs["values"], int(n), corpus_sha256, basis)
 
 
 def run_sensitivity(model, rotations, token_ids, progress: Callable | None = None,
