@@ -42,11 +42,12 @@ class PreRopeKeyProbe(CodedKVCache):
         self.rope = find_rope(model.layers[layer])
         self.inverter = RopeInverter(self.rope, rotation.head_dim)
         self.basis = mx.array(rotation.key_eigenvectors)
+        self.decoder = self.basis  # decodes coefficients; another matrix for a skewed basis
         self.mean = mx.array(rotation.key_mean[None, :, None, :])
 
     def coefficients(self, keys, position):
         return (self.inverter(keys, position) - self.mean) @ self.basis
 
     def decode(self, parts, position):
-        keys = parts[0] @ self.basis.swapaxes(-1, -2) + self.mean
+        keys = parts[0] @ self.decoder.swapaxes(-1, -2) + self.mean
         return self.rope(keys, offset=position), parts[1]

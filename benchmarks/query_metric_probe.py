@@ -20,7 +20,7 @@ import numpy as np
 
 from veloxcore import caches, load, load_cached_rotations
 from veloxcore.caches import parse_method
-from veloxcore.calibration import find_rope
+from veloxcore.calibration import find_rope, install_query_recorders, remove_query_recorders
 from veloxcore.corpus import load_corpus, sample_windows
 from veloxcore.evaluate import evaluate_methods, load_eval_text, results_table
 from veloxcore.key_metric import RIDGE, metric_basis, position_averaged_metric, rope_pairs
@@ -32,38 +32,21 @@ BUNDLE = "assets/bundles/smollm2-135m-instruct-pre"
 
 
 def query_moments(model, tokenizer, samples: int, length: int) -> list[np.ndarray]:
-    """Per layer (kv_heads, D, D): Σ over each KV head's query group of E[q·qᵀ]."""
-    attn0 = model.layers[0].self_attn
-    Hq, H = attn0.n_heads, attn0.n_kv_heads
-    D = attn0.head_dim
-    sums = [np.zeros((H, D, D)) for _ in model.layers]
-    count = [0]
-
-    class Recorder:
-        def __init__(self, inner, layer):
-            self.inner, self.layer = inner, layer
-
-        def __call__(self, x):
-            y = self.inner(x)
-            B, L, _ = y.shape
-            q = y.reshape(B * L, H, Hq // H, D).astype(mx.float32)
-            m = mx.einsum("nhgd,nhge->hde", q, q)
-            sums[self.layer] += np.array(m, dtype=np.float64)
-            if self.layer == 0:
-                count[0] += B * L
-            return y
-
-    originals = [layer.self_attn.q_proj for layer in model.layers]
-    for i, layer in enumerate(model.layers):
-        layer.self_attn.q_proj = Recorder(layer.self_attn.q_proj, i)
+    """Per layer (kv_heads, D, D): Σ over each KV head's query group of E[q·qᵀ], recorded
+    by calibration's own query recorders (after q_norm where the model has one)."""
+    recorders = install_query_recorders(model)
+    sums = [np.zeros(r.moment.shape) for r in recorders]
+    windows = sample_windows(tokenizer.encode(load_corpus().text), samples, length)
     try:
-        ids = tokenizer.encode(load_corpus().text)
-        for window in sample_windows(ids, samples, length):
-            mx.eval(model(mx.array(window)[None], cache=[KVCache() for _ in model.layers]))
+        for window in windows:
+            model(mx.array(window)[None], cache=[KVCache() for _ in model.layers])
+            mx.eval([r.moment for r in recorders])
+            for total, recorder in zip(sums, recorders, strict=True):
+                total += np.array(recorder.moment, dtype=np.float64)
+                recorder.reset()
     finally:
-        for layer, q in zip(model.layers, originals, strict=True):
-            layer.self_attn.q_proj = q
-    return [s / count[0] for s in sums]
+        remove_query_recorders(model, recorders)
+    return [total / (len(windows) * length) for total in sums]
 
 
 def main() -> None:

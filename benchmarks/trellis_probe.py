@@ -20,12 +20,11 @@ import json
 import sys
 
 import numpy as np
-from probe_text import HeldOut
+from probe_text import HeldOut, PreRopeKeyProbe
 
 from veloxcore import caches as cache_module
 from veloxcore import load_cached_rotations
-from veloxcore.caches import CodedKVCache, KVCacheBuilder, key_metric_basis, parse_method
-from veloxcore.calibration import RopeInverter, find_rope
+from veloxcore.caches import KVCacheBuilder, key_metric_basis, parse_method
 from veloxcore.quantizers import DimCoder, lloyd_max_gaussian
 from veloxcore.spectral import water_fill_bits
 
@@ -109,30 +108,24 @@ class TrellisCoder(DimCoder):
         return codes
 
 
-class TrellisKeys(CodedKVCache):
-    """Keys in the metric-weighted pre-RoPE basis, coded by ``coder`` per head."""
+class TrellisKeys(PreRopeKeyProbe):
+    """Keys in the metric-weighted pre-RoPE basis, coded per head by ``trellis_code`` or
+    ``scalar_code``; values exact."""
 
     def __init__(self, model, rotation, layer, key_bits, trellis):
-        super().__init__(sink_tokens=4)
+        super().__init__(model, rotation, layer)
         spectrum, enc, dec = key_metric_basis(rotation)
         # at most 7 bits: a trellis codebook has twice the levels of its width
         self.plan_bits = np.stack([water_fill_bits(s, key_bits, 0, 7) for s in spectrum])
         self.scale = INFLATION * np.sqrt(np.maximum(spectrum, 1e-12))
-        self.enc, self.dec = mx.array(enc.astype(np.float32)), mx.array(dec.astype(np.float32))
-        self.rope = find_rope(model.layers[layer])
-        self.inverter = RopeInverter(self.rope, rotation.head_dim)
-        self.mean = mx.array(rotation.key_mean[None, :, None, :].astype(np.float32))
+        self.basis, self.decoder = (mx.array(m.astype(np.float32)) for m in (enc, dec))
         self.code = trellis_code if trellis else scalar_code
 
     def encode(self, keys, values, position):
-        y = np.array((self.inverter(keys, position) - self.mean) @ self.enc, dtype=np.float64)
+        y = np.array(self.coefficients(keys, position), dtype=np.float64)
         B, H, L, D = y.shape
         out = np.stack([self.code(y[0, h], self.plan_bits[h], self.scale[h]) for h in range(H)])
         return mx.array(out[None].astype(np.float32)), values
-
-    def decode(self, parts, position):
-        keys = parts[0] @ self.dec.swapaxes(-1, -2) + self.mean
-        return self.rope(keys, offset=position), parts[1]
 
 
 def main() -> None:
@@ -158,7 +151,7 @@ def main() -> None:
     rows = []
     # The real cache (+qm, +ad, its plan) with the trellis in place of the key quantiser.
     plain = cache_module.make_coder
-    for spec in args.specs.split(","):
+    for spec in [s for s in args.specs.split(",") if s]:
         for trellis in (False, True):
             cache_module.make_coder = (lambda b, s: TrellisCoder(b, s)) if trellis else plain
             try:

@@ -180,7 +180,7 @@ def read_manifest(directory: str | Path) -> dict:
 
 
 def _optional_tensor(root: Path, tensors: dict, name: str, shape: tuple) -> np.ndarray | None:
-    """An optional tensor of the bundle, checked: None if absent."""
+    """A tensor of the bundle, checked for shape, dtype and finite values: None if absent."""
     array = tensors.get(name)
     if array is None:
         return None
@@ -226,14 +226,9 @@ def load_cached_rotations(directory: str | Path, model=None,
             for what, shape in (("eigenvalues", (heads, dim)), ("eigenvectors", (heads, dim, dim)),
                                 ("mean", (heads, dim))):
                 name = _tensor_name(layer, part, what)
-                array = tensors.get(name)
+                array = _optional_tensor(root, tensors, name, shape)
                 if array is None:
                     raise BundleError(f"{root / TENSORS}: tensor {name!r} is missing")
-                if array.shape != shape or array.dtype != np.float32:
-                    raise BundleError(f"{root / TENSORS}: tensor {name!r} has shape "
-                                      f"{array.shape} {array.dtype}, expected {shape} float32")
-                if not np.all(np.isfinite(array)):
-                    raise BundleError(f"{root / TENSORS}: tensor {name!r} has NaN/inf values")
                 parts[(part, what)] = array
         importance = _optional_tensor(root, tensors, _tensor_name(layer, "keys", "importance"),
                                       (heads, dim))

@@ -926,13 +926,18 @@ def _check_rotations(model, config: KVCacheConfig) -> None:
     if config.value_method not in ("spectral", "affine"):
         raise CacheConfigError(f"value_method must be 'spectral' or 'affine', "
                                f"not {config.value_method!r}")
+    if config.query_metric and config.query_aware:
+        raise CacheConfigError("+qm and +qa exclude each other: the metric-weighted basis "
+                               "already weighs each direction by the queries (use one)")
+    if config.query_metric and config.bit_plan is not None:
+        raise CacheConfigError("a bit plan gives widths per eigen-direction; the "
+                               "metric-weighted basis (+qm) has directions of its own")
 
 
 def _key_spectra(rotation, config: KVCacheConfig) -> np.ndarray:
     """What key bits are water-filled on: eigenvalues, × query importance with +qa, the
     metric-weighted spectrum with +qm."""
     if config.query_metric:
-        _check_query_metric(config)
         return key_metric_basis(rotation)[0]
     if not config.query_aware:
         return rotation.key_eigenvalues
@@ -988,15 +993,6 @@ def _value_rotation(rotation, config: KVCacheConfig) -> np.ndarray | None:
     return value_rotation(rotation.head_dim)
 
 
-def _check_query_metric(config: KVCacheConfig) -> None:
-    if config.query_aware:
-        raise CacheConfigError("+qm and +qa exclude each other: the metric-weighted basis "
-                               "already weighs each direction by the queries (use one)")
-    if config.bit_plan is not None:
-        raise CacheConfigError("a bit plan gives widths per eigen-direction; the "
-                               "metric-weighted basis (+qm) has directions of its own")
-
-
 def key_metric_basis(rotation) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(spectrum, encoder, decoder) of the layer's metric-weighted key basis (+qm)."""
     if rotation.key_metric is None:
@@ -1025,11 +1021,14 @@ def _key_adaptation(rotation, config: KVCacheConfig) -> PlanAdaptation | None:
     if config.adapt_prior_tokens < 0:
         raise CacheConfigError(f"adapt_prior_tokens must be positive, not "
                                f"{config.adapt_prior_tokens}")
-    importance = (rotation.key_importance if config.query_aware and not config.query_metric
-                  else None)
-    eigenvalues = _key_spectra(rotation, config) if config.query_metric \
-        else rotation.key_eigenvalues
-    return PlanAdaptation(eigenvalues.astype(np.float64), importance,
+    # The plan re-fits variances in the cache's key basis; query-aware weights apply on top
+    # (+qa), the metric-weighted basis already carries them (+qm).
+    if config.query_metric:
+        variances, importance = key_metric_basis(rotation)[0], None
+    else:
+        variances = rotation.key_eigenvalues
+        importance = rotation.key_importance if config.query_aware else None
+    return PlanAdaptation(variances.astype(np.float64), importance,
                          config.target_avg_bits if config.target_avg_bits is not None else 3.0,
                          config.min_bits, config.max_bits, config.scale_inflation,
                          config.adapt_prior_tokens)
@@ -1060,7 +1059,6 @@ def _spectral_cache(model, config: KVCacheConfig, layer: int, keys_global=None):
                     if config.value_method == "affine" else None)
     key_vectors, key_spectrum, key_decoder = rot.key_eigenvectors, rot.key_eigenvalues, None
     if config.query_metric:
-        _check_query_metric(config)
         key_spectrum, key_vectors, key_decoder = key_metric_basis(rot)
     cache = SpectralKVCache(key_vectors, scales(key_spectrum), key_bits,
                             rot.value_eigenvectors, scales(rot.value_eigenvalues), value_bits,

@@ -266,7 +266,7 @@ def key_importance(query_energy: np.ndarray, eigenvectors: np.ndarray,
     return (omega / np.where(mean > 0, mean, 1.0)).astype(np.float32)
 
 
-def _install_query_recorders(model) -> list[QueryPairEnergy] | None:
+def install_query_recorders(model) -> list[QueryPairEnergy] | None:
     """Wrap every layer's q_proj, or return None where the layout is not known."""
     args = model.args
     heads = args.num_attention_heads
@@ -289,7 +289,7 @@ def _install_query_recorders(model) -> list[QueryPairEnergy] | None:
     return recorders
 
 
-def _remove_query_recorders(model, recorders) -> None:
+def remove_query_recorders(model, recorders) -> None:
     for layer, recorder in zip(model.layers, recorders or [], strict=False):
         setattr(layer.self_attn, recorder.attribute, recorder.inner)
 
@@ -401,7 +401,7 @@ def calibrate_spectral_rotation(
     value_sum = np.zeros_like(key_sum)
     tokens_per_sample = sequence_length - sink_tokens
     forward = model.model if hasattr(model, "model") else model
-    recorders = _install_query_recorders(model)
+    recorders = install_query_recorders(model)
     query_acc = query_moment = None
     if recorders:
         query_acc = np.zeros((num_layers, *recorders[0].energy.shape), dtype=np.float64)
@@ -412,7 +412,7 @@ def calibrate_spectral_rotation(
                           progress_layer, size, len(windows), sequence_length,
                           tokens_per_sample)
     finally:
-        _remove_query_recorders(model, recorders)
+        remove_query_recorders(model, recorders)
     if cancel is not None and cancel.is_set():
         raise CalibrationCancelled("calibration cancelled")
 
