@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--bundle", help="reuse this pre-RoPE bundle (with --methods)")
     parser.add_argument("--methods", help="comma-separated specs instead of the full sweep")
     parser.add_argument("--quick", action="store_true", help="a few methods only")
+    parser.add_argument("--text", help="held-out text file (default: the bundled one)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -74,7 +75,7 @@ def main() -> None:
         configs = {m: parse_method(m, rotations["pre"]) for m in baselines}
         configs.update({f"{m} pre": parse_method(m, rotations["pre"]) for m in pre})
         configs.update({f"{m} post": parse_method(m, rotations["post"]) for m in post})
-    name, text, sha = load_eval_text()
+    name, text, sha = load_eval_text(args.text)
     results = []
     for ctx in [int(c) for c in args.ctx.split(",")]:
         start = time.perf_counter()

@@ -184,6 +184,48 @@ def test_recent_window_keeps_newest_tokens_exact_and_trims(tiny):
     assert mx.array_equal(keys[..., -3:, :], k_in).item()
 
 
+def test_decoded_tokens_are_coded_in_batches_with_the_same_codes(tiny):
+    """Decode steps keep their tokens exact until append_batch of them are waiting, then
+    code them at once: the codes equal coding each token as it arrives (+ab1)."""
+    model, tokenizer, rotations = tiny
+    ids = tokenizer.encode(TEXT.text)[:80]
+    spec = "spectral:wf3/a4g32+qa+ad+vh"
+    batched = KVCacheBuilder.build(model, parse_method(spec, rotations["pre"]))
+    single = KVCacheBuilder.build(model, parse_method(spec + "+ab1", rotations["pre"]))
+    assert batched.config.append_batch == 16 and single.config.append_batch == 1
+    for caches in (batched, single):
+        logits_with(model, caches, ids[:50], chunk=25)  # prompt: coded whole
+    cache, one = batched[0], single[0]
+    assert (cache.num_sinks, cache.coded, cache.num_recent) == (4, 46, 0)
+    base = cache.nbytes
+    for step, token in enumerate(ids[50:66], start=1):
+        for caches in (batched, single):
+            logits_with(model, caches, [token], chunk=1)
+        assert one.num_recent == 0 and one.coded == 46 + step
+        if step < 16:
+            # Waiting tokens are exact, counted at fp16.
+            assert (cache.coded, cache.num_recent) == (46, step)
+            assert cache.nbytes == base + 2 * 2 * step * 2 * 32  # fp16 K+V, 2 heads
+    assert (cache.coded, cache.num_recent) == (62, 0)
+    for a, b in zip(cache.parts, one.parts, strict=True):
+        assert mx.array_equal(a[..., :62, :], b[..., :62, :]).item()
+    # Trim into the waiting tokens, state round trip, and a prompt chunk codes them all.
+    for _ in range(5):
+        logits_with(model, batched, [ids[70]], chunk=1)
+    for c in batched:
+        c.trim(2)
+    assert (cache.offset, cache.coded, cache.num_recent) == (69, 62, 3)
+    restored = KVCacheBuilder.build(model, parse_method(spec, rotations["pre"]))
+    for src, dst in zip(batched, restored, strict=True):
+        dst.restore(src.state, src.meta_state)
+    assert (restored[0].num_sinks, restored[0].coded, restored[0].num_recent) == (4, 62, 3)
+    np.testing.assert_array_equal(logits_with(model, restored, ids[70:74], chunk=4),
+                                  logits_with(model, batched, ids[70:74], chunk=4))
+    assert (cache.coded, cache.num_recent) == (69, 0)
+    with pytest.raises(CacheConfigError, match="append_batch"):
+        KVCacheBuilder.build(model, parse_method(spec + "+ab0", rotations["pre"]))
+
+
 def test_method_modifiers_parse():
     config = parse_method("affine4g32+r64+s4")
     assert (config.key_bits, config.group_size, config.recent_tokens, config.sink_tokens) == (
@@ -337,7 +379,9 @@ def test_adaptive_key_plan_follows_the_prompt_moments(tiny):
     shift = y.sum(1) / (n + n0)
     var = ((y * y).sum(1) + n0 * lam) / (n + n0) - shift**2
     coder = caches[0].key_coder
-    np.testing.assert_allclose(coder.scales, 2.0 * np.sqrt(var), rtol=2e-3)
+    # Moments are float32 sums in the cache: on the GPU the smallest dims' scales differ
+    # from this float64 reference by up to 0.4% (measured on the H200), 0.1% on CPU.
+    np.testing.assert_allclose(coder.scales, 2.0 * np.sqrt(var), rtol=1e-2)
     bits = np.stack([water_fill_bits(v, 3.0, 0, 8) for v in var])
     assert np.mean(bits == coder.bits) > 0.95  # float32 moments may tip a boundary dim
     assert caches[0].adapted[1] == n
@@ -361,7 +405,7 @@ def test_adaptive_key_plan_follows_the_prompt_moments(tiny):
     lam_v = np.maximum(rot.value_eigenvalues, 1e-12)
     shift = y.sum(1) / (n + n0)
     var = ((y * y).sum(1) + n0 * lam_v) / (n + n0) - shift**2
-    np.testing.assert_allclose(caches[0].value_coder.scales, 2.0 * np.sqrt(var), rtol=2e-3)
+    np.testing.assert_allclose(caches[0].value_coder.scales, 2.0 * np.sqrt(var), rtol=1e-2)
     # Restoring a state that never adapted (only sink tokens) puts the calibrated plan back.
     short = KVCacheBuilder.build(model, config)
     logits_with(model, short, ids[:3])

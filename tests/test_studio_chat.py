@@ -57,7 +57,7 @@ def chat(studio):
 def test_spectral_chat_end_to_end_with_shipped_bundle_meters_and_history(studio, chat):
     window, engine = studio
     assert window.bits_view.summary is None  # no rotations yet: the job loads the shipped ones
-    chat.set_method("spectral", "spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh")
+    chat.set_method("spectral", "spectral:wf3/a4g64+qm+ad+x1.5+vh+la")
     chat.input.setPlainText("What is the capital of France?")
     chat.send_button.click()
     assert chat.busy and chat.stop_button.isEnabled() and not chat.send_button.isEnabled()
@@ -65,7 +65,7 @@ def test_spectral_chat_end_to_end_with_shipped_bundle_meters_and_history(studio,
 
     assert "Paris" in message["content"]
     meta = message["meta"]
-    assert meta["method"] == "spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh" and not meta["stopped"]
+    assert meta["method"] == "spectral:wf3/a4g64+qm+ad+x1.5+vh+la" and not meta["stopped"]
     assert 0 < meta["tokens"] <= 12 and meta["tokens_per_s"] > 0
     # Measured cache bytes, below the fp16 cache for the same tokens.
     assert 0 < meta["kv_bytes"] < meta["kv_fp16_bytes"]

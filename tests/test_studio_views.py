@@ -330,8 +330,12 @@ def test_signal_noise_keys_and_affine_values_measure_chat_export_and_reload(qtbo
     job = engine.generate([{"role": "user", "content": "Say hi."}], max_tokens=4,
                           cache=window._bits_plan())
     reply = wait_for(engine.jobFinished, JOB_TIMEOUT_MS, lambda jid, kind, r: jid == job)[2]
+    # The last prompt token and the decoded ones (mlx-lm runs one step ahead, so all 4)
+    # wait at fp16 for a batched append.
+    assert 0 < reply["kv_uncoded_tokens"] <= 5
     assert reply["bits_per_element"] == pytest.approx(
-        bits.memory(reply["kv_tokens"])["bits_per_element"], rel=1e-9)
+        bits.memory(reply["kv_tokens"], reply["kv_uncoded_tokens"])["bits_per_element"],
+        rel=1e-9)
 
     # ---- export and reload: the choices travel in bit_plan.json ---------------------
     target_dir = tmp_path / "bundle"

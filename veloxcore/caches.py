@@ -92,6 +92,11 @@ class KVCacheConfig:
     token_scale_ceiling: float = 1e30
     # Newest tokens kept exact (fp16) until they leave this window; counted in nbytes.
     recent_tokens: int = 0
+    # Tokens beyond the recent window are coded this many at a time, so a decode step
+    # appends its token to the exact ones (one tiny kernel) instead of coding and storing
+    # it (about ten); up to append_batch − 1 extra tokens stay exact, counted in nbytes.
+    # Prompts and teacher-forced chunks are coded whole (BENCHMARKS.md, "batched append").
+    append_batch: int = 16
     # Keys coded in blocks of this many tokens with per-block, per-dim scales
     # (0: static scales from calibration). Up to block−1 newest tokens stay exact.
     key_block_scale: int = 0
@@ -170,10 +175,14 @@ def _cat(a: mx.array | None, b: mx.array) -> mx.array:
 class CodedKVCache:
     """Shared storage for caches that keep per-token codes in growable buffers.
 
-    Token layout: ``sink_tokens`` exact tokens, then coded tokens, then up to
-    ``recent_tokens`` exact tokens not yet coded (a residual window, as in KIVI:
-    the newest tokens get most of the attention). Exact tokens are counted at
-    fp16 in ``nbytes``.
+    Token layout: ``sink_tokens`` exact tokens, then coded tokens, then exact tokens
+    not yet coded: the ``recent_tokens`` newest (a residual window, as in KIVI: the
+    newest tokens get most of the attention) and up to ``append_batch`` − 1 more decoded
+    ones. Decoded tokens are coded ``append_batch`` at a time (a multi-token update codes
+    everything beyond the window) because a decode step's own work is a handful of tiny
+    kernels: coding and storing one token per step costs more launches than attention
+    itself, appending it to the exact tokens one. Exact tokens (sinks first, then the
+    uncoded tail, in one buffer) are counted at fp16 in ``nbytes``.
 
     Subclasses implement ``encode(keys, values, position) -> tuple[mx.array]``
     (each part shaped (B, H, L, X)) and ``decode(parts, position) -> (keys,
@@ -183,49 +192,52 @@ class CodedKVCache:
     # Coding granularity: tokens are coded in whole blocks of this many (block scales).
     block = 1
 
-    def __init__(self, sink_tokens: int = 0, recent_tokens: int = 0):
+    def __init__(self, sink_tokens: int = 0, recent_tokens: int = 0, append_batch: int = 1):
+        if append_batch < 1:
+            raise CacheConfigError(f"append_batch must be at least 1, not {append_batch}")
         self.sink_tokens = sink_tokens
         self.recent_tokens = recent_tokens
+        self.append_batch = append_batch
         self.offset = 0
         self.parts: list[mx.array] | None = None
-        self.sink_keys: mx.array | None = None
-        self.sink_values: mx.array | None = None
-        self.recent_keys: mx.array | None = None
-        self.recent_values: mx.array | None = None
+        # Exact tokens: num_sinks sinks, then the uncoded tail; (B, H, n, D) or None.
+        self.exact_keys: mx.array | None = None
+        self.exact_values: mx.array | None = None
+        self.num_sinks = 0
         self.coded = 0  # tokens stored in parts
         self.fused_decode = False  # set by KVCacheBuilder once attention is hooked
 
     @property
-    def num_sinks(self) -> int:
-        return 0 if self.sink_keys is None else self.sink_keys.shape[2]
+    def num_recent(self) -> int:
+        """Exact tokens after the sinks (not coded yet)."""
+        return 0 if self.exact_keys is None else self.exact_keys.shape[2] - self.num_sinks
 
     @property
-    def num_recent(self) -> int:
-        return 0 if self.recent_keys is None else self.recent_keys.shape[2]
+    def sink_keys(self) -> mx.array | None:
+        return self.exact_keys[..., : self.num_sinks, :] if self.num_sinks else None
+
+    @property
+    def sink_values(self) -> mx.array | None:
+        return self.exact_values[..., : self.num_sinks, :] if self.num_sinks else None
+
+    @property
+    def recent_keys(self) -> mx.array | None:
+        return self.exact_keys[..., self.num_sinks:, :] if self.num_recent else None
+
+    @property
+    def recent_values(self) -> mx.array | None:
+        return self.exact_values[..., self.num_sinks:, :] if self.num_recent else None
 
     # mlx-lm protocol -----------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         B, H, L, D = keys.shape
-        n_sink = max(0, min(self.sink_tokens - self.offset, L))
-        if n_sink:
-            # Contiguous copies: a slice would keep the whole arriving chunk alive, and
-            # kernels reading the sinks would copy the slice on every step.
-            self.sink_keys = mx.contiguous(_cat(self.sink_keys, keys[..., :n_sink, :]))
-            self.sink_values = mx.contiguous(_cat(self.sink_values, values[..., :n_sink, :]))
-        if n_sink < L:
-            self.recent_keys = _cat(self.recent_keys, keys[..., n_sink:, :])
-            self.recent_values = _cat(self.recent_values, values[..., n_sink:, :])
-            overflow = (self.num_recent - self.recent_tokens) // self.block * self.block
-            if overflow > 0:
-                parts = self.encode(self.recent_keys[..., :overflow, :],
-                                    self.recent_values[..., :overflow, :],
-                                    self.num_sinks + self.coded)
-                self._store(parts)
-                if overflow == self.num_recent:
-                    self.recent_keys = self.recent_values = None
-                else:
-                    self.recent_keys = self.recent_keys[..., overflow:, :]
-                    self.recent_values = self.recent_values[..., overflow:, :]
+        self.num_sinks += max(0, min(self.sink_tokens - self.offset, L))
+        self.exact_keys = _cat(self.exact_keys, keys)
+        self.exact_values = _cat(self.exact_values, values)
+        excess = self.num_recent - self.recent_tokens
+        # Decode steps (one token) code in batches; prompt chunks code everything.
+        if excess >= (self.append_batch if L == 1 else 1):
+            self._code_exact(excess // self.block * self.block)
         self.offset += L
         if self.fused_decode and L == 1:
             # Attention reads the codes (``attend``, via veloxcore.attention's hook);
@@ -233,31 +245,37 @@ class CodedKVCache:
             return keys, values
         return self.fetch(keys.dtype)
 
+    def _code_exact(self, count: int) -> None:
+        """Code the oldest ``count`` exact tokens after the sinks into the buffers."""
+        if count <= 0:
+            return
+        s = self.num_sinks
+        parts = self.encode(self.exact_keys[..., s: s + count, :],
+                            self.exact_values[..., s: s + count, :], s + self.coded)
+        self._store(parts)
+        # Contiguous copies: a slice would keep the whole arriving chunk alive, and
+        # kernels reading the exact tokens would copy the slice on every step.
+        self.exact_keys, self.exact_values = (
+            _without(x, s, s + count) for x in (self.exact_keys, self.exact_values))
+
     def fetch(self, dtype=mx.float32):
-        keys, values = [], []
-        if self.sink_keys is not None:
-            keys.append(self.sink_keys)
-            values.append(self.sink_values)
-        if self.coded:
-            k, v = self.decode([p[..., : self.coded, :] for p in self.parts], self.num_sinks)
-            keys.append(k.astype(dtype))
-            values.append(v.astype(dtype))
-        if self.recent_keys is not None:
-            keys.append(self.recent_keys)
-            values.append(self.recent_values)
+        if not self.coded:
+            return self.exact_keys, self.exact_values
+        s = self.num_sinks
+        k, v = self.decode([p[..., : self.coded, :] for p in self.parts], s)
+        keys, values = [k.astype(dtype)], [v.astype(dtype)]
+        if self.exact_keys is not None:
+            keys = [self.exact_keys[..., :s, :], *keys, self.exact_keys[..., s:, :]]
+            values = [self.exact_values[..., :s, :], *values, self.exact_values[..., s:, :]]
+        keys = [x for x in keys if x.shape[2]]
+        values = [x for x in values if x.shape[2]]
         if len(keys) == 1:
             return keys[0], values[0]
         return mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
 
     def exact_tokens(self):
-        """(keys, values) of the exact tokens (sinks and recent window), or None."""
-        keys = [k for k in (self.sink_keys, self.recent_keys) if k is not None]
-        values = [v for v in (self.sink_values, self.recent_values) if v is not None]
-        if not keys:
-            return None
-        if len(keys) == 1:
-            return keys[0], values[0]
-        return mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
+        """(keys, values) of the exact tokens (sinks and uncoded tail), or None."""
+        return None if self.exact_keys is None else (self.exact_keys, self.exact_values)
 
     def attend(self, queries: mx.array, scale: float) -> mx.array:
         """Attention of decode-step queries (B, Hq, 1, D) over everything cached,
@@ -304,35 +322,34 @@ class CodedKVCache:
         return True
 
     def trim(self, n: int) -> int:
-        """Drop the newest ``n`` tokens (recent window first, then codes, then sinks)."""
+        """Drop the newest ``n`` tokens (uncoded tail first, then codes, then sinks)."""
         n = min(self.offset, n)
         self.offset -= n
         keep = self.offset
         sinks = min(self.num_sinks, keep)
         coded = min(self.coded, keep - sinks)
         recent = keep - sinks - coded
-        if self.recent_keys is not None:
-            if recent:
-                self.recent_keys = self.recent_keys[..., :recent, :]
-                self.recent_values = self.recent_values[..., :recent, :]
-            else:
-                self.recent_keys = self.recent_values = None
+        kept_keys = [self.exact_keys[..., :sinks, :]] if sinks else []
+        kept_values = [self.exact_values[..., :sinks, :]] if sinks else []
+        if recent:
+            kept_keys.append(self.exact_keys[..., self.num_sinks: self.num_sinks + recent, :])
+            kept_values.append(
+                self.exact_values[..., self.num_sinks: self.num_sinks + recent, :])
         partial = coded % self.block
         if partial:
             # Codes live in whole blocks: decode the cut block and keep its head exact.
             start = coded - partial
             k, v = self.decode([p[..., start: start + self.block, :] for p in self.parts],
                                sinks + start)
-            self.recent_keys = k[..., :partial, :]
-            self.recent_values = v[..., :partial, :]
+            kept_keys.append(k[..., :partial, :].astype(self.exact_keys.dtype
+                                                       if self.exact_keys is not None
+                                                       else k.dtype))
+            kept_values.append(v[..., :partial, :].astype(kept_keys[-1].dtype))
             coded = start
         self.coded = coded
-        if self.sink_keys is not None and sinks < self.num_sinks:
-            if sinks:
-                self.sink_keys = self.sink_keys[..., :sinks, :]
-                self.sink_values = self.sink_values[..., :sinks, :]
-            else:
-                self.sink_keys = self.sink_values = None
+        self.num_sinks = sinks
+        self.exact_keys = _joined(kept_keys)
+        self.exact_values = _joined(kept_values)
         return n
 
     @property
@@ -348,11 +365,9 @@ class CodedKVCache:
         return per_token * self.coded + self._exact_nbytes()
 
     def _exact_nbytes(self) -> int:
-        total = 0
-        for exact in (self.sink_keys, self.sink_values, self.recent_keys, self.recent_values):
-            if exact is not None:  # exact tokens count at fp16, whatever the compute dtype
-                total += 2 * exact.size
-        return total
+        # Exact tokens count at fp16, whatever the compute dtype.
+        return 0 if self.exact_keys is None else 2 * (self.exact_keys.size
+                                                      + self.exact_values.size)
 
     @property
     def state(self):
@@ -365,8 +380,8 @@ class CodedKVCache:
     @property
     def meta_state(self) -> str:
         return json.dumps({"offset": self.offset, "coded": self.coded,
-                           "parts": len(self.parts or []), "sinks": self.sink_keys is not None,
-                           "recent": self.recent_keys is not None})
+                           "parts": len(self.parts or []), "sinks": self.num_sinks > 0,
+                           "recent": self.num_recent > 0})
 
     def restore(self, state, meta_state: str) -> None:
         """Inverse of (state, meta_state) on a cache built with the same config."""
@@ -374,12 +389,29 @@ class CodedKVCache:
         arrays = list(state)
         n = meta["parts"]
         self.parts, arrays = (arrays[:n] or None), arrays[n:]
-        self.sink_keys = self.sink_values = self.recent_keys = self.recent_values = None
+        keys, values = [], []
+        self.num_sinks = 0
         if meta["sinks"]:
-            self.sink_keys, self.sink_values, arrays = arrays[0], arrays[1], arrays[2:]
+            keys.append(arrays[0])
+            values.append(arrays[1])
+            self.num_sinks, arrays = arrays[0].shape[2], arrays[2:]
         if meta.get("recent"):
-            self.recent_keys, self.recent_values = arrays[0], arrays[1]
+            keys.append(arrays[0])
+            values.append(arrays[1])
+        self.exact_keys, self.exact_values = _joined(keys), _joined(values)
         self.offset, self.coded = meta["offset"], meta["coded"]
+
+
+def _joined(arrays: list[mx.array]) -> mx.array | None:
+    """The arrays joined along the token axis (contiguous), or None if there are none."""
+    if not arrays:
+        return None
+    return mx.contiguous(arrays[0]) if len(arrays) == 1 else mx.concatenate(arrays, axis=2)
+
+
+def _without(x: mx.array, start: int, stop: int) -> mx.array | None:
+    """``x`` without tokens [start, stop) (contiguous), or None if nothing is left."""
+    return _joined([p for p in (x[..., :start, :], x[..., stop:, :]) if p.shape[2]])
 
 
 # ------------------------------------------------------------------- spectral
@@ -789,6 +821,9 @@ class KVCacheBuilder:
         ``uncompressed_layers``."""
         if config.method not in METHODS:
             raise CacheConfigError(f"unknown method {config.method!r} (one of {METHODS})")
+        if config.append_batch < 1:
+            raise CacheConfigError(f"append_batch must be at least 1, not "
+                                   f"{config.append_batch}")
         defaults = _fp_cache_types(model)
         num_layers, heads, dim = model_shape(model)
         caches = CacheList()
@@ -832,6 +867,9 @@ class KVCacheBuilder:
                     keys_global)
                 caches.layer_bits.append(bits)
                 caches.append(cache)
+        for cache in caches:
+            if isinstance(cache, CodedKVCache):
+                cache.append_batch = config.append_batch
         caches.kernel_backend, caches.kernel_notes = _use_kernels(model, config, caches)
         return caches
 
@@ -1090,7 +1128,8 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
     and heads at once, ``+ad`` adapts the key plan to the prompt (``+ad256``: with a
     prior of 256 calibration tokens instead of 64), ``+vh`` rotates affine values by a
     Hadamard matrix before coding them, ``+la`` spreads the same bits over layers by
-    their measured sensitivity (needs ``velox sensitivity`` on the bundle).
+    their measured sensitivity (needs ``velox sensitivity`` on the bundle), ``+ab1``
+    codes each decoded token at once instead of 16 at a time (``append_batch``).
     """
     body, *modifiers = spec.strip().split("+")
     try:
@@ -1122,6 +1161,8 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
                 config.rotate_values = True
             elif mod == "la":
                 config.layer_allocation = True
+            elif mod[:2] == "ab":
+                config.append_batch = int(mod[2:])
             elif mod[:2] == "ad":
                 config.adapt_prior_tokens = int(mod[2:] or ADAPT_PRIOR_TOKENS)
             else:
@@ -1176,6 +1217,9 @@ class CacheMemory:
     nbytes: int
     fp16_nbytes: int
     bits_per_element: float
+    # Tokens after the sinks still held exact (the recent window and decoded tokens
+    # waiting for a batched append), in the layer holding the most.
+    uncoded_tokens: int = 0
 
 
 def cache_memory(caches, model) -> CacheMemory:
@@ -1189,4 +1233,6 @@ def cache_memory(caches, model) -> CacheMemory:
             nbytes += getattr(c, "used_nbytes", c.nbytes)
     elements = 2 * num_layers * heads * dim * tokens
     fp16 = 2 * elements
-    return CacheMemory(tokens, nbytes, fp16, 8 * nbytes / elements if elements else 0.0)
+    uncoded = max((c.num_recent for c in caches if isinstance(c, CodedKVCache)), default=0)
+    return CacheMemory(tokens, nbytes, fp16, 8 * nbytes / elements if elements else 0.0,
+                       uncoded)

@@ -207,6 +207,7 @@ class SpectralKernels:
         # Small constants made once: a fresh host array per launch is slow.
         self._constants: dict[tuple, mx.array] = {}
         self._counter = mx.zeros((0,), mx.uint8)
+        self._length_view: mx.array | None = None
         # Splits finished per KV head in a warp-tiled launch (zero between launches).
         self._counter_bh: mx.array | None = None
 
@@ -362,9 +363,12 @@ class SpectralKernels:
     def _length(self, n: int) -> mx.array:
         """An array of length ``n`` (a view of one kept buffer): kernels read n from
         its shape."""
+        if self._length_view is not None and self._length_view.shape[0] == n:
+            return self._length_view  # decode steps between batched appends: no new op
         if self._counter.shape[0] < n:
             self._counter = mx.zeros((max(n, 2 * self._counter.shape[0], 4096),), mx.uint8)
-        return self._counter[:n]
+        self._length_view = self._counter[:n]
+        return self._length_view
 
     def _constant(self, dtype, *values) -> mx.array:
         """A small 1-D array of ``values``, made once and reused across launches."""

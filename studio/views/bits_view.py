@@ -759,13 +759,15 @@ class BitsView(QWidget):
                              f"{self.value_target():.2f} bits, {len(self.overrides)} overrides)")
 
     # ---- readouts ---------------------------------------------------------
-    def memory(self, tokens: int) -> dict:
-        """Bytes of the compressed cache at ``tokens`` vs fp16 (see MEMORY_TOOLTIP)."""
+    def memory(self, tokens: int, uncoded: int = 0) -> dict:
+        """Bytes of the compressed cache at ``tokens`` vs fp16 (see MEMORY_TOOLTIP);
+        ``uncoded``: tokens after the sinks still held exact (a cache codes decoded
+        tokens 16 at a time; a chat reply reports how many are waiting)."""
         s = self.summary
         layers, heads, dim, sinks = (s["num_layers"], s["num_kv_heads"], s["head_dim"],
                                      s["sink_tokens"])
-        compressed = max(0, tokens - sinks)
-        exact = min(tokens, sinks)
+        exact = min(tokens, sinks) + min(uncoded, max(0, tokens - sinks))
+        compressed = tokens - exact
         affine = self.value_affine()
         raw_bits = 0  # Σ over layers and heads of key bits + value bits, per token
         padded_bytes = 0  # per token, codes in whole uint32 words
