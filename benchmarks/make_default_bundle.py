@@ -3,7 +3,8 @@
     python benchmarks/make_default_bundle.py --model PATH.gguf --out DIR
 
 Pre-RoPE rotations of the default model dequantized to float32 (as benchmarks/quality.py
-evaluates it), 64 x 1024 tokens of the bundled corpus, seed 0 — with the query statistics
+evaluates it), 64 x 1024 tokens of the bundled corpus (the Python Language Reference and
+the model-written prose in assets/corpus/), seed 0 — with the query statistics
 (+qa) and metric (+qm) — then the layer sensitivity on 1,024 tokens the model writes
 itself (what ``velox sensitivity`` measures), both written into DIR. On an H200 this takes
 about a minute; on this project's 2-core CPU about 25.

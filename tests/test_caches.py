@@ -445,8 +445,11 @@ def test_rotated_values_are_coded_in_the_hadamard_basis(tiny):
     coded = np.array(exact[:, :, 4:] @ h, dtype=np.float16)
     expected = mx.dequantize(*mx.quantize(mx.array(coded), group_size=32, bits=4),
                              group_size=32, bits=4)
-    np.testing.assert_allclose(np.array(values[:, :, 4:]), np.array(expected) @ h.T,
-                               atol=1e-3)
+    got, want = np.array(values[:, :, 4:]), np.array(expected) @ h.T
+    # A coefficient on a level boundary may round the other way where the rotation sums
+    # in another order (on the H200, 2% of elements moved by up to 0.023): allow that.
+    assert np.isclose(got, want, atol=1e-3).mean() > 0.97
+    np.testing.assert_allclose(got, want, atol=0.05)
     with pytest.raises(CacheConfigError, match="affine values"):
         KVCacheBuilder.build(model, parse_method("spectral:wf3/3+vh", rotations["pre"]))
 

@@ -19,6 +19,11 @@ from .errors import VeloxError
 
 BUNDLED = "bundled"
 CORPUS_FILE = "corpus/python-language-reference.txt"
+# Prose the default model wrote from 128 generic prompts (assets/corpus/README.md): the
+# bundled corpus is both texts, so rotations see narrative and conversational English as
+# well as technical prose and code (BENCHMARKS.md, "A broader bundled corpus").
+MODEL_WRITTEN_FILE = "corpus/model-written.txt"
+BUNDLED_NAME = "bundled: Python Language Reference + model-written prose"
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".text")
 DEFAULT_SEED_PROMPTS = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -60,8 +65,8 @@ def assets_dir() -> Path:
 def load_corpus(source: str | Path = BUNDLED) -> Corpus:
     """"bundled", or a .txt / .md file, or a .jsonl file whose lines have a "text" field."""
     if str(source) == BUNDLED:
-        path = assets_dir() / CORPUS_FILE
-        return Corpus.from_text("bundled: Python Language Reference", _read_text(path))
+        texts = [_read_text(assets_dir() / name) for name in (CORPUS_FILE, MODEL_WRITTEN_FILE)]
+        return Corpus.from_text(BUNDLED_NAME, "\n\n".join(texts))
     path = Path(source).expanduser()
     if not path.is_file():
         raise CorpusError(f"{path}: no such file")

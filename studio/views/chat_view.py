@@ -48,16 +48,16 @@ METHODS = [("fp16", "fp16 (no compression)"),
 SPECTRAL_CONFIGS = [
     ("spectral:wf3/a4g64+qm+ad+x1.5+vh+la",
      "wf3/a4g64 + metric-weighted adaptive keys + rotated values + layer budget — 3.8 bits, "
-     "KL 0.033 (default)"),
+     "KL 0.032 (default)"),
     ("spectral:wf2.5/a4g64+qm+ad+x1.5+vh+la",
      "wf2.5/a4g64 + metric-weighted adaptive keys + rotated values + layer budget — 3.5 "
-     "bits, KL 0.048"),
+     "bits, KL 0.046"),
     ("spectral:wf3.5/a4g64+qm+ad+x1.5+vh+la",
      "wf3.5/a4g64 + metric-weighted adaptive keys + rotated values + layer budget — 4.0 "
-     "bits, KL 0.025"),
+     "bits, KL 0.023"),
     ("spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh+la",
      "wf3/a4g64 + query-aware adaptive keys + rotated values + layer budget — 3.9 bits, "
-     "KL 0.043 (default before +qm)"),
+     "KL 0.041 (default before +qm)"),
     ("spectral:wf3/a4g64+tf0.7+qa+ad+x1.5+vh",
      "wf3/a4g64 + prompt-adaptive keys + rotated values — 3.9 bits, KL 0.051"),
     ("spectral:wf3/a3g64+qa+ad+x1.5+vh+r64",
