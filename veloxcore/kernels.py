@@ -45,6 +45,9 @@ WARP_DECODE = os.environ.get("VELOX_WARP_DECODE", "1") != "0"
 # Unrolling of its loop over 8-dim slices of the head (0: fully); fewer registers, more
 # resident warps when small.
 WARP_UNROLL = int(os.environ.get("VELOX_WARP_UNROLL", "0"))
+# Fewest 16-token tiles each warp of the warp-tiled kernel walks per split (more splits
+# start more blocks; fewer, longer splits cost less to merge). Tunable for profiling.
+WARP_MIN_TILES = int(os.environ.get("VELOX_WARP_MIN_TILES", "2"))
 
 
 def kernel_backend() -> str:
@@ -303,7 +306,8 @@ class SpectralKernels:
         step = 16 * WARPS
         # At least two tiles per warp: fewer, longer splits cost less to start and merge
         # (the merge reads every split) than they lose in parallelism at short lengths.
-        splits = max(1, min(_cdiv(coded, 2 * step), _cdiv(TARGET_THREADGROUPS, B * H)))
+        splits = max(1, min(_cdiv(coded, WARP_MIN_TILES * step),
+                            _cdiv(TARGET_THREADGROUPS, B * H)))
         per_split = _cdiv(_cdiv(coded, splits), step) * step
         splits = _cdiv(coded, per_split)
         vb, vg = self.value_affine
