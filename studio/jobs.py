@@ -242,7 +242,7 @@ def generate(state, job, messages: list[dict], max_tokens: int = 256, cache=None
     yield {"stage": "prompt", "prompt_tokens": prompt_tokens, "context_length": context,
            "max_tokens": max_tokens, "method": label}
     caches = KVCacheBuilder.build(state.model, config)
-    for note in getattr(caches, "kernel_notes", []):
+    for note in getattr(caches, "notes", []):
         job.emit({"log": f"Chat: {note}"})
     if getattr(caches, "kernel_backend", None):
         job.emit({"log": f"Chat: decoding with the fused {caches.kernel_backend} kernels"})

@@ -189,6 +189,16 @@ def test_layer_allocation_builds_per_layer_widths_within_the_budget(tiny, tmp_pa
     assert cache_memory(allocated, model).nbytes <= cache_memory(uniform, model).nbytes * 1.05
     with pytest.raises(CacheConfigError, match="affine value widths"):
         KVCacheBuilder.build(model, parse_method("spectral:wf3/3+la", rotations))
+    # Costs measured in one key basis and used by a configuration coding in another: noted.
+    assert allocated.notes == []  # costs without a recorded basis (older files)
+    save_sensitivity(LayerSensitivity({2.0: costs * 3, 3.0: costs}, {3: costs * 3, 4: costs},
+                                      tokens=1, key_basis="qa"), bundle)
+    rotations = load_cached_rotations(bundle, model=model)
+    same = KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g64+qa+la", rotations))
+    other = KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g64+la", rotations))
+    assert same.notes == [] and uniform.notes == []
+    assert len(other.notes) == 1 and "'qa' basis" in other.notes[0]
+    assert "'eigen'" in other.notes[0]
     (bundle / SENSITIVITY_FILE).unlink()
 
 

@@ -801,6 +801,9 @@ class CacheList(list):
     layer_bits: list[dict]
     kernel_backend: str | None = None  # fused decode backend, None when not used
     kernel_notes: list[str] = []
+    # Everything the builder wants the user told (the CLI prints these, the studio logs
+    # them): kernel notes and notes on the layer budget.
+    notes: list[str] = []
 
     @property
     def nbytes(self) -> int:
@@ -871,7 +874,26 @@ class KVCacheBuilder:
             if isinstance(cache, CodedKVCache):
                 cache.append_batch = config.append_batch
         caches.kernel_backend, caches.kernel_notes = _use_kernels(model, config, caches)
+        caches.notes = [*(_allocation_notes(config) if layer_configs else []),
+                        *caches.kernel_notes]
         return caches
+
+
+def key_basis_label(config: KVCacheConfig) -> str:
+    """The basis a spectral config codes keys in, as layer_sensitivity.json names it."""
+    return "qm" if config.query_metric else "qa" if config.query_aware else "eigen"
+
+
+def _allocation_notes(config: KVCacheConfig) -> list[str]:
+    """A note when ``+la``'s layer costs were measured in another key basis than the one
+    this configuration codes in (the costs still rank layers, less exactly)."""
+    measured = config.rotations.layer_sensitivity.key_basis
+    used = key_basis_label(config)
+    if not measured or measured == used:
+        return []
+    return [f"+la: the bundle's layer costs were measured with keys in the {measured!r} "
+            f"basis, this configuration codes them in {used!r}, so its layer budget is "
+            "approximate"]
 
 
 def _layer_allocation(config: KVCacheConfig, num_layers: int) -> list[KVCacheConfig]:

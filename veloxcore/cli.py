@@ -90,7 +90,7 @@ def cmd_chat(args) -> int:
         label += f" (fused {cache.kernel_backend} decode kernels)"
     print(f"{info.name}: {info.num_layers} layers, {info.dtype}, KV cache {label}. "
           "Empty line or Ctrl-D quits.", file=sys.stderr)
-    for note in getattr(cache, "kernel_notes", []):
+    for note in getattr(cache, "notes", []):
         print(f"note: {note}", file=sys.stderr)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     prompts = [args.prompt] if args.prompt else None
