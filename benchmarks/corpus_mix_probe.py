@@ -17,14 +17,16 @@ import argparse
 import time
 from pathlib import Path
 
-import mlx.core as mx
-from mlx_lm.generate import batch_generate
-from mlx_lm.sample_utils import make_sampler
+from make_default_bundle import make_bundle
 
-from veloxcore import calibrate_spectral_rotation, load, save_rotations
+from veloxcore import load
 from veloxcore.corpus import Corpus, load_corpus
 from veloxcore.generate import chat_prompt
-from veloxcore.sensitivity import run_sensitivity, save_sensitivity, sensitivity_tokens
+from veloxcore.sensitivity import sensitivity_tokens
+
+mx = __import__("mlx.core").core  # after veloxcore (OpenBLAS preload on Linux)
+from mlx_lm.generate import batch_generate  # noqa: E402
+from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 TASKS = (
     "Write a short story about {}.",
@@ -94,20 +96,14 @@ def main() -> None:
     corpora = {"mix": Corpus.from_text("Python Language Reference + " + generated.name,
                                        reference.text + "\n\n" + generated.text),
                "generated": generated}
-    sens_corpus, sens_ids = sensitivity_tokens(model, tokenizer)
+    sensitivity = sensitivity_tokens(model, tokenizer)
     for name in args.variants.split(","):
         corpus = corpora[name]
         ids = len(tokenizer.encode(corpus.text))
         samples = min(64, ids // 1024)
-        start = time.perf_counter()
-        rotations = calibrate_spectral_rotation(model, tokenizer, samples, 1024,
-                                                corpus=corpus, rope="pre")
-        path = save_rotations(rotations, out / f"bundle-{name}")
-        rotations.layer_sensitivity = run_sensitivity(model, rotations, sens_ids, chunk=512,
-                                                      corpus_sha256=sens_corpus.sha256)
-        save_sensitivity(rotations.layer_sensitivity, path)
-        print(f"{name}: {ids} tokens, {samples} windows, calibrated + sensitivity in "
-              f"{time.perf_counter() - start:.1f} s -> {path}", flush=True)
+        path = make_bundle(model, tokenizer, out / f"bundle-{name}", corpus, samples,
+                           sensitivity)
+        print(f"{name}: {ids} tokens, {samples} windows -> {path}", flush=True)
 
 
 if __name__ == "__main__":
