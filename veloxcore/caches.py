@@ -341,10 +341,9 @@ class CodedKVCache:
             start = coded - partial
             k, v = self.decode([p[..., start: start + self.block, :] for p in self.parts],
                                sinks + start)
-            kept_keys.append(k[..., :partial, :].astype(self.exact_keys.dtype
-                                                       if self.exact_keys is not None
-                                                       else k.dtype))
-            kept_values.append(v[..., :partial, :].astype(kept_keys[-1].dtype))
+            dtype = k.dtype if self.exact_keys is None else self.exact_keys.dtype
+            kept_keys.append(k[..., :partial, :].astype(dtype))
+            kept_values.append(v[..., :partial, :].astype(dtype))
             coded = start
         self.coded = coded
         self.num_sinks = sinks

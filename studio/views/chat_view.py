@@ -657,7 +657,7 @@ class ChatView(QWidget):
                 "stopped": reply["state"] == "stopped" or bool(stats.get("stopped"))}
         for key in ("prompt_tokens", "prompt_tokens_per_s", "finish_reason", "elapsed_s",
                     "context_length", "kv_bytes", "kv_fp16_bytes",
-                    "kv_tokens", "bits_per_element", "max_tokens"):
+                    "kv_tokens", "kv_uncoded_tokens", "bits_per_element", "max_tokens"):
             if key in stats:
                 meta[key] = stats[key]
         meta["pieces"] = list(reply["pieces"])
@@ -696,9 +696,12 @@ class ChatView(QWidget):
             self.kv_label.setText(f"KV cache: <b>{format_bytes(kv)}</b> measured vs fp16 "
                                   f"{format_bytes(fp16)} ({fp16 / max(1, kv):.1f}× smaller, "
                                   f"{meta.get('bits_per_element', 0):.1f} bits/elem)")
-            self.kv_bar.setToolTip(f"{meta.get('method')}: {kv:,} bytes measured for "
-                                   f"{meta.get('kv_tokens', 0)} tokens; the fp16 cache "
-                                   f"would hold {fp16:,} bytes")
+            waiting = meta.get("kv_uncoded_tokens", 0)
+            self.kv_bar.setToolTip(
+                f"{meta.get('method')}: {kv:,} bytes measured for {meta.get('kv_tokens', 0)} "
+                f"tokens; the fp16 cache would hold {fp16:,} bytes"
+                + (f". The newest {waiting} tokens are still exact (fp16): decoded tokens "
+                   "are coded 16 at a time" if waiting else ""))
 
     def _reset_meters(self) -> None:
         self.context_bar.setRange(0, 1)
