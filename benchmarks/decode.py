@@ -11,9 +11,9 @@ For each model shape and context N:
   spectral-unfused decodes the codes then calls the fp16 SDPA. For spectral the
   bandwidth column is the bytes of codes read / latency.
 - end to end: the whole model (random weights, fp16) decoding ``--decode-tokens``
-  tokens after its caches were filled with N random tokens; mean tokens/s (and the
-  median) and
-  ``mx.get_peak_memory()`` over fill + decode.
+  tokens after its caches were filled with N random tokens and decoding warmed up;
+  mean and median tokens/s, graph-build time per step, and ``mx.get_peak_memory()``
+  over fill + decode.
 
 Spectral caches use random orthogonal bases with the default model's measured
 eigenvalue spectra (shipped bundle; interpolated to head_dim 128), keys

@@ -304,8 +304,9 @@ class SpectralKernels:
         if self._counter_bh is None or self._counter_bh.size < B * H:
             self._counter_bh = mx.zeros((B * H,), mx.int32)
         step = 16 * WARPS
-        # At least two tiles per warp: fewer, longer splits cost less to start and merge
-        # (the merge reads every split) than they lose in parallelism at short lengths.
+        # At least WARP_MIN_TILES (2) tiles per warp: fewer, longer splits cost less to
+        # start and merge (the merge reads every split) than they lose in parallelism
+        # (H200, default-model shape: 1 / 2 / 4 tiles 54 / 49 / 55 µs at 4k; BENCHMARKS.md).
         splits = max(1, min(_cdiv(coded, WARP_MIN_TILES * step),
                             _cdiv(TARGET_THREADGROUPS, B * H)))
         per_split = _cdiv(_cdiv(coded, splits), step) * step
