@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import numpy as np
-from probe_text import HeldOut
+from probe_text import HeldOut, save_results
 
 from veloxcore import caches as cache_module
 from veloxcore import load_cached_rotations
@@ -134,9 +133,7 @@ def main() -> None:
                        kl_after_first_chunk=float(kl[args.chunk:].mean()))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(command=" ".join(sys.argv), rows=rows), f, indent=1)
+    save_results(args.json, rows=rows)
 
 
 if __name__ == "__main__":

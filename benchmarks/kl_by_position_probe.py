@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import numpy as np
-from probe_text import HeldOut
+from probe_text import HeldOut, save_results
 
 from veloxcore import load_cached_rotations
 from veloxcore.caches import KVCacheBuilder, parse_method
@@ -40,10 +39,7 @@ def main() -> None:
         buckets = [float(kl[s: s + args.bucket].mean()) for s in range(0, kl.size, args.bucket)]
         rows.append(dict(method=method, mean=float(kl.mean()), buckets=buckets))
         print(json.dumps(rows[-1]), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(command=" ".join(sys.argv), bucket=args.bucket, rows=rows), f,
-                      indent=1)
+    save_results(args.json, bucket=args.bucket, rows=rows)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ steps, per-token KL against mlx-lm's fp16 cache, and the base of the probes' key
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 from veloxcore import load
 from veloxcore.caches import CodedKVCache
 from veloxcore.calibration import RopeInverter, find_rope
@@ -11,6 +15,13 @@ from veloxcore.evaluate import _log_probs, load_eval_text
 
 mx = __import__("mlx.core").core  # after veloxcore (OpenBLAS first)
 KVCache = __import__("mlx_lm.models.cache").models.cache.KVCache
+
+
+def save_results(path: str | None, **fields) -> None:
+    """Write a probe's results as JSON with the command that made them (nothing when
+    ``path`` is None)."""
+    if path:
+        Path(path).write_text(json.dumps(dict(command=" ".join(sys.argv), **fields), indent=1))
 
 
 class HeldOut:

@@ -15,11 +15,9 @@ choice of the same tokens is the control.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 import numpy as np
-from probe_text import HeldOut
+from probe_text import HeldOut, save_results
 
 from veloxcore import load_cached_rotations
 from veloxcore.attention import model_modules
@@ -155,10 +153,8 @@ def main() -> None:
                                  bits=base_bits + extra))
                 print(f"  top {fraction:5.1%} by {select:6s} exact {what:2s}: "
                       f"bits ~{base_bits + extra:.3f} KL {kl:.4f}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(command=" ".join(sys.argv), method=args.method,
-                           tokens=args.tokens, window=args.window, rows=rows), f, indent=1)
+    save_results(args.json, method=args.method, tokens=args.tokens, window=args.window,
+                 rows=rows)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,9 @@ small trellis buy?
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 import numpy as np
-from probe_text import HeldOut, PreRopeKeyProbe
+from probe_text import HeldOut, PreRopeKeyProbe, save_results
 
 from veloxcore import caches as cache_module
 from veloxcore import load_cached_rotations
@@ -169,10 +167,7 @@ def main() -> None:
             rows.append(dict(key_bits=key_bits, trellis=trellis, kl=kl))
             print(f"keys only, {key_bits:g} bits, {'trellis' if trellis else 'Lloyd-Max'}: "
                   f"KL {kl:.4f}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(command=" ".join(sys.argv), tokens=args.tokens, rows=rows), f,
-                      indent=1)
+    save_results(args.json, tokens=args.tokens, rows=rows)
 
 
 if __name__ == "__main__":
