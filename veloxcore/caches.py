@@ -191,13 +191,12 @@ class CodedKVCache:
 
     # Coding granularity: tokens are coded in whole blocks of this many (block scales).
     block = 1
+    # Decoded tokens coded at a time (KVCacheBuilder sets the config's, checked there).
+    append_batch = 1
 
-    def __init__(self, sink_tokens: int = 0, recent_tokens: int = 0, append_batch: int = 1):
-        if append_batch < 1:
-            raise CacheConfigError(f"append_batch must be at least 1, not {append_batch}")
+    def __init__(self, sink_tokens: int = 0, recent_tokens: int = 0):
         self.sink_tokens = sink_tokens
         self.recent_tokens = recent_tokens
-        self.append_batch = append_batch
         self.offset = 0
         self.parts: list[mx.array] | None = None
         # Exact tokens: num_sinks sinks, then the uncoded tail; (B, H, n, D) or None.
