@@ -23,6 +23,9 @@ Layout (per layer; B batch, HKV key/value heads, G query heads per KV head):
 """
 
 CUDA_HEADER = r"""
+#ifndef VX_STAMP
+#define VX_STAMP(k)  // phase timestamps: only the profiling build (kernels.WARP_STAMPS)
+#endif
 #define VX_SHARED __shared__
 #define VX_TG
 #define VX_FN __device__ inline
@@ -51,6 +54,27 @@ __device__ inline float2 vx_sincos_fast(float x) {
   __sincosf(r, &s, &c);
   return make_float2(s, c);
 }
+"""
+
+# The warp-tiled kernel's phase timestamps (kernels.WARP_STAMPS): after a block-wide
+# barrier, thread 0 writes the low words of %globaltimer (ns, comparable across blocks)
+# and clock64 (this SM's cycles) for phase k of its block (slots k and 16 + k of 32);
+# slot 31 is the SM's id.
+CUDA_STAMPS = r"""
+#define VX_STAMP(k)                                                            \
+  do {                                                                         \
+    __syncthreads();                                                           \
+    if (tid == 0) {                                                            \
+      unsigned long long now_;                                                 \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now_));                 \
+      unsigned int sm_;                                                        \
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm_));                         \
+      unsigned int* row_ = stamps + (blk_y * grid_x + blk_x) * 32;             \
+      row_[k] = (unsigned int)now_;                                            \
+      row_[16 + (k)] = (unsigned int)clock64();                                \
+      row_[31] = sm_;                                                          \
+    }                                                                          \
+  } while (0)
 """
 
 # Helpers shared by both backends (after their header's macros).
@@ -594,6 +618,7 @@ DECODE_WARP_BODY = r"""
   VX_SHARED float fin_l[NW][G];
   VX_SHARED float fin_o[NW][G * D];
 
+  VX_STAMP(0);
   for (int i = tid; i < 510; i += NT) {
     table[i] = codebook[i];
   }
@@ -603,6 +628,7 @@ DECODE_WARP_BODY = r"""
     qs[i] = static_cast<float>(q[(bh * G + g) * D + perm[i - g * D]]) * params[0];
   }
   VX_BARRIER();
+  VX_STAMP(1);
 
   float acc[G][DJ];
   float m_run[G];
@@ -759,6 +785,7 @@ DECODE_WARP_BODY = r"""
     __syncwarp();
     buf ^= 1;
   }
+  VX_STAMP(2);
   // 6. Merge the warps' partials into the split's.
   for (int g = 0; g < G; g++) {
     if (lane == 0) {
@@ -795,6 +822,7 @@ DECODE_WARP_BODY = r"""
   // (sinks, recent window) and normalises: one launch per decode step. ``counter`` is
   // zero before and after every launch (the last block resets it).
   VX_SHARED int is_last;
+  VX_STAMP(3);
   vx_threadfence();
   VX_BARRIER();
   if (tid == 0) {
@@ -804,6 +832,7 @@ DECODE_WARP_BODY = r"""
   if (!is_last) {
     return;
   }
+  VX_STAMP(4);
   vx_threadfence();
   const int E = cmeta[0];
   const int rv = cmeta[1];
@@ -828,6 +857,7 @@ DECODE_WARP_BODY = r"""
     }
   }
   VX_BARRIER();
+  VX_STAMP(5);
   // Per head: the largest score, the coded tokens' and the exact tokens' weights.
   for (int g = warp; g < G; g += NW) {
     const int base = bh * n_splits * G + g;
@@ -863,6 +893,7 @@ DECODE_WARP_BODY = r"""
     }
   }
   VX_BARRIER();
+  VX_STAMP(6);
   // The coded tokens' output, weighted split by split (into fin_o[0]).
   for (int i = tid; i < G * D; i += NT) {
     const int g = i / D;
@@ -885,6 +916,7 @@ DECODE_WARP_BODY = r"""
     fin_o[0][i] = ((o8[0] + o8[1]) + (o8[2] + o8[3])) + ((o8[4] + o8[5]) + (o8[6] + o8[7]));
   }
   VX_BARRIER();
+  VX_STAMP(7);
   for (int i = tid; i < G * D; i += NT) {
     const int g = i / D;
     const int d = i - g * D;
@@ -904,6 +936,7 @@ DECODE_WARP_BODY = r"""
   if (tid == 0) {
     const_cast<int*>(counter)[bh] = 0;
   }
+  VX_STAMP(8);
 """
 
 # Merge the splits' partials with the exact tokens (sinks, recent window) and

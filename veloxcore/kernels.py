@@ -48,6 +48,10 @@ WARP_UNROLL = int(os.environ.get("VELOX_WARP_UNROLL", "0"))
 # Fewest 16-token tiles each warp of the warp-tiled kernel walks per split (more splits
 # start more blocks; fewer, longer splits cost less to merge). Tunable for profiling.
 WARP_MIN_TILES = int(os.environ.get("VELOX_WARP_MIN_TILES", "2"))
+# Profiling (benchmarks/warp_phases.py): a list here makes the warp-tiled kernel a build
+# that timestamps its phases (kernel_source.CUDA_STAMPS); each launch appends its stamps,
+# (blocks, 32) uint32 in the order of blockIdx.y-major block ids.
+WARP_STAMPS: list | None = None
 
 
 def kernel_backend() -> str:
@@ -76,10 +80,14 @@ def _kernel(backend: str, which: str):
         "decode": (src.DECODE_BODY, src.DECODE_INPUTS, src.DECODE_OUTPUTS),
         "decode_warp": (src.DECODE_WARP_BODY, src.DECODE_WARP_INPUTS,
                         src.DECODE_WARP_OUTPUTS),
+        "decode_warp_stamps": (src.DECODE_WARP_BODY, src.DECODE_WARP_INPUTS,
+                               src.DECODE_WARP_OUTPUTS + ["stamps"]),
         "encode": (src.ENCODE_BODY, src.ENCODE_INPUTS, src.ENCODE_OUTPUTS),
         "combine": (src.COMBINE_BODY, src.COMBINE_INPUTS, src.COMBINE_OUTPUTS),
     }[which]
     header, source = src.kernel_text(backend, body)
+    if which.endswith("_stamps"):
+        header = src.CUDA_STAMPS + header
     make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
     return make(name=f"velox_{which}", input_names=inputs, output_names=outputs,
                 source=source, header=header)
@@ -314,7 +322,8 @@ class SpectralKernels:
         vb, vg = self.value_affine
         layout = self._constant(mx.int32, self.key_rank, self.key_words, self.value_rank,
                                 self.value_words, pos0)
-        _, _, _, result = _kernel(self.backend, "decode_warp")(
+        stamps = WARP_STAMPS is not None and self.backend == "cuda"
+        outputs = _kernel(self.backend, "decode_warp_stamps" if stamps else "decode_warp")(
             inputs=[queries, self.perm_mx, self._constant(mx.float32, scale),
                     self._length(coded), layout, self.bfrag, kwords, ktok, self.kbits,
                     self.kshift, self.kscale, self.key_mean_pairs, self.rope, *vparts,
@@ -327,9 +336,12 @@ class SpectralKernels:
                       ("UNROLL_NT", WARP_UNROLL or D // 8)],
             grid=(32 * WARPS * splits, B * H, 1), threadgroup=(32 * WARPS, 1, 1),
             output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G),
-                           (B, Hq, 1, D)],
-            output_dtypes=[mx.float32] * 3 + [dtype])
-        return result
+                           (B, Hq, 1, D)] + [(B * H * splits, 32)] * stamps,
+            output_dtypes=[mx.float32] * 3 + [dtype] + [mx.uint32] * stamps,
+            init_value=0 if stamps else None)
+        if stamps:
+            WARP_STAMPS.append(outputs[4])
+        return outputs[3]
 
     def combine(self, queries, scale, partials, exact):
         """Second launch: merge the splits with the exact tokens and normalise."""
