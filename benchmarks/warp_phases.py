@@ -8,9 +8,10 @@ spectra, affine 4-bit Hadamard-rotated values, as decode.py's ``spectral-vh``), 
 with N random tokens plus ``--tail`` decoded tokens waiting in the exact buffer. Each
 block's thread 0 stamps %globaltimer (ns) after a barrier at each phase:
 
-  0 entry · 1 set-up done (codebook, query) · 2 the block's tiles done · 3 its partial
-  written · (the last block of each KV head only:) 4 it knows it is last · 5 exact
-  tokens' scores · 6 per-head max and sums · 7 coded output merged · 8 result written.
+  0 entry · 1 set-up done (codebook, query, key columns) · 2 the block's tiles done ·
+  3 its partial written · (the last block of each KV head only:) 4 it knows it is last ·
+  5 exact tokens' scores · 6 per-head max and weights · 7 exact tokens' values and the
+  splits' outputs merged · 8 values rotated back, result written.
 
 Reports, over ``--reps`` launches (medians): the kernel's span (first entry to last
 end), when blocks start and finish their tiles relative to the first entry, and the

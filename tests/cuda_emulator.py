@@ -38,6 +38,8 @@ PRELUDE = r"""
 using std::min; using std::max; using std::sqrt;
 struct float2 { float x, y; };
 inline float2 make_float2(float a, float b) { return {a, b}; }
+struct float4 { float x, y, z, w; };
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 struct __half {
   _Float16 v;
   __half() = default;
@@ -71,6 +73,7 @@ inline unsigned int vx_pack_half2(float lo, float hi) {
   return (unsigned int)ua | ((unsigned int)ub << 16);
 }
 inline float __ldcg(const float* p) { return *p; }
+inline float4 __ldcg(const float4* p) { return *p; }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline void vx_cp_async4(void* dst, const void* src) { __builtin_memcpy(dst, src, 4); }

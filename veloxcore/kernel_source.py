@@ -43,6 +43,7 @@ __device__ inline float2 vx_sincos(float x) {
 }
 // Loads of what other blocks wrote in this launch (past L1), and the fence before telling.
 __device__ inline float vx_ld_cg(const float* p) { return __ldcg(p); }
+__device__ inline float4 vx_ld_cg4(const float4* p) { return __ldcg(p); }
 __device__ inline void vx_threadfence() { __threadfence(); }
 // sin/cos of an fp32 angle: reduced to [-pi, pi] with 2*pi in two parts (exact to ~1e-7
 // for |x| < 1e5), then the fast hardware approximation (abs. error ~5e-7 there).
@@ -168,6 +169,15 @@ __device__ inline void vx_mma_keys(const __half* ch, int chs, const unsigned int
 # before reading). Counts in 32-bit words per token: wk key, vwn value; sbw scale (and
 # bias) words per 16 tokens; 8 words of fp16 per-token key scales when kts.
 CUDA_STAGE = r"""
+// The level of the b-bit code at bit sh of a token's words (vx_level without its branch:
+// two words are always read; code buffers keep a spare word after the last token).
+__device__ inline float vx_level_pair(const unsigned int* words, int base, int sh, int b,
+                                      const float* table) {
+  const int w0 = base + (sh >> 5);
+  const unsigned long long pair = ((unsigned long long)words[w0 + 1] << 32) | words[w0];
+  const unsigned int code = (unsigned int)(pair >> (sh & 31)) & ((1u << b) - 1u);
+  return table[(1 << b) - 2 + (int)code];
+}
 __device__ inline void vx_stage_tile(unsigned int* kw, unsigned int* vw, unsigned int* vsc,
                                      unsigned int* vbi, unsigned int* kts,
                                      const unsigned int* kwords, const unsigned int* vwords,
@@ -572,10 +582,14 @@ DECODE_BODY = r"""
 # tokens (gid, gid + 8) are decoded straight into mma A fragments (fp16), keys = basis ·
 # coefficients come out of mma.m16n8k16 as C fragments whose column pairs are RoPE pairs,
 # so the mean, RoPE and the scores against the G query heads are applied in registers;
-# values are read by dims (lane + 32 j) and accumulated in registers.
+# the probabilities (fp16, a row per query head) times the values (dequantised straight
+# into B fragments) are a second mma per 8 dims, accumulated in C fragments.
+# The last block of each KV head to finish merges the splits with the exact tokens.
 # Template constants: T, D, G, HKV, NW (warps), NT (= 32 NW), RKMAX (coefficient columns,
-# a multiple of 16), KTS (per-token key scale), VB, VG (affine value bits, group),
-# UNROLL_NT (unrolling of the loop over 8-dim slices: fewer registers when small).
+# a multiple of 16), KTS (per-token key scale), VB, VG (affine value bits, group), MAXE
+# (exact tokens), MAXS (splits), VHAD (values were coded Hadamard-rotated: the output is
+# turned back by a fast Walsh-Hadamard transform), UNROLL_NT (unrolling of the loop over
+# 8-dim slices: fewer registers when small).
 # bfrag: the basis as B fragments, ((h · D/8 + n-tile) · RKMAX/16 + k-step) · 64 + reg ·
 # 32 + lane; kbits/kshift/kscale: per compacted column (H, RKMAX); key_mean, rope in RoPE
 # pair order.
@@ -591,7 +605,6 @@ DECODE_WARP_BODY = r"""
   constexpr int NTD = D / 8;
   constexpr int VW = D * VB / 32;
   constexpr int NG = D / VG;
-  constexpr int DJ = D / 32;
   const int per_split = ((total + n_splits - 1) / n_splits + STEP - 1) / STEP * STEP;
   const int wk = layout[1];
   const int pos0 = layout[4];
@@ -601,47 +614,33 @@ DECODE_WARP_BODY = r"""
   const int lane = tid - warp * 32;
   const int gid = lane >> 2;
   const int tig = lane & 3;
+  static_assert(G <= 8, "query heads are rows 0-7 of the probabilities' mma fragment");
+  static_assert(D <= NT, "the merge gives each output dim a thread");
 
   VX_SHARED float table[510];
   VX_SHARED float qs[G * D];
+  // Per compacted key column: width | bit offset << 4 (a padding column reads one bit and
+  // scales it by 0, so the decode needs no branch), and its scale.
+  VX_SHARED int kmeta[RKMAX];
+  VX_SHARED float kscl[RKMAX];
   // Per warp, two buffers of a tile's codes (double-buffered: one loads, one is read).
-  // fp16 arrays travel as 32-bit words (16 tokens: whole words, 4-byte aligned).
+  // fp16 arrays travel as 32-bit words (16 tokens: whole words, 4-byte aligned); one
+  // spare word each lets a code straddling the last word read two words without a branch.
   constexpr int KWMAX = 16 * (D / 4);
   constexpr int SBW = 16 * NG / 2;
-  VX_SHARED unsigned int kw_s[NW][2][KWMAX];
+  VX_SHARED unsigned int kw_s[NW][2][KWMAX + 1];
   VX_SHARED unsigned int vw_s[NW][2][16 * VW + 1];
   VX_SHARED unsigned int vsc_s[NW][2][SBW];
   VX_SHARED unsigned int vbi_s[NW][2][SBW];
   VX_SHARED unsigned int kts_s[NW][2][8];
-  VX_SHARED float p_s[NW][16 * G];
+  // A tile's probabilities, fp16, row g = query head, 16 tokens: the A fragment of P·V.
+  VX_SHARED unsigned int ph_s[NW][8 * 8];
   VX_SHARED float fin_m[NW][G];
   VX_SHARED float fin_l[NW][G];
   VX_SHARED float fin_o[NW][G * D];
 
   VX_STAMP(0);
-  for (int i = tid; i < 510; i += NT) {
-    table[i] = codebook[i];
-  }
-  // The query in RoPE pair order, times the softmax scale.
-  for (int i = tid; i < G * D; i += NT) {
-    const int g = i / D;
-    qs[i] = static_cast<float>(q[(bh * G + g) * D + perm[i - g * D]]) * params[0];
-  }
-  VX_BARRIER();
-  VX_STAMP(1);
-
-  float acc[G][DJ];
-  float m_run[G];
-  float l_run[G];
-  for (int g = 0; g < G; g++) {
-    m_run[g] = -1e30f;
-    l_run[g] = 0.0f;
-    for (int j = 0; j < DJ; j++) {
-      acc[g][j] = 0.0f;
-    }
-  }
-  // 1. A tile's codes are contiguous in each array: whole 16-token tiles are copied (the
-  // buffers' capacity is a multiple of 16; rows past the last token are masked below).
+  // 1. The first tile's codes start loading before the set-up's loads (independent).
   int buf = 0;
   if (start + warp * 16 < stop) {
     vx_stage_tile(kw_s[warp][0], vw_s[warp][0], vsc_s[warp][0], vbi_s[warp][0],
@@ -649,6 +648,37 @@ DECODE_WARP_BODY = r"""
                   bh * cap + start + warp * 16, wk, VW, SBW, KTS, lane);
   }
   vx_cp_commit();
+  for (int i = tid; i < 510; i += NT) {
+    table[i] = codebook[i];
+  }
+  for (int i = tid; i < RKMAX; i += NT) {
+    const int b = kbits[h * RKMAX + i];
+    kmeta[i] = b > 0 ? b | (kshift[h * RKMAX + i] << 4) : 1;
+    kscl[i] = b > 0 ? kscale[h * RKMAX + i] : 0.0f;
+  }
+  // The query in RoPE pair order, times the softmax scale.
+  for (int i = tid; i < G * D; i += NT) {
+    const int g = i / D;
+    qs[i] = static_cast<float>(q[(bh * G + g) * D + perm[i - g * D]]) * params[0];
+  }
+  ph_s[warp][lane] = 0u;  // rows of absent query heads stay zero
+  ph_s[warp][lane + 32] = 0u;
+  VX_BARRIER();
+  VX_STAMP(1);
+
+  float vacc[NTD][2];  // P·V: this lane's C fragment (head gid, dims 8 nt + 2 tig, +1)
+  float m_run[G];
+  float l_run[G];
+  for (int g = 0; g < G; g++) {
+    m_run[g] = -1e30f;
+    l_run[g] = 0.0f;
+  }
+  for (int nt = 0; nt < NTD; nt++) {
+    vacc[nt][0] = 0.0f;
+    vacc[nt][1] = 0.0f;
+  }
+  // Whole 16-token tiles are copied (the buffers' capacity is a multiple of 16; rows past
+  // the last token are masked below).
   for (int t0 = start + warp * 16; t0 < stop; t0 += STEP) {
     const int n = min(16, stop - t0);
     if (t0 + STEP < stop) {
@@ -672,17 +702,10 @@ DECODE_WARP_BODY = r"""
       float c[8];
       for (int e = 0; e < 4; e++) {
         const int col = ks * 16 + 2 * tig + (e & 1) + (e >> 1) * 8;
-        const int b = kbits[h * RKMAX + col];
-        float c0 = 0.0f;
-        float c1 = 0.0f;
-        if (b > 0) {
-          const int sh = kshift[h * RKMAX + col];
-          const float sc = kscale[h * RKMAX + col];
-          c0 = vx_level(kw, gid * wk, sh, b, table) * sc * ts0;
-          c1 = vx_level(kw, (gid + 8) * wk, sh, b, table) * sc * ts1;
-        }
-        c[e] = c0;
-        c[4 + e] = c1;
+        const int meta = kmeta[col];
+        const float sc = kscl[col];
+        c[e] = vx_level_pair(kw, gid * wk, meta >> 4, meta & 15, table) * sc * ts0;
+        c[4 + e] = vx_level_pair(kw, (gid + 8) * wk, meta >> 4, meta & 15, table) * sc * ts1;
       }
       afrag[ks][0] = vx_pack_half2(c[0], c[1]);
       afrag[ks][1] = vx_pack_half2(c[4], c[5]);
@@ -724,9 +747,13 @@ DECODE_WARP_BODY = r"""
         s1[g] += qa * k1a + qb * k1b;
       }
     }
-    // 4. Scores summed over the quad, masked past n; online softmax per query head.
+    // 4. Scores summed over the quad, masked past n; online softmax per query head. The
+    // probabilities are rounded to fp16 (what the P·V product reads) before they are
+    // summed, so numerator and denominator see the same weights.
     const bool ok0 = gid < n;
     const bool ok1 = gid + 8 < n;
+    float r_mine = 1.0f;  // the rescale of this lane's row (query head gid)
+    VX_HALF_T* ph = reinterpret_cast<VX_HALF_T*>(ph_s[warp]);
     for (int g = 0; g < G; g++) {
       float a = s0[g];
       float b = s1[g];
@@ -741,8 +768,8 @@ DECODE_WARP_BODY = r"""
       top = max(top, VX_SHFL_XOR(top, 8));
       top = max(top, VX_SHFL_XOR(top, 16));
       const float m_new = max(m_run[g], top);
-      const float pa = vx_exp(a - m_new);
-      const float pb = vx_exp(b - m_new);
+      const float pa = VX_ROUND_HALF(vx_exp(a - m_new));
+      const float pb = VX_ROUND_HALF(vx_exp(b - m_new));
       float sum = pa + pb;
       sum += VX_SHFL_XOR(sum, 4);
       sum += VX_SHFL_XOR(sum, 8);
@@ -750,37 +777,39 @@ DECODE_WARP_BODY = r"""
       const float r = vx_exp(m_run[g] - m_new);
       l_run[g] = l_run[g] * r + sum;
       m_run[g] = m_new;
-      for (int j = 0; j < DJ; j++) {
-        acc[g][j] *= r;
-      }
+      r_mine = g == gid ? r : r_mine;
       if (tig == 0) {
-        p_s[warp][gid * G + g] = pa;
-        p_s[warp][(gid + 8) * G + g] = pb;
+        ph[g * 16 + gid] = VX_TO_HALF(pa);
+        ph[g * 16 + gid + 8] = VX_TO_HALF(pb);
       }
     }
     __syncwarp();
-    // 5. Values: this lane's dims lane + 32 j (mx.quantize's little-endian bit stream).
-    for (int t = 0; t < n; t++) {
-      float pr[G];
-      for (int g = 0; g < G; g++) {
-        pr[g] = p_s[warp][t * G + g];
-      }
-      for (int j = 0; j < DJ; j++) {
-        const int d = lane + 32 * j;
-        const int bit = d * VB;
-        const int sh = bit & 31;
+    // 5. Values: P (rows = query heads) · V (16 tokens x 8 dims) per 8-dim slice on
+    // tensor cores. Lane (gid, tig) dequantises dim 8 nt + gid of tokens 2 tig, +1, +8, +9
+    // (mx.quantize's little-endian bit stream) into its B fragment.
+    const unsigned int pa0 = ph_s[warp][gid * 8 + tig];
+    const unsigned int pa2 = ph_s[warp][gid * 8 + 4 + tig];
+    float zero2 = 0.0f, zero3 = 0.0f;  // rows 8-15 of P are zero
+#pragma unroll UNROLL_NT
+    for (int nt = 0; nt < NTD; nt++) {
+      const int d = nt * 8 + gid;
+      const int gi = (nt * 8) / VG;  // VG is a multiple of 8: one group per slice
+      const int bit = d * VB;
+      float v[4];
+      for (int u = 0; u < 4; u++) {
+        const int t = 2 * tig + (u & 1) + (u >> 1) * 8;
         const int w = t * VW + (bit >> 5);
-        unsigned int code = vw[w] >> sh;
-        if ((VB & (VB - 1)) != 0 && sh + VB > 32) {
-          code |= vw[w + 1] << (32 - sh);
+        unsigned int code = vw[w] >> (bit & 31);
+        if ((VB & (VB - 1)) != 0) {  // 3/5/6-bit codes may straddle two words
+          code = (unsigned int)((((unsigned long long)vw[w + 1] << 32) | vw[w]) >> (bit & 31));
         }
         code &= (1u << VB) - 1u;
-        const int gi = t * NG + d / VG;
-        const float v = (float)code * VX_HALF(vsc[gi]) + VX_HALF(vbi[gi]);
-        for (int g = 0; g < G; g++) {
-          acc[g][j] += pr[g] * v;
-        }
+        v[u] = (float)code * VX_HALF(vsc[t * NG + gi]) + VX_HALF(vbi[t * NG + gi]);
       }
+      vacc[nt][0] *= r_mine;
+      vacc[nt][1] *= r_mine;
+      vx_mma_16816(vacc[nt][0], vacc[nt][1], zero2, zero3, pa0, 0u, pa2, 0u,
+                   vx_pack_half2(v[0], v[1]), vx_pack_half2(v[2], v[3]));
     }
     __syncwarp();
     buf ^= 1;
@@ -792,8 +821,11 @@ DECODE_WARP_BODY = r"""
       fin_m[warp][g] = m_run[g];
       fin_l[warp][g] = l_run[g];
     }
-    for (int j = 0; j < DJ; j++) {
-      fin_o[warp][g * D + lane + 32 * j] = acc[g][j];
+  }
+  if (gid < G) {
+    for (int nt = 0; nt < NTD; nt++) {
+      fin_o[warp][gid * D + nt * 8 + 2 * tig] = vacc[nt][0];
+      fin_o[warp][gid * D + nt * 8 + 2 * tig + 1] = vacc[nt][1];
     }
   }
   VX_BARRIER();
@@ -819,7 +851,7 @@ DECODE_WARP_BODY = r"""
     }
   }
   // 7. The last split of this KV head to finish merges all splits with the exact tokens
-  // (sinks, recent window) and normalises: one launch per decode step. ``counter`` is
+  // (sinks, the uncoded tail) and normalises: one launch per decode step. ``counter`` is
   // zero before and after every launch (the last block resets it).
   VX_SHARED int is_last;
   VX_STAMP(3);
@@ -835,103 +867,167 @@ DECODE_WARP_BODY = r"""
   VX_STAMP(4);
   vx_threadfence();
   const int E = cmeta[0];
-  const int rv = cmeta[1];
   VX_SHARED float pexact[G * MAXE];
-  VX_SHARED float head_top[G];
-  VX_SHARED float head_coded[G];
+  VX_SHARED float wsplit[G * MAXS];
   VX_SHARED float head_total[G];
-  // Exact tokens' scores: a warp per (head, token), lanes over dims.
-  for (int i = warp; i < G * E; i += NW) {
+  // Exact tokens' scores: a thread per (head, token), all of its loads at once.
+  for (int i = tid; i < G * E; i += NT) {
     const int g = i / E;
     const int e = i - g * E;
+    const T* qg = q + (bh * G + g) * D;
+    const T* ke = ek + (bh * E + e) * D;
     float sc = 0.0f;
-    for (int d = lane; d < D; d += 32) {
-      sc += static_cast<float>(q[(bh * G + g) * D + d]) *
-            static_cast<float>(ek[(bh * E + e) * D + d]);
+#pragma unroll
+    for (int d = 0; d < D; d++) {
+      sc += static_cast<float>(qg[d]) * static_cast<float>(ke[d]);
     }
-    for (int off = 16; off > 0; off >>= 1) {
-      sc += VX_SHFL_XOR(sc, off);
-    }
-    if (lane == 0) {
-      pexact[g * MAXE + e] = sc * params[0];
-    }
+    pexact[g * MAXE + e] = sc * params[0];
   }
   VX_BARRIER();
   VX_STAMP(5);
-  // Per head: the largest score, the coded tokens' and the exact tokens' weights.
+  // Per head (a warp each): the largest score, then every split's and exact token's
+  // weight relative to it, and their sums — every load issued at once.
   for (int g = warp; g < G; g += NW) {
     const int base = bh * n_splits * G + g;
+    float ms[MAXS / 32];
+    float ls[MAXS / 32];
+    float pe[(MAXE + 31) / 32];
     float top = -1e30f;
-    for (int s = lane; s < n_splits; s += 32) {
-      top = max(top, vx_ld_cg(out_max + base + s * G));
+    for (int k = 0; k < MAXS / 32; k++) {
+      const int s = lane + 32 * k;
+      ms[k] = s < n_splits ? vx_ld_cg(out_max + base + s * G) : -1e30f;
+      ls[k] = s < n_splits ? vx_ld_cg(out_sum + base + s * G) : 0.0f;
+      top = max(top, ms[k]);
     }
-    for (int e = lane; e < E; e += 32) {
-      top = max(top, pexact[g * MAXE + e]);
+    for (int k = 0; k < (MAXE + 31) / 32; k++) {
+      const int e = lane + 32 * k;
+      pe[k] = e < E ? pexact[g * MAXE + e] : -1e30f;
+      top = max(top, pe[k]);
     }
     for (int off = 16; off > 0; off >>= 1) {
       top = max(top, VX_SHFL_XOR(top, off));
     }
     float coded_sum = 0.0f;
-    for (int s = lane; s < n_splits; s += 32) {
-      coded_sum += vx_exp(vx_ld_cg(out_max + base + s * G) - top) *
-                   vx_ld_cg(out_sum + base + s * G);
+    for (int k = 0; k < MAXS / 32; k++) {
+      const int s = lane + 32 * k;
+      const float w = vx_exp(ms[k] - top);
+      coded_sum += w * ls[k];
+      if (s < n_splits) {
+        wsplit[g * MAXS + s] = w;
+      }
     }
     float exact_sum = 0.0f;
-    for (int e = lane; e < E; e += 32) {
-      const float pe = vx_exp(pexact[g * MAXE + e] - top);
-      pexact[g * MAXE + e] = pe;
-      exact_sum += pe;
+    for (int k = 0; k < (MAXE + 31) / 32; k++) {
+      const int e = lane + 32 * k;
+      const float w = vx_exp(pe[k] - top);
+      if (e < E) {
+        pexact[g * MAXE + e] = w;
+        exact_sum += w;
+      }
     }
     for (int off = 16; off > 0; off >>= 1) {
       coded_sum += VX_SHFL_XOR(coded_sum, off);
       exact_sum += VX_SHFL_XOR(exact_sum, off);
     }
     if (lane == 0) {
-      head_top[g] = top;
-      head_coded[g] = coded_sum;
       head_total[g] = coded_sum + exact_sum;
     }
   }
   VX_BARRIER();
   VX_STAMP(6);
-  // The coded tokens' output, weighted split by split (into fin_o[0]).
-  for (int i = tid; i < G * D; i += NT) {
-    const int g = i / D;
-    const int d = i - g * D;
-    const int base = bh * n_splits * G + g;
-    // Eight independent sums keep eight loads in flight (one chain of dependent loads
-    // costs an L2 round trip per split).
-    float o8[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    int s = 0;
-    for (; s + 8 <= n_splits; s += 8) {
-      for (int u = 0; u < 8; u++) {
-        o8[u] += vx_exp(vx_ld_cg(out_max + base + (s + u) * G) - head_top[g]) *
-                 vx_ld_cg(out + (base + (s + u) * G) * D + d);
+  // The exact tokens' values (thread d, every head at once; kept in registers).
+  float ex[G];
+  for (int g = 0; g < G; g++) {
+    ex[g] = 0.0f;
+  }
+  if (tid < D) {
+    const T* vd = ev + bh * E * D + tid;
+#pragma unroll 8
+    for (int e = 0; e < E; e++) {
+      const float v = static_cast<float>(vd[e * D]);
+      for (int g = 0; g < G; g++) {
+        ex[g] += pexact[g * MAXE + e] * v;
       }
     }
-    for (; s < n_splits; s++) {
-      o8[0] += vx_exp(vx_ld_cg(out_max + base + s * G) - head_top[g]) *
-               vx_ld_cg(out + (base + s * G) * D + d);
+  }
+  // The coded tokens' output: every split's partial weighted and summed, four dims per
+  // load; with few output chunks, PH threads share a chunk's splits (summed below).
+  constexpr int CH = G * D / 4;
+  constexpr int PH = NT / CH >= 4 ? 4 : (NT / CH >= 1 ? NT / CH : 1);
+  float* merged = &fin_o[0][0];  // PH x G x D (the warps' partials are dead)
+  for (int i = tid; i < CH * PH; i += NT) {
+    const int c = i % CH;
+    const int ph_ = i / CH;
+    const int g = 4 * c / D;
+    const float4* src = reinterpret_cast<const float4*>(out + bh * n_splits * G * D) + c;
+    float4 acc4[8];
+    for (int u = 0; u < 8; u++) {
+      acc4[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
-    fin_o[0][i] = ((o8[0] + o8[1]) + (o8[2] + o8[3])) + ((o8[4] + o8[5]) + (o8[6] + o8[7]));
+    int s = ph_;
+    for (; s + 7 * PH < n_splits; s += 8 * PH) {
+      for (int u = 0; u < 8; u++) {
+        const float w = wsplit[g * MAXS + s + u * PH];
+        const float4 x = vx_ld_cg4(src + (s + u * PH) * CH);
+        acc4[u].x += w * x.x;
+        acc4[u].y += w * x.y;
+        acc4[u].z += w * x.z;
+        acc4[u].w += w * x.w;
+      }
+    }
+    for (; s < n_splits; s += PH) {
+      const float w = wsplit[g * MAXS + s];
+      const float4 x = vx_ld_cg4(src + s * CH);
+      acc4[0].x += w * x.x;
+      acc4[0].y += w * x.y;
+      acc4[0].z += w * x.z;
+      acc4[0].w += w * x.w;
+    }
+    for (int u = 1; u < 8; u++) {
+      acc4[0].x += acc4[u].x;
+      acc4[0].y += acc4[u].y;
+      acc4[0].z += acc4[u].z;
+      acc4[0].w += acc4[u].w;
+    }
+    merged[ph_ * G * D + 4 * c] = acc4[0].x;
+    merged[ph_ * G * D + 4 * c + 1] = acc4[0].y;
+    merged[ph_ * G * D + 4 * c + 2] = acc4[0].z;
+    merged[ph_ * G * D + 4 * c + 3] = acc4[0].w;
   }
   VX_BARRIER();
-  VX_STAMP(7);
-  for (int i = tid; i < G * D; i += NT) {
-    const int g = i / D;
-    const int d = i - g * D;
-    float o = fin_o[0][i];
-    if (SPECV) {
-      // Values were coded rotated (or as coefficients): turn the output back.
-      o = vmean[h * D + d] * head_coded[g];
-      for (int m = 0; m < rv; m++) {
-        o += fin_o[0][g * D + m] * vback[(h * rv + m) * D + d];
+  if (PH > 1) {
+    for (int i = tid; i < G * D; i += NT) {
+      float o = merged[i];
+      for (int p = 1; p < PH; p++) {
+        o += merged[p * G * D + i];
       }
+      merged[i] = o;
     }
-    for (int e = 0; e < E; e++) {
-      o += pexact[g * MAXE + e] * static_cast<float>(ev[(bh * E + e) * D + d]);
+    VX_BARRIER();
+  }
+  VX_STAMP(7);
+  if (VHAD) {
+    // Values were coded as v·H/sqrt(D) (Sylvester Hadamard): turn the output back with
+    // an in-place fast Walsh-Hadamard transform per head; 1/sqrt(D) is applied below.
+    for (int len = 1; len < D; len <<= 1) {
+      for (int i = tid; i < G * D / 2; i += NT) {
+        const int g = i / (D / 2);
+        const int k = i - g * (D / 2);
+        const int lo = g * D + (k / len) * 2 * len + (k % len);
+        const float a = merged[lo];
+        const float b = merged[lo + len];
+        merged[lo] = a + b;
+        merged[lo + len] = a - b;
+      }
+      VX_BARRIER();
     }
-    result[(bh * G + g) * D + d] = static_cast<T>(o / head_total[g]);
+  }
+  if (tid < D) {
+    const float back = VHAD ? 1.0f / sqrtf((float)D) : 1.0f;
+    for (int g = 0; g < G; g++) {
+      const float o = merged[g * D + tid] * back + ex[g];
+      result[(bh * G + g) * D + tid] = static_cast<T>(o / head_total[g]);
+    }
   }
   if (tid == 0) {
     const_cast<int*>(counter)[bh] = 0;
@@ -1145,7 +1241,7 @@ DECODE_INPUTS = ["q", "perm", "params", "coded", "layout", "basis_mma", "kwords"
 DECODE_OUTPUTS = ["out", "out_max", "out_sum"]
 DECODE_WARP_INPUTS = ["q", "perm", "params", "coded", "layout", "bfrag", "kwords", "ktok",
                       "kbits", "kshift", "kscale", "key_mean", "rope", "vwords", "vscales",
-                      "vbiases", "codebook", "ek", "ev", "vback", "vmean", "cmeta", "counter"]
+                      "vbiases", "codebook", "ek", "ev", "cmeta", "counter"]
 DECODE_WARP_OUTPUTS = ["out", "out_max", "out_sum", "result"]
 COMBINE_INPUTS = ["q", "out", "out_max", "out_sum", "ek", "ev", "vback", "vmean", "params",
                   "cmeta"]

@@ -36,7 +36,9 @@ CHUNK_ELEMENTS = 1024  # basis rows per shared chunk × head_dim
 TARGET_THREADGROUPS = 1024  # a few per SM on an H100/H200 (132 SMs), more on M-series
 MAX_EXACT = 256  # exact tokens (sinks + recent window) the merge kernel takes
 WARPS = 4  # warps per threadgroup of the warp-tiled decode kernel (16 tokens per warp-tile)
-MAX_WARP_GROUP = 8  # query heads per KV head the warp-tiled kernel keeps in registers
+MAX_WARP_GROUP = 8  # query heads per KV head: rows 0-7 of the warp-tiled kernel's P·V mma
+WARP_MAX_EXACT = 96  # exact tokens the warp-tiled kernel merges (sinks + a recent window)
+WARP_MAX_SPLITS = 128  # splits per KV head the warp-tiled kernel's last block merges
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
 WARP_SHARED_LIMIT = 48 * 1024 - 256
 # The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
@@ -180,6 +182,9 @@ class SpectralKernels:
                          mx.array(_offsets(coder.bits)), mx.array(coder.scales.astype(np.float32)))
 
         self.value_affine = cache.value_affine
+        # Rotated values that the warp-tiled kernel turns back with a fast Walsh-Hadamard
+        # transform (value_rotation's matrix for power-of-two head dims).
+        self.value_hadamard = bool(getattr(cache, "value_hadamard", False))
         if self.value_affine is not None:
             bits, group = self.value_affine
             if bits not in (2, 3, 4, 5, 6, 8) or D * bits % 32:
@@ -196,6 +201,7 @@ class SpectralKernels:
                 back = np.array(cache.value_rotation).T
                 self.value_back = mx.array(np.repeat(back[None], H, axis=0))
                 self.value_mean = mx.zeros((H, D), mx.float32)
+
         else:
             vcoder = cache.value_coder
             vcolumns, vvalid, self.value_rank = _compact(vcoder.bits)
@@ -229,19 +235,23 @@ class SpectralKernels:
         from position ``pos0``) and the ``exact`` (keys, values) tokens: one launch of
         the warp-tiled kernel where it applies (``warp_decode``), else two of the
         block-tiled one (the codes in splits, then a merge with the exact tokens)."""
-        if self.warp_decode(queries) and self.whole_tiles(parts):
+        if (self.warp_decode(queries) and self.whole_tiles(parts)
+                and (exact is None or exact[0].shape[2] <= WARP_MAX_EXACT)):
             return self._attend_warp(queries, scale, parts, coded, pos0, exact)
         partials = self.decode_partials(queries, scale, parts, coded, pos0)
         return self.combine(queries, scale, partials, exact)
 
     def warp_decode(self, queries) -> bool:
         """Whether ``attend`` runs the one-launch warp-tiled kernel (CUDA, pre-RoPE keys,
-        affine values, at most MAX_WARP_GROUP query heads per KV head, and its static
-        shared memory within CUDA's 48 KiB; e.g. head_dim 128 with 6+ query heads per KV
-        head, or 8-bit values, take the block-tiled kernel)."""
+        affine values — plain or Hadamard-rotated —, head_dim <= 128, at most
+        MAX_WARP_GROUP query heads per KV head, and its static shared memory within
+        CUDA's 48 KiB; e.g. head_dim 128 with 6+ query heads per KV head, or 8-bit
+        values, take the block-tiled kernel; so do more than WARP_MAX_EXACT exact
+        tokens)."""
         G = queries.shape[1] // self.heads
         return (self.mma and self.value_affine is not None and WARP_DECODE
-                and G <= MAX_WARP_GROUP
+                and G <= MAX_WARP_GROUP and self.dims <= 32 * WARPS
+                and (self.value_back is None or self.value_hadamard)
                 and warp_shared_bytes(self.dims, G, *self.value_affine) <= WARP_SHARED_LIMIT)
 
     @staticmethod
@@ -304,7 +314,7 @@ class SpectralKernels:
         kwords = parts[0]
         ktok = parts[1] if self.key_token_scale else self.dummy_half
         vparts = parts[2 if self.key_token_scale else 1:]
-        ek, ev, num_exact, rotated, vback, vmean = self._merge_inputs(exact, dtype)
+        ek, ev, num_exact, rotated, _, _ = self._merge_inputs(exact, dtype)
         # Splits finished per KV head: the kernel's last block resets it. Two launches on
         # one cache must therefore not run at once — decoding never does (each step needs
         # the previous one's output); a benchmark evaluating several attends together
@@ -316,7 +326,7 @@ class SpectralKernels:
         # start and merge (the merge reads every split) than they lose in parallelism
         # (H200, default-model shape: 1 / 2 / 4 tiles 54 / 49 / 55 µs at 4k; BENCHMARKS.md).
         splits = max(1, min(_cdiv(coded, WARP_MIN_TILES * step),
-                            _cdiv(TARGET_THREADGROUPS, B * H)))
+                            _cdiv(TARGET_THREADGROUPS, B * H), WARP_MAX_SPLITS))
         per_split = _cdiv(_cdiv(coded, splits), step) * step
         splits = _cdiv(coded, per_split)
         vb, vg = self.value_affine
@@ -327,12 +337,13 @@ class SpectralKernels:
             inputs=[queries, self.perm_mx, self._constant(mx.float32, scale),
                     self._length(coded), layout, self.bfrag, kwords, ktok, self.kbits,
                     self.kshift, self.kscale, self.key_mean_pairs, self.rope, *vparts,
-                    self.codebook, ek, ev, vback, vmean,
-                    self._constant(mx.int32, num_exact, self.value_rank), self._counter_bh],
+                    self.codebook, ek, ev, self._constant(mx.int32, num_exact),
+                    self._counter_bh],
             template=[("T", dtype), ("D", D), ("G", G), ("HKV", H), ("NW", WARPS),
                       ("NT", 32 * WARPS), ("RKMAX", self.key_rank),
                       ("KTS", self.key_token_scale), ("VB", vb), ("VG", vg),
-                      ("MAXE", MAX_EXACT), ("SPECV", rotated),
+                      ("MAXE", WARP_MAX_EXACT), ("MAXS", WARP_MAX_SPLITS),
+                      ("VHAD", rotated),
                       ("UNROLL_NT", WARP_UNROLL or D // 8)],
             grid=(32 * WARPS * splits, B * H, 1), threadgroup=(32 * WARPS, 1, 1),
             output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G),
@@ -422,10 +433,10 @@ def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int) -> int:
     kernel_source.DECODE_WARP_BODY, in their order)."""
     vw = D * value_bits // 32
     sbw = 16 * (D // value_group) // 2
-    words = (510 + G * D  # codebook table, query
-             + WARPS * 2 * (16 * (D // 4) + 16 * vw + 1 + 2 * sbw + 8)  # staged codes
-             + WARPS * 16 * G + 2 * WARPS * G + WARPS * G * D  # p, warp max/sum/output
-             + 1 + G * MAX_EXACT + 3 * G)  # merge: flag, exact scores, per-head sums
+    words = (510 + G * D + 2 * D  # codebook table, query, key columns (RKMAX <= D)
+             + WARPS * 2 * (16 * (D // 4) + 1 + 16 * vw + 1 + 2 * sbw + 8)  # staged codes
+             + WARPS * 64 + 2 * WARPS * G + WARPS * G * D  # P, warp max/sum/output
+             + 1 + G * WARP_MAX_EXACT + G * WARP_MAX_SPLITS + G)  # merge
     return 4 * words
 
 
