@@ -20,8 +20,8 @@ eigenvalue spectra (shipped bundle; interpolated to head_dim 128), keys
 water-filled at 3 bits pre-RoPE with a per-token scale and affine 4-bit values
 (spectral-vh: Hadamard-rotated values, as the default configuration's +vh;
 spectral-a3vh: 3-bit rotated values; a "-tiles" suffix, e.g. spectral-vh-tiles, runs the
-block-tiled decode kernel instead of the warp-tiled one; an "-ab1" suffix codes each
-decoded token as it arrives instead of 16 at a time). Speed does not depend on the
+block-tiled decode kernel instead of the warp-tiled one; an "-abN" suffix codes decoded
+tokens N at a time instead of 16, "-ab1" each as it arrives). Speed does not depend on the
 basis itself.
 Writes DIR/decode.json and DIR/decode.md.
 """
@@ -148,13 +148,13 @@ def make_cache(method: str, heads: int, dim: int, rope, backend: str, rng):
         return QuantizedKVCache(group_size=64, bits=int(method[6:]))
     # spectral-vh: values Hadamard-rotated (the default configuration's +vh);
     # spectral-a3vh: 3-bit rotated values (the best measured configuration at <= 3.5 bits);
-    # an "-ab1" suffix codes every decoded token at once (append_batch 1, the old way).
-    method, ab1, _ = method.partition("-ab1")
+    # an "-abN" suffix codes decoded tokens N at a time (default 16; -ab1: each at once).
+    method, _, batch = method.partition("-ab")
     return spectral_cache(rng, heads, dim, rope,
                           "off" if method == "spectral-unfused" else backend,
                           value_bits=3 if method == "spectral-a3vh" else 4,
                           rotate_values=method in ("spectral-vh", "spectral-a3vh"),
-                          append_batch=1 if ab1 else 16)
+                          append_batch=int(batch or 16))
 
 
 def attention_row(method, shape, tokens, backend, reps, bandwidth):

@@ -239,6 +239,28 @@ def test_decode_kernel_matches_reference(backend, monkeypatch, heads, group, dim
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("values", ["affine", "affine-rotated"])
+def test_decode_steps_match_reference_through_batched_appends(backend, values):
+    """Step by step, as in decoding: each step appends a token (exact until 16 have
+    gathered, then coded together) and attends; the kernel's prepared launch must follow
+    every append and batch (and a trim)."""
+    rng = np.random.default_rng(7)
+    cache = filled(make_cache(rng, 3, 64, "pre", values, True), rng, 120)
+    cache.append_batch = 16  # what KVCacheBuilder sets (the class codes each token)
+    keys, vals = random_kv(rng, cache, 24)
+    q = mx.array(rng.normal(size=(1, 9, 1, 64)).astype(np.float16))
+    for step in range(24):
+        if step == 20:
+            cache.trim(3)  # back into the waiting tokens
+        cache.update_and_fetch(keys[:, :, step: step + 1], vals[:, :, step: step + 1])
+        cache.use_kernels("reference")
+        expected = np.array(cache.attend(q, 0.125).astype(mx.float32))
+        cache.use_kernels(backend)
+        got = np.array(cache.attend(q, 0.125).astype(mx.float32))
+        np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3, err_msg=f"step {step}")
+    assert cache.coded == 120 - 4 + 16  # one batch was coded on the way
+
+
 @pytest.mark.parametrize("dim,group,value_bits,warp", [
     (64, 3, 4, True), (128, 4, 4, True), (128, 5, 4, True), (128, 6, 4, False),
     (128, 8, 4, False), (128, 4, 8, False), (64, 9, 4, False)])

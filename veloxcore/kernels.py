@@ -227,6 +227,8 @@ class SpectralKernels:
         self._length_view: mx.array | None = None
         # Splits finished per KV head in a warp-tiled launch (zero between launches).
         self._counter_bh: mx.array | None = None
+        self._warp_launch: tuple | None = None  # (key, prepared launch): _attend_warp
+        self._warp_fits: dict[int, bool] = {}  # query heads per KV head -> warp_decode
 
     # ----------------------------------------------------------------- decode
     def attend(self, queries: mx.array, scale: float, parts, coded: int, pos0: int,
@@ -249,10 +251,13 @@ class SpectralKernels:
         values, take the block-tiled kernel; so do more than WARP_MAX_EXACT exact
         tokens)."""
         G = queries.shape[1] // self.heads
-        return (self.mma and self.value_affine is not None and WARP_DECODE
-                and G <= MAX_WARP_GROUP and self.dims <= 32 * WARPS
+        if G not in self._warp_fits:
+            self._warp_fits[G] = (
+                self.mma and self.value_affine is not None and G <= MAX_WARP_GROUP
+                and self.dims <= 32 * WARPS
                 and (self.value_back is None or self.value_hadamard)
                 and warp_shared_bytes(self.dims, G, *self.value_affine) <= WARP_SHARED_LIMIT)
+        return WARP_DECODE and self._warp_fits[G]
 
     @staticmethod
     def whole_tiles(parts) -> bool:
@@ -306,15 +311,32 @@ class SpectralKernels:
 
     def _attend_warp(self, queries, scale, parts, coded, pos0, exact):
         """The warp-tiled decode kernel (kernel_source.DECODE_WARP_BODY): codes, exact
-        tokens and the merge in one launch."""
+        tokens and the merge in one launch. Everything but the query and the exact
+        tokens is fixed between batched appends, so the launch is prepared once per
+        coded length (``_warp_launch``): a decode step's host work is small next to the
+        kernel's few microseconds."""
+        stamps = WARP_STAMPS is not None and self.backend == "cuda"
+        key = (queries.shape, queries.dtype, coded, pos0, scale, stamps)
+        if self._warp_launch is None or self._warp_launch[0] != key:
+            self._warp_launch = (key, self._prepare_warp(queries, scale, parts, coded, pos0,
+                                                         stamps))
+        kernel, fixed, counter, call = self._warp_launch[1]
+        ek, ev, num_exact, _, _, _ = self._merge_inputs(exact, queries.dtype)
+        outputs = kernel(inputs=[queries, *fixed, ek, ev,
+                                 self._constant(mx.int32, num_exact), counter], **call)
+        if stamps:
+            WARP_STAMPS.append(outputs[4])
+        return outputs[3]
+
+    def _prepare_warp(self, queries, scale, parts, coded, pos0, stamps):
+        """(kernel, inputs between the query and the exact tokens, counter, keyword
+        arguments) of a warp-tiled launch."""
         B, Hq, L, D = queries.shape
         H = self.heads
         G = Hq // H
         dtype = queries.dtype
-        kwords = parts[0]
         ktok = parts[1] if self.key_token_scale else self.dummy_half
         vparts = parts[2 if self.key_token_scale else 1:]
-        ek, ev, num_exact, rotated, _, _ = self._merge_inputs(exact, dtype)
         # Splits finished per KV head: the kernel's last block resets it. Two launches on
         # one cache must therefore not run at once — decoding never does (each step needs
         # the previous one's output); a benchmark evaluating several attends together
@@ -332,27 +354,24 @@ class SpectralKernels:
         vb, vg = self.value_affine
         layout = self._constant(mx.int32, self.key_rank, self.key_words, self.value_rank,
                                 self.value_words, pos0)
-        stamps = WARP_STAMPS is not None and self.backend == "cuda"
-        outputs = _kernel(self.backend, "decode_warp_stamps" if stamps else "decode_warp")(
-            inputs=[queries, self.perm_mx, self._constant(mx.float32, scale),
-                    self._length(coded), layout, self.bfrag, kwords, ktok, self.kbits,
-                    self.kshift, self.kscale, self.key_mean_pairs, self.rope, *vparts,
-                    self.codebook, ek, ev, self._constant(mx.int32, num_exact),
-                    self._counter_bh],
+        fixed = [self.perm_mx, self._constant(mx.float32, scale), self._length(coded), layout,
+                 self.bfrag, parts[0], ktok, self.kbits, self.kshift, self.kscale,
+                 self.key_mean_pairs, self.rope, *vparts, self.codebook]
+        call = dict(
             template=[("T", dtype), ("D", D), ("G", G), ("HKV", H), ("NW", WARPS),
                       ("NT", 32 * WARPS), ("RKMAX", self.key_rank),
                       ("KTS", self.key_token_scale), ("VB", vb), ("VG", vg),
                       ("MAXE", WARP_MAX_EXACT), ("MAXS", WARP_MAX_SPLITS),
-                      ("VHAD", rotated),
+                      ("VHAD", self.value_back is not None),
                       ("UNROLL_NT", WARP_UNROLL or D // 8)],
             grid=(32 * WARPS * splits, B * H, 1), threadgroup=(32 * WARPS, 1, 1),
             output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G),
                            (B, Hq, 1, D)] + [(B * H * splits, 32)] * stamps,
-            output_dtypes=[mx.float32] * 3 + [dtype] + [mx.uint32] * stamps,
-            init_value=0 if stamps else None)
+            output_dtypes=[mx.float32] * 3 + [dtype] + [mx.uint32] * stamps)
         if stamps:
-            WARP_STAMPS.append(outputs[4])
-        return outputs[3]
+            call["init_value"] = 0
+        kernel = _kernel(self.backend, "decode_warp_stamps" if stamps else "decode_warp")
+        return kernel, fixed, self._counter_bh, call
 
     def combine(self, queries, scale, partials, exact):
         """Second launch: merge the splits with the exact tokens and normalise."""
