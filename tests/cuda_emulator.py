@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from veloxcore import kernel_source as src
+from veloxcore.kernels import _compact_source
 
 PRELUDE = r"""
 #include <atomic>
@@ -165,6 +166,8 @@ def _source(which, dtypes, out_dtypes, template) -> str:
         if f"{n}_shape" in body:  # as MLX does: the shape follows the array
             args.append(f"const int* {n}_shape")
     args += [f"{CTYPES[d]}* {n}" for n, d in zip(outputs, out_dtypes, strict=True)]
+    # The text as the CUDA backend gets it (comments and indentation removed).
+    header, body = _compact_source(header), _compact_source(body)
     consts = "".join(_constant(k, v) for k, v in template)
     casts = [f"({a.rsplit(' ', 1)[0]})p[{i}]" for i, a in enumerate(args)]
     return (PRELUDE + header + "static void kernel(" + ", ".join(args) + ") {\n" + consts

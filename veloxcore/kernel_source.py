@@ -623,6 +623,7 @@ DECODE_WARP_BODY = r"""
   // scales it by 0, so the decode needs no branch), and its scale.
   VX_SHARED int kmeta[RKMAX];
   VX_SHARED float kscl[RKMAX];
+  VX_SHARED int perm_s[D];  // RoPE pair order -> dims (the exact keys' order)
   // Per warp, two buffers of a tile's codes (double-buffered: one loads, one is read).
   // fp16 arrays travel as 32-bit words (16 tokens: whole words, 4-byte aligned); one
   // spare word each lets a code straddling the last word read two words without a branch.
@@ -648,21 +649,31 @@ DECODE_WARP_BODY = r"""
                   bh * cap + start + warp * 16, wk, VW, SBW, KTS, lane);
   }
   vx_cp_commit();
+  // Set-up: every global load at once (no load waits on another), then one shuffle in
+  // shared memory: the query, times the softmax scale, goes to RoPE pair order via
+  // fin_o (free until the warps' partials are merged).
   for (int i = tid; i < 510; i += NT) {
     table[i] = codebook[i];
   }
   for (int i = tid; i < RKMAX; i += NT) {
     const int b = kbits[h * RKMAX + i];
-    kmeta[i] = b > 0 ? b | (kshift[h * RKMAX + i] << 4) : 1;
-    kscl[i] = b > 0 ? kscale[h * RKMAX + i] : 0.0f;
+    const int sh = kshift[h * RKMAX + i];
+    const float sc = kscale[h * RKMAX + i];
+    kmeta[i] = b > 0 ? b | (sh << 4) : 1;
+    kscl[i] = b > 0 ? sc : 0.0f;
   }
-  // The query in RoPE pair order, times the softmax scale.
   for (int i = tid; i < G * D; i += NT) {
-    const int g = i / D;
-    qs[i] = static_cast<float>(q[(bh * G + g) * D + perm[i - g * D]]) * params[0];
+    fin_o[0][i] = static_cast<float>(q[bh * G * D + i]) * params[0];
   }
   ph_s[warp][lane] = 0u;  // rows of absent query heads stay zero
   ph_s[warp][lane + 32] = 0u;
+  if (tid < D) {
+    perm_s[tid] = perm[tid];
+  }
+  VX_BARRIER();
+  for (int i = tid; i < G * D; i += NT) {
+    qs[i] = fin_o[0][i - i % D + perm_s[i % D]];
+  }
   VX_BARRIER();
   VX_STAMP(1);
 
@@ -870,18 +881,18 @@ DECODE_WARP_BODY = r"""
   VX_SHARED float pexact[G * MAXE];
   VX_SHARED float wsplit[G * MAXS];
   VX_SHARED float head_total[G];
-  // Exact tokens' scores: a thread per (head, token), all of its loads at once.
+  // Exact tokens' scores: a thread per (head, token), all of its loads at once (the
+  // query, scaled, from shared memory in pair order; the key's dims in that order).
   for (int i = tid; i < G * E; i += NT) {
     const int g = i / E;
     const int e = i - g * E;
-    const T* qg = q + (bh * G + g) * D;
     const T* ke = ek + (bh * E + e) * D;
     float sc = 0.0f;
 #pragma unroll
-    for (int d = 0; d < D; d++) {
-      sc += static_cast<float>(qg[d]) * static_cast<float>(ke[d]);
+    for (int j = 0; j < D; j++) {
+      sc += qs[g * D + j] * static_cast<float>(ke[perm_s[j]]);
     }
-    pexact[g * MAXE + e] = sc * params[0];
+    pexact[g * MAXE + e] = sc;
   }
   VX_BARRIER();
   VX_STAMP(5);
