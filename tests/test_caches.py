@@ -190,7 +190,8 @@ def test_decoded_tokens_are_coded_in_batches_with_the_same_codes(tiny):
     model, tokenizer, rotations = tiny
     ids = tokenizer.encode(TEXT.text)[:80]
     spec = "spectral:wf3/a4g32+qa+ad+vh"
-    batched = KVCacheBuilder.build(model, parse_method(spec, rotations["pre"]))
+    assert parse_method(spec, rotations["pre"]).append_batch == 32  # the default
+    batched = KVCacheBuilder.build(model, parse_method(spec + "+ab16", rotations["pre"]))
     single = KVCacheBuilder.build(model, parse_method(spec + "+ab1", rotations["pre"]))
     assert batched.config.append_batch == 16 and single.config.append_batch == 1
     for caches in (batched, single):

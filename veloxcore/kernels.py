@@ -37,7 +37,9 @@ TARGET_THREADGROUPS = 1024  # a few per SM on an H100/H200 (132 SMs), more on M-
 MAX_EXACT = 256  # exact tokens (sinks + recent window) the merge kernel takes
 WARPS = 4  # warps per threadgroup of the warp-tiled decode kernel (16 tokens per warp-tile)
 MAX_WARP_GROUP = 8  # query heads per KV head: rows 0-7 of the warp-tiled kernel's P·V mma
-WARP_MAX_EXACT = 96  # exact tokens the warp-tiled kernel merges (sinks + a recent window)
+# Exact tokens the warp-tiled kernel merges: sinks, a 64-token recent window and up to 31
+# waiting tokens (append_batch 32) fit.
+WARP_MAX_EXACT = 100
 WARP_MAX_SPLITS = 128  # splits per KV head the warp-tiled kernel's last block merges
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
 WARP_SHARED_LIMIT = 48 * 1024 - 256
