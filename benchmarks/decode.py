@@ -21,8 +21,8 @@ water-filled at 3 bits pre-RoPE with a per-token scale and affine 4-bit values
 (spectral-vh: Hadamard-rotated values, as the default configuration's +vh;
 spectral-a3vh: 3-bit rotated values; a "-tiles" suffix, e.g. spectral-vh-tiles, runs the
 block-tiled decode kernel instead of the warp-tiled one; an "-abN" suffix codes decoded
-tokens N at a time instead of 16, "-ab1" each as it arrives). Speed does not depend on the
-basis itself.
+tokens N at a time instead of KVCacheConfig.append_batch (32), "-ab1" each as it
+arrives). Speed does not depend on the basis itself.
 Writes DIR/decode.json and DIR/decode.md.
 """
 
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from veloxcore import attention, kernels, load_cached_rotations
+from veloxcore import KVCacheConfig, attention, kernels, load_cached_rotations
 from veloxcore.caches import SpectralKVCache, random_rotation, value_rotation
 from veloxcore.kernels import kernel_backend
 from veloxcore.spectral import water_fill_bits
@@ -103,7 +103,8 @@ def orthogonal(rng, heads, dim):
 
 
 def spectral_cache(rng, heads: int, dim: int, rope, backend: str, value_bits: int = 4,
-                   rotate_values: bool = False, append_batch: int = 16) -> SpectralKVCache:
+                   rotate_values: bool = False,
+                   append_batch: int = KVCacheConfig.append_batch) -> SpectralKVCache:
     lam_k, lam_v = spectra(dim)
     bits = np.stack([water_fill_bits(lam_k, 3.0, 0, 8)] * heads)
     scale = lambda lam: np.stack([2.0 * np.sqrt(lam)] * heads)  # noqa: E731
@@ -148,13 +149,14 @@ def make_cache(method: str, heads: int, dim: int, rope, backend: str, rng):
         return QuantizedKVCache(group_size=64, bits=int(method[6:]))
     # spectral-vh: values Hadamard-rotated (the default configuration's +vh);
     # spectral-a3vh: 3-bit rotated values (the best measured configuration at <= 3.5 bits);
-    # an "-abN" suffix codes decoded tokens N at a time (default 16; -ab1: each at once).
+    # an "-abN" suffix codes decoded tokens N at a time (default: the configuration's,
+    # 32; -ab1: each at once).
     method, _, batch = method.partition("-ab")
     return spectral_cache(rng, heads, dim, rope,
                           "off" if method == "spectral-unfused" else backend,
                           value_bits=3 if method == "spectral-a3vh" else 4,
                           rotate_values=method in ("spectral-vh", "spectral-a3vh"),
-                          append_batch=int(batch or 16))
+                          append_batch=int(batch or KVCacheConfig.append_batch))
 
 
 def attention_row(method, shape, tokens, backend, reps, bandwidth):

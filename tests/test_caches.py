@@ -487,3 +487,14 @@ def test_studio_default_falls_back_for_older_rotations(tiny):
     config, label, _ = _cache_config(SimpleNamespace(rotations=no_metric), job,
                                      "spectral:wf2.5/a4g64+qm+ad")
     assert label == "spectral:wf2.5/a4g64+qa+ad" and config.query_aware
+
+
+def test_cache_api_is_exported_at_the_top_of_veloxcore():
+    """Issue #4's API: the configuration and builder next to the calibration functions."""
+    import veloxcore
+    from veloxcore import caches
+
+    assert veloxcore.KVCacheConfig is caches.KVCacheConfig
+    assert veloxcore.KVCacheBuilder is caches.KVCacheBuilder
+    assert veloxcore.parse_method is caches.parse_method
+    assert {"KVCacheConfig", "KVCacheBuilder"} <= set(veloxcore.__all__)
