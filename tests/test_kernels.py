@@ -266,8 +266,9 @@ def test_decode_steps_match_reference_through_batched_appends(backend, values):
     (128, 8, 4, False), (128, 4, 8, False), (64, 9, 4, False)])
 def test_warp_kernel_only_where_its_shared_memory_fits(dim, group, value_bits, warp):
     """CUDA refuses more than 48 KiB of static shared memory; larger query groups, head
-    dims or value widths take the block-tiled kernel (sizes checked with ptxas, sm_90:
-    43,452 B at head_dim 128 / 4 query heads, 51,212 B at 6)."""
+    dims or value widths take the block-tiled kernel (warp_shared_bytes: 44,556 B at
+    head_dim 128 / 4 query heads, 51,572 B at 6; before the tensor-core P·V rewrite the
+    formula matched ptxas, sm_90, within 16 B)."""
     cache = make_cache(np.random.default_rng(0), 2, dim)
     cache.value_affine = (value_bits, 64)
     layout = SpectralKernels(cache, "emulated")
