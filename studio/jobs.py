@@ -282,14 +282,16 @@ def generate(state, job, messages: list[dict], max_tokens: int = 256, cache=None
 def kv_usage(caches, model) -> dict:
     """The cache's measured bytes for the tokens it holds (codes, scales, exact sink
     and recent tokens; ``veloxcore.caches.cache_memory``) next to the fp16 cache, and
-    how many tokens after the sinks are still exact (decoded tokens are coded 16 at a
-    time)."""
+    how many tokens after the sinks are still exact (decoded tokens are coded
+    ``append_batch`` at a time)."""
     from veloxcore.caches import cache_memory
 
     memory = cache_memory(caches, model)
     return {"kv_bytes": int(memory.nbytes), "kv_fp16_bytes": int(memory.fp16_nbytes),
             "kv_tokens": int(memory.tokens), "bits_per_element": float(memory.bits_per_element),
-            "kv_uncoded_tokens": int(memory.uncoded_tokens)}
+            "kv_uncoded_tokens": int(memory.uncoded_tokens),
+            "kv_append_batch": max((getattr(c, "append_batch", 1) for c in caches),
+                                   default=1)}
 
 
 def _cache_config(state, job, cache):

@@ -71,7 +71,8 @@ def test_spectral_chat_end_to_end_with_shipped_bundle_meters_and_history(studio,
     assert 0 < meta["kv_bytes"] < meta["kv_fp16_bytes"]
     assert "measured vs fp16" in chat.kv_label.text()
     # The reply's tokens wait at fp16 for a batched append, and the meter says so.
-    assert 0 < meta["kv_uncoded_tokens"] < 16 and "still exact" in chat.kv_bar.toolTip()
+    assert 0 < meta["kv_uncoded_tokens"] < meta["kv_append_batch"] == 32
+    assert "still exact" in chat.kv_bar.toolTip() and "32 at a time" in chat.kv_bar.toolTip()
     assert 0 < chat.kv_bar.value() < 1000
     assert meta["prompt_tokens"] + meta["tokens"] == chat.context_bar.value()
     assert "of 8,192 tokens" in chat.context_label.text()
@@ -99,7 +100,8 @@ def test_spectral_chat_end_to_end_with_shipped_bundle_meters_and_history(studio,
     assert "Paris" in chat.transcript.toPlainText()
     assert "measured vs fp16" in chat.kv_label.text()
     # The reply's tokens wait at fp16 for a batched append, and the meter says so.
-    assert 0 < meta["kv_uncoded_tokens"] < 16 and "still exact" in chat.kv_bar.toolTip()
+    assert 0 < meta["kv_uncoded_tokens"] < meta["kv_append_batch"] == 32
+    assert "still exact" in chat.kv_bar.toolTip() and "32 at a time" in chat.kv_bar.toolTip()
 
 
 def test_stop_keeps_the_partial_reply_and_regenerate_replaces_it(studio, chat):

@@ -762,7 +762,7 @@ class BitsView(QWidget):
     def memory(self, tokens: int, uncoded: int = 0) -> dict:
         """Bytes of the compressed cache at ``tokens`` vs fp16 (see MEMORY_TOOLTIP);
         ``uncoded``: tokens after the sinks still held exact (a cache codes decoded
-        tokens 16 at a time; a chat reply reports how many are waiting)."""
+        tokens in batches, ``append_batch``; a chat reply reports how many are waiting)."""
         s = self.summary
         layers, heads, dim, sinks = (s["num_layers"], s["num_kv_heads"], s["head_dim"],
                                      s["sink_tokens"])

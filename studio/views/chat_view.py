@@ -657,7 +657,8 @@ class ChatView(QWidget):
                 "stopped": reply["state"] == "stopped" or bool(stats.get("stopped"))}
         for key in ("prompt_tokens", "prompt_tokens_per_s", "finish_reason", "elapsed_s",
                     "context_length", "kv_bytes", "kv_fp16_bytes",
-                    "kv_tokens", "kv_uncoded_tokens", "bits_per_element", "max_tokens"):
+                    "kv_tokens", "kv_uncoded_tokens", "kv_append_batch", "bits_per_element",
+                    "max_tokens"):
             if key in stats:
                 meta[key] = stats[key]
         meta["pieces"] = list(reply["pieces"])
@@ -701,7 +702,7 @@ class ChatView(QWidget):
                 f"{meta.get('method')}: {kv:,} bytes measured for {meta.get('kv_tokens', 0)} "
                 f"tokens; the fp16 cache would hold {fp16:,} bytes"
                 + (f". The newest {waiting} tokens are still exact (fp16): decoded tokens "
-                   "are coded 16 at a time" if waiting else ""))
+                   f"are coded {meta.get('kv_append_batch', 1)} at a time" if waiting else ""))
 
     def _reset_meters(self) -> None:
         self.context_bar.setRange(0, 1)
