@@ -709,12 +709,16 @@ class SpectralKVCache(CodedKVCache):
                       @ self.value_basis.swapaxes(-1, -2) + self.value_mean)
         else:
             bits, group = self.value_affine
-            values = mx.dequantize(*parts[n:], group_size=group, bits=bits)
+            # float32 scales and biases: the same values, dequantised in float32, which
+            # on CPU is 5x faster than MLX's fp16 arithmetic (2k tokens, one layer:
+            # 2.9 -> 0.6 ms; the Hadamard on float32 input 1.4 -> 0.8 ms).
+            words, scales, biases = parts[n:]
+            values = mx.dequantize(words, scales.astype(mx.float32),
+                                   biases.astype(mx.float32), group_size=group, bits=bits)
             if self.value_hadamard:
-                values = mx.hadamard_transform(values.astype(mx.float32),
-                                               scale=values.shape[-1] ** -0.5)
+                values = mx.hadamard_transform(values, scale=values.shape[-1] ** -0.5)
             elif self.value_rotation is not None:
-                values = values.astype(mx.float32) @ self.value_rotation.T
+                values = values @ self.value_rotation.T
         return keys, values
 
 
