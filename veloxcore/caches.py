@@ -207,6 +207,8 @@ class CodedKVCache:
         self.num_sinks = 0
         self.coded = 0  # tokens stored in parts
         self.fused_decode = False  # set by KVCacheBuilder once attention is hooked
+        # Contiguous (keys, values) of the complete sinks, reused after each batch.
+        self._sinks_only: tuple[mx.array, mx.array] | None = None
 
     @property
     def num_recent(self) -> int:
@@ -254,6 +256,14 @@ class CodedKVCache:
         parts = self.encode(self.exact_keys[..., s: s + count, :],
                             self.exact_values[..., s: s + count, :], s + self.coded)
         self._store(parts)
+        if s + count == self.exact_keys.shape[2] and s == self.sink_tokens > 0:
+            # Only the sinks stay (every batched append without a recent window): they
+            # no longer change, so one copy serves every batch — two launches fewer each.
+            if self._sinks_only is None:
+                self._sinks_only = (_joined([self.exact_keys[..., :s, :]]),
+                                    _joined([self.exact_values[..., :s, :]]))
+            self.exact_keys, self.exact_values = self._sinks_only
+            return
         # Contiguous copies: a slice would keep the whole arriving chunk alive, and
         # kernels reading the exact tokens would copy the slice on every step.
         self.exact_keys, self.exact_values = (
@@ -326,6 +336,7 @@ class CodedKVCache:
         """Drop the newest ``n`` tokens (uncoded tail first, then codes, then sinks)."""
         n = min(self.offset, n)
         self.offset -= n
+        self._sinks_only = None
         keep = self.offset
         sinks = min(self.num_sinks, keep)
         coded = min(self.coded, keep - sinks)
@@ -400,6 +411,7 @@ class CodedKVCache:
             values.append(arrays[1])
         self.exact_keys, self.exact_values = _joined(keys), _joined(values)
         self.offset, self.coded = meta["offset"], meta["coded"]
+        self._sinks_only = None
 
 
 def _joined(arrays: list[mx.array]) -> mx.array | None:
