@@ -498,3 +498,25 @@ def test_cache_api_is_exported_at_the_top_of_veloxcore():
     assert veloxcore.KVCacheBuilder is caches.KVCacheBuilder
     assert veloxcore.parse_method is caches.parse_method
     assert {"KVCacheConfig", "KVCacheBuilder"} <= set(veloxcore.__all__)
+
+
+@pytest.mark.parametrize("traditional", [True, False])
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 8192}])
+def test_rope_table_turns_keys_like_the_module(traditional, scaling):
+    """The CPU decode's RoPE tables, taken from the module, turn keys as the module does
+    (to float32 rounding) at positions up to 9k."""
+    from mlx_lm.models.rope_utils import initialize_rope
+
+    from veloxcore.caches import RopeTable
+
+    rope = initialize_rope(64, 10000.0, traditional, scaling, 131072)
+    table = RopeTable.of(rope, 64)
+    assert table is not None and table is RopeTable.of(
+        initialize_rope(64, 10000.0, traditional, scaling, 131072), 64)  # shared
+    keys = mx.random.normal((1, 2, 300, 64), key=mx.random.key(1))
+    for position in (0, 4, 1000, 8900):
+        np.testing.assert_allclose(np.array(table.apply(keys, position)),
+                                   np.array(rope(keys, offset=position)), atol=2e-5, rtol=0)
+    assert RopeTable.of(initialize_rope(32, 10000.0, traditional, scaling, 131072), 64) is None

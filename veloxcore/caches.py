@@ -29,7 +29,7 @@ from .kernels import (
     merge_partials,
     reference_partials,
 )
-from .key_metric import metric_basis
+from .key_metric import metric_basis, rope_pairs
 from .quantizers import DimCoder, make_coder
 from .sensitivity import allocate_layer_bits
 from .spectral import compute_spectral_gap, water_fill_bits
@@ -517,6 +517,7 @@ class SpectralKVCache(CodedKVCache):
                                    [None, :, None, :].astype(np.float32))
         self.rope_mode = rope_mode
         self.rope = rope
+        self._rope_table: RopeTable | None | bool = False  # False: not looked up yet
         self.inverter = RopeInverter(rope, D) if rope_mode == "pre" else None
         # Keys code as (k − mean)·key_basis and decode as coefficients·key_decoderᵀ + mean;
         # the two are the same orthonormal basis unless the basis is metric-weighted
@@ -707,6 +708,16 @@ class SpectralKVCache(CodedKVCache):
                 self.kernels = SpectralKernels(self, self.kernels.backend)
         super().restore(arrays, meta_state)
 
+    def _rope_keys(self, keys: mx.array, position: int) -> mx.array:
+        """RoPE of decoded keys from ``position``: on CPU from a RopeTable where the
+        module allows one, else (and on GPUs, where MLX's fused RoPE is fast) the module."""
+        if mx.default_device() == mx.cpu:
+            if self._rope_table is False:
+                self._rope_table = RopeTable.of(self.rope, keys.shape[-1]) or None
+            if self._rope_table is not None:
+                return self._rope_table.apply(keys, position)
+        return self.rope(keys, offset=position)
+
     def decode(self, parts, position):
         n = 2 if (self.token_scale or self.key_block) else 1
         if self.key_block:
@@ -715,7 +726,7 @@ class SpectralKVCache(CodedKVCache):
             y = self._decode_part(self.key_coder, parts[:n])
         keys = y @ self.key_decoder.swapaxes(-1, -2) + self.key_mean
         if self.inverter is not None:
-            keys = self.rope(keys, offset=position)
+            keys = self._rope_keys(keys, position)
         if self.value_affine is None:
             values = (self._decode_part(self.value_coder, parts[n:])
                       @ self.value_basis.swapaxes(-1, -2) + self.value_mean)
@@ -732,6 +743,56 @@ class SpectralKVCache(CodedKVCache):
             elif self.value_rotation is not None:
                 values = values @ self.value_rotation.T
         return keys, values
+
+
+class RopeTable:
+    """A RoPE module's cos/sin per position and pair (amplitude included), taken from the
+    module itself (it turns unit pairs) and grown as positions are asked for, so keys
+    turned with them match the module's rounding. On CPU this is 4x faster than MLX's
+    fused RoPE (2k tokens, one layer: 0.45 vs 1.9 ms, a fifth of a CPU decode step).
+    Layers with the same RoPE share one (``of``)."""
+
+    _shared: dict[tuple, RopeTable] = {}
+
+    def __init__(self, rope, traditional: bool, dims: int):
+        self.rope, self.traditional, self.dims = rope, traditional, dims
+        self.cos = self.sin = None
+
+    @classmethod
+    def of(cls, rope, dims: int) -> RopeTable | None:
+        """The table of a RoPE module turning all ``dims`` dims by angles linear in the
+        position (``rope_pairs`` checks), or None."""
+        if int(getattr(rope, "dims", dims)) != dims:
+            return None
+        try:
+            _, theta, amp = rope_pairs(rope, dims)
+        except ValueError:  # angles not linear in the position
+            return None
+        traditional = bool(getattr(rope, "traditional", False))
+        key = (traditional, dims, theta.tobytes(), amp.tobytes())
+        if key not in cls._shared:
+            cls._shared[key] = cls(rope, traditional, dims)
+        return cls._shared[key]
+
+    def apply(self, keys: mx.array, position: int) -> mx.array:
+        B, H, L, D = keys.shape
+        if self.cos is None or self.cos.shape[0] < position + L:
+            n = max(position + L, 2 * (0 if self.cos is None else self.cos.shape[0]), 4096)
+            # Unit pairs (1, 0) at every position come out as (cos, sin) · amplitude.
+            first = (np.arange(D) % 2 == 0) if self.traditional else (np.arange(D) < D // 2)
+            unit = mx.broadcast_to(mx.array(first.astype(np.float32)), (1, 1, n, D))
+            out = self.rope(unit, offset=0)[0, 0]
+            self.cos, self.sin = ((out[:, 0::2], out[:, 1::2]) if self.traditional
+                                  else (out[:, : D // 2], out[:, D // 2:]))
+            mx.eval(self.cos, self.sin)
+        cos, sin = self.cos[position: position + L], self.sin[position: position + L]
+        if self.traditional:  # pairs (2i, 2i + 1)
+            pairs = keys.reshape(B, H, L, D // 2, 2)
+            a, b = pairs[..., 0], pairs[..., 1]
+            turned = mx.stack([a * cos - b * sin, a * sin + b * cos], axis=-1)
+            return turned.reshape(B, H, L, D)
+        a, b = keys[..., : D // 2], keys[..., D // 2:]  # pairs (i, i + D/2)
+        return mx.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
 
 
 # ------------------------------------------------------------------------ RVQ
