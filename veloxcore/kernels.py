@@ -215,7 +215,6 @@ class SpectralKernels:
                 back = np.array(cache.value_rotation).T
                 self.value_back = mx.array(np.repeat(back[None], H, axis=0))
                 self.value_mean = mx.zeros((H, D), mx.float32)
-
         else:
             vcoder = cache.value_coder
             vcolumns, vvalid, self.value_rank = _compact(vcoder.bits)
@@ -330,7 +329,9 @@ class SpectralKernels:
         coded length (``_warp_launch``): a decode step's host work is small next to the
         kernel's few microseconds."""
         stamps = WARP_STAMPS is not None and self.backend == "cuda"
-        key = (queries.shape, queries.dtype, coded, pos0, scale, stamps)
+        # The code buffers are written in place; new ones (growth, a restored state) are
+        # new arrays, and the prepared launch keeps the old ones alive, so ids differ.
+        key = (queries.shape, queries.dtype, coded, id(parts[0]), pos0, scale, stamps)
         if self._warp_launch is None or self._warp_launch[0] != key:
             self._warp_launch = (key, self._prepare_warp(queries, scale, parts, coded, pos0,
                                                          stamps))
