@@ -260,6 +260,17 @@ def test_decode_steps_match_reference_through_batched_appends(backend, values):
         np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3, err_msg=f"step {step}")
     assert cache.coded == 120 - 4 + 16  # one batch was coded on the way
 
+    # A state restored into a cache whose launch is prepared at the same coded length.
+    other = filled(make_cache(np.random.default_rng(7), 3, 64, "pre", values, True),
+                   np.random.default_rng(8), cache.coded + 4)
+    other.use_kernels(backend)
+    assert other.coded == cache.coded
+    before = np.array(other.attend(q, 0.125).astype(mx.float32))
+    other.restore(cache.state, cache.meta_state)
+    np.testing.assert_allclose(np.array(other.attend(q, 0.125).astype(mx.float32)), got,
+                               atol=1e-6, rtol=0)
+    assert not np.allclose(before, got)
+
 
 @pytest.mark.parametrize("dim,group,value_bits,warp", [
     (64, 3, 4, True), (128, 4, 4, True), (128, 5, 4, True), (128, 6, 4, False),
