@@ -13,7 +13,9 @@ For each model shape and context N:
 - end to end: the whole model (random weights, fp16) decoding ``--decode-tokens``
   tokens after its caches were filled with N random tokens and decoding warmed up;
   mean and median tokens/s, graph-build time per step, and ``mx.get_peak_memory()``
-  over fill + decode.
+  over fill + decode. Shared hosts are noisy (fp16 alone ran 131–224 tok/s at 8k–16k on
+  three H200 leases of one afternoon): ``--trials N`` decodes N times per cache and
+  ``--rounds R`` measures all methods R times in turn; the fastest counts, all are kept.
 
 Spectral caches use random orthogonal bases with the default model's measured
 eigenvalue spectra (shipped bundle; interpolated to head_dim 128), keys
@@ -262,6 +264,9 @@ def main() -> None:
     parser.add_argument("--contexts", default="1024,4096,16384,65536")
     parser.add_argument("--methods", default="fp16,affine4,affine8,spectral,spectral-unfused")
     parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="end-to-end: measure all methods this many times in turn "
+                             "(caches rebuilt each round), keep each one's fastest")
     parser.add_argument("--trials", type=int, default=1,
                         help="end-to-end: decode --decode-tokens this many times, keep the "
                              "fastest")
@@ -305,17 +310,29 @@ def main() -> None:
             mx.eval(model.parameters())
             attention.install(model)
             for tokens in contexts:
+                # Rounds alternate the methods, so a slow spell of a shared host falls on
+                # all of them; each method's fastest round counts, all are kept.
+                best: dict[str, dict] = {}
+                for _ in range(args.rounds):
+                    for method in methods:
+                        try:
+                            with decode_kernel(method):
+                                row = end_to_end_row(model, method.removesuffix("-tiles"),
+                                                     shape, tokens, args.decode_tokens,
+                                                     backend, args.trials)
+                        except Exception as e:
+                            row = dict(part="end_to_end", shape=shape, method=method,
+                                       tokens=tokens, error=str(e).splitlines()[0][:200])
+                        mx.clear_cache()
+                        row |= dict(method=method)
+                        rounds = best.get(method, {}).get("round_tokens_per_s", [])
+                        rounds = rounds + [row.get("tokens_per_s")]
+                        if row.get("tokens_per_s", 0) >= best.get(method, {}).get(
+                                "tokens_per_s", -1):
+                            best[method] = row
+                        best[method]["round_tokens_per_s"] = rounds
                 for method in methods:
-                    try:
-                        with decode_kernel(method):
-                            record(end_to_end_row(model, method.removesuffix("-tiles"),
-                                                  shape, tokens, args.decode_tokens, backend,
-                                                  args.trials)
-                                   | dict(method=method))
-                    except Exception as e:
-                        record(dict(part="end_to_end", shape=shape, method=method,
-                                    tokens=tokens, error=str(e).splitlines()[0][:200]))
-                    mx.clear_cache()
+                    record(best[method])
             del model
             mx.clear_cache()
     (args.out / "decode.md").write_text(markdown(rows, name, backend))
