@@ -260,8 +260,7 @@ class CodedKVCache:
             # Only the sinks stay (every batched append without a recent window): they
             # no longer change, so one copy serves every batch — two launches fewer each.
             if self._sinks_only is None:
-                self._sinks_only = (_joined([self.exact_keys[..., :s, :]]),
-                                    _joined([self.exact_values[..., :s, :]]))
+                self._sinks_only = (_joined([self.sink_keys]), _joined([self.sink_values]))
             self.exact_keys, self.exact_values = self._sinks_only
             return
         # Contiguous copies: a slice would keep the whole arriving chunk alive, and
@@ -754,8 +753,8 @@ class RopeTable:
 
     _shared: dict[tuple, RopeTable] = {}
 
-    def __init__(self, rope, traditional: bool, dims: int):
-        self.rope, self.traditional, self.dims = rope, traditional, dims
+    def __init__(self, rope, traditional: bool):
+        self.rope, self.traditional = rope, traditional
         self.cos = self.sin = None
 
     @classmethod
@@ -771,7 +770,7 @@ class RopeTable:
         traditional = bool(getattr(rope, "traditional", False))
         key = (traditional, dims, theta.tobytes(), amp.tobytes())
         if key not in cls._shared:
-            cls._shared[key] = cls(rope, traditional, dims)
+            cls._shared[key] = cls(rope, traditional)
         return cls._shared[key]
 
     def apply(self, keys: mx.array, position: int) -> mx.array:

@@ -335,18 +335,10 @@ class SpectralKernels:
         if self._warp_launch is None or self._warp_launch[0] != key:
             self._warp_launch = (key, self._prepare_warp(queries, scale, parts, coded, pos0,
                                                          stamps))
-        kernel, fixed, counter, call, counts = self._warp_launch[1]
-        if exact is None:
-            ek = ev = self._no_exact
-            num_exact = 0
-        else:
-            ek, ev = exact
-            num_exact = ek.shape[2]
-            if ek.dtype != queries.dtype:
-                ek, ev = ek.astype(queries.dtype), ev.astype(queries.dtype)
-        if num_exact not in counts:
-            counts[num_exact] = self._constant(mx.int32, num_exact)
-        outputs = kernel(inputs=[queries, *fixed, ek, ev, counts[num_exact], counter], **call)
+        kernel, fixed, counter, call = self._warp_launch[1]
+        ek, ev, num_exact = self._exact_inputs(exact, queries.dtype)
+        outputs = kernel(inputs=[queries, *fixed, ek, ev,
+                                 self._constant(mx.int32, num_exact), counter], **call)
         if stamps:
             WARP_STAMPS.append(outputs[4])
         return outputs[3]
@@ -394,8 +386,7 @@ class SpectralKernels:
         if stamps:
             call["init_value"] = 0
         kernel = _kernel(self.backend, "decode_warp_stamps" if stamps else "decode_warp")
-        self._no_exact = mx.zeros((1,), dtype)
-        return kernel, fixed, self._counter_bh, call, {}
+        return kernel, fixed, self._counter_bh, call
 
     def combine(self, queries, scale, partials, exact):
         """Second launch: merge the splits with the exact tokens and normalise."""
@@ -416,20 +407,25 @@ class SpectralKernels:
             output_shapes=[(B, Hq, 1, D)], output_dtypes=[dtype])
         return result
 
+    def _exact_inputs(self, exact, dtype):
+        """The exact tokens' keys and values in ``dtype`` and their count (a one-element
+        dummy for each when there are none): (ek, ev, count)."""
+        if exact is None:
+            dummy = self.dummy_half if dtype == mx.float16 else mx.zeros((1,), dtype)
+            return dummy, dummy, 0
+        ek, ev = exact
+        if ek.dtype != dtype:
+            ek, ev = ek.astype(dtype), ev.astype(dtype)
+        return ek, ev, ek.shape[2]
+
     def _merge_inputs(self, exact, dtype):
         """What a merge reads besides the partials: exact keys and values (in ``dtype``)
         and their count, and for spectral or rotated affine values (the output is rotated
         back) the rotation and mean: (ek, ev, count, rotated, vback, vmean)."""
-        if exact is None:
-            ek = ev = mx.zeros((1,), dtype)
-            num_exact = 0
-        else:
-            ek, ev = (x if x.dtype == dtype else x.astype(dtype) for x in exact)
-            num_exact = ek.shape[2]
         rotated = self.value_back is not None
         vback, vmean = ((self.value_back, self.value_mean) if rotated
                         else (self.dummy_float, self.dummy_float))
-        return ek, ev, num_exact, rotated, vback, vmean
+        return (*self._exact_inputs(exact, dtype), rotated, vback, vmean)
 
     def _length(self, n: int) -> mx.array:
         """An array of length ``n`` (a view of one kept buffer): kernels read n from
