@@ -312,7 +312,7 @@ def main() -> None:
             for tokens in contexts:
                 # Rounds alternate the methods, so a slow spell of a shared host falls on
                 # all of them; each method's fastest round counts, all are kept.
-                best: dict[str, dict] = {}
+                runs: dict[str, list[dict]] = {m: [] for m in methods}
                 for _ in range(args.rounds):
                     for method in methods:
                         try:
@@ -321,18 +321,14 @@ def main() -> None:
                                                      shape, tokens, args.decode_tokens,
                                                      backend, args.trials)
                         except Exception as e:
-                            row = dict(part="end_to_end", shape=shape, method=method,
-                                       tokens=tokens, error=str(e).splitlines()[0][:200])
+                            row = dict(part="end_to_end", shape=shape, tokens=tokens,
+                                       error=str(e).splitlines()[0][:200])
                         mx.clear_cache()
-                        row |= dict(method=method)
-                        rounds = best.get(method, {}).get("round_tokens_per_s", [])
-                        rounds = rounds + [row.get("tokens_per_s")]
-                        if row.get("tokens_per_s", 0) >= best.get(method, {}).get(
-                                "tokens_per_s", -1):
-                            best[method] = row
-                        best[method]["round_tokens_per_s"] = rounds
-                for method in methods:
-                    record(best[method])
+                        runs[method].append(row | dict(method=method))
+                for rows_ in runs.values():
+                    fastest = max(rows_, key=lambda r: r.get("tokens_per_s", -1))
+                    record(fastest | dict(round_tokens_per_s=[r.get("tokens_per_s")
+                                                              for r in rows_]))
             del model
             mx.clear_cache()
     (args.out / "decode.md").write_text(markdown(rows, name, backend))
