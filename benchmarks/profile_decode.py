@@ -47,7 +47,7 @@ def profile(H, D, Hq, rope, tokens, reps) -> list[dict]:
         args_decode = (q, scale, cache.parts, cache.coded, cache.num_sinks)
         partials = kern.decode_partials(*args_decode)
         mx.eval(partials)
-        exact = (cache.sink_keys, cache.sink_values)
+        exact = cache.exact_buffers()
         stages["decode kernel"] = lambda: kern.decode_partials(*args_decode)
         stages["merge kernel"] = lambda: kern.combine(q, scale, partials, exact)
     stages["attend"] = lambda: cache.attend(q, scale)

@@ -198,15 +198,17 @@ def test_decoded_tokens_are_coded_in_batches_with_the_same_codes(tiny):
         logits_with(model, caches, ids[:50], chunk=25)  # prompt: coded whole
     cache, one = batched[0], single[0]
     assert (cache.num_sinks, cache.coded, cache.num_recent) == (4, 46, 0)
-    base = cache.nbytes
+    base, used_base = cache.nbytes, cache.used_nbytes
     for step, token in enumerate(ids[50:66], start=1):
         for caches in (batched, single):
             logits_with(model, caches, [token], chunk=1)
         assert one.num_recent == 0 and one.coded == 46 + step
         if step < 16:
-            # Waiting tokens are exact, counted at fp16.
+            # Waiting tokens are exact, counted at fp16 (K+V, 2 heads of 32 dims); the
+            # first decode step allocates room for all 16 of a batch.
             assert (cache.coded, cache.num_recent) == (46, step)
-            assert cache.nbytes == base + 2 * 2 * step * 2 * 32  # fp16 K+V, 2 heads
+            assert cache.used_nbytes == used_base + 2 * 2 * step * 2 * 32
+            assert cache.nbytes == base + 2 * 2 * 16 * 2 * 32
     assert (cache.coded, cache.num_recent) == (62, 0)
     for a, b in zip(cache.parts, one.parts, strict=True):
         assert mx.array_equal(a[..., :62, :], b[..., :62, :]).item()

@@ -218,6 +218,53 @@ def filled(cache, rng, tokens):
     return cache
 
 
+def row_strides(x: mx.array) -> tuple:
+    """Byte strides of ``x`` laid out row-major."""
+    strides, step = [], x.itemsize
+    for n in reversed(x.shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
+@pytest.mark.parametrize("metric", [False, True])
+def test_kernel_inputs_are_row_contiguous_and_exact_tokens_written_in_place(monkeypatch,
+                                                                            metric):
+    """mx.array keeps a numpy view's strides, and a custom kernel copies each input that
+    is not row-contiguous at every launch (on an H200: a copy kernel per layer and decode
+    step). Every input of the decode and encode launches is row-contiguous except the
+    coded tokens handed to the encoder (a slice of the exact buffer, one copy per batch),
+    and a decode step's token goes into the exact buffers' room (no concatenation)."""
+    rng = np.random.default_rng(9)
+    cache = make_cache(rng, 3, 64, values="affine-rotated", adapt_prior=64, metric=metric)
+    cache.append_batch = 8
+    keys, values = random_kv(rng, cache, 300)
+    cache.update_and_fetch(keys[:, :, :200], values[:, :, :200])
+    mx.eval(cache.state)
+    cache.use_kernels("cuda")  # built, never evaluated: the launches are captured below
+    strided = []
+
+    def capture(backend, which):
+        def call(*, inputs, output_shapes, output_dtypes, **_):
+            for i, x in enumerate(inputs):
+                mx.eval(x)
+                if x.size > 1 and memoryview(x).strides != row_strides(x):
+                    strided.append((which, i, x.shape))
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
+        return call
+
+    monkeypatch.setattr(kernels, "_kernel", capture)
+    q = mx.array(rng.normal(size=(1, 9, 1, 64)).astype(np.float16))
+    capacities = set()
+    for t in range(200, 220):
+        cache.update_and_fetch(keys[:, :, t: t + 1], values[:, :, t: t + 1])
+        mx.eval(cache.attend(q, 0.125), *cache.state)
+        capacities.add(cache.exact_buffers()[0].shape[2])
+    assert capacities == {4 + 8}  # sinks and a batch: allocated once, written in place
+    assert cache.coded == 216 - 4 and cache.num_recent == 4
+    assert {(which, i) for which, i, _ in strided} <= {("encode", 0)}, strided
+
+
 @pytest.mark.parametrize("heads,group,dim,mode,values,token_scale", SHAPES)
 @pytest.mark.parametrize("tokens,threadgroups", [(5, 512), (200, 512), (200, 3), (4099, 512),
                                                  (4099, 16)])

@@ -20,6 +20,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache, create_attention_mask
 
 from . import attention
+from .arrays import as_mx
 from .calibration import RopeInverter, SpectralRotations, find_rope, model_shape
 from .errors import VeloxError
 from .kernels import (
@@ -184,7 +185,11 @@ class CodedKVCache:
     everything beyond the window) because a decode step's own work is a handful of tiny
     kernels: coding and storing one token per step costs more launches than attention
     itself, appending it to the exact tokens one. Exact tokens (sinks first, then the
-    uncoded tail, in one buffer) are counted at fp16 in ``nbytes``.
+    uncoded tail) are counted at fp16 in ``nbytes``. They live at the front of one
+    buffer each for keys and values (``num_exact`` of its tokens are valid), and a decode
+    step writes its token into the room left there, as mlx-lm's KVCache does: one copy
+    kernel per buffer instead of a concatenation's two and its join node (on an H200,
+    ~120 of a 30-layer step's ~660 graph nodes).
 
     Subclasses implement ``encode(keys, values, position) -> tuple[mx.array]``
     (each part shaped (B, H, L, X)) and ``decode(parts, position) -> (keys,
@@ -201,19 +206,36 @@ class CodedKVCache:
         self.recent_tokens = recent_tokens
         self.offset = 0
         self.parts: list[mx.array] | None = None
-        # Exact tokens: num_sinks sinks, then the uncoded tail; (B, H, n, D) or None.
-        self.exact_keys: mx.array | None = None
-        self.exact_values: mx.array | None = None
+        # Exact tokens: num_sinks sinks, then the uncoded tail — the first num_exact
+        # tokens of the (keys, values) buffers, (B, H, capacity, D) each, or None.
+        self._exact: tuple[mx.array, mx.array] | None = None
+        self.num_exact = 0
         self.num_sinks = 0
         self.coded = 0  # tokens stored in parts
         self.fused_decode = False  # set by KVCacheBuilder once attention is hooked
-        # Contiguous (keys, values) of the complete sinks, reused after each batch.
-        self._sinks_only: tuple[mx.array, mx.array] | None = None
+
+    @property
+    def exact_keys(self) -> mx.array | None:
+        return self._exact[0][..., : self.num_exact, :] if self.num_exact else None
+
+    @property
+    def exact_values(self) -> mx.array | None:
+        return self._exact[1][..., : self.num_exact, :] if self.num_exact else None
+
+    def _set_exact(self, keys: mx.array | None, values: mx.array | None) -> None:
+        """Exact tokens held in exactly-sized buffers (room is added by decode steps)."""
+        self._exact = None if keys is None else (keys, values)
+        self.num_exact = 0 if keys is None else keys.shape[2]
+
+    def exact_buffers(self):
+        """(keys buffer, values buffer, count): the exact tokens are the first ``count``
+        of each (B, H, capacity, D) buffer — what the fused kernels read; or None."""
+        return None if not self.num_exact else (*self._exact, self.num_exact)
 
     @property
     def num_recent(self) -> int:
         """Exact tokens after the sinks (not coded yet)."""
-        return 0 if self.exact_keys is None else self.exact_keys.shape[2] - self.num_sinks
+        return self.num_exact - self.num_sinks if self.num_exact else 0
 
     @property
     def sink_keys(self) -> mx.array | None:
@@ -235,8 +257,20 @@ class CodedKVCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         B, H, L, D = keys.shape
         self.num_sinks += max(0, min(self.sink_tokens - self.offset, L))
-        self.exact_keys = _cat(self.exact_keys, keys)
-        self.exact_values = _cat(self.exact_values, values)
+        n = self.num_exact
+        if L == 1 and n and n < self._exact[0].shape[2]:
+            for buffer, x in zip(self._exact, (keys, values), strict=True):
+                buffer[..., n: n + 1, :] = x
+            self.num_exact = n + 1
+        elif L == 1 and n:
+            # No room: the buffers grow to hold a whole batch of waiting tokens.
+            room = max(0, self._decode_capacity() - n - 1)
+            self._set_exact(*(mx.concatenate([b[..., :n, :], x, mx.zeros((B, H, room, D),
+                                                                           x.dtype)], axis=2)
+                              for b, x in zip(self._exact, (keys, values), strict=True)))
+            self.num_exact = n + 1
+        else:
+            self._set_exact(_cat(self.exact_keys, keys), _cat(self.exact_values, values))
         excess = self.num_recent - self.recent_tokens
         # Decode steps (one token) code in batches; prompt chunks code everything.
         if excess >= (self.append_batch if L == 1 else 1):
@@ -256,17 +290,24 @@ class CodedKVCache:
         parts = self.encode(self.exact_keys[..., s: s + count, :],
                             self.exact_values[..., s: s + count, :], s + self.coded)
         self._store(parts)
-        if s + count == self.exact_keys.shape[2] and s == self.sink_tokens > 0:
-            # Only the sinks stay (every batched append without a recent window): they
-            # no longer change, so one copy serves every batch — two launches fewer each.
-            if self._sinks_only is None:
-                self._sinks_only = (_joined([self.sink_keys]), _joined([self.sink_values]))
-            self.exact_keys, self.exact_values = self._sinks_only
+        rest = self.num_exact - s - count
+        if self._exact[0].shape[2] != self._decode_capacity():
+            # A prompt chunk's buffers: contiguous copies of what stays (a slice would
+            # keep the whole chunk alive, and room is for decode steps).
+            self._set_exact(*(_without(x, s, s + count)
+                              for x in (self.exact_keys, self.exact_values)))
             return
-        # Contiguous copies: a slice would keep the whole arriving chunk alive, and
-        # kernels reading the exact tokens would copy the slice on every step.
-        self.exact_keys, self.exact_values = (
-            _without(x, s, s + count) for x in (self.exact_keys, self.exact_values))
+        # Decode buffers keep their room: the sinks stay where they are, a recent window
+        # moves down (without one, as by default, nothing is copied).
+        if rest:
+            for buffer in self._exact:
+                buffer[..., s: s + rest, :] = buffer[..., s + count: s + count + rest, :]
+        self.num_exact = s + rest
+
+    def _decode_capacity(self) -> int:
+        """Exact tokens the buffers hold while decoding: the sinks, the recent window
+        and a batch of waiting tokens."""
+        return self.sink_tokens + self.recent_tokens + self.append_batch
 
     def fetch(self, dtype=mx.float32):
         if not self.coded:
@@ -285,7 +326,7 @@ class CodedKVCache:
 
     def exact_tokens(self):
         """(keys, values) of the exact tokens (sinks and uncoded tail), or None."""
-        return None if self.exact_keys is None else (self.exact_keys, self.exact_values)
+        return None if not self.num_exact else (self.exact_keys, self.exact_values)
 
     def attend(self, queries: mx.array, scale: float) -> mx.array:
         """Attention of decode-step queries (B, Hq, 1, D) over everything cached,
@@ -335,7 +376,6 @@ class CodedKVCache:
         """Drop the newest ``n`` tokens (uncoded tail first, then codes, then sinks)."""
         n = min(self.offset, n)
         self.offset -= n
-        self._sinks_only = None
         keep = self.offset
         sinks = min(self.num_sinks, keep)
         coded = min(self.coded, keep - sinks)
@@ -358,26 +398,29 @@ class CodedKVCache:
             coded = start
         self.coded = coded
         self.num_sinks = sinks
-        self.exact_keys = _joined(kept_keys)
-        self.exact_values = _joined(kept_values)
+        self._set_exact(_joined(kept_keys), _joined(kept_values))
         return n
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated (codes grow in blocks of 256 tokens)."""
+        """Bytes allocated (codes grow in blocks of 256 tokens; the exact buffers hold
+        room for the tokens a decode batch waits with)."""
         total = sum(p.nbytes for p in self.parts) if self.parts is not None else 0
         return total + self._exact_nbytes()
 
     @property
     def used_nbytes(self) -> int:
-        """Bytes the tokens held occupy (equal to nbytes at multiples of 256 coded tokens)."""
+        """Bytes the tokens held occupy (codes and exact tokens, without spare room)."""
         per_token = sum(p.nbytes // p.shape[2] for p in self.parts) if self.parts else 0
-        return per_token * self.coded + self._exact_nbytes()
+        return per_token * self.coded + self._exact_nbytes(allocated=False)
 
-    def _exact_nbytes(self) -> int:
-        # Exact tokens count at fp16, whatever the compute dtype.
-        return 0 if self.exact_keys is None else 2 * (self.exact_keys.size
-                                                      + self.exact_values.size)
+    def _exact_nbytes(self, allocated: bool = True) -> int:
+        # Exact tokens count at fp16, whatever the compute dtype; allocated: with the
+        # buffers' room for waiting tokens.
+        if self._exact is None:
+            return 0
+        B, H, capacity, D = self._exact[0].shape
+        return 2 * 2 * B * H * D * (capacity if allocated else self.num_exact)
 
     @property
     def state(self):
@@ -408,9 +451,8 @@ class CodedKVCache:
         if meta.get("recent"):
             keys.append(arrays[0])
             values.append(arrays[1])
-        self.exact_keys, self.exact_values = _joined(keys), _joined(values)
+        self._set_exact(_joined(keys), _joined(values))
         self.offset, self.coded = meta["offset"], meta["coded"]
-        self._sinks_only = None
 
 
 def _joined(arrays: list[mx.array]) -> mx.array | None:
@@ -464,8 +506,8 @@ def _adapted_plan(adaptation: PlanAdaptation, moments: np.ndarray, count: int,
     scales = adaptation.inflation * np.sqrt(variance)
     # Centre on the blended mean: x − μ − V·shift has coefficients y − shift.
     moved = np.einsum("hi,hdi->hd", shift, np.array(basis, dtype=np.float64))
-    mean = calibrated_mean + mx.array(moved[None, :, None, :].astype(np.float32))
-    rms = mx.array(np.sqrt(np.mean(np.square(scales), axis=-1))[None, :, None, None]
+    mean = calibrated_mean + as_mx(moved[None, :, None, :].astype(np.float32))
+    rms = as_mx(np.sqrt(np.mean(np.square(scales), axis=-1))[None, :, None, None]
                    .astype(np.float32))
     return mean, make_coder(bits, scales), rms
 
@@ -504,15 +546,15 @@ class SpectralKVCache(CodedKVCache):
             # Codes are in units of each block's own per-dim scale (see _encode_keys).
             key_scales = np.ones_like(key_scales)
         # RMS of a calibrated vector in units of the coder's scales (for token_scale).
-        self.key_rms = mx.array(np.sqrt(np.mean(np.square(key_scales), axis=-1))
+        self.key_rms = as_mx(np.sqrt(np.mean(np.square(key_scales), axis=-1))
                                 [None, :, None, None].astype(np.float32))
-        self.value_rms = mx.array(np.sqrt(np.mean(np.square(value_scales), axis=-1))
+        self.value_rms = as_mx(np.sqrt(np.mean(np.square(value_scales), axis=-1))
                                   [None, :, None, None].astype(np.float32))
         zeros = np.zeros((H, D), dtype=np.float32)
         # Means broadcast over (B, H, L, D).
-        self.key_mean = mx.array((zeros if key_mean is None else key_mean)[None, :, None, :]
+        self.key_mean = as_mx((zeros if key_mean is None else key_mean)[None, :, None, :]
                                  .astype(np.float32))
-        self.value_mean = mx.array((zeros if value_mean is None else value_mean)
+        self.value_mean = as_mx((zeros if value_mean is None else value_mean)
                                    [None, :, None, :].astype(np.float32))
         self.rope_mode = rope_mode
         self.rope = rope
@@ -521,9 +563,9 @@ class SpectralKVCache(CodedKVCache):
         # Keys code as (k − mean)·key_basis and decode as coefficients·key_decoderᵀ + mean;
         # the two are the same orthonormal basis unless the basis is metric-weighted
         # (veloxcore.key_metric). Both map original dims × coefficients, (H, D, D).
-        self.key_basis = mx.array(key_vectors.astype(np.float32))
+        self.key_basis = as_mx(key_vectors.astype(np.float32))
         self.key_decoder = (self.key_basis if key_decoder is None
-                            else mx.array(key_decoder.astype(np.float32)))
+                            else as_mx(key_decoder.astype(np.float32)))
         self.key_coder = make_coder(key_bits, key_scales)
         if adaptation is not None and (key_block or not isinstance(self.key_coder, DimCoder)):
             raise CacheConfigError("an adaptive key plan needs per-dim coded keys without "
@@ -535,14 +577,14 @@ class SpectralKVCache(CodedKVCache):
         # Affine values coded after an orthogonal rotation (D, D): spreads outlier
         # channels over each group (values are decoded, or the output rotated back).
         self.value_rotation = (None if value_rotation is None
-                               else mx.array(value_rotation.astype(np.float32)))
+                               else as_mx(value_rotation.astype(np.float32)))
         # A Hadamard rotation runs as mlx's fast Walsh-Hadamard transform (the same
         # Sylvester ordering; symmetric, so it also rotates back): on an H200 it plus the
         # quantisation takes 36 µs per append against 80 µs as a small fp32 matmul.
         self.value_hadamard = (value_rotation is not None and not D & (D - 1)
                                and np.allclose(value_rotation, _hadamard(D)))
         if value_affine is None:
-            self.value_basis = mx.array(value_vectors.astype(np.float32))
+            self.value_basis = as_mx(value_vectors.astype(np.float32))
             self.value_coder = make_coder(value_bits, value_scales)
         if value_adaptation is not None and (value_affine is not None or adaptation is None
                                              or not isinstance(self.value_coder, DimCoder)):
@@ -567,11 +609,11 @@ class SpectralKVCache(CodedKVCache):
 
     def attend(self, queries, scale):
         kernels = self.kernels
-        exact = self.exact_tokens()
         if (kernels is None or kernels.backend == "reference" or not self.coded
-                or (exact is not None and exact[0].shape[2] > MAX_EXACT)):
+                or self.num_exact > MAX_EXACT):
             return super().attend(queries, scale)
-        return kernels.attend(queries, scale, self.parts, self.coded, self.num_sinks, exact)
+        return kernels.attend(queries, scale, self.parts, self.coded, self.num_sinks,
+                              self.exact_buffers())
 
     def _adapt(self, keys, values, position):
         """Re-plan keys (and spectral values) on their first coded tokens (see
@@ -679,7 +721,7 @@ class SpectralKVCache(CodedKVCache):
     def state(self):
         arrays = super().state
         if self.adapted is not None:
-            arrays.append(mx.array(self.adapted[0]))
+            arrays.append(as_mx(self.adapted[0]))
         return arrays
 
     @property
@@ -779,7 +821,7 @@ class RopeTable:
             n = max(position + L, 2 * (0 if self.cos is None else self.cos.shape[0]), 4096)
             # Unit pairs (1, 0) at every position come out as (cos, sin) · amplitude.
             first = (np.arange(D) % 2 == 0) if self.traditional else (np.arange(D) < D // 2)
-            unit = mx.broadcast_to(mx.array(first.astype(np.float32)), (1, 1, n, D))
+            unit = mx.broadcast_to(as_mx(first.astype(np.float32)), (1, 1, n, D))
             out = self.rope(unit, offset=0)[0, 0]
             self.cos, self.sin = ((out[:, 0::2], out[:, 1::2]) if self.traditional
                                   else (out[:, : D // 2], out[:, D // 2:]))
@@ -824,7 +866,7 @@ class RVQKVCache(CodedKVCache):
     def __init__(self, heads: int, dim: int, bits: int, seed: int = 0, sink_tokens: int = 4,
                  recent_tokens: int = 0):
         super().__init__(sink_tokens, recent_tokens)
-        self.rotation = mx.array(random_rotation(dim, seed).astype(np.float32))
+        self.rotation = as_mx(random_rotation(dim, seed).astype(np.float32))
         scale = np.full((heads, dim), 1.0 / np.sqrt(dim))
         self.coder = DimCoder(np.full((heads, dim), bits), scale)
 

@@ -878,6 +878,7 @@ DECODE_WARP_BODY = r"""
   VX_STAMP(4);
   vx_threadfence();
   const int E = cmeta[0];
+  const int EC = cmeta[1];  // the exact buffers' capacity (tokens per head)
   VX_SHARED float pexact[G * MAXE];
   VX_SHARED float wsplit[G * MAXS];
   VX_SHARED float head_total[G];
@@ -886,7 +887,7 @@ DECODE_WARP_BODY = r"""
   for (int i = tid; i < G * E; i += NT) {
     const int g = i / E;
     const int e = i - g * E;
-    const T* ke = ek + (bh * E + e) * D;
+    const T* ke = ek + (bh * EC + e) * D;
     float sc = 0.0f;
 #pragma unroll
     for (int j = 0; j < D; j++) {
@@ -952,7 +953,7 @@ DECODE_WARP_BODY = r"""
     ex[g] = 0.0f;
   }
   if (tid < D) {
-    const T* vd = ev + bh * E * D + tid;
+    const T* vd = ev + bh * EC * D + tid;
 #pragma unroll 8
     for (int e = 0; e < E; e++) {
       const float v = static_cast<float>(vd[e * D]);
@@ -1050,7 +1051,8 @@ DECODE_WARP_BODY = r"""
 # normalise: one threadgroup of D threads per query head (D a power of two).
 # Spectral values are rotated back here (coefficients -> dims, plus the mean).
 # Template constants: D, G, HKV, MAXS (split capacity), MAXE (exact-token capacity),
-# SPECV (spectral values). cmeta: exact tokens, rv (splits: the partials' shape).
+# SPECV (spectral values). cmeta: exact tokens, rv, the exact buffers' capacity
+# (splits: the partials' shape).
 COMBINE_BODY = r"""
   const int bhg = blk_y;
   const int g = bhg % G;
@@ -1060,6 +1062,7 @@ COMBINE_BODY = r"""
   const int S = out_max_shape[2];
   const int E = cmeta[0];
   const int rv = cmeta[1];
+  const int EC = cmeta[2];
   const float qscale = params[0];
   VX_SHARED float wsplit[MAXS];
   VX_SHARED float pexact[MAXE];
@@ -1074,7 +1077,7 @@ COMBINE_BODY = r"""
     float s = 0.0f;
     for (int i = lane; i < D; i += 32) {
       const float qi = static_cast<float>(q[(bh * G + g) * D + i]);
-      s += qi * static_cast<float>(ek[(bh * E + e) * D + i]);
+      s += qi * static_cast<float>(ek[(bh * EC + e) * D + i]);
     }
     for (int off = 16; off > 0; off >>= 1) {
       s += VX_SHFL_XOR(s, off);
@@ -1147,7 +1150,7 @@ COMBINE_BODY = r"""
     }
   }
   for (int e = 0; e < E; e++) {
-    o += pexact[e] * static_cast<float>(ev[(bh * E + e) * D + d]);
+    o += pexact[e] * static_cast<float>(ev[(bh * EC + e) * D + d]);
   }
   result[(bh * G + g) * D + d] = static_cast<T>(o / total);
 """

@@ -27,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import kernel_source as src
+from .arrays import as_mx
 from .key_metric import rope_pairs
 from .quantizers import lloyd_max_gaussian
 
@@ -130,8 +131,8 @@ def _coder_arrays(coder, columns, valid):
     bits = np.where(valid, coder.bits[rows, columns], 0)
     shift = np.where(valid, _offsets(coder.bits)[rows, columns], 0)
     scale = np.where(valid, coder.scales[rows, columns], 0.0)
-    return (mx.array(bits.astype(np.int32)), mx.array(shift.astype(np.int32)),
-            mx.array(scale.astype(np.float32)))
+    return (as_mx(bits.astype(np.int32)), as_mx(shift.astype(np.int32)),
+            as_mx(scale.astype(np.float32)))
 
 
 class SpectralKernels:
@@ -161,39 +162,39 @@ class SpectralKernels:
                            0.0)
         if self.pre:
             self.perm, theta, amp = rope_pairs(cache.rope, D)
-            self.rope = mx.array(np.concatenate([theta, amp]))
+            self.rope = as_mx(np.concatenate([theta, amp]))
             # basis_t[h, m, j] = G[h, perm[j], column m] (G: the decoder, U unless +qm):
             # coefficients -> pair-ordered dims
             # (the scalar path's fp32 copy; the tensor-core path reads basis_mma).
             self.basis_t = (mx.zeros((1,), mx.float32) if self.mma else
-                            mx.array(compact[:, self.perm, :].transpose(0, 2, 1)
+                            as_mx(compact[:, self.perm, :].transpose(0, 2, 1)
                                      .astype(np.float32)))
-            self.key_mean_pairs = mx.array(mean[:, self.perm].astype(np.float32))
-            self.encode_basis = mx.array(basis[:, self.perm, :].astype(np.float32))
+            self.key_mean_pairs = as_mx(mean[:, self.perm].astype(np.float32))
+            self.encode_basis = as_mx(basis[:, self.perm, :].astype(np.float32))
             self.encode_mean = self.key_mean_pairs
-            self.perm_mx = mx.array(self.perm)
+            self.perm_mx = as_mx(self.perm)
             # fp16 pairs along the coefficient axis, d-major: B fragments of mma.m16n8k16.
             pairs = np.ascontiguousarray(compact[:, self.perm, :].astype(np.float16))
-            self.basis_mma = mx.array(pairs.view(np.uint32))
-            self.bfrag = mx.array(_b_fragments(pairs.view(np.uint32)))
+            self.basis_mma = as_mx(pairs.view(np.uint32))
+            self.bfrag = as_mx(_b_fragments(pairs.view(np.uint32)))
         else:
             self.perm = np.arange(D, dtype=np.int32)
             self.rope = mx.zeros((D,), mx.float32)
             self.basis_t = mx.zeros((1,), mx.float32)
             self.key_mean_pairs = mx.zeros((1,), mx.float32)
             # Post-RoPE: q' = q · G[:, columns] (H, D, r); bias q · mean.
-            self.query_basis = mx.array(compact.astype(np.float32))
-            self.key_mean_orig = mx.array(mean.astype(np.float32))
-            self.encode_basis = mx.array(basis.astype(np.float32))
+            self.query_basis = as_mx(compact.astype(np.float32))
+            self.key_mean_orig = as_mx(mean.astype(np.float32))
+            self.encode_basis = as_mx(basis.astype(np.float32))
             self.encode_mean = self.key_mean_orig
-            self.perm_mx = mx.array(self.perm)
+            self.perm_mx = as_mx(self.perm)
             self.basis_mma = mx.zeros((1,), mx.uint32)
         self.key_rms = cache.key_rms.reshape(H)
         # Per-token scales are clipped to [floor, ceiling] (KVCacheConfig.token_scale_*).
         self.ts_clamp = mx.array([cache.token_scale_floor,
                                   min(cache.token_scale_ceiling, 3e38)], dtype=mx.float32)
-        self.key_full = (mx.array(coder.bits.astype(np.int32)),
-                         mx.array(_offsets(coder.bits)), mx.array(coder.scales.astype(np.float32)))
+        self.key_full = (as_mx(coder.bits.astype(np.int32)),
+                         as_mx(_offsets(coder.bits)), as_mx(coder.scales.astype(np.float32)))
 
         self.value_affine = cache.value_affine
         # Rotated values that the warp-tiled kernel turns back with a fast Walsh-Hadamard
@@ -213,7 +214,7 @@ class SpectralKernels:
                 # Values were coded as v·R: the merge turns the output back with Rᵀ
                 # ((r, D) rows per head, no mean), as it does for spectral values.
                 back = np.array(cache.value_rotation).T
-                self.value_back = mx.array(np.repeat(back[None], H, axis=0))
+                self.value_back = as_mx(np.repeat(back[None], H, axis=0))
                 self.value_mean = mx.zeros((H, D), mx.float32)
         else:
             vcoder = cache.value_coder
@@ -222,16 +223,16 @@ class SpectralKernels:
             self.value_words = vcoder.words
             vbasis = np.array(cache.value_basis)
             # Rotate-back of the output: (H, r, D) rows = compacted coefficients.
-            self.value_back = mx.array(np.where(vvalid[:, :, None],
+            self.value_back = as_mx(np.where(vvalid[:, :, None],
                                                 vbasis[rows, :, vcolumns], 0.0)
                                        .astype(np.float32))
             self.value_mean = cache.value_mean.reshape(H, D)
             self.value_rms = cache.value_rms.reshape(H)
-            self.value_full = (mx.array(vcoder.bits.astype(np.int32)),
-                               mx.array(_offsets(vcoder.bits)),
-                               mx.array(vcoder.scales.astype(np.float32)))
-            self.value_basis_full = mx.array(vbasis.astype(np.float32))
-        self.codebook = mx.array(unit_codebook())
+            self.value_full = (as_mx(vcoder.bits.astype(np.int32)),
+                               as_mx(_offsets(vcoder.bits)),
+                               as_mx(vcoder.scales.astype(np.float32)))
+            self.value_basis_full = as_mx(vbasis.astype(np.float32))
+        self.codebook = as_mx(unit_codebook())
         self.dummy_half = mx.zeros((1,), mx.float16)
         self.dummy_float = mx.zeros((1,), mx.float32)
         # Small constants made once: a fresh host array per launch is slow.
@@ -245,13 +246,15 @@ class SpectralKernels:
 
     # ----------------------------------------------------------------- decode
     def attend(self, queries: mx.array, scale: float, parts, coded: int, pos0: int,
-               exact: tuple[mx.array, mx.array] | None) -> mx.array:
+               exact: tuple[mx.array, mx.array, int] | None) -> mx.array:
         """Decode attention (B, Hq, 1, D) over ``coded`` tokens in ``parts`` (codes
-        from position ``pos0``) and the ``exact`` (keys, values) tokens: one launch of
+        from position ``pos0``) and the exact tokens, ``exact`` = (keys buffer, values
+        buffer, count): the first ``count`` tokens of each (B, H, capacity, D) buffer
+        (CodedKVCache.exact_buffers). One launch of
         the warp-tiled kernel where it applies (``warp_decode``), else two of the
         block-tiled one (the codes in splits, then a merge with the exact tokens)."""
         if (self.warp_decode(queries) and self.whole_tiles(parts)
-                and (exact is None or exact[0].shape[2] <= WARP_MAX_EXACT)):
+                and (exact is None or exact[2] <= WARP_MAX_EXACT)):
             return self._attend_warp(queries, scale, parts, coded, pos0, exact)
         partials = self.decode_partials(queries, scale, parts, coded, pos0)
         return self.combine(queries, scale, partials, exact)
@@ -336,9 +339,10 @@ class SpectralKernels:
             self._warp_launch = (key, self._prepare_warp(queries, scale, parts, coded, pos0,
                                                          stamps))
         kernel, fixed, counter, call = self._warp_launch[1]
-        ek, ev, num_exact = self._exact_inputs(exact, queries.dtype)
+        ek, ev, num_exact, capacity = self._exact_inputs(exact, queries.dtype)
         outputs = kernel(inputs=[queries, *fixed, ek, ev,
-                                 self._constant(mx.int32, num_exact), counter], **call)
+                                 self._constant(mx.int32, num_exact, capacity), counter],
+                         **call)
         if stamps:
             WARP_STAMPS.append(outputs[4])
         return outputs[3]
@@ -396,8 +400,9 @@ class SpectralKernels:
         dtype = queries.dtype
         out, out_max, out_sum = partials
         params = self._constant(mx.float32, scale)
-        ek, ev, num_exact, spectral_values, vback, vmean = self._merge_inputs(exact, dtype)
-        cmeta = self._constant(mx.int32, num_exact, self.value_rank)
+        ek, ev, num_exact, capacity, spectral_values, vback, vmean = self._merge_inputs(
+            exact, dtype)
+        cmeta = self._constant(mx.int32, num_exact, self.value_rank, capacity)
         (result,) = _kernel(self.backend, "combine")(
             inputs=[queries, out, out_max, out_sum, ek, ev, vback, vmean, params, cmeta],
             template=[("T", dtype), ("D", D), ("G", G), ("HKV", H),
@@ -408,20 +413,22 @@ class SpectralKernels:
         return result
 
     def _exact_inputs(self, exact, dtype):
-        """The exact tokens' keys and values in ``dtype`` and their count (a one-element
-        dummy for each when there are none): (ek, ev, count)."""
+        """The exact tokens' key and value buffers in ``dtype``, their count and the
+        buffers' capacity (a one-element dummy for each when there are none):
+        (ek, ev, count, capacity)."""
         if exact is None:
             dummy = self.dummy_half if dtype == mx.float16 else mx.zeros((1,), dtype)
-            return dummy, dummy, 0
-        ek, ev = exact
+            return dummy, dummy, 0, 1
+        ek, ev, count = exact
         if ek.dtype != dtype:
             ek, ev = ek.astype(dtype), ev.astype(dtype)
-        return ek, ev, ek.shape[2]
+        return ek, ev, count, ek.shape[2]
 
     def _merge_inputs(self, exact, dtype):
-        """What a merge reads besides the partials: exact keys and values (in ``dtype``)
-        and their count, and for spectral or rotated affine values (the output is rotated
-        back) the rotation and mean: (ek, ev, count, rotated, vback, vmean)."""
+        """What a merge reads besides the partials: exact key and value buffers (in
+        ``dtype``), their count and capacity, and for spectral or rotated affine values
+        (the output is rotated back) the rotation and mean: (ek, ev, count, capacity,
+        rotated, vback, vmean)."""
         rotated = self.value_back is not None
         vback, vmean = ((self.value_back, self.value_mean) if rotated
                         else (self.dummy_float, self.dummy_float))

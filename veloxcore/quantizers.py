@@ -15,6 +15,8 @@ from functools import cache
 import mlx.core as mx
 import numpy as np
 
+from .arrays import as_mx
+
 MAX_BITS = 8
 LEVELS = 1 << MAX_BITS
 
@@ -87,10 +89,10 @@ class DimCoder:
                 lv, th, _ = lloyd_max_gaussian(int(bits[h, i]))
                 levels[h, i, : lv.size] = lv * scales[h, i]
                 thresholds[h, i, : th.size] = th * scales[h, i]
-        self.levels = mx.array(levels.reshape(-1))
-        self.thresholds = mx.array(thresholds.reshape(-1))
-        self.table_base = mx.array((np.arange(H * D) * LEVELS).reshape(H, 1, D).astype(np.int32))
-        self.bits_mx = mx.array(bits.reshape(H, 1, D).astype(np.uint32))
+        self.levels = as_mx(levels.reshape(-1))
+        self.thresholds = as_mx(thresholds.reshape(-1))
+        self.table_base = as_mx((np.arange(H * D) * LEVELS).reshape(H, 1, D).astype(np.int32))
+        self.bits_mx = as_mx(bits.reshape(H, 1, D).astype(np.uint32))
         self.max_bits = int(bits.max())
 
         # Packing plan: dim i of head h starts at bit offsets[h, i] of the vector.
@@ -98,12 +100,12 @@ class DimCoder:
         word = start // 32
         shift = start % 32
         spill = (shift + bits > 32) & (bits > 0)
-        self.word = mx.array(word.reshape(H, 1, D).astype(np.int32))
-        self.shift = mx.array(shift.reshape(H, 1, D).astype(np.uint32))
-        self.spill_shift = mx.array(np.where(spill, 32 - shift, 0).reshape(H, 1, D)
+        self.word = as_mx(word.reshape(H, 1, D).astype(np.int32))
+        self.shift = as_mx(shift.reshape(H, 1, D).astype(np.uint32))
+        self.spill_shift = as_mx(np.where(spill, 32 - shift, 0).reshape(H, 1, D)
                                     .astype(np.uint32))
-        self.spill = mx.array(spill.reshape(H, 1, D))
-        self.mask = mx.array(((1 << bits) - 1).reshape(H, 1, D).astype(np.uint32))
+        self.spill = as_mx(spill.reshape(H, 1, D))
+        self.mask = as_mx(((1 << bits) - 1).reshape(H, 1, D).astype(np.uint32))
         # For packing: which (dim, part) contributions land in each word.
         contrib = [[[] for _ in range(self.words)] for _ in range(H)]
         for h in range(H):
@@ -118,7 +120,7 @@ class DimCoder:
         for h in range(H):
             for w in range(self.words):
                 index[h, w, : len(contrib[h][w])] = contrib[h][w]
-        self.pack_index = mx.array(index.reshape(H, 1, self.words * width))
+        self.pack_index = as_mx(index.reshape(H, 1, self.words * width))
         self.pack_width = width
 
     def quantize(self, x: mx.array) -> mx.array:
