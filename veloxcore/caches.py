@@ -255,9 +255,23 @@ class CodedKVCache:
 
     # mlx-lm protocol -----------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array):
+        n = self.num_exact
+        if (self.fused_decode and keys.shape[2] == 1 and self.offset >= self.sink_tokens
+                and 0 < n < self._exact[0].shape[2]):
+            # A fused decode step between batches: the token goes into the room left in
+            # the exact buffers. (This is the per-layer host work of every decode step:
+            # kept to the few lines mlx-lm's KVCache runs.)
+            key_buffer, value_buffer = self._exact
+            key_buffer[..., n: n + 1, :] = keys
+            value_buffer[..., n: n + 1, :] = values
+            self.num_exact = n = n + 1
+            self.offset += 1
+            excess = n - self.num_sinks - self.recent_tokens
+            if excess >= self.append_batch:
+                self._code_exact(excess // self.block * self.block)
+            return keys, values
         B, H, L, D = keys.shape
         self.num_sinks += max(0, min(self.sink_tokens - self.offset, L))
-        n = self.num_exact
         if L == 1 and n and n < self._exact[0].shape[2]:
             for buffer, x in zip(self._exact, (keys, values), strict=True):
                 buffer[..., n: n + 1, :] = x
