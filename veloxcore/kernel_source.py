@@ -589,7 +589,7 @@ DECODE_BODY = r"""
 # a multiple of 16), KTS (per-token key scale), VB, VG (affine value bits, group), MAXE
 # (exact tokens), MAXS (splits), VHAD (values were coded Hadamard-rotated: the output is
 # turned back by a fast Walsh-Hadamard transform), UNROLL_NT (unrolling of the loop over
-# 8-dim slices: fewer registers when small).
+# 8-dim slices: fewer registers when small), BREG (the basis fragments held in registers).
 # bfrag: the basis as B fragments, ((h · D/8 + n-tile) · RKMAX/16 + k-step) · 64 + reg ·
 # 32 + lane; kbits/kshift/kscale: per compacted column (H, RKMAX); key_mean, rope in RoPE
 # pair order.
@@ -677,6 +677,18 @@ DECODE_WARP_BODY = r"""
   VX_BARRIER();
   VX_STAMP(1);
 
+  // BREG: the key basis's B fragments stay in this lane's registers for the whole split
+  // (2 · D/8 · RKMAX/16 words: 64 at head_dim 64) instead of two loads per mma.
+  unsigned int breg[BREG ? NTD : 1][BREG ? KS : 1][2];
+  if (BREG) {
+    for (int nt = 0; nt < (BREG ? NTD : 1); nt++) {
+      for (int ks = 0; ks < (BREG ? KS : 1); ks++) {
+        const int fb = ((h * NTD + nt) * KS + ks) * 64 + lane;
+        breg[nt][ks][0] = bfrag[fb];
+        breg[nt][ks][1] = bfrag[fb + 32];
+      }
+    }
+  }
   float vacc[NTD][2];  // P·V: this lane's C fragment (head gid, dims 8 nt + 2 tig, +1)
   float m_run[G];
   float l_run[G];
@@ -736,8 +748,10 @@ DECODE_WARP_BODY = r"""
       float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
       for (int ks = 0; ks < KS; ks++) {
         const int fb = ((h * NTD + nt) * KS + ks) * 64 + lane;
+        const unsigned int b0 = BREG ? breg[BREG ? nt : 0][BREG ? ks : 0][0] : bfrag[fb];
+        const unsigned int b1 = BREG ? breg[BREG ? nt : 0][BREG ? ks : 0][1] : bfrag[fb + 32];
         vx_mma_16816(c0, c1, c2, c3, afrag[ks][0], afrag[ks][1], afrag[ks][2], afrag[ks][3],
-                     bfrag[fb], bfrag[fb + 32]);
+                     b0, b1);
       }
       const int col = nt * 8 + tig * 2;  // even: (col, col + 1) is a RoPE pair
       const float theta = rope[col / 2];

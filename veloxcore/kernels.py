@@ -50,6 +50,9 @@ WARP_DECODE = os.environ.get("VELOX_WARP_DECODE", "1") != "0"
 # Unrolling of its loop over 8-dim slices of the head (0: fully); fewer registers, more
 # resident warps when small.
 WARP_UNROLL = int(os.environ.get("VELOX_WARP_UNROLL", "0"))
+# Key basis fragments in registers for a whole split, up to this head_dim (their count
+# grows as head_dim², 64 words per lane at 64); 0: always read from memory.
+WARP_BASIS_REGISTERS = int(os.environ.get("VELOX_WARP_BASIS_REGISTERS", "64"))
 # Fewest 16-token tiles each warp of the warp-tiled kernel walks per split (more splits
 # start more blocks; fewer, longer splits cost less to merge). Tunable for profiling.
 WARP_MIN_TILES = int(os.environ.get("VELOX_WARP_MIN_TILES", "2"))
@@ -382,7 +385,8 @@ class SpectralKernels:
                       ("KTS", self.key_token_scale), ("VB", vb), ("VG", vg),
                       ("MAXE", WARP_MAX_EXACT), ("MAXS", WARP_MAX_SPLITS),
                       ("VHAD", self.value_back is not None),
-                      ("UNROLL_NT", WARP_UNROLL or D // 8)],
+                      ("UNROLL_NT", WARP_UNROLL or D // 8),
+                      ("BREG", D <= WARP_BASIS_REGISTERS)],
             grid=(32 * WARPS * splits, B * H, 1), threadgroup=(32 * WARPS, 1, 1),
             output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G),
                            (B, Hq, 1, D)] + [(B * H * splits, 32)] * stamps,
