@@ -51,8 +51,13 @@ WARP_DECODE = os.environ.get("VELOX_WARP_DECODE", "1") != "0"
 # resident warps when small.
 WARP_UNROLL = int(os.environ.get("VELOX_WARP_UNROLL", "0"))
 # Key basis fragments in registers for a whole split, up to this head_dim (their count
-# grows as head_dim², 64 words per lane at 64); 0: always read from memory.
+# grows as head_dim², 64 words per lane at 64), in launches of at most
+# WARP_BASIS_REGISTER_BLOCKS blocks: the registers cut a block's tiles by 20-40% but
+# fewer blocks fit on an SM at once, which costs more where a launch has more blocks than
+# fit (H200, timestamps: default-model shape, 384 blocks, 4k/64k span -15%/-8%; 1B shape,
+# 1,024 blocks, 16k/64k +10%/+5%; BENCHMARKS.md). 0: always read from memory.
 WARP_BASIS_REGISTERS = int(os.environ.get("VELOX_WARP_BASIS_REGISTERS", "64"))
+WARP_BASIS_REGISTER_BLOCKS = 512
 # Fewest 16-token tiles each warp of the warp-tiled kernel walks per split (more splits
 # start more blocks; fewer, longer splits cost less to merge). Tunable for profiling.
 WARP_MIN_TILES = int(os.environ.get("VELOX_WARP_MIN_TILES", "2"))
@@ -386,7 +391,8 @@ class SpectralKernels:
                       ("MAXE", WARP_MAX_EXACT), ("MAXS", WARP_MAX_SPLITS),
                       ("VHAD", self.value_back is not None),
                       ("UNROLL_NT", WARP_UNROLL or D // 8),
-                      ("BREG", D <= WARP_BASIS_REGISTERS)],
+                      ("BREG", D <= WARP_BASIS_REGISTERS
+                       and B * H * splits <= WARP_BASIS_REGISTER_BLOCKS)],
             grid=(32 * WARPS * splits, B * H, 1), threadgroup=(32 * WARPS, 1, 1),
             output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G),
                            (B, Hq, 1, D)] + [(B * H * splits, 32)] * stamps,
