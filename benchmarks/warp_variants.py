@@ -1,0 +1,73 @@
+"""Launch-shape and register variants of the warp-tiled decode kernel, by timestamps.
+
+    python benchmarks/warp_variants.py --shapes smollm2,1b --contexts 4096,16384,65536 \
+        --variants base,no-basis-registers,warps8,splits256,tiles1 --rounds 2 --out DIR
+
+Each variant sets module constants of ``veloxcore.kernels`` before a cache is built and
+measures the kernel's span and its median block's tiles with warp_phases.py's
+timestamped build (CUDA only; medians of ``--reps`` launches, every round kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from decode import device_name
+from warp_phases import measure
+
+from veloxcore import kernels
+
+mx = __import__("mlx.core").core
+
+VARIANTS = {
+    "base": {},
+    "no-basis-registers": {"WARP_BASIS_REGISTERS": 0},
+    "basis-registers-always": {"WARP_BASIS_REGISTER_BLOCKS": 1 << 30},
+    "warps8": {"WARPS": 8},
+    "splits256": {"WARP_MAX_SPLITS": 256},
+    "tiles1": {"WARP_MIN_TILES": 1},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="smollm2,1b")
+    parser.add_argument("--contexts", default="4096,16384,65536")
+    parser.add_argument("--variants", default="base,no-basis-registers")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    defaults = {name: getattr(kernels, name) for v in VARIANTS.values() for name in v}
+    rows = []
+    for shape in args.shapes.split(","):
+        for tokens in (int(n) for n in args.contexts.split(",")):
+            for _ in range(args.rounds):
+                for variant in args.variants.split(","):
+                    for name, value in {**defaults, **VARIANTS[variant]}.items():
+                        setattr(kernels, name, value)
+                    try:
+                        r = measure(shape, tokens, 10, args.reps)
+                        row = dict(shape=shape, tokens=tokens, variant=variant,
+                                   blocks=r["blocks"], span_us=r["span_us"],
+                                   block_tiles_us=r["block_tiles_us"])
+                    except IndexError:  # the variant does not run the warp-tiled kernel
+                        row = dict(shape=shape, tokens=tokens, variant=variant,
+                                   error="not the warp-tiled kernel (shared memory)")
+                    finally:
+                        for name, value in defaults.items():
+                            setattr(kernels, name, value)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    mx.clear_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "warp_variants.json").write_text(json.dumps(
+        dict(device=device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+             rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
