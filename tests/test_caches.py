@@ -278,6 +278,17 @@ def test_block_scaled_keys_code_whole_blocks_and_trim_across_them(tiny):
     assert (cache.num_sinks, cache.coded, cache.num_recent) == (4, 64, 12)
     again = logits_with(model, caches, ids[80:110], chunk=30)
     assert np.all(np.isfinite(again)) and cache.offset == 110
+    # Decode steps with blocks larger than the batch (+ab8): the exact buffers grow once
+    # to hold a whole block of waiting tokens, and whole blocks are coded.
+    stepped = KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g32+b16+ab8",
+                                                       rotations["pre"]))
+    logits_with(model, stepped, ids[:36], chunk=36)
+    capacities = set()
+    for token in ids[36:76]:
+        logits_with(model, stepped, [token], chunk=1)
+        capacities.add(stepped[0].exact_buffers()[0].shape[2])
+        assert stepped[0].coded % 16 == 0 and stepped[0].num_recent < 16
+    assert capacities == {4 + 16} and stepped[0].coded == 64
     # Block scales adapt: no coefficient is clipped, so 8-bit blocks are nearly exact.
     exact_ref = logits_with(model, [KVCache() for _ in model.layers], ids[:100])
     config8 = parse_method("spectral:wf8/a8g32+b16", rotations["pre"])

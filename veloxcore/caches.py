@@ -320,8 +320,8 @@ class CodedKVCache:
 
     def _decode_capacity(self) -> int:
         """Exact tokens the buffers hold while decoding: the sinks, the recent window
-        and a batch of waiting tokens."""
-        return self.sink_tokens + self.recent_tokens + self.append_batch
+        and a batch of waiting tokens (coded in whole blocks: at least one block)."""
+        return self.sink_tokens + self.recent_tokens + max(self.append_batch, self.block)
 
     def fetch(self, dtype=mx.float32):
         if not self.coded:
@@ -522,7 +522,7 @@ def _adapted_plan(adaptation: PlanAdaptation, moments: np.ndarray, count: int,
     moved = np.einsum("hi,hdi->hd", shift, np.array(basis, dtype=np.float64))
     mean = calibrated_mean + as_mx(moved[None, :, None, :].astype(np.float32))
     rms = as_mx(np.sqrt(np.mean(np.square(scales), axis=-1))[None, :, None, None]
-                   .astype(np.float32))
+                .astype(np.float32))
     return mean, make_coder(bits, scales), rms
 
 
@@ -561,15 +561,15 @@ class SpectralKVCache(CodedKVCache):
             key_scales = np.ones_like(key_scales)
         # RMS of a calibrated vector in units of the coder's scales (for token_scale).
         self.key_rms = as_mx(np.sqrt(np.mean(np.square(key_scales), axis=-1))
-                                [None, :, None, None].astype(np.float32))
+                             [None, :, None, None].astype(np.float32))
         self.value_rms = as_mx(np.sqrt(np.mean(np.square(value_scales), axis=-1))
-                                  [None, :, None, None].astype(np.float32))
+                               [None, :, None, None].astype(np.float32))
         zeros = np.zeros((H, D), dtype=np.float32)
         # Means broadcast over (B, H, L, D).
         self.key_mean = as_mx((zeros if key_mean is None else key_mean)[None, :, None, :]
-                                 .astype(np.float32))
+                              .astype(np.float32))
         self.value_mean = as_mx((zeros if value_mean is None else value_mean)
-                                   [None, :, None, :].astype(np.float32))
+                                [None, :, None, :].astype(np.float32))
         self.rope_mode = rope_mode
         self.rope = rope
         self._rope_table: RopeTable | None | bool = False  # False: not looked up yet

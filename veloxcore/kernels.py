@@ -176,7 +176,7 @@ class SpectralKernels:
             # (the scalar path's fp32 copy; the tensor-core path reads basis_mma).
             self.basis_t = (mx.zeros((1,), mx.float32) if self.mma else
                             as_mx(compact[:, self.perm, :].transpose(0, 2, 1)
-                                     .astype(np.float32)))
+                                  .astype(np.float32)))
             self.key_mean_pairs = as_mx(mean[:, self.perm].astype(np.float32))
             self.encode_basis = as_mx(basis[:, self.perm, :].astype(np.float32))
             self.encode_mean = self.key_mean_pairs
@@ -232,8 +232,8 @@ class SpectralKernels:
             vbasis = np.array(cache.value_basis)
             # Rotate-back of the output: (H, r, D) rows = compacted coefficients.
             self.value_back = as_mx(np.where(vvalid[:, :, None],
-                                                vbasis[rows, :, vcolumns], 0.0)
-                                       .astype(np.float32))
+                                             vbasis[rows, :, vcolumns], 0.0)
+                                    .astype(np.float32))
             self.value_mean = cache.value_mean.reshape(H, D)
             self.value_rms = cache.value_rms.reshape(H)
             self.value_full = (as_mx(vcoder.bits.astype(np.int32)),

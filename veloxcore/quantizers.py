@@ -103,7 +103,7 @@ class DimCoder:
         self.word = as_mx(word.reshape(H, 1, D).astype(np.int32))
         self.shift = as_mx(shift.reshape(H, 1, D).astype(np.uint32))
         self.spill_shift = as_mx(np.where(spill, 32 - shift, 0).reshape(H, 1, D)
-                                    .astype(np.uint32))
+                                 .astype(np.uint32))
         self.spill = as_mx(spill.reshape(H, 1, D))
         self.mask = as_mx(((1 << bits) - 1).reshape(H, 1, D).astype(np.uint32))
         # For packing: which (dim, part) contributions land in each word.
