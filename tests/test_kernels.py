@@ -2,8 +2,8 @@
 CUDA / Metal kernels against that reference.
 
 On CPU the kernel tests are skipped; they run on an H100/H200 with MLX's CUDA
-backend (benchmarks/README: ``python -m pytest tests/test_kernels.py``) and on
-Apple silicon in .github/workflows/macos.yml.
+backend (docs/kernels.md, "Tests": ``python -m pytest tests/test_kernels.py -k "not
+emulated"``) and on Apple silicon in .github/workflows/macos.yml.
 """
 
 import mlx.core as mx
