@@ -256,28 +256,35 @@ class CodedKVCache:
     # mlx-lm protocol -----------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         n = self.num_exact
-        if (self.fused_decode and keys.shape[2] == 1 and self.offset >= self.sink_tokens
-                and 0 < n < self._exact[0].shape[2]):
-            # A fused decode step between batches: the token goes into the room left in
-            # the exact buffers. (This is the per-layer host work of every decode step:
-            # kept to the few lines mlx-lm's KVCache runs.)
+        if keys.shape[2] == 1 and 0 < n < self._exact[0].shape[2]:
+            # A decode step with room left in the exact buffers: the token is written in
+            # place. (This is the per-layer host work of nearly every decode step: kept to
+            # the few lines mlx-lm's KVCache runs.)
             key_buffer, value_buffer = self._exact
             key_buffer[..., n: n + 1, :] = keys
             value_buffer[..., n: n + 1, :] = values
+            if self.offset < self.sink_tokens:
+                self.num_sinks += 1
             self.num_exact = n = n + 1
             self.offset += 1
             excess = n - self.num_sinks - self.recent_tokens
             if excess >= self.append_batch:
                 self._code_exact(excess // self.block * self.block)
+        else:
+            self._append(keys, values)
+        if self.fused_decode and keys.shape[2] == 1:
+            # Attention reads the codes (``attend``, via veloxcore.attention's hook);
+            # what is returned here is not used.
             return keys, values
+        return self.fetch(keys.dtype)
+
+    def _append(self, keys: mx.array, values: mx.array) -> None:
+        """Prompt chunks (everything beyond the recent window is coded) and decode steps
+        that find no room (the buffers grow to hold a whole batch of waiting tokens)."""
         B, H, L, D = keys.shape
         self.num_sinks += max(0, min(self.sink_tokens - self.offset, L))
-        if L == 1 and n and n < self._exact[0].shape[2]:
-            for buffer, x in zip(self._exact, (keys, values), strict=True):
-                buffer[..., n: n + 1, :] = x
-            self.num_exact = n + 1
-        elif L == 1 and n:
-            # No room: the buffers grow to hold a whole batch of waiting tokens.
+        n = self.num_exact
+        if L == 1 and n:
             room = max(0, self._decode_capacity() - n - 1)
             self._set_exact(*(mx.concatenate([b[..., :n, :], x, mx.zeros((B, H, room, D),
                                                                            x.dtype)], axis=2)
@@ -286,15 +293,10 @@ class CodedKVCache:
         else:
             self._set_exact(_cat(self.exact_keys, keys), _cat(self.exact_values, values))
         excess = self.num_recent - self.recent_tokens
-        # Decode steps (one token) code in batches; prompt chunks code everything.
+        # Decode steps code in batches; prompt chunks code everything.
         if excess >= (self.append_batch if L == 1 else 1):
             self._code_exact(excess // self.block * self.block)
         self.offset += L
-        if self.fused_decode and L == 1:
-            # Attention reads the codes (``attend``, via veloxcore.attention's hook);
-            # what is returned here is not used.
-            return keys, values
-        return self.fetch(keys.dtype)
 
     def _code_exact(self, count: int) -> None:
         """Code the oldest ``count`` exact tokens after the sinks into the buffers."""
