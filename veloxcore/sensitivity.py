@@ -22,6 +22,7 @@ The file ``layer_sensitivity.json`` sits in the bundle next to the rotations.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -248,41 +249,45 @@ def layer_cost(table: dict[float, np.ndarray], bits: float) -> np.ndarray:
 
 def allocate_layer_bits(sensitivity: LayerSensitivity, key_bits: float, value_bits: int,
                         key_spread: float = 1.5, value_spread: int = 1) -> dict:
-    """Per-layer key widths (water-filling targets, half-bit steps within ``key_spread``
-    of ``key_bits``) and affine value widths (within ``value_spread`` of ``value_bits``)
-    minimising the modelled total KL, with Σ (key + value bits) no more than the uniform
-    configuration's. Returns {"keys": [...], "values": [...], "predicted_kl",
-    "uniform_kl"}."""
+    """Per-layer key widths (water-filling targets on the half-bit grid within
+    ``key_spread`` of ``key_bits``) and affine value widths (within ``value_spread`` of
+    ``value_bits``) minimising the modelled total KL, with Σ (key + value bits) no more
+    than the uniform configuration's. Key codes pad to whole 32-bit words per token and
+    head — half bits at head_dim 64 — so a width between half bits would cost the next
+    one: a target between them (2.75) is met on average by whole half bits per layer.
+    Returns {"keys": [...], "values": [...], "predicted_kl", "uniform_kl"}."""
     L = sensitivity.num_layers
-    key_options = [round(float(b), 6) for b in np.arange(
-        key_bits - key_spread, key_bits + key_spread + 1e-9, 0.5) if 1.0 <= b <= 8.0]
+    low, high = max(1.0, key_bits - key_spread), min(8.0, key_bits + key_spread)
+    key_options = [k / 2 for k in range(math.ceil(2 * low - 1e-9),
+                                        math.floor(2 * high + 1e-9) + 1)]
     value_options = [b for b in AFFINE_VALUE_BITS if abs(b - value_bits) <= value_spread]
     if value_bits not in AFFINE_VALUE_BITS:
         raise SensitivityError(f"affine values take {AFFINE_VALUE_BITS} bits, not {value_bits}")
+    if not key_options:
+        raise SensitivityError(f"no key width between 1 and 8 bits near {key_bits}")
     key_cost = np.stack([layer_cost(sensitivity.keys, b) for b in key_options], axis=1)
     value_cost = np.stack([layer_cost(sensitivity.values, b) for b in value_options], axis=1)
-    # Options per layer: (half-bit units above the uniform choice, cost, key bits, value
-    # bits). Key options are the target ± whole half bits, so the units are exact, and the
-    # budget is "no more than uniform": a total of at most 0.
-    options = [[(int(round(2 * (kb - key_bits))) + 2 * (vb - value_bits),
-                 key_cost[l, i] + value_cost[l, j], kb, vb)
+    # Options per layer: (half-bit units of key + value bits, cost, key bits, value bits);
+    # the budget is the uniform configuration's bits, in whole half bits.
+    options = [[(int(round(2 * kb)) + 2 * vb, key_cost[l, i] + value_cost[l, j], kb, vb)
                 for i, kb in enumerate(key_options) for j, vb in enumerate(value_options)]
                for l in range(L)]
+    budget = math.floor(2 * L * (key_bits + value_bits) + 1e-6)
+    fewest = min(u for u, *_ in options[0])
     # Dynamic programme over layers: units spent -> (cost, units before, choice).
     stages: list[dict[int, tuple[float, int, tuple[float, int]]]] = []
     frontier = {0: 0.0}
     for layer, layer_options in enumerate(options):
-        rest = L - layer - 1  # later layers can give back at most this much each
-        give_back = rest * -min(u for u, *_ in layer_options)
+        rest = L - layer - 1  # later layers need at least ``fewest`` units each
         stage: dict[int, tuple[float, int, tuple[float, int]]] = {}
         for spent, cost in frontier.items():
             for units, c, kb, vb in layer_options:
                 u = spent + units
-                if u - give_back <= 0 and (u not in stage or cost + c < stage[u][0]):
+                if u + rest * fewest <= budget and (u not in stage or cost + c < stage[u][0]):
                     stage[u] = (cost + c, spent, (kb, vb))
         stages.append(stage)
         frontier = {u: entry[0] for u, entry in stage.items()}
-    frontier = {u: c for u, c in frontier.items() if u <= 0}
+    frontier = {u: c for u, c in frontier.items() if u <= budget}
     if not frontier:
         raise SensitivityError("no allocation fits the budget")
     units = min(frontier, key=frontier.get)
