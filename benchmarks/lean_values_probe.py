@@ -8,8 +8,9 @@ scaled by the token's RMS (one fp16 per token and head: 4.25 bits at 4-bit codes
 do nearly as well, at each of +la's 3-5-bit value widths. The quarter bit saved buys keys
 a quarter bit; key codes pad to whole 32-bit words per token and head (half-bit steps at
 head_dim 64), so the keys' extra bits go to whole layers: per-layer widths in half-bit
-steps (1.5-4 bits) chosen by the bundle's layer costs (as +la) under an average of 2.75
-bits. Methods (default model, held-out text, shipped bundle; bits from real bytes):
+steps (1.5-4 bits) chosen by the bundle's layer costs under an average of 2.75 bits
+(``allocate_layer_bits``, as +la, with 4-bit values everywhere). Methods (default
+model, held-out text, shipped bundle; bits from real bytes):
 
 - base: spectral:wf2.5/a4g64+qm+ad+x1.5+vh+la (3.51 bits at 8k)
 - keys 2.75: the same with the keys' 2.75-bit per-layer plan (+0.125 bits)
@@ -28,34 +29,12 @@ from veloxcore import caches as cache_module
 from veloxcore import load_cached_rotations
 from veloxcore.caches import KVCacheBuilder, cache_memory, parse_method
 from veloxcore.quantizers import lloyd_max_gaussian
-from veloxcore.sensitivity import layer_cost
+from veloxcore.sensitivity import allocate_layer_bits
 
 mx = __import__("mlx.core").core  # after veloxcore (OpenBLAS first)
 
 BUNDLE = "assets/bundles/smollm2-135m-instruct-pre"
 BASE = "spectral:wf2.5/a4g64+qm+ad+x1.5+vh+la"
-KEY_OPTIONS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
-
-
-def word_aligned_plan(sensitivity, key_bits: float) -> list[float]:
-    """Per-layer key widths from KEY_OPTIONS minimising the summed layer costs with an
-    average of at most ``key_bits`` (dynamic programme over half-bit units)."""
-    L = sensitivity.num_layers
-    cost = np.stack([layer_cost(sensitivity.keys, b) for b in KEY_OPTIONS], axis=1)
-    units = [int(round(2 * b)) for b in KEY_OPTIONS]
-    budget = int(np.floor(2 * key_bits * L + 1e-9))
-    best: dict[int, tuple[float, list[float]]] = {0: (0.0, [])}
-    for layer in range(L):
-        step: dict[int, tuple[float, list[float]]] = {}
-        for spent, (total, plan) in best.items():
-            for i, u in enumerate(units):
-                if spent + u > budget:
-                    continue
-                c = total + cost[layer, i]
-                if spent + u not in step or c < step[spent + u][0]:
-                    step[spent + u] = (c, plan + [KEY_OPTIONS[i]])
-        best = step
-    return min(best.values(), key=lambda entry: entry[0])[1]
 
 
 def lean_values(cache) -> None:
@@ -134,7 +113,9 @@ def main() -> None:
     args = ap.parse_args()
     held = HeldOut(args.tokens, args.chunk)
     rotations = load_cached_rotations(BUNDLE, model=held.model)
-    plan = word_aligned_plan(rotations.layer_sensitivity, 2.75)
+    # Keys on the half-bit grid averaging 2.75 bits, values 4 bits in every layer.
+    plan = allocate_layer_bits(rotations.layer_sensitivity, 2.75, 4,
+                               value_spread=0)["keys"]
     print("keys 2.75 plan:", plan, "mean", np.mean(plan))
     rows = []
     for name, key_plan, lean in (("base", None, False), ("keys 2.75", plan, False),
