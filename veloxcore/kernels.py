@@ -52,10 +52,11 @@ WARP_DECODE = os.environ.get("VELOX_WARP_DECODE", "1") != "0"
 WARP_UNROLL = int(os.environ.get("VELOX_WARP_UNROLL", "0"))
 # Key basis fragments in registers for a whole split, up to this head_dim (their count
 # grows as head_dim², 64 words per lane at 64), in launches of at most
-# WARP_BASIS_REGISTER_BLOCKS blocks: the registers cut a block's tiles by 20-40% but
+# WARP_BASIS_REGISTER_BLOCKS blocks: the registers cut a block's tiles by 20-45% but
 # fewer blocks fit on an SM at once, which costs more where a launch has more blocks than
-# fit (H200, timestamps: default-model shape, 384 blocks, 4k/64k span -15%/-8%; 1B shape,
-# 1,024 blocks, 16k/64k +10%/+5%; BENCHMARKS.md). 0: always read from memory.
+# fit (H200, timestamps: default-model shape, <= 384 blocks, span -18% at 4k and -14% at
+# 64k; 1B shape, 1,024 blocks, +24% at 16k and +7% at 64k; BENCHMARKS.md). 0: always
+# read from memory.
 WARP_BASIS_REGISTERS = int(os.environ.get("VELOX_WARP_BASIS_REGISTERS", "64"))
 WARP_BASIS_REGISTER_BLOCKS = 512
 # Fewest 16-token tiles each warp of the warp-tiled kernel walks per split (more splits
