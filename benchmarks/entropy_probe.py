@@ -1,6 +1,7 @@
 """Probe: how many bits would entropy coding save on the keys' coefficients? (CPU)
 
     python benchmarks/entropy_probe.py [--tokens 1024] [--bits 2.5] [--json OUT]
+    python benchmarks/entropy_probe.py --kl --tokens 2048 --bits 2.5 [--json OUT]
 
 Fixed-rate Lloyd-Max codes sit ~0.7 bits per coefficient above the Gaussian
 rate-distortion bound at high rate; a uniform quantiser whose indices are entropy coded
@@ -11,6 +12,16 @@ Per coded dim: the Lloyd-Max code's error on the real coefficients, the step of 
 uniform quantiser (no clipping) with the same mean squared error, and the empirical
 entropy of its indices — the bits an ideal entropy coder would spend for the same MSE.
 Equal MSE is not equal KL (KL follows rare large errors); this bounds the lever's size.
+
+``--kl``: the KL itself (fake-quant). Keys of spectral:wf2.5/a4g64+qm+ad+x1.5+vh are
+replaced by a uniform quantiser's values, one step per KV head for every coefficient (in
+the metric-weighted basis coefficient errors add up to score errors, so equal steps are
+the right allocation), the step set on the first coded chunk so that the indices'
+entropy is ``--bits`` per coefficient; bits count the indices' empirical entropy per
+chunk (an ideal adaptive coder: optimistic) in place of the key codes' bytes, and
+also (``bits_fixed_table``) the cost under a fixed code: each dim's index frequencies from
+the first coded chunk, used for every later chunk (counts + 0.01; an escape costs 24
+bits).
 """
 
 from __future__ import annotations
@@ -19,11 +30,18 @@ import argparse
 
 import numpy as np
 from probe_text import HeldOut, save_results
+from sparse_outliers_probe import Repair
 from temporal_probe import CoefficientRecorder
 
 from veloxcore import load_cached_rotations
+from veloxcore.caches import KVCacheBuilder, cache_memory, parse_method
 from veloxcore.quantizers import lloyd_max_gaussian
 from veloxcore.spectral import water_fill_bits
+
+mx = __import__("mlx.core").core  # after veloxcore (OpenBLAS first)
+TABLE_SPAN = 64  # indices a fixed code table holds (±)
+ESCAPE_BITS = 24  # an index outside it: an escape and its value
+SMOOTHING = 0.01  # added to every index count of a fixed table
 
 BUNDLE = "assets/bundles/smollm2-135m-instruct-pre"
 INFLATION = 1.5
@@ -48,13 +66,105 @@ def entropy_at_mse(y: np.ndarray, mse: float) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
+def index_entropy(y: np.ndarray, step: float) -> np.ndarray:
+    """Empirical entropy (bits) of each column's uniform-quantiser indices; y (N, D)."""
+    indices = np.round(y / step).astype(np.int64)
+    out = np.zeros(y.shape[1])
+    for d in range(y.shape[1]):
+        _, counts = np.unique(indices[:, d], return_counts=True)
+        p = counts / counts.sum()
+        out[d] = -(p * np.log2(p)).sum()
+    return out
+
+
+class EntropyKeys(Repair):
+    """A layer's keys as uniform-quantiser values (one step per KV head), their cost the
+    indices' entropy."""
+
+    def __init__(self, cache, bits: float):
+        super().__init__(cache, 0.0)
+        self.bits, self.steps = bits, None
+        self.entropy_bits = 0.0  # each chunk's own index entropy (an ideal coder)
+        self.table_bits = 0.0  # the first chunk's index frequencies as a fixed code
+        self.tables = None  # per head: (D, indices) probabilities, offset
+
+    def fixed_code_bits(self, h: int, rows: np.ndarray) -> float:
+        """Bits of ``rows``' indices under head ``h``'s table from the first chunk
+        (add-half smoothing over ±TABLE_SPAN; indices beyond it cost an escape)."""
+        indices = np.round(rows / self.steps[h]).astype(np.int64)
+        if self.tables is None or len(self.tables) <= h:
+            counts = np.stack([np.bincount(np.clip(indices[:, d], -TABLE_SPAN, TABLE_SPAN)
+                                           + TABLE_SPAN, minlength=2 * TABLE_SPAN + 1)
+                               for d in range(indices.shape[1])]) + SMOOTHING
+            self.tables = (self.tables or []) + [counts / counts.sum(1, keepdims=True)]
+        table = self.tables[h]
+        inside = np.abs(indices) <= TABLE_SPAN
+        p = table[np.arange(indices.shape[1])[None, :], np.clip(indices, -TABLE_SPAN,
+                                                               TABLE_SPAN) + TABLE_SPAN]
+        return float(-np.log2(p).sum() + ESCAPE_BITS * (~inside).sum())
+
+    def correction(self, y: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+        B, H, L, D = y.shape
+        if self.steps is None:  # the step whose indices' mean entropy is self.bits
+            self.steps = []
+            for h in range(H):
+                rows = y[:, h].reshape(-1, D)
+                lo, hi = 1e-4 * rows.std(), 50 * rows.std()
+                for _ in range(40):
+                    step = np.sqrt(lo * hi)
+                    lo, hi = (step, hi) if index_entropy(rows, step).mean() > self.bits else (
+                        lo, step)
+                self.steps.append(np.sqrt(lo * hi))
+        quantised = np.empty_like(y)
+        for h in range(H):
+            rows = y[:, h].reshape(-1, D)
+            self.entropy_bits += index_entropy(rows, self.steps[h]).sum() * rows.shape[0]
+            self.table_bits += self.fixed_code_bits(h, rows)
+            quantised[:, h] = self.steps[h] * np.round(y[:, h] / self.steps[h])
+        return quantised - decoded
+
+
+def kl_rows(held, rotations, bits: float, base: bool = True) -> list[dict]:
+    rows = []
+    spec = f"spectral:wf{bits:g}/a4g64+qm+ad+x1.5+vh"
+    for entropy_coded in (False, True)[0 if base else 1:]:
+        caches = KVCacheBuilder.build(held.model, parse_method(spec, rotations))
+        coders = [EntropyKeys(c, bits) for c in caches] if entropy_coded else []
+        log_probs = held.log_probs(caches)
+        kl = (mx.exp(held.reference) * (held.reference - log_probs)).sum(-1)
+        memory = cache_memory(caches, held.model)
+        total = memory.nbytes * 8
+        row = dict(method=spec + (" keys entropy-coded" if entropy_coded else ""),
+                   kl=float(kl.mean()))
+        elements = memory.fp16_nbytes / 2
+        if entropy_coded:  # the key codes and the dense stand-in out, the indices' cost in
+            for c in caches:
+                H, D = c.key_coder.heads, c.key_coder.dims
+                total -= 8 * c.coded * H * (4 * c.key_coder.words + 4 * D)
+            row["bits_fixed_table"] = (total + sum(e.table_bits for e in coders)) / elements
+            total += sum(e.entropy_bits for e in coders)
+        row["bits"] = total / elements
+        rows.append(row)
+        print(f"{row['method']:56s} bits {row['bits']:.3f} (with a fixed table: "
+              f"{row.get('bits_fixed_table', row['bits']):.3f})  KL {row['kl']:.4f}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--bits", type=float, default=2.5)
+    ap.add_argument("--kl", action="store_true")
+    ap.add_argument("--no-base", action="store_true",
+                    help="--kl: only the entropy-coded keys (not the scalar-coded base)")
     ap.add_argument("--json")
     args = ap.parse_args()
     held = HeldOut(args.tokens, 256)
+    if args.kl:
+        rows = kl_rows(held, load_cached_rotations(BUNDLE, model=held.model), args.bits,
+                       base=not args.no_base)
+        save_results(args.json, tokens=args.tokens, bits=args.bits, rows=rows)
+        return
     rotations = load_cached_rotations(BUNDLE)
     recorders = [CoefficientRecorder(held.model, rotations[i], i)
                  for i in range(len(held.model.layers))]

@@ -45,16 +45,22 @@ class Repair:
         k = cache.inverter(keys, position) if cache.inverter is not None else keys
         y = (k.astype(mx.float32) - cache.key_mean) @ cache.key_basis
         n = 2 if cache.token_scale else 1
-        error = y - cache._decode_part(cache.key_coder, parts[:n])
-        size = np.abs(np.array(error))
+        decoded = cache._decode_part(cache.key_coder, parts[:n])
+        return (*parts, mx.array(self.correction(np.array(y), np.array(decoded))
+                                 .astype(np.float32)))
+
+    def correction(self, y: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+        """What is added to the decoded coefficients: the exact error of the worst-coded
+        fraction."""
+        error = y - decoded
+        size = np.abs(error)
         keep = int(round(self.fraction * size.size))
-        repair = np.zeros_like(size)
-        if keep:
-            cut = np.partition(size.reshape(-1), size.size - keep)[size.size - keep]
-            mask = size >= cut
-            self.count += int(mask.sum())
-            repair = np.where(mask, np.array(error), 0.0)
-        return (*parts, mx.array(repair.astype(np.float32)))
+        if not keep:
+            return np.zeros_like(size)
+        cut = np.partition(size.reshape(-1), size.size - keep)[size.size - keep]
+        mask = size >= cut
+        self.count += int(mask.sum())
+        return np.where(mask, error, 0.0)
 
     def decode(self, parts, position):
         keys, values = self.decode_original(parts[:-1], position)
