@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from lean_values_probe import nll
 from probe_text import HeldOut, save_results
 from sparse_outliers_probe import Repair
 from temporal_probe import CoefficientRecorder
@@ -135,7 +136,9 @@ def kl_rows(held, rotations, bits: float, base: bool = True) -> list[dict]:
         memory = cache_memory(caches, held.model)
         total = memory.nbytes * 8
         row = dict(method=spec + (" keys entropy-coded" if entropy_coded else ""),
-                   kl=float(kl.mean()))
+                   kl=float(kl.mean()),
+                   delta_ppl_pct=100 * (np.exp(nll(held, log_probs) - nll(held, held.reference))
+                                        - 1))
         elements = memory.fp16_nbytes / 2
         if entropy_coded:  # the key codes and the dense stand-in out, the indices' cost in
             for c in caches:
@@ -146,7 +149,8 @@ def kl_rows(held, rotations, bits: float, base: bool = True) -> list[dict]:
         row["bits"] = total / elements
         rows.append(row)
         print(f"{row['method']:56s} bits {row['bits']:.3f} (with a fixed table: "
-              f"{row.get('bits_fixed_table', row['bits']):.3f})  KL {row['kl']:.4f}", flush=True)
+              f"{row.get('bits_fixed_table', row['bits']):.3f})  KL {row['kl']:.4f}  "
+              f"ΔPPL {row['delta_ppl_pct']:+.2f}%", flush=True)
     return rows
 
 
