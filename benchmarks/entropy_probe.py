@@ -36,6 +36,7 @@ from temporal_probe import CoefficientRecorder
 
 from veloxcore import load_cached_rotations
 from veloxcore.caches import KVCacheBuilder, cache_memory, parse_method
+from veloxcore.corpus import CORPUS_FILE, assets_dir, load_corpus
 from veloxcore.quantizers import lloyd_max_gaussian
 from veloxcore.spectral import water_fill_bits
 
@@ -78,31 +79,29 @@ def index_entropy(y: np.ndarray, step: float) -> np.ndarray:
     return out
 
 
+def index_counts(indices: np.ndarray) -> np.ndarray:
+    """(D, 2·TABLE_SPAN + 1) counts of each column's indices (clipped to the span)."""
+    clipped = np.clip(indices, -TABLE_SPAN, TABLE_SPAN) + TABLE_SPAN
+    return np.stack([np.bincount(clipped[:, d], minlength=2 * TABLE_SPAN + 1)
+                     for d in range(indices.shape[1])]).astype(np.float64)
+
+
+def code_table(counts: np.ndarray) -> np.ndarray:
+    smoothed = counts + SMOOTHING
+    return smoothed / smoothed.sum(1, keepdims=True)
+
+
 class EntropyKeys(Repair):
     """A layer's keys as uniform-quantiser values (one step per KV head), their cost the
-    indices' entropy."""
+    indices' entropy, and their cost under fixed code tables: ``tables`` given (e.g. from
+    a calibration run's ``counts``), else each head's first coded chunk's."""
 
-    def __init__(self, cache, bits: float):
+    def __init__(self, cache, bits: float, steps=None, tables=None):
         super().__init__(cache, 0.0)
-        self.bits, self.steps = bits, None
+        self.bits, self.steps, self.tables = bits, steps, tables
         self.entropy_bits = 0.0  # each chunk's own index entropy (an ideal coder)
-        self.table_bits = 0.0  # the first chunk's index frequencies as a fixed code
-        self.tables = None  # per head: (D, indices) probabilities, offset
-
-    def fixed_code_bits(self, h: int, rows: np.ndarray) -> float:
-        """Bits of ``rows``' indices under head ``h``'s table from the first chunk
-        (add-half smoothing over ±TABLE_SPAN; indices beyond it cost an escape)."""
-        indices = np.round(rows / self.steps[h]).astype(np.int64)
-        if self.tables is None or len(self.tables) <= h:
-            counts = np.stack([np.bincount(np.clip(indices[:, d], -TABLE_SPAN, TABLE_SPAN)
-                                           + TABLE_SPAN, minlength=2 * TABLE_SPAN + 1)
-                               for d in range(indices.shape[1])]) + SMOOTHING
-            self.tables = (self.tables or []) + [counts / counts.sum(1, keepdims=True)]
-        table = self.tables[h]
-        inside = np.abs(indices) <= TABLE_SPAN
-        p = table[np.arange(indices.shape[1])[None, :], np.clip(indices, -TABLE_SPAN,
-                                                               TABLE_SPAN) + TABLE_SPAN]
-        return float(-np.log2(p).sum() + ESCAPE_BITS * (~inside).sum())
+        self.table_bits = 0.0  # under the fixed tables
+        self.counts: list[np.ndarray] = []  # per head, every index seen
 
     def correction(self, y: np.ndarray, decoded: np.ndarray) -> np.ndarray:
         B, H, L, D = y.shape
@@ -116,21 +115,56 @@ class EntropyKeys(Repair):
                     lo, hi = (step, hi) if index_entropy(rows, step).mean() > self.bits else (
                         lo, step)
                 self.steps.append(np.sqrt(lo * hi))
+        if self.tables is None:
+            self.tables = []
         quantised = np.empty_like(y)
         for h in range(H):
             rows = y[:, h].reshape(-1, D)
+            indices = np.round(rows / self.steps[h]).astype(np.int64)
+            counts = index_counts(indices)
+            if len(self.counts) <= h:
+                self.counts.append(counts)
+            else:
+                self.counts[h] += counts
+            if len(self.tables) <= h:
+                self.tables.append(code_table(counts))
             self.entropy_bits += index_entropy(rows, self.steps[h]).sum() * rows.shape[0]
-            self.table_bits += self.fixed_code_bits(h, rows)
-            quantised[:, h] = self.steps[h] * np.round(y[:, h] / self.steps[h])
+            inside = np.abs(indices) <= TABLE_SPAN
+            p = self.tables[h][np.arange(D)[None, :],
+                               np.clip(indices, -TABLE_SPAN, TABLE_SPAN) + TABLE_SPAN]
+            self.table_bits += float(-np.log2(p).sum() + ESCAPE_BITS * (~inside).sum())
+            quantised[:, h] = self.steps[h] * indices.reshape(B, L, D)
         return quantised - decoded
 
 
-def kl_rows(held, rotations, bits: float, base: bool = True) -> list[dict]:
+def calibrated_coders(held, rotations, spec: str, bits: float, tokens: int) -> list:
+    """Steps and code tables from ``tokens`` tokens of the bundled calibration corpus
+    (half from the end of the Python reference, half from the start of the model-written
+    prose, as the corpus joins them)."""
+    python_ref = load_corpus(assets_dir() / CORPUS_FILE).text
+    ids = held.tokenizer.encode(load_corpus().text)
+    junction = len(held.tokenizer.encode(python_ref))
+    window = mx.array(ids[max(0, junction - tokens // 2): junction + tokens // 2])[None]
+    caches = KVCacheBuilder.build(held.model, parse_method(spec, rotations))
+    coders = [EntropyKeys(c, bits) for c in caches]
+    for start in range(0, window.shape[1], held.chunk):
+        mx.eval(held.model(window[:, start: start + held.chunk], cache=caches))
+    return coders
+
+
+def kl_rows(held, rotations, bits: float, base: bool = True,
+            calibrate_tokens: int = 0) -> list[dict]:
     rows = []
     spec = f"spectral:wf{bits:g}/a4g64+qm+ad+x1.5+vh"
+    calibration = (calibrated_coders(held, rotations, spec, bits, calibrate_tokens)
+                   if calibrate_tokens else None)
     for entropy_coded in (False, True)[0 if base else 1:]:
         caches = KVCacheBuilder.build(held.model, parse_method(spec, rotations))
-        coders = [EntropyKeys(c, bits) for c in caches] if entropy_coded else []
+        coders = []
+        if entropy_coded:
+            coders = [EntropyKeys(c, bits) if calibration is None else
+                      EntropyKeys(c, bits, cal.steps, [code_table(n) for n in cal.counts])
+                      for c, cal in zip(caches, calibration or caches, strict=True)]
         log_probs = held.log_probs(caches)
         kl = (mx.exp(held.reference) * (held.reference - log_probs)).sum(-1)
         memory = cache_memory(caches, held.model)
@@ -159,6 +193,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--bits", type=float, default=2.5)
     ap.add_argument("--kl", action="store_true")
+    ap.add_argument("--calibrate-tokens", type=int, default=0,
+                    help="--kl: steps and code tables from this many tokens of the bundled "
+                         "calibration corpus (default: from the first coded chunk)")
     ap.add_argument("--no-base", action="store_true",
                     help="--kl: only the entropy-coded keys (not the scalar-coded base)")
     ap.add_argument("--json")
@@ -166,7 +203,7 @@ def main() -> None:
     held = HeldOut(args.tokens, 256)
     if args.kl:
         rows = kl_rows(held, load_cached_rotations(BUNDLE, model=held.model), args.bits,
-                       base=not args.no_base)
+                       base=not args.no_base, calibrate_tokens=args.calibrate_tokens)
         save_results(args.json, tokens=args.tokens, bits=args.bits, rows=rows)
         return
     rotations = load_cached_rotations(BUNDLE)
