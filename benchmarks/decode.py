@@ -91,6 +91,17 @@ def model_args(shape: str) -> llama.ModelArgs:
                            **SHAPES[shape])
 
 
+def random_model(shape: str) -> llama.Model:
+    """A random-weight model of ``shape`` (seed 0) with the attention hook installed:
+    fp16 weights on the GPU, float32 on CPU, where fp16 matmuls are slow."""
+    mx.random.seed(0)
+    model = llama.Model(model_args(shape))
+    model.set_dtype(mx.float16 if mx.default_device() == mx.gpu else mx.float32)
+    mx.eval(model.parameters())
+    attention.install(model)
+    return model
+
+
 def spectra(dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Key and value eigenvalue spectra of the default model (layer 10, head 0),
     resampled to ``dim`` dims."""
@@ -324,12 +335,7 @@ def main() -> None:
                                     tokens=tokens, error=str(e).splitlines()[0][:200]))
                     mx.clear_cache()
         if "end_to_end" in args.parts:
-            mx.random.seed(0)
-            model = llama.Model(model_args(shape))
-            # fp16 weights on the GPU; float32 on CPU, where fp16 matmuls are slow.
-            model.set_dtype(mx.float16 if mx.default_device() == mx.gpu else mx.float32)
-            mx.eval(model.parameters())
-            attention.install(model)
+            model = random_model(shape)
             for tokens in contexts:
                 # Rounds alternate the methods, so a slow spell of a shared host falls on
                 # all of them; each method's fastest round counts, all are kept.

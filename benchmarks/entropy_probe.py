@@ -32,7 +32,7 @@ import numpy as np
 from lean_values_probe import nll
 from probe_text import HeldOut, save_results
 from sparse_outliers_probe import Repair
-from temporal_probe import CoefficientRecorder
+from temporal_probe import recorded_coefficients
 
 from veloxcore import load_cached_rotations
 from veloxcore.caches import KVCacheBuilder, cache_memory, parse_method
@@ -206,17 +206,12 @@ def main() -> None:
                        base=not args.no_base, calibrate_tokens=args.calibrate_tokens)
         save_results(args.json, tokens=args.tokens, bits=args.bits, rows=rows)
         return
-    rotations = load_cached_rotations(BUNDLE)
-    recorders = [CoefficientRecorder(held.model, rotations[i], i)
-                 for i in range(len(held.model.layers))]
-    held.log_probs(recorders)
     rows = []
-    for layer, recorder in enumerate(recorders):
-        y = np.concatenate(recorder.recorded, axis=1)[:, 4:]  # (H, T, D), without sinks
+    for layer, (y, spectra) in enumerate(recorded_coefficients(held, BUNDLE)):
         fixed = entropy = 0.0
         dims = 0
         for h in range(y.shape[0]):
-            spectrum = recorder.spectrum[h]
+            spectrum = spectra[h]
             bits = water_fill_bits(spectrum, args.bits, 0, 8)
             scale = INFLATION * np.sqrt(np.maximum(spectrum, 1e-12))
             centred = y[h] - y[h].mean(0)
@@ -230,8 +225,7 @@ def main() -> None:
         print(f"layer {layer:2d}: Lloyd-Max {fixed / dims:.2f} bits per coded dim, entropy-"
               f"coded uniform at the same MSE {entropy / dims:.2f}", flush=True)
     saved = np.mean([r["fixed_bits"] - r["entropy_bits"] for r in rows])
-    per_dim = saved * np.mean([r["coded_dims"] for r in rows]) / (
-        held.model.layers[0].self_attn.n_kv_heads * recorders[0].spectrum.shape[1])
+    per_dim = saved * np.mean([r["coded_dims"] for r in rows]) / (y.shape[0] * y.shape[2])
     print(f"mean saving: {saved:.3f} bits per coded dim, {per_dim:.3f} per key dim")
     save_results(args.json, tokens=args.tokens, bits=args.bits, rows=rows,
                  saved_per_coded_dim=float(saved), saved_per_key_dim=float(per_dim))

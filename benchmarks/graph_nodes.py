@@ -39,20 +39,14 @@ def step_nodes(files: list[str]) -> collections.Counter:
 
 def count(method: str, shape: str, steps: int) -> dict:
     import numpy as np
-    from decode import SHAPES, fill, make_cache, model_args
+    from decode import SHAPES, fill, make_cache, random_model
 
-    from veloxcore import attention
     from veloxcore.kernels import kernel_backend
 
     mx = __import__("mlx.core").core
-    from mlx_lm.models import llama
 
     folder = Path(os.environ["MLX_SAVE_CUDA_GRAPHS_DOT_FILE"]).parent
-    mx.random.seed(0)
-    model = llama.Model(model_args(shape))
-    model.set_dtype(mx.float16)
-    mx.eval(model.parameters())
-    attention.install(model)
+    model = random_model(shape)
     H, D = SHAPES[shape]["num_key_value_heads"], SHAPES[shape]["head_dim"]
     rng = np.random.default_rng(0)
     caches = [make_cache(method, H, D, layer.self_attn.rope, kernel_backend(), rng)

@@ -3,7 +3,7 @@
     python benchmarks/step_times_probe.py [SHAPE] [TOKENS] [METHODS]
     MLX_USE_CUDA_GRAPHS=0 python benchmarks/step_times_probe.py smollm2 8192
 
-decode.py's shapes and methods (random weights, fp16, caches filled with TOKENS random
+decode.py's shapes and methods (random weights, fp16 on a GPU, caches filled with TOKENS random
 tokens). Per method and round: tokens/s evaluated step by step and pipelined (the next
 step built before waiting for this one, as mlx-lm's generate_step), the median graph
 build and wait per step, and the steps that stand out (over 1.5× the median: the ones
@@ -17,13 +17,11 @@ import sys
 import time
 
 import numpy as np
-from decode import SHAPES, fill, make_cache, model_args
+from decode import SHAPES, fill, make_cache, random_model
 
-from veloxcore import attention
 from veloxcore.kernels import kernel_backend
 
 mx = __import__("mlx.core").core
-from mlx_lm.models import llama  # noqa: E402
 
 STEPS = 128
 
@@ -32,11 +30,7 @@ def main() -> None:
     shape = sys.argv[1] if len(sys.argv) > 1 else "smollm2"
     tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
     methods = (sys.argv[3] if len(sys.argv) > 3 else "fp16,spectral-vh").split(",")
-    mx.random.seed(0)
-    model = llama.Model(model_args(shape))
-    model.set_dtype(mx.float16)
-    mx.eval(model.parameters())
-    attention.install(model)
+    model = random_model(shape)
     H, D = SHAPES[shape]["num_key_value_heads"], SHAPES[shape]["head_dim"]
 
     def next_token(token, caches):

@@ -45,6 +45,16 @@ class CoefficientRecorder(PreRopeKeyProbe):
         return self.keys, self.values
 
 
+def recorded_coefficients(held, bundle: str = BUNDLE):
+    """Per layer, (coefficients (H, T, D) of the held-out keys after the sinks, the
+    metric-weighted spectrum (H, D)), recorded through a teacher-forced pass."""
+    rotations = load_cached_rotations(bundle)
+    recorders = [CoefficientRecorder(held.model, rotations[i], i)
+                 for i in range(len(held.model.layers))]
+    held.log_probs(recorders)
+    return [(np.concatenate(r.recorded, axis=1)[:, 4:], r.spectrum) for r in recorders]
+
+
 def prediction_gain(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bits saved per coefficient and lag-1 correlations; y (T, d), centred."""
     prev, cur = y[:-1], y[1:]
@@ -63,15 +73,10 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     held = HeldOut(args.tokens, 256)
-    rotations = load_cached_rotations(BUNDLE)
-    recorders = [CoefficientRecorder(held.model, rotations[i], i)
-                 for i in range(len(held.model.layers))]
-    held.log_probs(recorders)
     rows = []
-    for layer, recorder in enumerate(recorders):
-        y = np.concatenate(recorder.recorded, axis=1)[:, 4:]  # (H, T, D), without sinks
+    for layer, (y, spectrum) in enumerate(recorded_coefficients(held)):
         for h in range(y.shape[0]):
-            coded = water_fill_bits(recorder.spectrum[h], 2.5, 0, 8) > 0
+            coded = water_fill_bits(spectrum[h], 2.5, 0, 8) > 0
             yc = y[h][:, coded] - y[h][:, coded].mean(0)
             saved, rho = prediction_gain(yc)
             rows.append(dict(layer=layer, head=h, coded_dims=int(coded.sum()),

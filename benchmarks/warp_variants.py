@@ -19,6 +19,7 @@ from decode import device_name
 from warp_phases import measure
 
 from veloxcore import kernels
+from veloxcore.kernels import kernel_backend
 
 mx = __import__("mlx.core").core
 
@@ -41,6 +42,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if kernel_backend() != "cuda":
+        raise SystemExit("warp_variants.py needs MLX's CUDA backend (the kernel is CUDA-only)")
     defaults = {name: getattr(kernels, name) for v in VARIANTS.values() for name in v}
     rows = []
     for shape in args.shapes.split(","):
