@@ -22,6 +22,7 @@ from mlx_lm.models.cache import KVCache, create_attention_mask
 from . import attention
 from .arrays import as_mx
 from .calibration import RopeInverter, SpectralRotations, find_rope, model_shape
+from .entropy import ENTROPY_BLOCK, EntropyKeyCoder
 from .errors import VeloxError
 from .kernels import (
     MAX_EXACT,
@@ -132,6 +133,12 @@ class KVCacheConfig:
     # key_metric), so coefficient errors add up to score error; water-filled on that
     # spectrum (it replaces +qa's per-dim weights). See veloxcore.key_metric.
     query_metric: bool = False
+    # Entropy-coded keys ("+ec"): coefficients quantised with one uniform step per KV
+    # head (per block, set by rate control) and their indices rANS-coded in blocks of
+    # ENTROPY_BLOCK tokens at target_avg_bits per dim, headers included
+    # (veloxcore.entropy). Equal steps suit the metric-weighted basis (+qm), where
+    # coefficient errors add up to score error. No fused kernels yet.
+    entropy_keys: bool = False
 
     @classmethod
     def recommended(cls, rotations: SpectralRotations) -> KVCacheConfig:
@@ -514,10 +521,11 @@ class PlanAdaptation:
 
 
 def _adapted_plan(adaptation: PlanAdaptation, moments: np.ndarray, count: int,
-                  basis: mx.array, calibrated_mean: mx.array):
+                  basis: mx.array, calibrated_mean: mx.array, entropy_bits: float = 0.0):
     """(mean, coder, rms) of a plan re-fitted to ``moments`` (2, H, D) of ``count``
     tokens' coefficients, centred on ``calibrated_mean``; ``basis`` (H, D, D) decodes
-    coefficients (original dims × coefficients)."""
+    coefficients (original dims × coefficients). ``entropy_bits``: an entropy coder at
+    that budget, its index model scaled by the re-fitted deviations."""
     shift, variance, bits = adaptation.plan(moments, count)
     scales = adaptation.inflation * np.sqrt(variance)
     # Centre on the blended mean: x − μ − V·shift has coefficients y − shift.
@@ -525,7 +533,9 @@ def _adapted_plan(adaptation: PlanAdaptation, moments: np.ndarray, count: int,
     mean = calibrated_mean + as_mx(moved[None, :, None, :].astype(np.float32))
     rms = as_mx(np.sqrt(np.mean(np.square(scales), axis=-1))[None, :, None, None]
                 .astype(np.float32))
-    return mean, make_coder(bits, scales), rms
+    coder = (EntropyKeyCoder(np.sqrt(variance), entropy_bits, ENTROPY_BLOCK) if entropy_bits
+             else make_coder(bits, scales))
+    return mean, coder, rms
 
 
 class SpectralKVCache(CodedKVCache):
@@ -548,11 +558,19 @@ class SpectralKVCache(CodedKVCache):
                  adaptation: PlanAdaptation | None = None,
                  value_rotation: np.ndarray | None = None,
                  value_adaptation: PlanAdaptation | None = None,
-                 key_decoder: np.ndarray | None = None):
+                 key_decoder: np.ndarray | None = None, entropy_bits: float = 0.0):
         super().__init__(sink_tokens, recent_tokens)
         H, D, _ = key_vectors.shape
         if key_block and token_scale:
             raise CacheConfigError("key block scales and per-token scales exclude each other")
+        if entropy_bits and (key_block or token_scale):
+            raise CacheConfigError("entropy-coded keys (+ec) set their own step per block: "
+                                   "no block scales (+b) or per-token scales (+ts)")
+        # Entropy-coded keys (veloxcore.entropy): key_scales are the coefficients'
+        # standard deviations (the index model's), coded in whole blocks.
+        self.entropy_bits = entropy_bits
+        if entropy_bits:
+            self.block = ENTROPY_BLOCK
         self.token_scale = token_scale
         self.token_scale_floor = token_scale_floor
         self.token_scale_ceiling = token_scale_ceiling
@@ -582,8 +600,10 @@ class SpectralKVCache(CodedKVCache):
         self.key_basis = as_mx(key_vectors.astype(np.float32))
         self.key_decoder = (self.key_basis if key_decoder is None
                             else as_mx(key_decoder.astype(np.float32)))
-        self.key_coder = make_coder(key_bits, key_scales)
-        if adaptation is not None and (key_block or not isinstance(self.key_coder, DimCoder)):
+        self.key_coder = (EntropyKeyCoder(key_scales, entropy_bits, ENTROPY_BLOCK)
+                          if entropy_bits else make_coder(key_bits, key_scales))
+        if adaptation is not None and (key_block or not isinstance(
+                self.key_coder, DimCoder | EntropyKeyCoder)):
             raise CacheConfigError("an adaptive key plan needs per-dim coded keys without "
                                    "block scales")
         self.adaptation = adaptation
@@ -618,6 +638,8 @@ class SpectralKVCache(CodedKVCache):
     def use_kernels(self, backend: str) -> None:
         """Code arriving tokens and attend with the fused kernels of ``backend``
         ("cuda", "metal" or "reference"). Raises ValueError where unsupported."""
+        if self.entropy_bits:
+            raise ValueError("entropy-coded keys (+ec) have no fused kernels yet")
         if not isinstance(self.key_coder, DimCoder) or (
                 self.value_affine is None and not isinstance(self.value_coder, DimCoder)):
             raise ValueError("16-bit (uncoded) layers are not supported by the fused kernels")
@@ -647,7 +669,8 @@ class SpectralKVCache(CodedKVCache):
     def _apply_adaptation(self, moments: np.ndarray, count: int) -> None:
         calibrated = self.calibrated_plan
         self.key_mean, self.key_coder, self.key_rms = _adapted_plan(
-            self.adaptation, moments[:2], count, self.key_decoder, calibrated[0])
+            self.adaptation, moments[:2], count, self.key_decoder, calibrated[0],
+            self.entropy_bits)
         if self.value_adaptation is not None:
             self.value_mean, self.value_coder, self.value_rms = _adapted_plan(
                 self.value_adaptation, moments[2:4], count, self.value_basis, calibrated[3])
@@ -1249,12 +1272,18 @@ def _spectral_cache(model, config: KVCacheConfig, layer: int, keys_global=None):
     if rot.rope_mode == "pre" and rope is None:
         raise CacheConfigError(f"layer {layer}: pre-RoPE rotations need a RoPE module")
     scales = lambda lam: config.scale_inflation * np.sqrt(np.maximum(lam, 1e-12))  # noqa: E731
+    key_scales = scales
+    if config.entropy_keys:
+        if not config.use_water_filling:
+            raise CacheConfigError("entropy-coded keys (+ec) take their budget from the "
+                                   "water-filling target (spectral:wfN/...)")
+        key_scales = lambda lam: np.sqrt(np.maximum(lam, 1e-12))  # noqa: E731
     value_affine = ((config.value_bits, config.value_group_size)
                     if config.value_method == "affine" else None)
     key_vectors, key_spectrum, key_decoder = rot.key_eigenvectors, rot.key_eigenvalues, None
     if config.query_metric:
         key_spectrum, key_vectors, key_decoder = key_metric_basis(rot)
-    cache = SpectralKVCache(key_vectors, scales(key_spectrum), key_bits,
+    cache = SpectralKVCache(key_vectors, key_scales(key_spectrum), key_bits,
                             rot.value_eigenvectors, scales(rot.value_eigenvalues), value_bits,
                             rot.rope_mode, rope, value_affine, config.sink_tokens,
                             key_mean=rot.key_mean, value_mean=rot.value_mean,
@@ -1266,7 +1295,9 @@ def _spectral_cache(model, config: KVCacheConfig, layer: int, keys_global=None):
                             adaptation=_key_adaptation(rot, config),
                             value_rotation=_value_rotation(rot, config),
                             value_adaptation=_value_adaptation(rot, config),
-                            key_decoder=key_decoder)
+                            key_decoder=key_decoder,
+                            entropy_bits=(config.target_avg_bits if config.entropy_keys
+                                          else 0.0))
     return cache, {"layer": layer, "keys": key_bits.tolist(), "values": value_bits.tolist()}
 
 
@@ -1286,7 +1317,8 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
     Hadamard matrix before coding them, ``+la`` spreads the same bits over layers by
     their measured sensitivity (needs ``velox sensitivity`` on the bundle), ``+ab1``
     codes each decoded token at once instead of 32 at a time (``+ab16``: 16;
-    ``append_batch``).
+    ``append_batch``), ``+ec`` entropy-codes the keys (uniform steps, rANS in blocks of
+    32 tokens) at the water-filling target's bits per dim.
     """
     body, *modifiers = spec.strip().split("+")
     try:
@@ -1318,6 +1350,8 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
                 config.rotate_values = True
             elif mod == "la":
                 config.layer_allocation = True
+            elif mod == "ec":
+                config.entropy_keys = True
             elif mod[:2] == "ab":
                 config.append_batch = int(mod[2:])
             elif mod[:2] == "ad":

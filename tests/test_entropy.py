@@ -1,0 +1,203 @@
+"""Entropy-coded keys: rANS round trips and cost, block rate control, the cache mode."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm import generate
+from test_caches import logits_with, tiny  # noqa: F401 (fixture)
+from test_calibration import TEXT
+
+from veloxcore.caches import CacheConfigError, KVCacheBuilder, parse_method
+from veloxcore.entropy import (
+    ENTROPY_BLOCK,
+    HEADER,
+    PROB_SCALE,
+    SPAN,
+    STEP_CODES,
+    EntropyCodeError,
+    EntropyKeyCoder,
+    code_tables,
+    rans_decode,
+    rans_encode,
+)
+
+
+def sampled_streams(rng, tables):
+    """Symbols drawn from each position's own table (exactly its quantised law)."""
+    code = code_tables()
+    slots = rng.integers(0, PROB_SCALE, size=tables.shape)
+    return code.slot_symbol[tables, slots].astype(np.int64)
+
+
+def test_rans_round_trips_exactly_at_the_tables_cross_entropy():
+    rng = np.random.default_rng(0)
+    code = code_tables()
+    for lo, hi in [(0, 40), (60, 100), (100, 140), (0, len(code.support))]:
+        tables = rng.integers(lo, hi, size=(24, 1500))
+        symbols = sampled_streams(rng, tables)
+        states, words, counts = rans_encode(symbols, tables, code)
+        np.testing.assert_array_equal(rans_decode(states, words, tables, 1500, code), symbols)
+        ideal = code.cost[tables, symbols].sum(axis=1)
+        # The words carry −Σ log2 p less what the final state holds (0–16 bits), give or
+        # take rANS's rounding: under 0.005 bits per symbol.
+        excess = 16 * counts - ideal
+        assert np.all(np.abs(excess + 8) < 8 + 0.005 * 1500)
+
+
+def test_corrupt_codes_are_refused():
+    rng = np.random.default_rng(1)
+    code = code_tables()
+    tables = rng.integers(60, 120, size=(4, 400))
+    symbols = sampled_streams(rng, tables)
+    states, words, _ = rans_encode(symbols, tables, code)
+    words[:, 3] ^= 0x5A5A
+    with pytest.raises(EntropyCodeError, match="corrupt"):
+        rans_decode(states, words, tables, 400, code)
+
+
+def block_reference(coder, y, head, g):
+    """numpy reference of what blocks decode to: indices at step code g, clipped to the
+    tables' support, times the step."""
+    tables = coder._tables(head, g)
+    limit = coder.code.support[tables][:, None, :]
+    step = coder.steps(head, g)[:, None, None]
+    return np.clip(np.rint(y / step), -limit, limit).astype(np.float32) * step
+
+
+def test_blocks_decode_to_the_quantiser_and_rate_control_takes_the_finest_step_that_fits():
+    rng = np.random.default_rng(2)
+    H, D, T = 3, 64, ENTROPY_BLOCK
+    sigma = np.exp(rng.normal(0, 1.5, (H, D)))
+    coder = EntropyKeyCoder(sigma, 2.5, T)
+    assert coder.width == 20 and coder.bits_per_dim == 2.5
+    head = np.arange(30) % H
+    y = (rng.laplace(0, 1, (30, T, D)) * sigma[head][:, None, :] / np.sqrt(2)).astype(
+        np.float32)
+    y[:5] *= 8  # loud blocks: a coarser step
+    y[0, 3, 5] = 40 * sigma[0, 5]  # an outlier
+    codes = coder.encode_blocks(y, head)
+    assert codes.shape == (30, T * coder.width) and codes.dtype == np.uint8
+    g = codes[:, 0].astype(np.int64)
+    decoded = coder.decode_blocks(codes, head)
+    np.testing.assert_array_equal(decoded, block_reference(coder, y, head, g))
+    assert g[:5].min() > g[5:].max()  # loud blocks got coarser steps
+    # Each block's step is the finest whose modelled cost fits the bytes.
+    budget = 16 * coder.max_words - 16
+    assert np.all(coder._cost(y, head, g) <= budget)
+    finer = g > 0
+    assert np.all(coder._cost(y[finer], head[finer], g[finer] - 1) > budget)
+    # The outlier (40σ) is inside the support and decodes to within half a step.
+    step = coder.steps(head[:1], g[:1])[0]
+    assert abs(decoded[0, 3, 5] - y[0, 3, 5]) <= step / 2 + 1e-6
+
+
+def test_error_falls_with_bits_and_matches_a_uniform_quantiser():
+    rng = np.random.default_rng(3)
+    H, D = 2, 32
+    sigma = np.exp(rng.normal(0, 1.0, (H, D)))
+    head = np.arange(40) % H
+    y = (rng.normal(size=(40, ENTROPY_BLOCK, D)) * sigma[head][:, None, :]).astype(np.float32)
+    errors = []
+    for bits in (1.5, 2.5, 3.5, 4.5):
+        coder = EntropyKeyCoder(sigma, bits)
+        codes = coder.encode_blocks(y, head)
+        error = np.mean((coder.decode_blocks(codes, head) - y) ** 2)
+        # Fine steps: nothing clipped, so the error is a uniform quantiser's Δ²/12.
+        step = coder.steps(head, codes[:, 0].astype(np.int64))
+        if bits >= 3.5:
+            np.testing.assert_allclose(error, np.mean(step**2) / 12, rtol=0.1)
+        errors.append(error)
+    assert all(a > b * 1.5 for a, b in zip(errors, errors[1:], strict=False))
+
+
+def test_any_block_fits_even_absurd_values():
+    coder = EntropyKeyCoder(np.ones((1, 64)), 1.0)
+    y = np.full((2, ENTROPY_BLOCK, 64), 1e6, dtype=np.float32)
+    y[1] = np.random.default_rng(4).normal(size=(ENTROPY_BLOCK, 64)) * 1e4
+    codes = coder.encode_blocks(y, np.zeros(2, dtype=np.int64))
+    assert np.all(codes[:, 0] < STEP_CODES)
+    decoded = coder.decode_blocks(codes, np.zeros(2, dtype=np.int64))
+    # Far outside the index model (10⁶σ): clipped to the tables' reach, never beyond.
+    assert np.all(np.isfinite(decoded)) and np.all(np.abs(decoded) <= np.abs(y).max())
+
+
+def test_the_coder_codes_whole_blocks_of_a_cache_shape():
+    rng = np.random.default_rng(5)
+    coder = EntropyKeyCoder(np.ones((2, 16)), 3.0)
+    y = mx.array(rng.normal(size=(1, 2, 2 * ENTROPY_BLOCK, 16)).astype(np.float32))
+    codes = coder.encode(y)
+    assert codes.shape == (1, 2, 2 * ENTROPY_BLOCK, 6) and codes.dtype == mx.uint8
+    decoded = np.array(coder.decode(codes))
+    assert np.max(np.abs(decoded - np.array(y))) < 0.5
+    with pytest.raises(ValueError, match="whole blocks"):
+        coder.encode(y[:, :, :40])
+
+
+SPEC = "spectral:wf3/a4g32+ad+vh+ec"
+
+
+def test_entropy_coded_keys_in_a_cache(tiny):  # noqa: F811
+    model, tokenizer, rotations = tiny
+    heads, dim = 2, 32
+    ids = tokenizer.encode(TEXT.text)[:140]
+    config = parse_method(SPEC, rotations["pre"])
+    assert config.entropy_keys
+    caches = KVCacheBuilder.build(model, config)
+    got = logits_with(model, caches, ids[:110], chunk=55)
+    cache = caches[0]
+    # 4 sinks, whole 32-token blocks coded, the rest exact.
+    assert (cache.num_sinks, cache.coded, cache.num_recent) == (4, 96, 10)
+    # Bytes: 3 bits per key dim (12 bytes a token and head), affine values, exact tokens.
+    key_bytes = 3 * dim // 8
+    value_bytes = dim // 2 + 2 * 2
+    exact = 2 * 2 * (4 + 10) * heads * dim
+    moments = 4 * 2 * heads * dim  # the adapted plan (+ad)
+    assert cache.used_nbytes == 96 * heads * (key_bytes + value_bytes) + exact + moments
+    # The decoded keys are the coder's own: quality close to exact at 3 bits.
+    exact_ref = logits_with(model, [KVCacheBuilder.build(model, parse_method("fp16"))[0]
+                                    for _ in model.layers], ids[:110], chunk=55)
+    assert np.abs(got - exact_ref).max() < 0.2 * np.abs(exact_ref).max()
+    # No fused kernels: a note, and decode-then-attend.
+    with pytest.raises(ValueError, match="no fused kernels"):
+        cache.use_kernels("reference")
+
+
+def test_entropy_coded_caches_trim_restore_and_generate(tiny):  # noqa: F811
+    model, tokenizer, rotations = tiny
+    ids = tokenizer.encode(TEXT.text)[:150]
+    config = parse_method(SPEC, rotations["pre"])
+    caches = KVCacheBuilder.build(model, config)
+    logits_with(model, caches, ids[:120], chunk=120)
+    assert caches[0].coded == 96
+    # Trim into a coded block: its head is kept exact; re-feeding matches a direct run
+    # up to the exact tokens' extra precision.
+    for c in caches:
+        c.trim(30)
+    assert (caches[0].coded, caches[0].num_recent) == (64, 22)
+    again = logits_with(model, caches, ids[90:120], chunk=30)
+    assert np.all(np.isfinite(again)) and caches[0].offset == 120
+    fresh = KVCacheBuilder.build(model, config)
+    logits_with(model, fresh, ids[:120], chunk=120)
+    restored = KVCacheBuilder.build(model, config)
+    for src, dst in zip(fresh, restored, strict=True):
+        dst.restore(src.state, src.meta_state)
+    np.testing.assert_allclose(logits_with(model, restored, ids[120:150]),
+                               logits_with(model, fresh, ids[120:150]), atol=1e-5)
+    generated = KVCacheBuilder.build(model, config)
+    text = generate(model, tokenizer, "hello there " * 12, max_tokens=40,
+                    prompt_cache=generated)
+    assert isinstance(text, str) and generated[0].coded >= 32
+
+
+def test_entropy_coded_keys_need_water_filling_and_exclude_scales(tiny):  # noqa: F811
+    model, _, rotations = tiny
+    with pytest.raises(CacheConfigError, match="water-filling target"):
+        KVCacheBuilder.build(model, parse_method("spectral:4/1/2+ec", rotations["pre"]))
+    with pytest.raises(CacheConfigError, match="block scales"):
+        KVCacheBuilder.build(model, parse_method("spectral:wf3/a4g32+ec+ts", rotations["pre"]))
+
+
+def test_symbol_alphabet_holds_the_tables():
+    code = code_tables()
+    assert code.cum.shape[1] == 2 * SPAN + 2 and code.support.max() <= SPAN
+    assert np.all(code.cum[:, -1] == PROB_SCALE) and HEADER == 5
