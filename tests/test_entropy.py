@@ -117,7 +117,8 @@ def test_any_block_fits_even_absurd_values():
     codes = coder.encode_blocks(y, np.zeros(2, dtype=np.int64))
     assert np.all(codes[:, 0] < STEP_CODES)
     decoded = coder.decode_blocks(codes, np.zeros(2, dtype=np.int64))
-    # Far outside the index model (10⁶σ): clipped to the tables' reach, never beyond.
+    # Far outside the index model (10⁶σ): clipped to the tables' reach or, where even
+    # the coarsest step does not fit, a block of zeros — never beyond the values.
     assert np.all(np.isfinite(decoded)) and np.all(np.abs(decoded) <= np.abs(y).max())
 
 

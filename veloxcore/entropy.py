@@ -11,7 +11,8 @@ each block codes into exactly ``block · width`` bytes (``width`` bytes per toke
 blocks sit in per-token arrays like fixed-rate codes and the cache's bytes are its
 footprint:
 
-- byte 0: the block's step code g (step = base_step · 2^((g − STEP_ZERO) / STEP_OCTAVE))
+- byte 0: the block's step code g (step = base_step · 2^((g − STEP_ZERO) / STEP_OCTAVE);
+  the last code, ZERO_BLOCK, decodes to zeros: the fallback that always fits)
 - bytes 1–4: the rANS coder's final state (uint32, little-endian)
 - then 16-bit renormalisation words in the order the decoder reads them, zero padding.
 
@@ -51,6 +52,7 @@ TAIL = 12  # a table holds |index| ≤ TAIL·σ/Δ + 8
 STEP_CODES = 256  # step codes g of a block (one byte)
 STEP_ZERO = 128  # g of the base step
 STEP_OCTAVE = 16  # step codes per octave (a finer step wastes less of a block)
+ZERO_BLOCK = STEP_CODES - 1
 HEADER = 5  # bytes: step code, final state
 ENTROPY_BLOCK = 32  # tokens a cache codes per block (= the default append batch)
 ALPHABET = 2 * SPAN + 1
@@ -237,14 +239,14 @@ class EntropyKeyCoder:
         self._log2_base = np.log2(self.base_step)
 
     def steps(self, head: np.ndarray, g: np.ndarray) -> np.ndarray:
-        """Step of step code g in head ``head`` (float32, as decoding uses it)."""
-        return (2.0 ** (self._log2_base[head] + (g - STEP_ZERO) / STEP_OCTAVE)).astype(
-            np.float32)
+        """Step of step code g in head ``head`` (float32, as decoding uses it; inf for
+        ZERO_BLOCK, where every index is 0)."""
+        step = 2.0 ** (self._log2_base[head] + (g - STEP_ZERO) / STEP_OCTAVE)
+        return np.where(g == ZERO_BLOCK, np.inf, step).astype(np.float32)
 
     def _tables(self, head: np.ndarray, g: np.ndarray) -> np.ndarray:
         """(S, D) table of each coefficient of streams in ``head`` at step code g."""
-        log2_step = self._log2_base[head] + (g - STEP_ZERO) / STEP_OCTAVE
-        return self.code.index(self.log2_sigma[head] - log2_step[:, None])
+        return self.code.index(self.log2_sigma[head] - np.log2(self.steps(head, g))[:, None])
 
     def _symbols(self, y: np.ndarray, head: np.ndarray, g: np.ndarray):
         """(symbols (S, T·D), tables (S, D)) of blocks y (S, T, D) at step codes g."""
@@ -277,8 +279,8 @@ class EntropyKeyCoder:
             symbols, tables = self._symbols(y[todo], head[todo], g[todo])
             states, words, counts = rans_encode(symbols, np.tile(tables, (1, T)), self.code)
             over = counts > self.max_words
-            if np.any(over & (g[todo] >= STEP_CODES - 1)):
-                raise ValueError("keys too large to code in the block budget")
+            if np.any(over & (g[todo] == ZERO_BLOCK)):
+                raise ValueError("a block of zeros does not fit the block budget")
             done, todo_next = todo[~over], todo[over]
             rows = out[done]
             rows[:, 0] = g[done]
@@ -301,7 +303,8 @@ class EntropyKeyCoder:
         symbols = rans_decode(states, words, self._tables(head, g), T * D, self.code,
                               period=D)
         k = (symbols - SPAN).astype(np.float32).reshape(S, T, D)
-        return k * self.steps(head, g)[:, None, None]
+        step = self.steps(head, g)
+        return k * np.where(np.isfinite(step), step, 0)[:, None, None]
 
     def _streams(self, shape):
         B, H, L, _ = shape
