@@ -132,6 +132,14 @@ def test_the_coder_codes_whole_blocks_of_a_cache_shape():
     assert np.max(np.abs(decoded - np.array(y))) < 0.5
     with pytest.raises(ValueError, match="whole blocks"):
         coder.encode(y[:, :, :40])
+    # After 4 sinks the first block is 28 tokens: blocks end on multiples of 32.
+    assert coder.blocks_of(4, 60) == [(0, 28), (28, 60)]
+    short = coder.encode(y[:, :, :60], position=4)
+    assert short.shape == (1, 2, 60, 6)
+    np.testing.assert_allclose(np.array(coder.decode(short, position=4)),
+                               np.array(y[:, :, :60]), atol=0.5)
+    with pytest.raises(ValueError, match="whole blocks"):
+        coder.encode(y[:, :, :60], position=0)
 
 
 SPEC = "spectral:wf3/a4g32+ad+vh+ec"
@@ -146,14 +154,15 @@ def test_entropy_coded_keys_in_a_cache(tiny):  # noqa: F811
     caches = KVCacheBuilder.build(model, config)
     got = logits_with(model, caches, ids[:110], chunk=55)
     cache = caches[0]
-    # 4 sinks, whole 32-token blocks coded, the rest exact.
-    assert (cache.num_sinks, cache.coded, cache.num_recent) == (4, 96, 10)
+    # 4 sinks, then blocks ending on multiples of 32 (the first one 28 tokens), the rest
+    # exact.
+    assert (cache.num_sinks, cache.coded, cache.num_recent) == (4, 92, 14)
     # Bytes: 3 bits per key dim (12 bytes a token and head), affine values, exact tokens.
     key_bytes = 3 * dim // 8
     value_bytes = dim // 2 + 2 * 2
-    exact = 2 * 2 * (4 + 10) * heads * dim
+    exact = 2 * 2 * (4 + 14) * heads * dim
     moments = 4 * 2 * heads * dim  # the adapted plan (+ad)
-    assert cache.used_nbytes == 96 * heads * (key_bytes + value_bytes) + exact + moments
+    assert cache.used_nbytes == 92 * heads * (key_bytes + value_bytes) + exact + moments
     # The decoded keys are the coder's own: quality close to exact at 3 bits.
     exact_ref = logits_with(model, [KVCacheBuilder.build(model, parse_method("fp16"))[0]
                                     for _ in model.layers], ids[:110], chunk=55)
@@ -168,15 +177,15 @@ def test_entropy_coded_caches_trim_restore_and_generate(tiny):  # noqa: F811
     ids = tokenizer.encode(TEXT.text)[:150]
     config = parse_method(SPEC, rotations["pre"])
     caches = KVCacheBuilder.build(model, config)
-    logits_with(model, caches, ids[:120], chunk=120)
-    assert caches[0].coded == 96
-    # Trim into a coded block: its head is kept exact; re-feeding matches a direct run
-    # up to the exact tokens' extra precision.
+    logits_with(model, caches, ids[:128], chunk=128)
+    assert caches[0].coded == 124 and caches[0].num_recent == 0  # 4 + 124 = 4 blocks
+    # Trim into a coded block: its head is kept exact.
     for c in caches:
-        c.trim(30)
-    assert (caches[0].coded, caches[0].num_recent) == (64, 22)
+        c.trim(38)
+    assert (caches[0].coded, caches[0].num_recent) == (60, 26)
     again = logits_with(model, caches, ids[90:120], chunk=30)
     assert np.all(np.isfinite(again)) and caches[0].offset == 120
+    assert (caches[0].coded, caches[0].num_recent) == (92, 24)
     fresh = KVCacheBuilder.build(model, config)
     logits_with(model, fresh, ids[:120], chunk=120)
     restored = KVCacheBuilder.build(model, config)

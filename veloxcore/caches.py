@@ -205,6 +205,9 @@ class CodedKVCache:
 
     # Coding granularity: tokens are coded in whole blocks of this many (block scales).
     block = 1
+    # Blocks end on multiples of ``block`` in absolute position (after the sinks the
+    # first block is short), else they start where the coded tokens start.
+    aligned_blocks = False
     # Decoded tokens coded at a time (KVCacheBuilder sets the config's, checked there).
     append_batch = 1
 
@@ -276,7 +279,7 @@ class CodedKVCache:
             self.offset += 1
             excess = n - self.num_sinks - self.recent_tokens
             if excess >= self.append_batch:
-                self._code_exact(excess // self.block * self.block)
+                self._code_exact(self._codable(excess))
         else:
             self._append(keys, values)
         if self.fused_decode and keys.shape[2] == 1:
@@ -302,7 +305,7 @@ class CodedKVCache:
         excess = self.num_recent - self.recent_tokens
         # Decode steps code in batches; prompt chunks code everything.
         if excess >= (self.append_batch if L == 1 else 1):
-            self._code_exact(excess // self.block * self.block)
+            self._code_exact(self._codable(excess))
         self.offset += L
 
     def _code_exact(self, count: int) -> None:
@@ -326,6 +329,25 @@ class CodedKVCache:
             for buffer in self._exact:
                 buffer[..., s: s + rest, :] = buffer[..., s + count: s + count + rest, :]
         self.num_exact = s + rest
+
+    def _codable(self, excess: int) -> int:
+        """How many of ``excess`` waiting tokens to code now: whole blocks."""
+        if not self.aligned_blocks:
+            return excess // self.block * self.block
+        start = self.num_sinks + self.coded
+        return max(0, (start + excess) // self.block * self.block - start)
+
+    def _block_start(self, coded: int, sinks: int) -> int:
+        """Coded index where the block that coded index ``coded`` falls into starts."""
+        if not self.aligned_blocks:
+            return coded // self.block * self.block
+        return max(0, (sinks + coded) // self.block * self.block - sinks)
+
+    def _block_stop(self, start: int, sinks: int) -> int:
+        """Coded index where the block starting at ``start`` ends."""
+        if not self.aligned_blocks:
+            return start + self.block
+        return (sinks + start) // self.block * self.block + self.block - sinks
 
     def _decode_capacity(self) -> int:
         """Exact tokens the buffers hold while decoding: the sinks, the recent window
@@ -409,12 +431,12 @@ class CodedKVCache:
             kept_keys.append(self.exact_keys[..., self.num_sinks: self.num_sinks + recent, :])
             kept_values.append(
                 self.exact_values[..., self.num_sinks: self.num_sinks + recent, :])
-        partial = coded % self.block
+        start = self._block_start(coded, sinks)
+        partial = coded - start
         if partial:
             # Codes live in whole blocks: decode the cut block and keep its head exact.
-            start = coded - partial
-            k, v = self.decode([p[..., start: start + self.block, :] for p in self.parts],
-                               sinks + start)
+            stop = self._block_stop(start, sinks)
+            k, v = self.decode([p[..., start: stop, :] for p in self.parts], sinks + start)
             dtype = k.dtype if self.exact_keys is None else self.exact_keys.dtype
             kept_keys.append(k[..., :partial, :].astype(dtype))
             kept_values.append(v[..., :partial, :].astype(dtype))
@@ -570,7 +592,7 @@ class SpectralKVCache(CodedKVCache):
         # standard deviations (the index model's), coded in whole blocks.
         self.entropy_bits = entropy_bits
         if entropy_bits:
-            self.block = ENTROPY_BLOCK
+            self.block, self.aligned_blocks = ENTROPY_BLOCK, True
         self.token_scale = token_scale
         self.token_scale_floor = token_scale_floor
         self.token_scale_ceiling = token_scale_ceiling
@@ -690,6 +712,8 @@ class SpectralKVCache(CodedKVCache):
             y = (keys.astype(mx.float32) - self.key_mean) @ self.key_basis
             if self.key_block:
                 key_parts = self._encode_blocks(y)
+            elif self.entropy_bits:
+                key_parts = (self.key_coder.encode(y, position),)
             else:
                 key_parts = self._encode_part(self.key_coder, y, self.key_rms)
         if self.value_affine is not None:
@@ -802,6 +826,8 @@ class SpectralKVCache(CodedKVCache):
         n = 2 if (self.token_scale or self.key_block) else 1
         if self.key_block:
             y = self._decode_blocks(*parts[:2])
+        elif self.entropy_bits:
+            y = self.key_coder.decode(parts[0], position)
         else:
             y = self._decode_part(self.key_coder, parts[:n])
         keys = y @ self.key_decoder.swapaxes(-1, -2) + self.key_mean

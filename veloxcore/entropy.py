@@ -205,6 +205,10 @@ def model_entropy(log2_ratio: np.ndarray, code: CodeTables) -> np.ndarray:
 class EntropyKeyCoder:
     """Key coefficients (B, H, L, D) ↔ (B, H, L, width) uint8 blocks of ``block`` tokens.
 
+    Blocks end on multiples of ``block`` in absolute position, so after a cache's exact
+    sink tokens the first block is shorter (28 tokens after 4 sinks) and a context of a
+    whole number of blocks leaves no token waiting.
+
     sigma (H, D): each coefficient's standard deviation (the index model's scale);
     bits: the budget in bits per coefficient, headers and all (width = bits·D/8 bytes
     per token, rounded). ``base_step`` (H,): the step whose indices the model expects to
@@ -261,10 +265,15 @@ class EntropyKeyCoder:
         T = y.shape[1]
         return self.code.cost[np.tile(tables, (1, T)), symbols].sum(axis=1)
 
+    def words_of(self, tokens: int) -> int:
+        """16-bit words a block of ``tokens`` tokens holds after its header."""
+        return (tokens * self.width - HEADER) // 2
+
     def encode_blocks(self, y: np.ndarray, head: np.ndarray) -> np.ndarray:
-        """(S, block·width) uint8 codes of blocks y (S, block, D) of heads ``head`` (S,)."""
+        """(S, T·width) uint8 codes of blocks y (S, T, D) of heads ``head`` (S,)."""
         S, T, D = y.shape
-        budget = 16 * self.max_words - 16  # the final state carries ≤ 16 bits of codes
+        max_words = self.words_of(T)
+        budget = 16 * max_words - 16  # the final state carries ≤ 16 bits of codes
         lo = np.zeros(S, dtype=np.int64)
         hi = np.full(S, STEP_CODES - 1, dtype=np.int64)
         while np.any(lo < hi):  # the finest step whose modelled cost fits
@@ -278,14 +287,14 @@ class EntropyKeyCoder:
         while todo.size:
             symbols, tables = self._symbols(y[todo], head[todo], g[todo])
             states, words, counts = rans_encode(symbols, np.tile(tables, (1, T)), self.code)
-            over = counts > self.max_words
+            over = counts > max_words
             if np.any(over & (g[todo] == ZERO_BLOCK)):
                 raise ValueError("a block of zeros does not fit the block budget")
             done, todo_next = todo[~over], todo[over]
             rows = out[done]
             rows[:, 0] = g[done]
             rows[:, 1:HEADER] = states[~over].view(np.uint8).reshape(-1, 4)
-            payload = words[~over, : self.max_words].astype("<u2").view(np.uint8)
+            payload = words[~over, :max_words].astype("<u2").view(np.uint8)
             rows[:, HEADER: HEADER + payload.shape[1]] = payload
             out[done] = rows
             g[todo_next] += 1  # the model undercounted: one step coarser
@@ -293,12 +302,13 @@ class EntropyKeyCoder:
         return out
 
     def decode_blocks(self, codes: np.ndarray, head: np.ndarray) -> np.ndarray:
-        """(S, block, D) float32 coefficients of codes (S, block·width)."""
+        """(S, T, D) float32 coefficients of codes (S, T·width)."""
         S = codes.shape[0]
-        T, D = self.block, self.dims
+        T, D = codes.shape[1] // self.width, self.dims
+        max_words = self.words_of(T)
         g = codes[:, 0].astype(np.int64)
         states = np.ascontiguousarray(codes[:, 1:HEADER]).view("<u4").reshape(S)
-        words = np.ascontiguousarray(codes[:, HEADER: HEADER + 2 * self.max_words]).view(
+        words = np.ascontiguousarray(codes[:, HEADER: HEADER + 2 * max_words]).view(
             "<u2")
         symbols = rans_decode(states, words, self._tables(head, g), T * D, self.code,
                               period=D)
@@ -306,24 +316,52 @@ class EntropyKeyCoder:
         step = self.steps(head, g)
         return k * np.where(np.isfinite(step), step, 0)[:, None, None]
 
-    def _streams(self, shape):
-        B, H, L, _ = shape
-        if L % self.block:
-            raise ValueError(f"entropy-coded keys code whole blocks of {self.block} tokens, "
-                             f"not {L}")
-        n = L // self.block
-        return B, H, n, np.broadcast_to(np.arange(H)[None, :, None], (B, H, n)).reshape(-1)
+    def blocks_of(self, position: int, length: int) -> list[tuple[int, int]]:
+        """(start, stop) of the blocks tokens [position, position + length) fall into,
+        relative to ``position``; they must be whole blocks (ending on a multiple of
+        ``block``, starting on one or at ``position`` where the first block is short)."""
+        if (position + length) % self.block:
+            raise ValueError(f"entropy-coded keys code whole blocks of {self.block} tokens "
+                             f"(ending on a multiple of {self.block}), not tokens "
+                             f"{position}–{position + length}")
+        first = min(length, -position % self.block)
+        bounds = [(0, first)] if first else []
+        return bounds + [(a, a + self.block) for a in range(first, length, self.block)]
 
-    def encode(self, y: mx.array) -> mx.array:
-        """(B, H, L, D) coefficients -> (B, H, L, width) uint8 (L in whole blocks)."""
-        B, H, n, head = self._streams(y.shape)
-        blocks = np.array(y.astype(mx.float32)).reshape(B * H * n, self.block, self.dims)
-        codes = self.encode_blocks(blocks, head)
-        return as_mx(codes.reshape(B, H, n * self.block, self.width))
+    def _spans(self, position: int, length: int):
+        """The short first block (if any) and the run of whole blocks after it."""
+        bounds = self.blocks_of(position, length)
+        spans = []
+        if bounds and bounds[0][1] - bounds[0][0] != self.block:
+            spans.append(bounds.pop(0))
+        if bounds:
+            spans.append((bounds[0][0], bounds[-1][1]))
+        return spans
 
-    def decode(self, codes: mx.array) -> mx.array:
-        """(B, H, L, width) uint8 -> (B, H, L, D) float32 coefficients."""
-        B, H, n, head = self._streams(codes.shape)
-        flat = np.array(codes).reshape(B * H * n, self.block * self.width)
-        y = self.decode_blocks(flat, head)
-        return as_mx(y.reshape(B, H, n * self.block, self.dims))
+    def encode(self, y: mx.array, position: int = 0) -> mx.array:
+        """(B, H, L, D) coefficients of tokens from absolute ``position`` -> (B, H, L,
+        width) uint8."""
+        B, H, L, D = y.shape
+        coefficients = np.array(y.astype(mx.float32))
+        out = np.empty((B, H, L, self.width), dtype=np.uint8)
+        for a, b in self._spans(position, L):
+            T = min(b - a, self.block)
+            n = (b - a) // T
+            head = np.broadcast_to(np.arange(H)[None, :, None], (B, H, n)).reshape(-1)
+            blocks = coefficients[:, :, a:b].reshape(B * H * n, T, D)
+            out[:, :, a:b] = self.encode_blocks(blocks, head).reshape(B, H, b - a, self.width)
+        return as_mx(out)
+
+    def decode(self, codes: mx.array, position: int = 0) -> mx.array:
+        """(B, H, L, width) uint8 of tokens from absolute ``position`` -> (B, H, L, D)
+        float32 coefficients."""
+        B, H, L, W = codes.shape
+        stored = np.array(codes)
+        out = np.empty((B, H, L, self.dims), dtype=np.float32)
+        for a, b in self._spans(position, L):
+            T = min(b - a, self.block)
+            n = (b - a) // T
+            head = np.broadcast_to(np.arange(H)[None, :, None], (B, H, n)).reshape(-1)
+            flat = stored[:, :, a:b].reshape(B * H * n, T * W)
+            out[:, :, a:b] = self.decode_blocks(flat, head).reshape(B, H, b - a, self.dims)
+        return as_mx(out)
