@@ -16,6 +16,8 @@ from veloxcore.caches import (
     KVCacheBuilder,
     KVCacheConfig,
     cache_memory,
+    log_scale,
+    log_scale_code,
     parse_method,
 )
 from veloxcore.quantizers import DimCoder, lloyd_max_gaussian
@@ -536,3 +538,40 @@ def test_rope_table_turns_keys_like_the_module(traditional, scaling):
                                        np.array(rope(keys, offset=position)), atol=2e-5,
                                        rtol=0)
     assert RopeTable.of(initialize_rope(32, 10000.0, traditional, scaling, 131072), 64) is None
+
+
+def test_log_scale_code_round_trips_within_half_a_step():
+    scale = mx.array(np.geomspace(2.0**-8, 2.0**7.9, 1000).astype(np.float32))
+    back = np.array(log_scale(log_scale_code(scale)))
+    ratio = back / np.array(scale)
+    # Codes are 1/16 octave apart: at most half of that off (2.2%).
+    assert np.all(np.abs(np.log2(ratio)) <= 1 / 32 + 1e-6)
+    # Beyond the byte's span, clipped to its ends.
+    ends = np.array(log_scale(log_scale_code(mx.array([1e-6, 1e6]))))
+    np.testing.assert_allclose(ends, [2.0**-8, 2.0 ** (127 / 16)], rtol=1e-6)
+
+
+def test_lean_values_are_rms_scaled_lloyd_max_codes_of_rotated_values(tiny):
+    model, tokenizer, rotations = tiny
+    heads, dim = 2, 32
+    config = parse_method("spectral:wf3/l4+ad", rotations["pre"])
+    assert config.value_method == "lean" and config.label() == "spectral:wf3/l4"
+    caches = KVCacheBuilder.build(model, config)
+    ids = tokenizer.encode(TEXT.text)[:84]
+    logits_with(model, caches, ids, chunk=84)
+    cache = caches[0]
+    assert cache.coded == 80
+    # Values: 4-bit codes (one 32-bit word per 8 dims) and one scale byte per token.
+    value_parts = cache.parts[1:]
+    assert [p.dtype for p in value_parts] == [mx.uint32, mx.uint8]
+    assert value_parts[0].shape[-1] == 4 * dim // 32 and value_parts[1].shape[-1] == 1
+    # Decoded values: the Lloyd-Max 4-bit error relative to each token's energy.
+    rng = np.random.default_rng(7)
+    values = mx.array((rng.normal(size=(1, heads, 64, dim))
+                       * rng.uniform(0.1, 3.0, size=(1, heads, 64, 1))).astype(np.float32))
+    keys = mx.zeros_like(values)
+    _, decoded = cache.decode(cache.encode(keys, values, 4 + 80), 4 + 80)
+    relative = np.array(mx.mean((decoded - values) ** 2, axis=-1) / mx.mean(values**2, axis=-1))
+    np.testing.assert_allclose(relative.mean(), lloyd_max_gaussian(4)[2], rtol=0.25)
+    with pytest.raises(ValueError, match="lean values"):
+        cache.use_kernels("reference")

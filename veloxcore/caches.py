@@ -1377,7 +1377,9 @@ def parse_method(spec: str, rotations=None, sink_tokens: int = 4) -> KVCacheConf
 
     fp16 · affine4 · affine4g32 · rvq3 · spectral:4/1/2 (signal/noise/value bits) ·
     spectral:wf3/3 (keys water-filled at 3 bits, values 3) · spectral:wf3/a4g64
-    (affine 4-bit values, group 64; group 32 when omitted). Modifiers after "+":
+    (affine 4-bit values, group 64; group 32 when omitted) · spectral:wf2.75/l4 (lean
+    values: 4-bit Lloyd-Max codes of Hadamard-rotated values and a scale byte per token).
+    Modifiers after "+":
     ``+r64`` keeps the newest 64 tokens exact, ``+s4`` sets the exact sink tokens,
     ``+x2.5`` the codebook scale inflation, ``+ts`` adds a per-token scale (``+tc``: one
     that only scales vectors down, ``+tu``: only up, ``+tf0.7``: never below 0.7), ``+b64``

@@ -57,9 +57,9 @@ HEADER = 5  # bytes: step code, final state
 ENTROPY_BLOCK = 32  # tokens a cache codes per block (= the default append batch)
 ALPHABET = 2 * SPAN + 1
 # The index model: a Gaussian with 3% of its mass twice as wide. Measured on the default
-# model's keys (1k held-out tokens, 2.5 bits): MSE 1.12× an ideal coder's (each dim's own
-# histogram, one step per head); Laplace 1.20×, Gaussian 1.12×; heavier tails up to 1.76×
-# (.probe shape sweep, BENCHMARKS "Entropy-coded keys").
+# model's keys (1k held-out tokens, 2.5 bits): squared error 1.12× an ideal coder's (each
+# dim's own histogram, one step per head), as a plain Gaussian; Laplace 1.20×, heavier
+# tails up to 1.76× (benchmarks/entropy_table_probe.py; BENCHMARKS "Entropy-coded keys").
 TABLE_SHAPE = "mix:0.03:2"
 
 
