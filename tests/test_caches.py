@@ -575,3 +575,11 @@ def test_lean_values_are_rms_scaled_lloyd_max_codes_of_rotated_values(tiny):
     np.testing.assert_allclose(relative.mean(), lloyd_max_gaussian(4)[2], rtol=0.25)
     with pytest.raises(ValueError, match="lean values"):
         cache.use_kernels("reference")
+
+
+def test_every_chat_configuration_parses():
+    from studio.views.chat_view import SPECTRAL_CONFIGS
+
+    for spec, _ in SPECTRAL_CONFIGS:
+        if spec != "plan":
+            assert parse_method(spec).method == "spectral", spec

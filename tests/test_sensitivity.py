@@ -191,7 +191,7 @@ def test_layer_allocation_builds_per_layer_widths_within_the_budget(tiny, tmp_pa
         model(ids, cache=caches)
     # Same budget: the real footprint is within one word per token of the uniform one.
     assert cache_memory(allocated, model).nbytes <= cache_memory(uniform, model).nbytes * 1.05
-    with pytest.raises(CacheConfigError, match="affine value widths"):
+    with pytest.raises(CacheConfigError, match="value widths per layer"):
         KVCacheBuilder.build(model, parse_method("spectral:wf3/3+la", rotations))
     # Costs measured in one key basis and used by a configuration coding in another: noted.
     assert allocated.notes == []  # costs without a recorded basis (older files)
