@@ -11,6 +11,7 @@ from veloxcore.caches import CacheConfigError, KVCacheBuilder, parse_method
 from veloxcore.entropy import (
     ENTROPY_BLOCK,
     HEADER,
+    LANES,
     PROB_SCALE,
     SPAN,
     STEP_CODES,
@@ -29,19 +30,21 @@ def sampled_streams(rng, tables):
     return code.slot_symbol[tables, slots].astype(np.int64)
 
 
-def test_rans_round_trips_exactly_at_the_tables_cross_entropy():
+@pytest.mark.parametrize("lanes", [1, 4])
+def test_rans_round_trips_exactly_at_the_tables_cross_entropy(lanes):
     rng = np.random.default_rng(0)
     code = code_tables()
     for lo, hi in [(0, 40), (60, 100), (100, 140), (0, len(code.support))]:
         tables = rng.integers(lo, hi, size=(24, 1500))
         symbols = sampled_streams(rng, tables)
-        states, words, counts = rans_encode(symbols, tables, code)
+        states, words, counts = rans_encode(symbols, tables, code, lanes)
+        assert states.shape == (24, lanes)
         np.testing.assert_array_equal(rans_decode(states, words, tables, 1500, code), symbols)
         ideal = code.cost[tables, symbols].sum(axis=1)
-        # The words carry −Σ log2 p less what the final state holds (0–16 bits), give or
-        # take rANS's rounding: under 0.005 bits per symbol.
+        # The words carry −Σ log2 p less what the final states hold (0–16 bits each),
+        # give or take rANS's rounding: under 0.005 bits per symbol.
         excess = 16 * counts - ideal
-        assert np.all(np.abs(excess + 8) < 8 + 0.005 * 1500)
+        assert np.all(np.abs(excess + 8 * lanes) < 8 * lanes + 0.005 * 1500)
 
 
 def test_corrupt_codes_are_refused():
@@ -210,4 +213,4 @@ def test_entropy_coded_keys_need_water_filling_and_exclude_scales(tiny):  # noqa
 def test_symbol_alphabet_holds_the_tables():
     code = code_tables()
     assert code.cum.shape[1] == 2 * SPAN + 2 and code.support.max() <= SPAN
-    assert np.all(code.cum[:, -1] == PROB_SCALE) and HEADER == 5
+    assert np.all(code.cum[:, -1] == PROB_SCALE) and HEADER == 1 + 4 * LANES
