@@ -62,7 +62,7 @@ class KVCacheConfig:
     when ``use_water_filling``; values use ``value_bits`` (water-filled at that
     average when ``use_water_filling``), or affine codes when
     ``value_method == "affine"``, or (``"lean"``) Lloyd-Max codes of the Hadamard-rotated
-    values times each token's RMS (``value_bits`` + 16/head_dim bits). ``key_bits`` is the
+    values times each token's RMS (``value_bits`` + 8/head_dim bits). ``key_bits`` is the
     key (and value) width of
     "affine" and "rvq". ``bit_plan`` (a bundle's bit_plan.json) overrides
     per-dim widths.
@@ -333,24 +333,16 @@ class CodedKVCache:
                 buffer[..., s: s + rest, :] = buffer[..., s + count: s + count + rest, :]
         self.num_exact = s + rest
 
+    def _block_boundary(self, coded: int, sinks: int) -> int:
+        """The last block boundary at or before coded index ``coded`` (0 at the latest).
+        Boundaries are multiples of ``block`` counted from the first coded token, or in
+        absolute position with aligned blocks."""
+        shift = sinks if self.aligned_blocks else 0
+        return max(0, (shift + coded) // self.block * self.block - shift)
+
     def _codable(self, excess: int) -> int:
         """How many of ``excess`` waiting tokens to code now: whole blocks."""
-        if not self.aligned_blocks:
-            return excess // self.block * self.block
-        start = self.num_sinks + self.coded
-        return max(0, (start + excess) // self.block * self.block - start)
-
-    def _block_start(self, coded: int, sinks: int) -> int:
-        """Coded index where the block that coded index ``coded`` falls into starts."""
-        if not self.aligned_blocks:
-            return coded // self.block * self.block
-        return max(0, (sinks + coded) // self.block * self.block - sinks)
-
-    def _block_stop(self, start: int, sinks: int) -> int:
-        """Coded index where the block starting at ``start`` ends."""
-        if not self.aligned_blocks:
-            return start + self.block
-        return (sinks + start) // self.block * self.block + self.block - sinks
+        return self._block_boundary(self.coded + excess, self.num_sinks) - self.coded
 
     def _decode_capacity(self) -> int:
         """Exact tokens the buffers hold while decoding: the sinks, the recent window
@@ -434,11 +426,11 @@ class CodedKVCache:
             kept_keys.append(self.exact_keys[..., self.num_sinks: self.num_sinks + recent, :])
             kept_values.append(
                 self.exact_values[..., self.num_sinks: self.num_sinks + recent, :])
-        start = self._block_start(coded, sinks)
+        start = self._block_boundary(coded, sinks)
         partial = coded - start
         if partial:
             # Codes live in whole blocks: decode the cut block and keep its head exact.
-            stop = self._block_stop(start, sinks)
+            stop = self._block_boundary(start + self.block, sinks)
             k, v = self.decode([p[..., start: stop, :] for p in self.parts], sinks + start)
             dtype = k.dtype if self.exact_keys is None else self.exact_keys.dtype
             kept_keys.append(k[..., :partial, :].astype(dtype))
@@ -738,13 +730,15 @@ class SpectralKVCache(CodedKVCache):
         else:
             centred = values.astype(mx.float32) - self.value_mean
             value_parts = self._encode_part(self.value_coder, centred @ self.value_basis,
-                                            self.value_rms, token_scale=self.value_token_scale)
+                                            self.value_rms, token_scale=self.value_token_scale,
+                                            byte_scale=self.value_log_scale)
         return (*key_parts, *value_parts)
 
-    def _encode_part(self, coder, y, rms, token_scale: bool | None = None):
+    def _encode_part(self, coder, y, rms, token_scale: bool | None = None,
+                     byte_scale: bool = False):
         if not (self.token_scale if token_scale is None else token_scale):
             return (coder.encode(y),)
-        if self.value_log_scale and coder is self.value_coder:
+        if byte_scale:
             # Lean values: the token's RMS as a one-byte log code (1/16 octave).
             code = log_scale_code(mx.sqrt(mx.mean(y * y, axis=-1, keepdims=True)) / rms)
             return coder.encode(y / log_scale(code)), code
@@ -1342,7 +1336,7 @@ def _spectral_cache(model, config: KVCacheConfig, layer: int, keys_global=None):
                                                scales(rot.value_eigenvalues), rot.value_mean)
     if config.value_method == "lean":
         # Lloyd-Max codes of the Hadamard-rotated values (close to Gaussian) in units of
-        # each token's RMS: unit scales, no mean, every dim at value_bits.
+        # each token's RMS: no mean, every dim at value_bits.
         H, D = rot.value_eigenvalues.shape
         value_vectors = np.broadcast_to(value_rotation(D), (H, D, D))
         # The coder's scale is the head's calibrated RMS, so a token's own RMS codes as a

@@ -250,11 +250,10 @@ class EntropyKeyCoder:
         self.heads, self.dims, self.block = H, D, block
         self.width = max(1, round(bits * D / 8))
         self.bits_per_dim = 8 * self.width / D
-        self.max_words = (block * self.width - HEADER) // 2
+        self.max_words = self.words_of(block)
         if self.max_words < 1:
             raise ValueError(f"{bits} bits per dim is too few for {block}-token blocks")
         self.code = code_tables(shape)
-        self.shape = shape
         self.log2_sigma = np.log2(np.maximum(sigma, 1e-30))
         # Base step: the model's bits per index at it fill the payload (bisection).
         payload = 16 * self.max_words / (block * D)
@@ -366,17 +365,24 @@ class EntropyKeyCoder:
             spans.append((bounds[0][0], bounds[-1][1]))
         return spans
 
+    def _runs(self, shape, position: int):
+        """Per run of equal blocks (the short first block, then the whole ones): its token
+        range [a, b), its blocks' length T and each block's head, in (B, H, block)
+        order."""
+        B, H, L, _ = shape
+        for a, b in self._spans(position, L):
+            T = min(b - a, self.block)
+            head = np.broadcast_to(np.arange(H)[None, :, None], (B, H, (b - a) // T))
+            yield a, b, T, head.reshape(-1)
+
     def encode(self, y: mx.array, position: int = 0) -> mx.array:
         """(B, H, L, D) coefficients of tokens from absolute ``position`` -> (B, H, L,
         width) uint8."""
         B, H, L, D = y.shape
         coefficients = np.array(y.astype(mx.float32))
         out = np.empty((B, H, L, self.width), dtype=np.uint8)
-        for a, b in self._spans(position, L):
-            T = min(b - a, self.block)
-            n = (b - a) // T
-            head = np.broadcast_to(np.arange(H)[None, :, None], (B, H, n)).reshape(-1)
-            blocks = coefficients[:, :, a:b].reshape(B * H * n, T, D)
+        for a, b, T, head in self._runs(y.shape, position):
+            blocks = coefficients[:, :, a:b].reshape(-1, T, D)
             out[:, :, a:b] = self.encode_blocks(blocks, head).reshape(B, H, b - a, self.width)
         return as_mx(out)
 
@@ -386,10 +392,7 @@ class EntropyKeyCoder:
         B, H, L, W = codes.shape
         stored = np.array(codes)
         out = np.empty((B, H, L, self.dims), dtype=np.float32)
-        for a, b in self._spans(position, L):
-            T = min(b - a, self.block)
-            n = (b - a) // T
-            head = np.broadcast_to(np.arange(H)[None, :, None], (B, H, n)).reshape(-1)
-            flat = stored[:, :, a:b].reshape(B * H * n, T * W)
+        for a, b, T, head in self._runs(codes.shape, position):
+            flat = stored[:, :, a:b].reshape(-1, T * W)
             out[:, :, a:b] = self.decode_blocks(flat, head).reshape(B, H, b - a, self.dims)
         return as_mx(out)
