@@ -30,6 +30,7 @@ from veloxcore.kernels import _compact_source
 
 PRELUDE = r"""
 #include <atomic>
+#include <cstdlib>
 #include <barrier>
 #include <thread>
 #include <vector>
@@ -78,6 +79,15 @@ inline float4 __ldcg(const float4* p) { return *p; }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline void vx_cp_async4(void* dst, const void* src) { __builtin_memcpy(dst, src, 4); }
+inline void vx_cp_async16(void* dst, const void* src) {
+  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15u) {
+    std::abort();  // cp.async of 16 bytes faults on a misaligned address
+  }
+  __builtin_memcpy(dst, src, 16);
+}
+inline unsigned int __funnelshift_r(unsigned int lo, unsigned int hi, int shift) {
+  return (unsigned int)((((unsigned long long)hi << 32) | lo) >> (shift & 31));
+}
 inline void vx_cp_commit() {}
 inline void vx_cp_wait_prior() {}
 inline void __syncwarp() { warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
@@ -159,6 +169,7 @@ def _build(code: str) -> ctypes.CDLL:
 def _source(which, dtypes, out_dtypes, template) -> str:
     body, inputs, outputs = BODIES[which]
     header = (src.CUDA_HEADER.replace("#define VX_SHARED __shared__", "#define VX_SHARED static")
+              .replace("__align__(16)", "alignas(16)")
               + src.COMMON_HELPERS + src.CUDA_KEYS + src.CUDA_STAGE)
     args = []
     for n, d in zip(inputs, dtypes, strict=True):
@@ -199,6 +210,20 @@ def _constant(name, value) -> str:
     return f"  constexpr int {name} = {value};\n"
 
 
+# Inputs 4 bytes past a 16-byte boundary: the warp-tiled kernel must then take its 4-byte
+# copies (a 16-byte cp.async aborts the emulator, as it faults on a GPU).
+MISALIGN_INPUTS = False
+
+
+def _placed(a: np.ndarray, offset: int) -> np.ndarray:
+    """A C-contiguous copy of ``a`` starting ``offset`` bytes past a 16-byte boundary."""
+    raw = np.zeros(a.nbytes + 32, np.uint8)
+    start = (-raw.ctypes.data) % 16 + offset
+    placed = raw[start: start + a.nbytes].view(a.dtype).reshape(a.shape)
+    placed[...] = a
+    return placed
+
+
 def emulated_kernel(which: str):
     """A stand-in for ``mx.fast.cuda_kernel(...)`` of the decode or encode kernel."""
 
@@ -206,7 +231,7 @@ def emulated_kernel(which: str):
         body = BODIES[which][0]
         arrays = []
         for name, x in zip(BODIES[which][1], inputs, strict=True):
-            arrays.append(np.ascontiguousarray(np.array(x)))
+            arrays.append(_placed(np.array(x), 4 if MISALIGN_INPUTS else 0))
             if f"{name}_shape" in body:
                 arrays.append(np.array(x.shape, dtype=np.int32))
         dtypes = [x.dtype for x in inputs]

@@ -27,6 +27,7 @@ CUDA_HEADER = r"""
 #define VX_STAMP(k)  // phase timestamps: only the profiling build (kernels.WARP_STAMPS)
 #endif
 #define VX_SHARED __shared__
+#define VX_ALIGN16 __align__(16)
 #define VX_TG
 #define VX_FN __device__ inline
 #define VX_HALF_T __half
@@ -116,6 +117,11 @@ __device__ inline void vx_cp_async4(void* smem, const void* gmem) {
   const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem));
 }
+// 16-byte copies (.cg: past L1, the codes are read once), for 16-byte aligned ends.
+__device__ inline void vx_cp_async16(void* smem, const void* gmem) {
+  const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
 __device__ inline void vx_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ inline void vx_cp_wait_prior() { asm volatile("cp.async.wait_group 1;\n" ::); }
 // Two floats as fp16 in one register, the first in the low half (an mma fragment pair).
@@ -169,34 +175,63 @@ __device__ inline void vx_mma_keys(const __half* ch, int chs, const unsigned int
 # before reading). Counts in 32-bit words per token: wk key, vwn value; sbw scale (and
 # bias) words per 16 tokens; 8 words of fp16 per-token key scales when kts.
 CUDA_STAGE = r"""
-// The level of the b-bit code at bit sh of a token's words (vx_level without its branch:
-// two words are always read; code buffers keep a spare word after the last token).
-__device__ inline float vx_level_pair(const unsigned int* words, int base, int sh, int b,
-                                      const float* table) {
-  const int w0 = base + (sh >> 5);
-  const unsigned long long pair = ((unsigned long long)words[w0 + 1] << 32) | words[w0];
-  const unsigned int code = (unsigned int)(pair >> (sh & 31)) & ((1u << b) - 1u);
-  return table[(1 << b) - 2 + (int)code];
+// The unit codebook level of a column's code in a token's words, the column packed as
+// bit offset | mask << 12 | table base << 20 (vx_key_column): two words are always read
+// (code buffers keep a spare word after the last token), the funnel shift takes the
+// offset's low five bits itself.
+__device__ inline float vx_level_col(const unsigned int* words, int base, int col,
+                                     const float* table) {
+  const int w0 = base + ((col >> 5) & 127);
+  const unsigned int code = __funnelshift_r(words[w0], words[w0 + 1], col) &
+                            ((unsigned int)(col >> 12) & 255u);
+  return table[(col >> 20) + (int)code];
 }
+__device__ inline int vx_key_column(int bits, int shift) {
+  return bits > 0 ? shift | ((1 << bits) - 1) << 12 | ((1 << bits) - 2) << 20 : 0;
+}
+// Start copying one warp's 16-token tile of codes into shared memory (wait before
+// reading). Counts in 32-bit words per token: wk key, vwn value; sbw scale (and bias)
+// words per 16 tokens; 8 words of fp16 per-token key scales when kts. Tiles start at
+// multiples of 16 tokens, so every run is a whole number of 16-byte chunks at 16-byte
+// offsets: with a16 (every buffer's address 16-byte aligned) they move as 16-byte copies,
+// a quarter of the instructions of 4-byte ones.
 __device__ inline void vx_stage_tile(unsigned int* kw, unsigned int* vw, unsigned int* vsc,
                                      unsigned int* vbi, unsigned int* kts,
                                      const unsigned int* kwords, const unsigned int* vwords,
                                      const VX_HALF_T* vscales, const VX_HALF_T* vbiases,
                                      const VX_HALF_T* ktok, int row0, int wk, int vwn, int sbw,
-                                     bool with_kts, int lane) {
+                                     bool with_kts, bool a16, int lane) {
+  const unsigned int* vs = reinterpret_cast<const unsigned int*>(vscales) + row0 / 16 * sbw;
+  const unsigned int* vb = reinterpret_cast<const unsigned int*>(vbiases) + row0 / 16 * sbw;
+  const unsigned int* kt = reinterpret_cast<const unsigned int*>(ktok) + row0 / 2;
+  if (a16) {
+    for (int i = lane; i < 4 * wk; i += 32) {
+      vx_cp_async16(kw + 4 * i, kwords + row0 * wk + 4 * i);
+    }
+    for (int i = lane; i < 4 * vwn; i += 32) {
+      vx_cp_async16(vw + 4 * i, vwords + row0 * vwn + 4 * i);
+    }
+    if (lane < sbw / 4) {
+      vx_cp_async16(vsc + 4 * lane, vs + 4 * lane);
+      vx_cp_async16(vbi + 4 * lane, vb + 4 * lane);
+    }
+    if (with_kts && lane < 2) {
+      vx_cp_async16(kts + 4 * lane, kt + 4 * lane);
+    }
+    return;
+  }
   for (int i = lane; i < 16 * wk; i += 32) {
     vx_cp_async4(kw + i, kwords + row0 * wk + i);
   }
   for (int i = lane; i < 16 * vwn; i += 32) {
     vx_cp_async4(vw + i, vwords + row0 * vwn + i);
   }
-  const int sb0 = row0 / 16 * sbw;
   for (int i = lane; i < sbw; i += 32) {
-    vx_cp_async4(vsc + i, reinterpret_cast<const unsigned int*>(vscales) + sb0 + i);
-    vx_cp_async4(vbi + i, reinterpret_cast<const unsigned int*>(vbiases) + sb0 + i);
+    vx_cp_async4(vsc + i, vs + i);
+    vx_cp_async4(vbi + i, vb + i);
   }
   if (with_kts && lane < 8) {
-    vx_cp_async4(kts + lane, reinterpret_cast<const unsigned int*>(ktok) + row0 / 2 + lane);
+    vx_cp_async4(kts + lane, kt + lane);
   }
 }
 """
@@ -590,9 +625,9 @@ DECODE_BODY = r"""
 # (exact tokens), MAXS (splits), VHAD (values were coded Hadamard-rotated: the output is
 # turned back by a fast Walsh-Hadamard transform), UNROLL_NT (unrolling of the loop over
 # 8-dim slices: fewer registers when small), BREG (the basis fragments held in registers).
-# bfrag: the basis as B fragments, ((h · D/8 + n-tile) · RKMAX/16 + k-step) · 64 + reg ·
-# 32 + lane; kbits/kshift/kscale: per compacted column (H, RKMAX); key_mean, rope in RoPE
-# pair order.
+# bfrag: the basis, each column times its scale, as B fragments, ((h · D/8 + n-tile) ·
+# RKMAX/16 + k-step) · 64 + reg · 32 + lane; kbits/kshift: per compacted column (H, RKMAX);
+# key_mean, rope in RoPE pair order.
 DECODE_WARP_BODY = r"""
   const int split = blk_x;
   const int bh = blk_y;
@@ -617,28 +652,41 @@ DECODE_WARP_BODY = r"""
   static_assert(G <= 8, "query heads are rows 0-7 of the probabilities' mma fragment");
   static_assert(D <= NT, "the merge gives each output dim a thread");
 
+  constexpr int RS = D / 2 + 4;  // row stride of rot_s (float2): no bank conflicts
+  constexpr int QP = (D / 2 + 31) / 32;  // RoPE pairs per lane in the query's rotation
   VX_SHARED float table[510];
-  VX_SHARED float qs[G * D];
-  // Per compacted key column: width | bit offset << 4 (a padding column reads one bit and
-  // scales it by 0, so the decode needs no branch), and its scale.
-  VX_SHARED int kmeta[RKMAX];
-  VX_SHARED float kscl[RKMAX];
+  VX_ALIGN16 VX_SHARED float qs[G * D];
+  // Per compacted key column: bit offset | mask << 12 | codebook base << 20
+  // (vx_key_column; a padding column reads code 0, and its basis column is zero). The
+  // columns' scales are folded into the basis fragments (bfrag) on the host.
+  VX_SHARED int kcol[RKMAX];
   VX_SHARED int perm_s[D];  // RoPE pair order -> dims (the exact keys' order)
+  // RoPE by position P = P0 + r (P0 the tile's first token, r < 16): the query turns by
+  // -P0·θ once per tile (per warp, into fin_o), the keys by r·θ from a table — rows 0-7
+  // (cos, sin) and the step of 8 rows — instead of two sin/cos per pair and token.
+  VX_ALIGN16 VX_SHARED float2 rot_s[8 * RS];
+  VX_SHARED float2 rot8_s[D / 2];
+  VX_SHARED float2 mean_s[D / 2];  // the key mean, RoPE pair order
   // Per warp, two buffers of a tile's codes (double-buffered: one loads, one is read).
-  // fp16 arrays travel as 32-bit words (16 tokens: whole words, 4-byte aligned); one
-  // spare word each lets a code straddling the last word read two words without a branch.
+  // fp16 arrays travel as 32-bit words (16 tokens: whole words, 16-byte aligned); spare
+  // words let a code straddling the last word read two words without a branch.
   constexpr int KWMAX = 16 * (D / 4);
   constexpr int SBW = 16 * NG / 2;
-  VX_SHARED unsigned int kw_s[NW][2][KWMAX + 1];
-  VX_SHARED unsigned int vw_s[NW][2][16 * VW + 1];
-  VX_SHARED unsigned int vsc_s[NW][2][SBW];
-  VX_SHARED unsigned int vbi_s[NW][2][SBW];
-  VX_SHARED unsigned int kts_s[NW][2][8];
+  VX_ALIGN16 VX_SHARED unsigned int kw_s[NW][2][KWMAX + 4];
+  VX_ALIGN16 VX_SHARED unsigned int vw_s[NW][2][16 * VW + 4];
+  VX_ALIGN16 VX_SHARED unsigned int vsc_s[NW][2][SBW];
+  VX_ALIGN16 VX_SHARED unsigned int vbi_s[NW][2][SBW];
+  VX_ALIGN16 VX_SHARED unsigned int kts_s[NW][2][8];
   // A tile's probabilities, fp16, row g = query head, 16 tokens: the A fragment of P·V.
   VX_SHARED unsigned int ph_s[NW][8 * 8];
   VX_SHARED float fin_m[NW][G];
   VX_SHARED float fin_l[NW][G];
-  VX_SHARED float fin_o[NW][G * D];
+  VX_ALIGN16 VX_SHARED float fin_o[NW][G * D];
+  const bool a16 = ((reinterpret_cast<unsigned long long>(kwords) |
+                     reinterpret_cast<unsigned long long>(vwords) |
+                     reinterpret_cast<unsigned long long>(vscales) |
+                     reinterpret_cast<unsigned long long>(vbiases) |
+                     (KTS ? reinterpret_cast<unsigned long long>(ktok) : 0ull)) & 15ull) == 0;
 
   VX_STAMP(0);
   // 1. The first tile's codes start loading before the set-up's loads (independent).
@@ -646,7 +694,7 @@ DECODE_WARP_BODY = r"""
   if (start + warp * 16 < stop) {
     vx_stage_tile(kw_s[warp][0], vw_s[warp][0], vsc_s[warp][0], vbi_s[warp][0],
                   kts_s[warp][0], kwords, vwords, vscales, vbiases, ktok,
-                  bh * cap + start + warp * 16, wk, VW, SBW, KTS, lane);
+                  bh * cap + start + warp * 16, wk, VW, SBW, KTS, a16, lane);
   }
   vx_cp_commit();
   // Set-up: every global load at once (no load waits on another), then one shuffle in
@@ -656,11 +704,18 @@ DECODE_WARP_BODY = r"""
     table[i] = codebook[i];
   }
   for (int i = tid; i < RKMAX; i += NT) {
-    const int b = kbits[h * RKMAX + i];
-    const int sh = kshift[h * RKMAX + i];
-    const float sc = kscale[h * RKMAX + i];
-    kmeta[i] = b > 0 ? b | (sh << 4) : 1;
-    kscl[i] = b > 0 ? sc : 0.0f;
+    kcol[i] = vx_key_column(kbits[h * RKMAX + i], kshift[h * RKMAX + i]);
+  }
+  for (int i = tid; i < 8 * (D / 2); i += NT) {
+    const int r = i / (D / 2);
+    const int p = i - r * (D / 2);
+    const float2 u = vx_sincos((float)r * rope[p]);
+    rot_s[r * RS + p] = make_float2(u.y, u.x);
+    if (r == 0) {
+      const float2 u8 = vx_sincos(8.0f * rope[p]);
+      rot8_s[p] = make_float2(u8.y, u8.x);
+      mean_s[p] = make_float2(key_mean[h * D + 2 * p], key_mean[h * D + 2 * p + 1]);
+    }
   }
   for (int i = tid; i < G * D; i += NT) {
     fin_o[0][i] = static_cast<float>(q[bh * G * D + i]) * params[0];
@@ -689,6 +744,13 @@ DECODE_WARP_BODY = r"""
       }
     }
   }
+  float qth[QP];  // θ and amplitude of this lane's RoPE pairs (lane, lane + 32, ...)
+  float qamp[QP];
+  for (int k = 0; k < QP; k++) {
+    const int p = min(lane + 32 * k, D / 2 - 1);
+    qth[k] = rope[p];
+    qamp[k] = rope[D / 2 + p];
+  }
   float vacc[NTD][2];  // P·V: this lane's C fragment (head gid, dims 8 nt + 2 tig, +1)
   float m_run[G];
   float l_run[G];
@@ -707,7 +769,7 @@ DECODE_WARP_BODY = r"""
     if (t0 + STEP < stop) {
       vx_stage_tile(kw_s[warp][buf ^ 1], vw_s[warp][buf ^ 1], vsc_s[warp][buf ^ 1],
                     vbi_s[warp][buf ^ 1], kts_s[warp][buf ^ 1], kwords, vwords, vscales,
-                    vbiases, ktok, bh * cap + t0 + STEP, wk, VW, SBW, KTS, lane);
+                    vbiases, ktok, bh * cap + t0 + STEP, wk, VW, SBW, KTS, a16, lane);
     }
     vx_cp_commit();
     vx_cp_wait_prior();
@@ -717,32 +779,48 @@ DECODE_WARP_BODY = r"""
     const VX_HALF_T* vsc = reinterpret_cast<const VX_HALF_T*>(vsc_s[warp][buf]);
     const VX_HALF_T* vbi = reinterpret_cast<const VX_HALF_T*>(vbi_s[warp][buf]);
     const VX_HALF_T* kts = reinterpret_cast<const VX_HALF_T*>(kts_s[warp][buf]);
-    // 2. Key coefficients of tokens gid and gid + 8 -> A fragments (fp16).
+    // 2. The query turned by -P0·θ (and scaled by the RoPE amplitude), per warp.
+    float* qw = fin_o[warp];
+    const float p0 = (float)(pos0 + t0);
+    for (int k = 0; k < QP; k++) {
+      const int p = lane + 32 * k;
+      if (p < D / 2) {
+        const float2 u = vx_sincos_fast(p0 * qth[k]);
+        const float cs = qamp[k] * u.y;
+        const float sn = qamp[k] * u.x;
+        for (int g = 0; g < G; g++) {
+          const float2 qq = reinterpret_cast<const float2*>(qs)[(g * D) / 2 + p];
+          reinterpret_cast<float2*>(qw)[(g * D) / 2 + p] =
+              make_float2(qq.x * cs + qq.y * sn, qq.y * cs - qq.x * sn);
+        }
+      }
+    }
+    // 3. Key coefficients (unit levels: the columns' scales are in the basis) of tokens
+    // gid and gid + 8 -> A fragments (fp16).
     const float ts0 = KTS ? VX_HALF(kts[gid]) : 1.0f;
     const float ts1 = KTS ? VX_HALF(kts[gid + 8]) : 1.0f;
     unsigned int afrag[KS][4];
     for (int ks = 0; ks < KS; ks++) {
       float c[8];
       for (int e = 0; e < 4; e++) {
-        const int col = ks * 16 + 2 * tig + (e & 1) + (e >> 1) * 8;
-        const int meta = kmeta[col];
-        const float sc = kscl[col];
-        c[e] = vx_level_pair(kw, gid * wk, meta >> 4, meta & 15, table) * sc * ts0;
-        c[4 + e] = vx_level_pair(kw, (gid + 8) * wk, meta >> 4, meta & 15, table) * sc * ts1;
+        const int col = kcol[ks * 16 + 2 * tig + (e & 1) + (e >> 1) * 8];
+        c[e] = vx_level_col(kw, gid * wk, col, table);
+        c[4 + e] = vx_level_col(kw, (gid + 8) * wk, col, table);
       }
       afrag[ks][0] = vx_pack_half2(c[0], c[1]);
       afrag[ks][1] = vx_pack_half2(c[4], c[5]);
       afrag[ks][2] = vx_pack_half2(c[2], c[3]);
       afrag[ks][3] = vx_pack_half2(c[6], c[7]);
     }
-    // 3. Keys of 8 dims at a time on tensor cores; mean, RoPE and scores in registers.
+    __syncwarp();  // the turned query is read across the warp
+    // 4. Keys of 8 dims at a time on tensor cores; token scale, mean, RoPE by r·θ and
+    // scores in registers.
     float s0[G];
     float s1[G];
     for (int g = 0; g < G; g++) {
       s0[g] = 0.0f;
       s1[g] = 0.0f;
     }
-    const float pos = (float)(pos0 + t0 + gid);
 #pragma unroll UNROLL_NT
     for (int nt = 0; nt < NTD; nt++) {
       float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
@@ -753,26 +831,24 @@ DECODE_WARP_BODY = r"""
         vx_mma_16816(c0, c1, c2, c3, afrag[ks][0], afrag[ks][1], afrag[ks][2], afrag[ks][3],
                      b0, b1);
       }
-      const int col = nt * 8 + tig * 2;  // even: (col, col + 1) is a RoPE pair
-      const float theta = rope[col / 2];
-      const float amp = rope[D / 2 + col / 2];
-      const float ma = key_mean[h * D + col];
-      const float mb = key_mean[h * D + col + 1];
-      const float2 r0 = vx_sincos_fast(pos * theta);
-      const float2 r1 = vx_sincos_fast((pos + 8.0f) * theta);
-      const float a0 = c0 + ma, b0 = c1 + mb, a1 = c2 + ma, b1 = c3 + mb;
-      const float k0a = amp * (a0 * r0.y - b0 * r0.x);
-      const float k0b = amp * (a0 * r0.x + b0 * r0.y);
-      const float k1a = amp * (a1 * r1.y - b1 * r1.x);
-      const float k1b = amp * (a1 * r1.x + b1 * r1.y);
+      const int p = nt * 4 + tig;  // columns (2p, 2p + 1) are a RoPE pair
+      const float2 m = mean_s[p];
+      const float2 u0 = rot_s[gid * RS + p];  // (cos, sin) of gid·θ
+      const float2 u8 = rot8_s[p];
+      const float2 u1 = make_float2(u0.x * u8.x - u0.y * u8.y, u0.x * u8.y + u0.y * u8.x);
+      const float a0 = c0 * ts0 + m.x, b0 = c1 * ts0 + m.y;
+      const float a1 = c2 * ts1 + m.x, b1 = c3 * ts1 + m.y;
+      const float k0a = a0 * u0.x - b0 * u0.y;
+      const float k0b = a0 * u0.y + b0 * u0.x;
+      const float k1a = a1 * u1.x - b1 * u1.y;
+      const float k1b = a1 * u1.y + b1 * u1.x;
       for (int g = 0; g < G; g++) {
-        const float qa = qs[g * D + col];
-        const float qb = qs[g * D + col + 1];
-        s0[g] += qa * k0a + qb * k0b;
-        s1[g] += qa * k1a + qb * k1b;
+        const float2 qq = reinterpret_cast<const float2*>(qw)[(g * D) / 2 + p];
+        s0[g] += qq.x * k0a + qq.y * k0b;
+        s1[g] += qq.x * k1a + qq.y * k1b;
       }
     }
-    // 4. Scores summed over the quad, masked past n; online softmax per query head. The
+    // 5. Scores summed over the quad, masked past n; online softmax per query head. The
     // probabilities are rounded to fp16 (what the P·V product reads) before they are
     // summed, so numerator and denominator see the same weights.
     const bool ok0 = gid < n;
@@ -809,7 +885,7 @@ DECODE_WARP_BODY = r"""
       }
     }
     __syncwarp();
-    // 5. Values: P (rows = query heads) · V (16 tokens x 8 dims) per 8-dim slice on
+    // 6. Values: P (rows = query heads) · V (16 tokens x 8 dims) per 8-dim slice on
     // tensor cores. Lane (gid, tig) dequantises dim 8 nt + gid of tokens 2 tig, +1, +8, +9
     // (mx.quantize's little-endian bit stream) into its B fragment.
     const unsigned int pa0 = ph_s[warp][gid * 8 + tig];
@@ -840,7 +916,7 @@ DECODE_WARP_BODY = r"""
     buf ^= 1;
   }
   VX_STAMP(2);
-  // 6. Merge the warps' partials into the split's.
+  // 7. Merge the warps' partials into the split's.
   for (int g = 0; g < G; g++) {
     if (lane == 0) {
       fin_m[warp][g] = m_run[g];
@@ -875,7 +951,7 @@ DECODE_WARP_BODY = r"""
       out_sum[slot] = l;
     }
   }
-  // 7. The last split of this KV head to finish merges all splits with the exact tokens
+  // 8. The last split of this KV head to finish merges all splits with the exact tokens
   // (sinks, the uncoded tail) and normalises: one launch per decode step. ``counter`` is
   // zero before and after every launch (the last block resets it).
   VX_SHARED int is_last;
@@ -893,9 +969,13 @@ DECODE_WARP_BODY = r"""
   vx_threadfence();
   const int E = cmeta[0];
   const int EC = cmeta[1];  // the exact buffers' capacity (tokens per head)
-  VX_SHARED float pexact[G * MAXE];
-  VX_SHARED float wsplit[G * MAXS];
-  VX_SHARED float head_total[G];
+  // The merge's scratch lives in the key tile buffers (dead by now) where it fits.
+  constexpr int MERGE_WORDS = G * MAXE + G * MAXS + G;
+  constexpr bool MERGE_IN_TILES = MERGE_WORDS <= NW * 2 * (KWMAX + 4);
+  VX_SHARED float merge_s[MERGE_IN_TILES ? 1 : MERGE_WORDS];
+  float* pexact = MERGE_IN_TILES ? reinterpret_cast<float*>(&kw_s[0][0][0]) : merge_s;
+  float* wsplit = pexact + G * MAXE;
+  float* head_total = wsplit + G * MAXS;
   // Exact tokens' scores: a thread per (head, token), all of its loads at once (the
   // query, scaled, from shared memory in pair order; the key's dims in that order).
   for (int i = tid; i < G * E; i += NT) {
@@ -1268,7 +1348,7 @@ DECODE_INPUTS = ["q", "perm", "params", "coded", "layout", "basis_mma", "kwords"
                  "vscales", "vbiases", "vbits", "vshift", "vscale", "codebook"]
 DECODE_OUTPUTS = ["out", "out_max", "out_sum"]
 DECODE_WARP_INPUTS = ["q", "perm", "params", "coded", "layout", "bfrag", "kwords", "ktok",
-                      "kbits", "kshift", "kscale", "key_mean", "rope", "vwords", "vscales",
+                      "kbits", "kshift", "key_mean", "rope", "vwords", "vscales",
                       "vbiases", "codebook", "ek", "ev", "cmeta", "counter"]
 DECODE_WARP_OUTPUTS = ["out", "out_max", "out_sum", "result"]
 COMBINE_INPUTS = ["q", "out", "out_max", "out_sum", "ek", "ev", "vback", "vmean", "params",

@@ -185,7 +185,11 @@ class SpectralKernels:
             # fp16 pairs along the coefficient axis, d-major: B fragments of mma.m16n8k16.
             pairs = np.ascontiguousarray(compact[:, self.perm, :].astype(np.float16))
             self.basis_mma = as_mx(pairs.view(np.uint32))
-            self.bfrag = as_mx(_b_fragments(pairs.view(np.uint32)))
+            # The warp-tiled kernel's fragments carry each column's scale, so its decode
+            # puts unit codebook levels straight into the A fragments.
+            scales = np.where(valid, coder.scales[rows, columns], 0.0)[:, None, :]
+            scaled = np.ascontiguousarray((compact * scales)[:, self.perm, :].astype(np.float16))
+            self.bfrag = as_mx(_b_fragments(scaled.view(np.uint32)))
         else:
             self.perm = np.arange(D, dtype=np.int32)
             self.rope = mx.zeros((D,), mx.float32)
@@ -383,7 +387,7 @@ class SpectralKernels:
         layout = self._constant(mx.int32, self.key_rank, self.key_words, self.value_rank,
                                 self.value_words, pos0)
         fixed = [self.perm_mx, self._constant(mx.float32, scale), self._length(coded), layout,
-                 self.bfrag, parts[0], ktok, self.kbits, self.kshift, self.kscale,
+                 self.bfrag, parts[0], ktok, self.kbits, self.kshift,
                  self.key_mean_pairs, self.rope, *vparts, self.codebook]
         call = dict(
             template=[("T", dtype), ("D", D), ("G", G), ("HKV", H), ("NW", WARPS),
@@ -490,10 +494,14 @@ def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int) -> int:
     kernel_source.DECODE_WARP_BODY, in their order)."""
     vw = D * value_bits // 32
     sbw = 16 * (D // value_group) // 2
-    words = (510 + G * D + 3 * D  # codebook table, query, key columns (RKMAX <= D), perm
-             + WARPS * 2 * (16 * (D // 4) + 1 + 16 * vw + 1 + 2 * sbw + 8)  # staged codes
+    key_tiles = WARPS * 2 * (16 * (D // 4) + 4)
+    merge = G * WARP_MAX_EXACT + G * WARP_MAX_SPLITS + G
+    words = (510 + G * D + 2 * D  # codebook table, query, key columns (RKMAX <= D), perm
+             + 8 * (D + 8) + D + D  # RoPE rows 0-7, the 8-row step, the key mean
+             + key_tiles + WARPS * 2 * (16 * vw + 4 + 2 * sbw + 8)  # staged codes
              + WARPS * 64 + 2 * WARPS * G + WARPS * G * D  # P, warp max/sum/output
-             + 1 + G * WARP_MAX_EXACT + G * WARP_MAX_SPLITS + G)  # merge
+             + (1 if merge <= key_tiles else merge)  # merge scratch (in the key tiles)
+             + 1)  # is_last
     return 4 * words
 
 
