@@ -121,6 +121,41 @@ def test_trim_and_state_round_trip(tiny, spec):
                                logits_with(model, fresh, ids[100:120]), atol=1e-5)
 
 
+@pytest.mark.parametrize("spec", ["spectral:wf3/a4+ts+ad+vh", "spectral:wf3/a4g32+ad+vh+ec",
+                                  "spectral:wf3/a4g32+b16", "spectral:wf3/l4+ts", "rvq4",
+                                  "affine4g32"])
+def test_coding_and_decoding_in_pieces_changes_nothing(tiny, monkeypatch, spec):
+    """Outside the fused kernels, tokens are coded ENCODE_CHUNK and (past DECODE_WHOLE)
+    decoded DECODE_CHUNK at a time (bounded temporaries); pieces end where blocks end
+    (entropy-coded blocks on absolute multiples of 32, block scales every 16 coded
+    tokens), and a prompt-adaptive plan is still set from the whole prompt: the same
+    decoded cache and logits as in one piece."""
+    from veloxcore import caches as cache_module
+
+    model, tokenizer, rotations = tiny
+    ids = tokenizer.encode(TEXT.text)[:150]
+    config = parse_method(spec, rotations["pre"])
+    whole = KVCacheBuilder.build(model, config)
+    want = [logits_with(model, whole, ids[:130], chunk=130),
+            logits_with(model, whole, ids[130:150], chunk=1)]
+    monkeypatch.setattr(cache_module, "ENCODE_CHUNK", 32)
+    monkeypatch.setattr(cache_module, "DECODE_CHUNK", 64)
+    monkeypatch.setattr(cache_module, "DECODE_WHOLE", 64)
+    pieces = KVCacheBuilder.build(model, config)
+    got = [logits_with(model, pieces, ids[:130], chunk=130),
+           logits_with(model, pieces, ids[130:150], chunk=1)]
+    assert pieces[0].coded > 96  # several pieces each way
+    # The decoded caches, not their bytes: with OpenBLAS a matmul's rows can round
+    # differently with the row count, and entropy-coded blocks' rate control then picks
+    # other (equally decoding) bytes.
+    for a, b in zip(whole, pieces, strict=True):
+        assert a.coded == b.coded
+        for x, y in zip(a.fetch(), b.fetch(), strict=True):
+            np.testing.assert_allclose(np.array(y), np.array(x), atol=1e-5, rtol=0)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=0)
+
+
 def test_effective_bits_from_nbytes_match_the_formula(tiny):
     model, tokenizer, rotations = tiny
     layers, heads, dim = 2, 2, 32

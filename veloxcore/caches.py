@@ -38,6 +38,18 @@ from .spectral import compute_spectral_gap, water_fill_bits
 
 METHODS = ("spectral", "rvq", "affine", "fp16")
 STEP = 256
+# Tokens coded, and decoded to attend, at a time outside the fused kernels (multiples of
+# every block size): the float32 temporaries of a binary search per dim, of unpacking and
+# of the basis product then stay bounded instead of growing with the prompt or the cache
+# (CPU, default-model shape, one layer at 16k tokens: peak 104 -> 35 MiB, fp16's 34, and
+# attention 1.9x faster; smaller decode pieces cost speed. BENCHMARKS.md, "Coding and
+# decoding in pieces").
+ENCODE_CHUNK = 256
+DECODE_CHUNK = 1024
+# Up to this many coded tokens decode in one piece: their temporaries are small, and on
+# CPU each piece's dozen ops cost per-op overhead at every layer and step (chat at 4k
+# tokens: 2.35 -> 2.17 tok/s in 1,024-token pieces).
+DECODE_WHOLE = 4096
 # A block's largest |coefficient| lands on this level of the unit Lloyd-Max codebook
 # (benchmarks/key_scale_experiment.py: "block max").
 BLOCK_LEVEL = 2.0
@@ -312,13 +324,16 @@ class CodedKVCache:
         self.offset += L
 
     def _code_exact(self, count: int) -> None:
-        """Code the oldest ``count`` exact tokens after the sinks into the buffers."""
+        """Code the oldest ``count`` exact tokens after the sinks into the buffers, in
+        pieces of at most ``coding_chunk`` tokens."""
         if count <= 0:
             return
         s = self.num_sinks
-        parts = self.encode(self.exact_keys[..., s: s + count, :],
-                            self.exact_values[..., s: s + count, :], s + self.coded)
-        self._store(parts)
+        keys = self.exact_keys[..., s: s + count, :]
+        values = self.exact_values[..., s: s + count, :]
+        self._prepare_coding(keys, values, s + self.coded)
+        for a, b in self._pieces(count, s + self.coded, self.coding_chunk):
+            self._store(self.encode(keys[..., a:b, :], values[..., a:b, :], s + self.coded))
         rest = self.num_exact - s - count
         if self._exact[0].shape[2] != self._decode_capacity():
             # A prompt chunk's buffers: contiguous copies of what stays (a slice would
@@ -344,6 +359,32 @@ class CodedKVCache:
         """How many of ``excess`` waiting tokens to code now: whole blocks."""
         return self._block_boundary(self.coded + excess, self.num_sinks) - self.coded
 
+    @property
+    def coding_chunk(self) -> int | None:
+        """Tokens coded at a time (None: all at once)."""
+        return ENCODE_CHUNK
+
+    def _prepare_coding(self, keys: mx.array, values: mx.array, position: int) -> None:
+        """Called with all the tokens about to be coded, before they are coded in pieces."""
+
+    def _pieces(self, length: int, position: int, chunk: int | None) -> list[tuple[int, int]]:
+        """[a, b) spans of ``length`` tokens starting at absolute ``position``, at most
+        ``chunk`` long, cut where whole blocks end (absolute multiples of ``chunk`` when
+        blocks are aligned to absolute positions)."""
+        if chunk is None or length <= chunk:
+            return [(0, length)] if length else []
+        first = (-position) % chunk if self.aligned_blocks else 0
+        cuts = [0, *range(first or chunk, length, chunk), length]
+        return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+    def _decoded(self):
+        """(keys, values) of the coded tokens: in one piece up to DECODE_WHOLE tokens,
+        else in pieces of at most DECODE_CHUNK."""
+        s = self.num_sinks
+        chunk = None if self.coded <= DECODE_WHOLE else DECODE_CHUNK
+        for a, b in self._pieces(self.coded, s, chunk):
+            yield self.decode([p[..., a:b, :] for p in self.parts], s + a)
+
     def _decode_capacity(self) -> int:
         """Exact tokens the buffers hold while decoding: the sinks, the recent window
         and a batch of waiting tokens (coded in whole blocks: at least one block)."""
@@ -353,8 +394,10 @@ class CodedKVCache:
         if not self.coded:
             return self.exact_keys, self.exact_values
         s = self.num_sinks
-        k, v = self.decode([p[..., : self.coded, :] for p in self.parts], s)
-        keys, values = [k.astype(dtype)], [v.astype(dtype)]
+        keys, values = [], []
+        for k, v in self._decoded():
+            keys.append(k.astype(dtype))
+            values.append(v.astype(dtype))
         if self.exact_keys is not None:
             keys = [self.exact_keys[..., :s, :], *keys, self.exact_keys[..., s:, :]]
             values = [self.exact_values[..., :s, :], *values, self.exact_values[..., s:, :]]
@@ -375,14 +418,8 @@ class CodedKVCache:
         exact = self.exact_tokens()
         if exact is not None:
             partials.append(reference_partials(queries, scale, *exact))
-        if self.coded:
-            partials.append(self.coded_partials(queries, scale))
+        partials += [reference_partials(queries, scale, k, v) for k, v in self._decoded()]
         return merge_partials(partials, queries.dtype)
-
-    def coded_partials(self, queries: mx.array, scale: float):
-        keys, values = self.decode([p[..., : self.coded, :] for p in self.parts],
-                                   self.num_sinks)
-        return reference_partials(queries, scale, keys, values)
 
     def _store(self, parts: tuple[mx.array, ...]) -> None:
         L = parts[0].shape[2]
@@ -700,6 +737,18 @@ class SpectralKVCache(CodedKVCache):
         self.adapted = (moments.astype(np.float32), count)
         if self.kernels is not None:
             self.kernels = SpectralKernels(self, self.kernels.backend)
+
+    @property
+    def coding_chunk(self) -> int | None:
+        # The fused encoder has no large temporaries: one launch per batch.
+        fused = self.kernels is not None and self.kernels.backend != "reference"
+        return None if fused else ENCODE_CHUNK
+
+    def _prepare_coding(self, keys, values, position):
+        # A prompt-adaptive plan is set from all the prompt's coded tokens, not its first
+        # piece.
+        if self.adaptation is not None and self.adapted is None:
+            self._adapt(keys, values, position)
 
     def encode(self, keys, values, position):
         if self.adaptation is not None and self.adapted is None:
