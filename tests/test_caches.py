@@ -122,13 +122,13 @@ def test_trim_and_state_round_trip(tiny, spec):
 
 
 @pytest.mark.parametrize("spec", ["spectral:wf3/a4+ts+ad+vh", "spectral:wf3/a4g32+ad+vh+ec",
-                                  "spectral:wf3/a4g32+b16", "spectral:wf3/l4+ts", "rvq4",
-                                  "affine4g32"])
+                                  "spectral:wf3/a4g32+b16", "spectral:wf3/a4g32+b48",
+                                  "spectral:wf3/l4+ts", "rvq4", "affine4g32"])
 def test_coding_and_decoding_in_pieces_changes_nothing(tiny, monkeypatch, spec):
     """Outside the fused kernels, tokens are coded ENCODE_CHUNK and (past DECODE_WHOLE)
     decoded DECODE_CHUNK at a time (bounded temporaries); pieces end where blocks end
-    (entropy-coded blocks on absolute multiples of 32, block scales every 16 coded
-    tokens), and a prompt-adaptive plan is still set from the whole prompt: the same
+    (entropy-coded blocks on absolute multiples of 32, block scales every 16 or 48 coded
+    tokens: a 32-token piece is rounded to whole blocks), and a prompt-adaptive plan is still set from the whole prompt: the same
     decoded cache and logits as in one piece."""
     from veloxcore import caches as cache_module
 

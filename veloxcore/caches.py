@@ -38,11 +38,11 @@ from .spectral import compute_spectral_gap, water_fill_bits
 
 METHODS = ("spectral", "rvq", "affine", "fp16")
 STEP = 256
-# Tokens coded, and decoded to attend, at a time outside the fused kernels (multiples of
-# every block size): the float32 temporaries of a binary search per dim, of unpacking and
+# Tokens coded, and decoded to attend, at a time outside the fused kernels (rounded down
+# to whole blocks): the float32 temporaries of a binary search per dim, of unpacking and
 # of the basis product then stay bounded instead of growing with the prompt or the cache
-# (CPU, default-model shape, one layer at 16k tokens: peak 104 -> 35 MiB, fp16's 34, and
-# attention 1.9x faster; smaller decode pieces cost speed. BENCHMARKS.md, "Coding and
+# (CPU, default-model shape, one layer at 16k tokens: peak 104 -> 27 MiB, fp16's 34, and
+# attention 1.6x faster; smaller decode pieces cost speed. BENCHMARKS.md, "Coding and
 # decoding in pieces").
 ENCODE_CHUNK = 256
 DECODE_CHUNK = 1024
@@ -369,10 +369,11 @@ class CodedKVCache:
 
     def _pieces(self, length: int, position: int, chunk: int | None) -> list[tuple[int, int]]:
         """[a, b) spans of ``length`` tokens starting at absolute ``position``, at most
-        ``chunk`` long, cut where whole blocks end (absolute multiples of ``chunk`` when
-        blocks are aligned to absolute positions)."""
+        ``chunk`` (rounded down to whole blocks) long, cut where blocks end: at absolute
+        multiples of the piece length when blocks are aligned to absolute positions."""
         if chunk is None or length <= chunk:
             return [(0, length)] if length else []
+        chunk = max(self.block, chunk // self.block * self.block)
         first = (-position) % chunk if self.aligned_blocks else 0
         cuts = [0, *range(first or chunk, length, chunk), length]
         return list(zip(cuts[:-1], cuts[1:], strict=True))
@@ -739,10 +740,14 @@ class SpectralKVCache(CodedKVCache):
             self.kernels = SpectralKernels(self, self.kernels.backend)
 
     @property
+    def fused_encode(self) -> bool:
+        """Tokens are coded by the fused encode kernel (CUDA or Metal)."""
+        return self.kernels is not None and self.kernels.backend != "reference"
+
+    @property
     def coding_chunk(self) -> int | None:
         # The fused encoder has no large temporaries: one launch per batch.
-        fused = self.kernels is not None and self.kernels.backend != "reference"
-        return None if fused else ENCODE_CHUNK
+        return None if self.fused_encode else ENCODE_CHUNK
 
     def _prepare_coding(self, keys, values, position):
         # A prompt-adaptive plan is set from all the prompt's coded tokens, not its first
@@ -753,7 +758,7 @@ class SpectralKVCache(CodedKVCache):
     def encode(self, keys, values, position):
         if self.adaptation is not None and self.adapted is None:
             self._adapt(keys, values, position)
-        fused = self.kernels is not None and self.kernels.backend != "reference"
+        fused = self.fused_encode
         if fused:
             key_parts = self.kernels.encode_keys(keys, position)
         else:
