@@ -128,8 +128,8 @@ def test_coding_and_decoding_in_pieces_changes_nothing(tiny, monkeypatch, spec):
     """Outside the fused kernels, tokens are coded ENCODE_CHUNK and (past DECODE_WHOLE)
     decoded DECODE_CHUNK at a time (bounded temporaries); pieces end where blocks end
     (entropy-coded blocks on absolute multiples of 32, block scales every 16 or 48 coded
-    tokens: a 32-token piece is rounded to whole blocks), and a prompt-adaptive plan is still set from the whole prompt: the same
-    decoded cache and logits as in one piece."""
+    tokens: a 32-token piece rounds to whole blocks), and a prompt-adaptive plan is still
+    set from the whole prompt: the same decoded cache and logits as in one piece."""
     from veloxcore import caches as cache_module
 
     model, tokenizer, rotations = tiny
