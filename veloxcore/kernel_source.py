@@ -12,7 +12,9 @@ Layout (per layer; B batch, HKV key/value heads, G query heads per KV head):
   ``kshift[h, m]`` and is ``kbits[h, m]`` wide (may straddle two words). The
   coded dims are compacted per head (zero-width dims dropped) into ``rk``
   columns.
-- coefficient = unit_codebook[2^b − 2 + code] · kscale[h, m] (· token scale).
+- coefficient = unit_codebook[2^b − 2 + code] · kscale[h, m] (· token scale); the
+  warp-tiled kernel takes the unit level and finds kscale folded into its basis
+  fragments (bfrag).
 - pre-RoPE keys: k = basis_t[h]ᵀ · c + mean, in "pair order" (dims permuted so
   each RoPE pair is adjacent), then rotated by pos·θ_i and scaled by amp_i.
 - values: mlx ``mx.quantize`` words (bits VB, group VG, fp16 scales/biases), or
@@ -699,7 +701,7 @@ DECODE_WARP_BODY = r"""
   vx_cp_commit();
   // Set-up: every global load at once (no load waits on another), then one shuffle in
   // shared memory: the query, times the softmax scale, goes to RoPE pair order via
-  // fin_o (free until the warps' partials are merged).
+  // fin_o (free until the tile loop, where it holds each warp's turned query).
   for (int i = tid; i < 510; i += NT) {
     table[i] = codebook[i];
   }
