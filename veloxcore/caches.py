@@ -756,8 +756,7 @@ class SpectralKVCache(CodedKVCache):
             self._adapt(keys, values, position)
 
     def encode(self, keys, values, position):
-        if self.adaptation is not None and self.adapted is None:
-            self._adapt(keys, values, position)
+        self._prepare_coding(keys, values, position)  # a direct call adapts here
         fused = self.fused_encode
         if fused:
             key_parts = self.kernels.encode_keys(keys, position)
