@@ -41,7 +41,7 @@ def per_call_us(fn, calls: int = 2000, evaluate: bool = False) -> float:
     return statistics.median(rounds)
 
 
-def stub_kernel(backend, which):
+def stub_kernel(backend, which, shared_memory=0):
     def call(*, output_shapes, output_dtypes, **_):
         return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
     return call

@@ -2,23 +2,46 @@
 # Nsight Compute summary of the warp-tiled decode kernel (one launch after two warm-ups) for
 # several shapes, plus per-SASS-instruction counts for the default model's shape at 64k.
 #   bash benchmarks/ncu_warp.sh OUT_DIR [SHAPE:TOKENS ...]
-# Needs MLX CUDA on the path (the lent H100/H200). Writes ncu-SHAPE-TOKENS.txt (launch,
-# occupancy, warp stalls, scheduler, instruction counts) and sass-smollm2-65536.csv.
+#   BASE=DIR bash benchmarks/ncu_warp.sh OUT_DIR ...  # also the tree in DIR (e.g. a `git
+#                                                    # archive` of an earlier commit), A/B
+#   VARIANT="NAME VAR=VALUE ..." ...                 # also this tree with those variables
+# Needs MLX CUDA on the path (the lent H100/H200). Writes ncu-TAG-SHAPE-TOKENS.txt (launch,
+# occupancy, warp stalls, scheduler, instruction counts; TAG new, base or NAME) and, unless
+# NO_SASS=1, sass-smollm2-65536.csv.
 set -u
 out=${1:?output folder}; shift
 mkdir -p "$out"
-export PYTHONPATH=${PYTHONPATH:-}:$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu | head -1)
-for st in ${@:-smollm2:65536 1b:65536 8b:65536 smollm2:4096}; do
-  s=${st%%:*}; t=${st##*:}
-  "$NCU" --clock-control none --kernel-name regex:velox_decode_warp --launch-skip 2 --launch-count 1 \
+site=${PYTHONPATH:-}
+
+run() {  # TAG ROOT SHAPE TOKENS [VAR=VALUE ...]
+  local tag=$1 root=$2 s=$3 t=$4; shift 4
+  env "$@" PYTHONPATH="$site:$root:$root/benchmarks" "$NCU" --clock-control none \
+    --kernel-name regex:velox_decode_warp --launch-skip 2 --launch-count 1 \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
     --section SchedulerStats --section InstructionStats --print-summary none \
-    python3 benchmarks/profile_decode.py --shape "$s" --tokens "$t" --reps 3 > "$out/ncu-$s-$t.txt" 2>&1
-  echo "== $s $t"
-  grep -E "Duration|Registers Per|Theoretical Occupancy|Achieved Occupancy|Executed Ipc Active|Issue Slots Busy|No Eligible|Executed Instructions  |Block Limit Registers|Block Limit Shared" \
-    "$out/ncu-$s-$t.txt" | head -14
+    python3 "$root/benchmarks/profile_decode.py" --shape "$s" --tokens "$t" --reps 3 \
+    > "$out/ncu-$tag-$s-$t.txt" 2>&1
+  echo "== $tag $s $t $*"
+  grep -E "^    Duration|Registers Per|Theoretical Occupancy|Achieved Occupancy|Executed Ipc Active|Issue Slots Busy|No Eligible|Executed Instructions  |Block Limit Registers|Block Limit Shared|Dynamic Shared" \
+    "$out/ncu-$tag-$s-$t.txt" | head -16
+}
+
+for st in ${@:-smollm2:65536 1b:65536 8b:65536 smollm2:4096}; do
+  s=${st%%:*}; t=${st##*:}
+  if [ -n "${BASE:-}" ]; then run base "$BASE" "$s" "$t"; fi
+  run new "$PWD" "$s" "$t"
+  if [ -n "${VARIANT:-}" ]; then
+    # shellcheck disable=SC2086  # the variant's words are its name and its variables
+    run $(echo "$VARIANT" | cut -d' ' -f1) "$PWD" "$s" "$t" $(echo "$VARIANT" | cut -d' ' -f2-)
+  fi
 done
-"$NCU" --clock-control none --kernel-name regex:velox_decode_warp --launch-skip 2 --launch-count 1 \
-  --section SourceCounters --section WarpStateStats --import-source no --page source --print-source sass --csv \
-  python3 benchmarks/profile_decode.py --shape smollm2 --tokens 65536 --reps 3 > "$out/sass-smollm2-65536.csv" 2>&1
+if [ "${NO_SASS:-0}" != 1 ]; then
+  PYTHONPATH="$site:$PWD:$PWD/benchmarks" "$NCU" --clock-control none \
+    --kernel-name regex:velox_decode_warp --launch-skip 2 --launch-count 1 \
+    --section SourceCounters --section WarpStateStats --import-source no --page source \
+    --print-source sass --csv \
+    python3 benchmarks/profile_decode.py --shape smollm2 --tokens 65536 --reps 3 \
+    > "$out/sass-smollm2-65536.csv" 2>&1
+fi

@@ -169,6 +169,8 @@ def _build(code: str) -> ctypes.CDLL:
 def _source(which, dtypes, out_dtypes, template) -> str:
     body, inputs, outputs = BODIES[which]
     header = (src.CUDA_HEADER.replace("#define VX_SHARED __shared__", "#define VX_SHARED static")
+              .replace("extern __shared__ __align__(16) T name[]",
+                       "alignas(16) static T name[n]")
               .replace("__align__(16)", "alignas(16)")
               + src.COMMON_HELPERS + src.CUDA_KEYS + src.CUDA_STAGE)
     args = []

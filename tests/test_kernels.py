@@ -41,8 +41,9 @@ def backend(request, monkeypatch):
         if compiler() is None:
             pytest.skip("no C++ compiler for the kernel emulator")
         original = kernels._kernel
-        monkeypatch.setattr(kernels, "_kernel", lambda b, which: emulated_kernel(which)
-                            if b.startswith("emulated") else original(b, which))
+        monkeypatch.setattr(kernels, "_kernel",
+                            lambda b, which, shared_memory=0: emulated_kernel(which)
+                            if b.startswith("emulated") else original(b, which, shared_memory))
     return request.param
 
 
@@ -255,7 +256,7 @@ def test_kernel_inputs_are_row_contiguous_and_exact_tokens_written_in_place(monk
     cache.use_kernels("cuda")  # built, never evaluated: the launches are captured below
     strided = []
 
-    def capture(backend, which):
+    def capture(backend, which, shared_memory=0):
         def call(*, inputs, output_shapes, output_dtypes, **_):
             for i, x in enumerate(inputs):
                 mx.eval(x)
@@ -274,6 +275,42 @@ def test_kernel_inputs_are_row_contiguous_and_exact_tokens_written_in_place(monk
     assert capacities == {4 + 8}  # sinks and a batch: allocated once, written in place
     assert cache.coded == 216 - 4 and cache.num_recent == 4
     assert {(which, i) for which, i, _ in strided} <= {("encode", 0)}, strided
+
+
+def test_warp_launches_on_one_cache_are_chained(monkeypatch):
+    """A cache's warp-tiled launches share its split counter (the last block of each KV
+    head resets it), so two must never run at once. Teacher-forced decode steps built
+    lazily and evaluated together do not depend on each other's attention, and MLX's CUDA
+    graph ran such launches concurrently (an H200 gave NaN logits in 2 of 3 runs): each
+    launch therefore takes the previous one's out_sum as an (unread) input, which orders
+    them."""
+    rng = np.random.default_rng(5)
+    cache = make_cache(rng, 3, 64, values="affine-rotated", token_scale=True)
+    keys, values = random_kv(rng, cache, 260)
+    cache.update_and_fetch(keys[:, :, :200], values[:, :, :200])
+    mx.eval(cache.state)
+    cache.use_kernels("cuda")  # built, never evaluated: the launches are captured below
+    cache.fused_decode = True
+    launches = []
+
+    def capture(backend, which, shared_memory=0):
+        def call(*, inputs, output_shapes, output_dtypes, **_):
+            outputs = [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes,
+                                                      strict=True)]
+            launches.append((which, inputs, outputs))
+            return outputs
+        return call
+
+    monkeypatch.setattr(kernels, "_kernel", capture)
+    q = mx.array(rng.normal(size=(1, 9, 1, 64)).astype(np.float16))
+    for t in range(200, 260):  # steps that code a batch (a new prepared launch) included
+        cache.update_and_fetch(keys[:, :, t: t + 1], values[:, :, t: t + 1])
+        cache.attend(q, 0.125)
+    warp = [(inputs, outputs) for which, inputs, outputs in launches if which == "decode_warp"]
+    assert len(warp) == 60
+    assert warp[0][0][-1] is cache.kernels.dummy_float
+    for (_, previous), (inputs, _) in zip(warp, warp[1:], strict=False):
+        assert inputs[-1] is previous[2]
 
 
 @pytest.mark.parametrize("heads,group,dim,mode,values,token_scale", SHAPES)
@@ -309,9 +346,10 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
     original = kernels._kernel
     names = []
 
-    def emulated(b, which):
+    def emulated(b, which, shared_memory=0):
         names.append(which)
-        return emulated_kernel(which) if b == "emulated" else original(b, which)
+        return (emulated_kernel(which) if b == "emulated"
+                else original(b, which, shared_memory))
 
     monkeypatch.setattr(kernels, "_kernel", emulated)
     monkeypatch.setattr(cuda_emulator, "MISALIGN_INPUTS", misaligned)
@@ -322,6 +360,54 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
     cache.use_kernels("emulated")
     got = np.array(cache.attend(q, 0.125).astype(mx.float32))
     assert "decode_warp" in names
+    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("place", ["registers", "shared", "memory"])
+@pytest.mark.parametrize("dim,misaligned", [(64, False), (64, True), (128, False)])
+def test_warp_kernel_reads_its_basis_from_registers_shared_memory_or_memory(
+        backend, monkeypatch, place, dim, misaligned):
+    """The key basis's B fragments: in registers (BREG, head_dim <= 64, few blocks), in
+    the block's dynamic shared memory (SBASIS: 2 · head_dim · RKMAX bytes, copied 16 bytes
+    at a time when bfrag is 16-byte aligned, else 4), or read from memory at every mma
+    (VELOX_WARP_BASIS_SHARED=0) — the same attention from each."""
+    import cuda_emulator
+
+    if backend not in ("emulated", "cuda"):
+        pytest.skip("the warp-tiled kernel is CUDA's")
+    if place == "registers" and dim > kernels.WARP_BASIS_REGISTERS:
+        pytest.skip("the basis of head_dim 128 never sits in registers")
+    if misaligned and not backend.startswith("emulated"):
+        pytest.skip("misaligned inputs are the emulator's")
+    monkeypatch.setattr(kernels, "WARP_BASIS_REGISTERS", 64 if place == "registers" else 0)
+    monkeypatch.setattr(kernels, "WARP_BASIS_SHARED", place == "shared")
+    monkeypatch.setattr(cuda_emulator, "MISALIGN_INPUTS", misaligned)
+    launches = []
+    make = kernels._kernel
+
+    def recorded(b, which, shared_memory=0):
+        kernel = make(b, which, shared_memory)
+
+        def call(**kwargs):
+            launches.append((which, shared_memory, dict(kwargs["template"])))
+            return kernel(**kwargs)
+        return call
+
+    monkeypatch.setattr(kernels, "_kernel", recorded)
+    rng = np.random.default_rng(dim + misaligned)
+    cache = filled(make_cache(rng, 2, dim, "pre", "affine-rotated", True), rng, 150)
+    q = mx.array(rng.normal(size=(1, 6, 1, dim)).astype(np.float16))
+    expected = reference_attend(cache, q, dim**-0.5)
+    cache.use_kernels(backend)
+    got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
+    (warp,) = [launch for launch in launches if launch[0] == "decode_warp"]
+    _, shared_memory, template = warp
+    assert template["BREG"] == (place == "registers")
+    assert template["SBASIS"] == (place == "shared")
+    basis = 2 * dim * cache.kernels.key_rank
+    assert shared_memory == (kernels.warp_dynamic_bytes(dim, 3, 4, 64, cache.kernels.key_rank)
+                             if place == "shared" else 0)
+    assert shared_memory == 0 or shared_memory == basis or shared_memory > 48000 > basis
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
@@ -464,11 +550,12 @@ def test_kernel_self_test_passes_on_working_kernels_and_names_failures(monkeypat
 
     if compiler() is not None:
         original = kernels._kernel
-        monkeypatch.setattr(kernels, "_kernel", lambda b, which: emulated_kernel(which)
-                            if b.startswith("emulated") else original(b, which))
+        monkeypatch.setattr(kernels, "_kernel",
+                            lambda b, which, shared_memory=0: emulated_kernel(which)
+                            if b.startswith("emulated") else original(b, which, shared_memory))
         assert kernel_self_test.__wrapped__("emulated") is None
     # A backend whose kernels cannot be built is reported, not raised.
-    monkeypatch.setattr(kernels, "_kernel", lambda b, which: 1 / 0)
+    monkeypatch.setattr(kernels, "_kernel", lambda b, which, shared_memory=0: 1 / 0)
     problem = kernel_self_test.__wrapped__("cuda")
     assert problem and "ZeroDivisionError" in problem
 

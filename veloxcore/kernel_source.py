@@ -30,6 +30,9 @@ CUDA_HEADER = r"""
 #endif
 #define VX_SHARED __shared__
 #define VX_ALIGN16 __align__(16)
+// The kernel's dynamic shared memory (its size is set at the kernel's creation; n words
+// is that size, which the CPU emulator allocates statically).
+#define VX_DYNAMIC_SHARED(T, name, n) extern __shared__ __align__(16) T name[]
 #define VX_TG
 #define VX_FN __device__ inline
 #define VX_HALF_T __half
@@ -626,7 +629,8 @@ DECODE_BODY = r"""
 # a multiple of 16), KTS (per-token key scale), VB, VG (affine value bits, group), MAXE
 # (exact tokens), MAXS (splits), VHAD (values were coded Hadamard-rotated: the output is
 # turned back by a fast Walsh-Hadamard transform), UNROLL_NT (unrolling of the loop over
-# 8-dim slices: fewer registers when small), BREG (the basis fragments held in registers).
+# 8-dim slices: fewer registers when small), BREG (the basis fragments held in registers),
+# SBASIS (else in dynamic shared memory, 2 · D · RKMAX bytes; neither: read from bfrag).
 # bfrag: the basis, each column times its scale, as B fragments, ((h · D/8 + n-tile) ·
 # RKMAX/16 + k-step) · 64 + reg · 32 + lane; kbits/kshift: per compacted column (H, RKMAX);
 # key_mean, rope in RoPE pair order.
@@ -684,6 +688,11 @@ DECODE_WARP_BODY = r"""
   VX_SHARED float fin_m[NW][G];
   VX_SHARED float fin_l[NW][G];
   VX_ALIGN16 VX_SHARED float fin_o[NW][G * D];
+  // SBASIS: the head's key basis B fragments (bfrag's layout, 2 · D/8 · RKMAX/16 words
+  // per lane) in dynamic shared memory, copied once per block, instead of two global
+  // loads per mma (BREG keeps them in registers instead).
+  constexpr int BFW = NTD * KS * 64;
+  VX_DYNAMIC_SHARED(unsigned int, bfrag_s, SBASIS ? BFW : 1);
   const bool a16 = ((reinterpret_cast<unsigned long long>(kwords) |
                      reinterpret_cast<unsigned long long>(vwords) |
                      reinterpret_cast<unsigned long long>(vscales) |
@@ -691,7 +700,21 @@ DECODE_WARP_BODY = r"""
                      (KTS ? reinterpret_cast<unsigned long long>(ktok) : 0ull)) & 15ull) == 0;
 
   VX_STAMP(0);
-  // 1. The first tile's codes start loading before the set-up's loads (independent).
+  // 1. The basis (SBASIS), then the first tile's codes start loading before the set-up's
+  // loads (independent); two groups, so the basis can be waited for alone.
+  if (SBASIS) {
+    const unsigned int* bsrc = bfrag + h * BFW;
+    if ((reinterpret_cast<unsigned long long>(bfrag) & 15ull) == 0) {
+      for (int i = 4 * tid; i < BFW; i += 4 * NT) {
+        vx_cp_async16(bfrag_s + i, bsrc + i);
+      }
+    } else {
+      for (int i = tid; i < BFW; i += NT) {
+        vx_cp_async4(bfrag_s + i, bsrc + i);
+      }
+    }
+  }
+  vx_cp_commit();
   int buf = 0;
   if (start + warp * 16 < stop) {
     vx_stage_tile(kw_s[warp][0], vw_s[warp][0], vsc_s[warp][0], vbi_s[warp][0],
@@ -731,6 +754,7 @@ DECODE_WARP_BODY = r"""
   for (int i = tid; i < G * D; i += NT) {
     qs[i] = fin_o[0][i - i % D + perm_s[i % D]];
   }
+  vx_cp_wait_prior();  // this thread's share of the basis (all groups but the tile's)
   VX_BARRIER();
   VX_STAMP(1);
 
@@ -827,9 +851,11 @@ DECODE_WARP_BODY = r"""
     for (int nt = 0; nt < NTD; nt++) {
       float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
       for (int ks = 0; ks < KS; ks++) {
-        const int fb = ((h * NTD + nt) * KS + ks) * 64 + lane;
-        const unsigned int b0 = BREG ? breg[BREG ? nt : 0][BREG ? ks : 0][0] : bfrag[fb];
-        const unsigned int b1 = BREG ? breg[BREG ? nt : 0][BREG ? ks : 0][1] : bfrag[fb + 32];
+        const int fb = (nt * KS + ks) * 64 + lane;
+        const unsigned int b0 = BREG ? breg[BREG ? nt : 0][BREG ? ks : 0][0]
+                                     : (SBASIS ? bfrag_s[fb] : bfrag[h * BFW + fb]);
+        const unsigned int b1 = BREG ? breg[BREG ? nt : 0][BREG ? ks : 0][1]
+                                     : (SBASIS ? bfrag_s[fb + 32] : bfrag[h * BFW + fb + 32]);
         vx_mma_16816(c0, c1, c2, c3, afrag[ks][0], afrag[ks][1], afrag[ks][2], afrag[ks][3],
                      b0, b1);
       }
@@ -1351,7 +1377,7 @@ DECODE_INPUTS = ["q", "perm", "params", "coded", "layout", "basis_mma", "kwords"
 DECODE_OUTPUTS = ["out", "out_max", "out_sum"]
 DECODE_WARP_INPUTS = ["q", "perm", "params", "coded", "layout", "bfrag", "kwords", "ktok",
                       "kbits", "kshift", "key_mean", "rope", "vwords", "vscales",
-                      "vbiases", "codebook", "ek", "ev", "cmeta", "counter"]
+                      "vbiases", "codebook", "ek", "ev", "cmeta", "counter", "after"]
 DECODE_WARP_OUTPUTS = ["out", "out_max", "out_sum", "result"]
 COMBINE_INPUTS = ["q", "out", "out_max", "out_sum", "ek", "ev", "vback", "vmean", "params",
                   "cmeta"]

@@ -58,6 +58,10 @@ WARP_UNROLL = int(os.environ.get("VELOX_WARP_UNROLL", "0"))
 # 64k; 1B shape, 1,024 blocks, +24% at 16k and +7% at 64k; BENCHMARKS.md). 0: always
 # read from memory.
 WARP_BASIS_REGISTERS = int(os.environ.get("VELOX_WARP_BASIS_REGISTERS", "64"))
+# Otherwise the fragments are copied into the block's dynamic shared memory once
+# (2 · head_dim · RKMAX bytes: 8 KiB at 64, 32 KiB at 128) rather than read from global
+# memory twice per mma. VELOX_WARP_BASIS_SHARED=0 reads them from memory (comparisons).
+WARP_BASIS_SHARED = os.environ.get("VELOX_WARP_BASIS_SHARED", "1") != "0"
 WARP_BASIS_REGISTER_BLOCKS = 512
 # Fewest 16-token tiles each warp of the warp-tiled kernel walks per split (more splits
 # start more blocks; fewer, longer splits cost less to merge). Tunable for profiling.
@@ -89,7 +93,7 @@ def unit_codebook() -> np.ndarray:
 
 
 @cache
-def _kernel(backend: str, which: str):
+def _kernel(backend: str, which: str, shared_memory: int = 0):
     body, inputs, outputs = {
         "decode": (src.DECODE_BODY, src.DECODE_INPUTS, src.DECODE_OUTPUTS),
         "decode_warp": (src.DECODE_WARP_BODY, src.DECODE_WARP_INPUTS,
@@ -102,12 +106,16 @@ def _kernel(backend: str, which: str):
     header, source = src.kernel_text(backend, body)
     if which.endswith("_stamps"):
         header = src.CUDA_STAMPS + header
-    make = mx.fast.metal_kernel
     if backend == "cuda":
-        header, source = _compact_source(header), _compact_source(source)
-        make = mx.fast.cuda_kernel
-    return make(name=f"velox_{which}", input_names=inputs, output_names=outputs,
-                source=source, header=header)
+        # MLX raises the kernel's dynamic shared-memory limit itself past 48 kB.
+        return mx.fast.cuda_kernel(name=f"velox_{which}", input_names=inputs,
+                                   output_names=outputs, source=_compact_source(source),
+                                   header=_compact_source(header),
+                                   shared_memory=shared_memory)
+    if shared_memory:
+        raise ValueError("dynamic shared memory is a CUDA kernel's (the warp-tiled one)")
+    return mx.fast.metal_kernel(name=f"velox_{which}", input_names=inputs,
+                                output_names=outputs, source=source, header=header)
 
 
 def _compact_source(text: str) -> str:
@@ -256,6 +264,9 @@ class SpectralKernels:
         self._counter_bh: mx.array | None = None
         self._warp_launch: tuple | None = None  # (key, prepared launch): _attend_warp
         self._warp_fits: dict[int, bool] = {}  # query heads per KV head -> warp_decode
+        # The previous warp-tiled launch's out_sum, an input of the next one (unread): it
+        # orders the launches that share _counter_bh (see _attend_warp).
+        self._warp_previous: mx.array | None = None
 
     # ----------------------------------------------------------------- decode
     def attend(self, queries: mx.array, scale: float, parts, coded: int, pos0: int,
@@ -353,9 +364,16 @@ class SpectralKernels:
                                                          stamps))
         kernel, fixed, counter, call = self._warp_launch[1]
         ek, ev, num_exact, capacity = self._exact_inputs(exact, queries.dtype)
+        # Launches on one cache share the split counter, so they must not run at once.
+        # Nothing else orders them where steps do not depend on each other's output
+        # (teacher-forced steps built lazily, then evaluated together: MLX's CUDA graph
+        # runs independent kernels concurrently, and on an H200 the logits came out NaN),
+        # so each launch takes the previous one's out_sum as an input it never reads.
+        after = self.dummy_float if self._warp_previous is None else self._warp_previous
         outputs = kernel(inputs=[queries, *fixed, ek, ev,
-                                 self._constant(mx.int32, num_exact, capacity), counter],
-                         **call)
+                                 self._constant(mx.int32, num_exact, capacity), counter,
+                                 after], **call)
+        self._warp_previous = outputs[2]
         if stamps:
             WARP_STAMPS.append(outputs[4])
         return outputs[3]
@@ -370,9 +388,7 @@ class SpectralKernels:
         ktok = parts[1] if self.key_token_scale else self.dummy_half
         vparts = parts[2 if self.key_token_scale else 1:]
         # Splits finished per KV head: the kernel's last block resets it. Two launches on
-        # one cache must therefore not run at once — decoding never does (each step needs
-        # the previous one's output); a benchmark evaluating several attends together
-        # should give each its own cache.
+        # one cache must therefore not run at once (_attend_warp chains them).
         if self._counter_bh is None or self._counter_bh.size < B * H:
             self._counter_bh = mx.zeros((B * H,), mx.int32)
         step = 16 * WARPS
@@ -384,6 +400,8 @@ class SpectralKernels:
         per_split = _cdiv(_cdiv(coded, splits), step) * step
         splits = _cdiv(coded, per_split)
         vb, vg = self.value_affine
+        breg = D <= WARP_BASIS_REGISTERS and B * H * splits <= WARP_BASIS_REGISTER_BLOCKS
+        sbasis = not breg and WARP_BASIS_SHARED
         layout = self._constant(mx.int32, self.key_rank, self.key_words, self.value_rank,
                                 self.value_words, pos0)
         fixed = [self.perm_mx, self._constant(mx.float32, scale), self._length(coded), layout,
@@ -396,15 +414,15 @@ class SpectralKernels:
                       ("MAXE", WARP_MAX_EXACT), ("MAXS", WARP_MAX_SPLITS),
                       ("VHAD", self.value_back is not None),
                       ("UNROLL_NT", WARP_UNROLL or D // 8),
-                      ("BREG", D <= WARP_BASIS_REGISTERS
-                       and B * H * splits <= WARP_BASIS_REGISTER_BLOCKS)],
+                      ("BREG", breg), ("SBASIS", sbasis)],
             grid=(32 * WARPS * splits, B * H, 1), threadgroup=(32 * WARPS, 1, 1),
             output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G),
                            (B, Hq, 1, D)] + [(B * H * splits, 32)] * stamps,
             output_dtypes=[mx.float32] * 3 + [dtype] + [mx.uint32] * stamps)
         if stamps:
             call["init_value"] = 0
-        kernel = _kernel(self.backend, "decode_warp_stamps" if stamps else "decode_warp")
+        kernel = _kernel(self.backend, "decode_warp_stamps" if stamps else "decode_warp",
+                         warp_dynamic_bytes(D, G, vb, vg, self.key_rank) if sbasis else 0)
         return kernel, fixed, self._counter_bh, call
 
     def combine(self, queries, scale, partials, exact):
@@ -503,6 +521,17 @@ def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int) -> int:
              + (1 if merge <= key_tiles else merge)  # merge scratch (in the key tiles)
              + 1)  # is_last
     return 4 * words
+
+
+def warp_dynamic_bytes(D: int, G: int, value_bits: int, value_group: int, rank: int) -> int:
+    """Dynamic shared memory of a warp-tiled launch with the basis in shared memory
+    (SBASIS): 2 · D · rank bytes. A block may use more than 48 KiB in all only once the
+    kernel's limit is raised, which MLX does only for a dynamic size above 48,000 bytes:
+    past 48 KiB in all (head_dim 128: 45,952 + 32,768 B) the request is padded to that."""
+    basis = 2 * D * rank
+    if warp_shared_bytes(D, G, value_bits, value_group) + basis <= 48 * 1024:
+        return basis
+    return max(basis, 48016)
 
 
 def _b_fragments(words: np.ndarray) -> np.ndarray:
