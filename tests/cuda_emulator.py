@@ -5,7 +5,9 @@ Metal kernels are built from) is compiled by the host C++ compiler with a small
 emulation of CUDA's execution model: one std::thread per CUDA thread of a block,
 ``__syncthreads`` as a std::barrier over the block, warp shuffles through a
 per-warp exchange buffer with a barrier over the warp's 32 lanes, ``__shared__``
-as storage shared by the block's threads. Blocks run one after another.
+as storage shared by the block's threads. Blocks run one after another. Outputs
+start as NaN (or 0xA5 bytes), as MLX leaves them uninitialised, and 16-byte
+``cp.async`` copies abort when misaligned and are counted (``COPIES_16``).
 
 ``emulated_kernel(which)`` returns a callable with ``mx.fast.cuda_kernel``'s call
 signature, so ``SpectralKernels`` runs unchanged on it. It checks the kernel's
@@ -79,12 +81,15 @@ inline float4 __ldcg(const float4* p) { return *p; }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline void vx_cp_async4(void* dst, const void* src) { __builtin_memcpy(dst, src, 4); }
+static std::atomic<long> copies16{0};  // 16-byte cp.async copies made (copies_16())
 inline void vx_cp_async16(void* dst, const void* src) {
   if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15u) {
     std::abort();  // cp.async of 16 bytes faults on a misaligned address
   }
   __builtin_memcpy(dst, src, 16);
+  copies16.fetch_add(1, std::memory_order_relaxed);
 }
+extern "C" long copies_16() { return copies16.exchange(0); }
 inline unsigned int __funnelshift_r(unsigned int lo, unsigned int hi, int shift) {
   return (unsigned int)((((unsigned long long)hi << 32) | lo) >> (shift & 31));
 }
@@ -163,6 +168,7 @@ def _build(code: str) -> ctypes.CDLL:
                             str(source), "-o", str(tmp)], check=True, capture_output=True)
             tmp.replace(lib)
         _BUILT[key] = ctypes.CDLL(str(lib))
+        _BUILT[key].copies_16.restype = ctypes.c_long
     return _BUILT[key]
 
 
@@ -215,6 +221,8 @@ def _constant(name, value) -> str:
 # Inputs 4 bytes past a 16-byte boundary: the warp-tiled kernel must then take its 4-byte
 # copies (a 16-byte cp.async aborts the emulator, as it faults on a GPU).
 MISALIGN_INPUTS = False
+# 16-byte cp.async copies made by the launches since the last read (copies_16()).
+COPIES_16 = 0
 
 
 def _placed(a: np.ndarray, offset: int) -> np.ndarray:
@@ -226,10 +234,17 @@ def _placed(a: np.ndarray, offset: int) -> np.ndarray:
     return placed
 
 
+def _poisoned(shape, dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.floating):
+        return np.full(shape, np.nan, dtype=dtype)
+    return np.full(shape, 0xA5A5A5A5 & np.iinfo(dtype).max, dtype=dtype)
+
+
 def emulated_kernel(which: str):
     """A stand-in for ``mx.fast.cuda_kernel(...)`` of the decode or encode kernel."""
 
-    def call(*, inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
+    def call(*, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
+             init_value=None, **_):
         body = BODIES[which][0]
         arrays = []
         for name, x in zip(BODIES[which][1], inputs, strict=True):
@@ -238,12 +253,18 @@ def emulated_kernel(which: str):
                 arrays.append(np.array(x.shape, dtype=np.int32))
         dtypes = [x.dtype for x in inputs]
         lib = _build(_source(which, dtypes, output_dtypes, template))
-        outs = [np.zeros(s, dtype=NUMPY[d]) for s, d in zip(output_shapes, output_dtypes,
-                                                             strict=True)]
+        # MLX leaves a kernel's outputs uninitialised unless init_value is given: here
+        # they start as NaN (float) or 0xA5 bytes (integers), so a kernel that reads or
+        # returns what it never wrote fails here rather than only on a GPU.
+        outs = [_poisoned(s, NUMPY[d]) if init_value is None
+                else np.full(s, init_value, dtype=NUMPY[d])
+                for s, d in zip(output_shapes, output_dtypes, strict=True)]
         pointers = (ctypes.c_void_p * (len(arrays) + len(outs)))(
             *[a.ctypes.data for a in arrays + outs])
         nt = threadgroup[0]
         lib.launch(pointers, grid[0] // nt, grid[1], nt)
+        global COPIES_16
+        COPIES_16 += lib.copies_16()
         return [mx.array(o) for o in outs]
 
     return call

@@ -337,8 +337,8 @@ def test_decode_kernel_matches_reference(backend, monkeypatch, heads, group, dim
 def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misaligned):
     """The warp-tiled kernel copies a tile's codes in 16-byte pieces when every code
     buffer starts on a 16-byte boundary and in 4-byte pieces otherwise (a misaligned
-    16-byte cp.async faults; the emulator aborts on one); both give the reference's
-    attention."""
+    16-byte cp.async faults; the emulator aborts on one, and counts the ones made); both
+    give the reference's attention."""
     import cuda_emulator
 
     if compiler() is None:
@@ -353,6 +353,7 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
 
     monkeypatch.setattr(kernels, "_kernel", emulated)
     monkeypatch.setattr(cuda_emulator, "MISALIGN_INPUTS", misaligned)
+    monkeypatch.setattr(cuda_emulator, "COPIES_16", 0)
     rng = np.random.default_rng(11)
     cache = filled(make_cache(rng, 2, 64, "pre", "affine-rotated", True), rng, 150)
     q = mx.array(rng.normal(size=(1, 6, 1, 64)).astype(np.float16))
@@ -360,6 +361,9 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
     cache.use_kernels("emulated")
     got = np.array(cache.attend(q, 0.125).astype(mx.float32))
     assert "decode_warp" in names
+    # 146 coded tokens: 10 tiles per KV head, each at least one 16-byte copy per code
+    # buffer (key words, key scales, value words, scales, biases): 2 · 10 · 5.
+    assert (cuda_emulator.COPIES_16 == 0) if misaligned else (cuda_emulator.COPIES_16 >= 100)
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
