@@ -332,8 +332,15 @@ class CodedKVCache:
         keys = self.exact_keys[..., s: s + count, :]
         values = self.exact_values[..., s: s + count, :]
         self._prepare_coding(keys, values, s + self.coded)
-        for a, b in self._pieces(count, s + self.coded, self.coding_chunk):
+        pieces = self._pieces(count, s + self.coded, self.coding_chunk)
+        for a, b in pieces:
             self._store(self.encode(keys[..., a:b, :], values[..., a:b, :], s + self.coded))
+            if len(pieces) > 1:
+                # Evaluated piece by piece: built lazily, a prompt's pieces were evaluated
+                # together and their temporaries lived at once (8B shape, one layer, 16k
+                # tokens: peak 185 -> 44 MiB). One piece (a decode step's batch, the fused
+                # encoder) stays lazy.
+                mx.eval(self.parts)
         rest = self.num_exact - s - count
         if self._exact[0].shape[2] != self._decode_capacity():
             # A prompt chunk's buffers: contiguous copies of what stays (a slice would
@@ -716,16 +723,23 @@ class SpectralKVCache(CodedKVCache):
 
     def _adapt(self, keys, values, position):
         """Re-plan keys (and spectral values) on their first coded tokens (see
-        PlanAdaptation)."""
+        PlanAdaptation). Their coefficients' moments are summed ENCODE_CHUNK tokens at a
+        time (a whole prompt's float32 coefficients would be the largest temporary of
+        coding it: 8B shape, 64k tokens, ~0.8 GB)."""
         B, _, L, _ = keys.shape
-        if self.inverter is not None:
-            keys = self.inverter(keys, position)
-        y = (keys.astype(mx.float32) - self.key_mean) @ self.key_basis
-        moments = [y.sum(axis=(0, 2)), (y * y).sum(axis=(0, 2))]
-        if self.value_adaptation is not None:
-            y = (values.astype(mx.float32) - self.value_mean) @ self.value_basis
-            moments += [y.sum(axis=(0, 2)), (y * y).sum(axis=(0, 2))]
-        self._apply_adaptation(np.array(mx.stack(moments), dtype=np.float64), B * L)
+        moments = 0.0
+        for a in range(0, L, ENCODE_CHUNK):
+            k = keys[..., a: a + ENCODE_CHUNK, :]
+            if self.inverter is not None:
+                k = self.inverter(k, position + a)
+            y = (k.astype(mx.float32) - self.key_mean) @ self.key_basis
+            piece = [y.sum(axis=(0, 2)), (y * y).sum(axis=(0, 2))]
+            if self.value_adaptation is not None:
+                y = (values[..., a: a + ENCODE_CHUNK, :].astype(mx.float32)
+                     - self.value_mean) @ self.value_basis
+                piece += [y.sum(axis=(0, 2)), (y * y).sum(axis=(0, 2))]
+            moments += np.array(mx.stack(piece), dtype=np.float64)
+        self._apply_adaptation(moments, B * L)
 
     def _apply_adaptation(self, moments: np.ndarray, count: int) -> None:
         calibrated = self.calibrated_plan
