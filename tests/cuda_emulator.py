@@ -5,9 +5,12 @@ Metal kernels are built from) is compiled by the host C++ compiler with a small
 emulation of CUDA's execution model: one std::thread per CUDA thread of a block,
 ``__syncthreads`` as a std::barrier over the block, warp shuffles through a
 per-warp exchange buffer with a barrier over the warp's 32 lanes, ``__shared__``
-as storage shared by the block's threads. Blocks run one after another. Outputs
-start as NaN (or 0xA5 bytes), as MLX leaves them uninitialised, and 16-byte
-``cp.async`` copies abort when misaligned and are counted (``COPIES_16``).
+as storage shared by the block's threads. Blocks run one after another, the KV
+heads' blocks interleaved (a block finds shared memory as another head's block left
+it). ``cp.async`` copies land when the thread waits for their commit group (or at the
+block's end), 16-byte ones abort when misaligned and are counted (``COPIES_16``);
+dynamic shared memory beyond the launch's request aborts. Outputs start as NaN (or
+0xA5 bytes), as MLX leaves them uninitialised.
 
 ``emulated_kernel(which)`` returns a callable with ``mx.fast.cuda_kernel``'s call
 signature, so ``SpectralKernels`` runs unchanged on it. It checks the kernel's
@@ -80,21 +83,36 @@ inline float __ldcg(const float* p) { return *p; }
 inline float4 __ldcg(const float4* p) { return *p; }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-inline void vx_cp_async4(void* dst, const void* src) { __builtin_memcpy(dst, src, 4); }
+struct CpCopy { void* d; const void* s; int n; };
+thread_local std::vector<CpCopy> cp_open;
+thread_local std::vector<std::vector<CpCopy>> cp_groups;
+// cp.async: a thread's copies wait in commit groups and land at the wait (or block end).
+inline void cp_run(std::vector<CpCopy>& g) {
+  for (auto& c : g) __builtin_memcpy(c.d, c.s, c.n);
+  g.clear();
+}
+inline void vx_cp_async4(void* dst, const void* src) { cp_open.push_back({dst, src, 4}); }
+static long dynamic_bytes = 0;  // the launch's dynamic shared-memory request
+inline void vx_dynamic_check(unsigned long need) {
+  if (need > (unsigned long)dynamic_bytes) std::abort();  // past the request: a GPU faults
+}
 static std::atomic<long> copies16{0};  // 16-byte cp.async copies made (copies_16())
 inline void vx_cp_async16(void* dst, const void* src) {
   if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15u) {
     std::abort();  // cp.async of 16 bytes faults on a misaligned address
   }
-  __builtin_memcpy(dst, src, 16);
+  cp_open.push_back({dst, src, 16});
   copies16.fetch_add(1, std::memory_order_relaxed);
 }
 extern "C" long copies_16() { return copies16.exchange(0); }
 inline unsigned int __funnelshift_r(unsigned int lo, unsigned int hi, int shift) {
   return (unsigned int)((((unsigned long long)hi << 32) | lo) >> (shift & 31));
 }
-inline void vx_cp_commit() {}
-inline void vx_cp_wait_prior() {}
+inline void vx_cp_commit() { cp_groups.push_back(std::move(cp_open)); cp_open.clear(); }
+inline void vx_cp_wait_prior() {
+  // cp.async.wait_group 1: every group but the newest has landed (this thread's copies).
+  while (cp_groups.size() > 1) { cp_run(cp_groups.front()); cp_groups.erase(cp_groups.begin()); }
+}
 inline void __syncwarp() { warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 // mma.sync.m16n8k16 (.row.col, f16 x f16 -> f32) across a warp, from the fragment
 // layout documented in kernel_source.CUDA_MMA.
@@ -176,7 +194,7 @@ def _source(which, dtypes, out_dtypes, template) -> str:
     body, inputs, outputs = BODIES[which]
     header = (src.CUDA_HEADER.replace("#define VX_SHARED __shared__", "#define VX_SHARED static")
               .replace("extern __shared__ __align__(16) T name[]",
-                       "alignas(16) static T name[n]")
+                       "alignas(16) static T name[n]; vx_dynamic_check(n > 1 ? sizeof(name) : 0)")
               .replace("__align__(16)", "alignas(16)")
               + src.COMMON_HELPERS + src.CUDA_KEYS + src.CUDA_STAGE)
     args = []
@@ -191,8 +209,8 @@ def _source(which, dtypes, out_dtypes, template) -> str:
     casts = [f"({a.rsplit(' ', 1)[0]})p[{i}]" for i, a in enumerate(args)]
     return (PRELUDE + header + "static void kernel(" + ", ".join(args) + ") {\n" + consts
             + src.CUDA_PREAMBLE + body + "\n}\n"
-            + 'extern "C" void launch(void** p, int gx, int gy, int nt) {\n'
-            + "  gridDim.x = gx; gridDim.y = gy;\n"
+            + 'extern "C" void launch(void** p, int gx, int gy, int nt, long smem) {\n'
+            + "  gridDim.x = gx; gridDim.y = gy; dynamic_bytes = smem;\n"
             + "  std::barrier<> block(nt); block_barrier = &block;\n"
             + "  std::vector<std::barrier<>*> warps;\n"
             + "  for (int w = 0; w < (nt + 31) / 32; w++)"
@@ -201,9 +219,10 @@ def _source(which, dtypes, out_dtypes, template) -> str:
             + "  std::vector<std::thread> threads;\n"
             + "  for (int t = 0; t < nt; t++) threads.emplace_back([=, &block] {\n"
             + "    threadIdx.x = t;\n"
-            + "    for (int by = 0; by < gy; by++) for (int bx = 0; bx < gx; bx++) {\n"
+            + "    for (int bx = 0; bx < gx; bx++) for (int by = 0; by < gy; by++) {\n"
             + "      blockIdx.x = bx; blockIdx.y = by;\n"
             + "      kernel(" + ", ".join(casts) + ");\n"
+            + "      for (auto& g : cp_groups) cp_run(g); cp_groups.clear(); cp_run(cp_open);\n"
             + "      block.arrive_and_wait();\n"
             + "    }\n  });\n"
             + "  for (auto& th : threads) th.join();\n"
@@ -240,8 +259,9 @@ def _poisoned(shape, dtype) -> np.ndarray:
     return np.full(shape, 0xA5A5A5A5 & np.iinfo(dtype).max, dtype=dtype)
 
 
-def emulated_kernel(which: str):
-    """A stand-in for ``mx.fast.cuda_kernel(...)`` of the decode or encode kernel."""
+def emulated_kernel(which: str, shared_memory: int = 0):
+    """A stand-in for ``mx.fast.cuda_kernel(...)`` of the decode or encode kernel, with
+    ``shared_memory`` bytes of dynamic shared memory."""
 
     def call(*, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
              init_value=None, **_):
@@ -262,7 +282,7 @@ def emulated_kernel(which: str):
         pointers = (ctypes.c_void_p * (len(arrays) + len(outs)))(
             *[a.ctypes.data for a in arrays + outs])
         nt = threadgroup[0]
-        lib.launch(pointers, grid[0] // nt, grid[1], nt)
+        lib.launch(pointers, grid[0] // nt, grid[1], nt, ctypes.c_long(shared_memory))
         global COPIES_16
         COPIES_16 += lib.copies_16()
         return [mx.array(o) for o in outs]

@@ -1225,30 +1225,37 @@ def _use_kernels(model, config: KVCacheConfig, caches) -> tuple[str | None, list
 def kernel_self_test(backend: str) -> str | None:
     """Run the fused kernels once on a small random cache against the pure-MLX
     reference: None when they agree, else what went wrong. Guards against a GPU
-    or compiler on which they fail to build or compute (once per process)."""
+    or compiler on which they fail to build or compute (once per process). Two shapes:
+    head_dim 64 (on CUDA, the key basis in registers) and 128 (in dynamic shared memory,
+    a request past 48 KiB)."""
     rng = np.random.default_rng(0)
-    H, D, G = 2, 64, 2
-    lam = np.exp(-np.arange(D) / 10.0)[None].repeat(H, 0)
-    bits = np.clip(np.round(3 + 0.5 * np.log2(lam / lam.mean(1, keepdims=True))), 0, 8)
-    basis = np.stack([random_rotation(D, seed) for seed in range(H)])
-    try:
-        cache = SpectralKVCache(basis, 2 * np.sqrt(lam), bits.astype(np.int64), basis,
-                                2 * np.sqrt(lam), None, "pre", nn.RoPE(D, traditional=True),
-                                value_affine=(4, 64), sink_tokens=4, token_scale=True)
-        keys = mx.array(rng.normal(size=(1, H, 300, D)).astype(np.float16))
-        values = mx.array(rng.normal(size=(1, H, 300, D)).astype(np.float16))
-        query = mx.array(rng.normal(size=(1, H * G, 1, D)).astype(np.float16))
-        cache.use_kernels(backend)
-        cache.update_and_fetch(keys, values)
-        fused = cache.attend(query, D**-0.5)
-        cache.kernels = None
-        reference = cache.attend(query, D**-0.5)
-        error = mx.max(mx.abs(fused.astype(mx.float32) - reference.astype(mx.float32))).item()
-    except Exception as e:  # noqa: BLE001 — any failure means: do not use them
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    # Tolerance: the encoders may round a few values to the neighbouring level, and CUDA
-    # rebuilds keys from fp16 coefficients.
-    return None if error < 2e-2 else f"output differs from the reference by {error:.3g}"
+    for H, D, G in ((2, 64, 2), (2, 128, 4)):
+        lam = np.exp(-np.arange(D) / (D / 6.4))[None].repeat(H, 0)
+        bits = np.clip(np.round(3 + 0.5 * np.log2(lam / lam.mean(1, keepdims=True))), 0, 8)
+        basis = np.stack([random_rotation(D, seed) for seed in range(H)])
+        try:
+            cache = SpectralKVCache(basis, 2 * np.sqrt(lam), bits.astype(np.int64), basis,
+                                    2 * np.sqrt(lam), None, "pre",
+                                    nn.RoPE(D, traditional=True), value_affine=(4, 64),
+                                    sink_tokens=4, token_scale=True)
+            keys = mx.array(rng.normal(size=(1, H, 300, D)).astype(np.float16))
+            values = mx.array(rng.normal(size=(1, H, 300, D)).astype(np.float16))
+            query = mx.array(rng.normal(size=(1, H * G, 1, D)).astype(np.float16))
+            cache.use_kernels(backend)
+            cache.update_and_fetch(keys, values)
+            fused = cache.attend(query, D**-0.5)
+            cache.kernels = None
+            reference = cache.attend(query, D**-0.5)
+            error = mx.max(mx.abs(fused.astype(mx.float32)
+                                  - reference.astype(mx.float32))).item()
+        except Exception as e:  # noqa: BLE001 — any failure means: do not use them
+            message = str(e).splitlines()[0][:200] if str(e) else ""
+            return f"head_dim {D}: {type(e).__name__}: {message}"
+        # Tolerance: the encoders may round a few values to the neighbouring level, and
+        # CUDA rebuilds keys from fp16 coefficients.
+        if not error < 2e-2:
+            return f"head_dim {D}: output differs from the reference by {error:.3g}"
+    return None
 
 
 def _check_rotations(model, config: KVCacheConfig) -> None:

@@ -368,7 +368,9 @@ class SpectralKernels:
         # Nothing else orders them where steps do not depend on each other's output
         # (teacher-forced steps built lazily, then evaluated together: MLX's CUDA graph
         # runs independent kernels concurrently, and on an H200 the logits came out NaN),
-        # so each launch takes the previous one's out_sum as an input it never reads.
+        # so each launch takes the previous one's out_sum as an input it never reads. (An
+        # attend built and never evaluated then runs with the next one: benchmarks that
+        # build many and evaluate one should use a cache each.)
         after = self.dummy_float if self._warp_previous is None else self._warp_previous
         outputs = kernel(inputs=[queries, *fixed, ek, ev,
                                  self._constant(mx.int32, num_exact, capacity), counter,
@@ -527,9 +529,12 @@ def warp_dynamic_bytes(D: int, G: int, value_bits: int, value_group: int, rank: 
     """Dynamic shared memory of a warp-tiled launch with the basis in shared memory
     (SBASIS): 2 · D · rank bytes. A block may use more than 48 KiB in all only once the
     kernel's limit is raised, which MLX does only for a dynamic size above 48,000 bytes:
-    past 48 KiB in all (head_dim 128: 45,952 + 32,768 B) the request is padded to that."""
+    past 48 KiB in all (head_dim 128: 45,952 + 32,768 B; the static estimate is within
+    WARP_SHARED_LIMIT's margin of the compiler's) the request is padded to that. MLX sets
+    the limit when it first loads a kernel, keyed by name and template arguments: the
+    request must depend on nothing else (here D, G, value bits and group, RKMAX)."""
     basis = 2 * D * rank
-    if warp_shared_bytes(D, G, value_bits, value_group) + basis <= 48 * 1024:
+    if warp_shared_bytes(D, G, value_bits, value_group) + basis <= WARP_SHARED_LIMIT:
         return basis
     return max(basis, 48016)
 
