@@ -1225,11 +1225,14 @@ def _use_kernels(model, config: KVCacheConfig, caches) -> tuple[str | None, list
 def kernel_self_test(backend: str) -> str | None:
     """Run the fused kernels once on a small random cache against the pure-MLX
     reference: None when they agree, else what went wrong. Guards against a GPU
-    or compiler on which they fail to build or compute (once per process). Two shapes:
-    head_dim 64 (on CUDA, the key basis in registers) and 128 (in dynamic shared memory,
-    a request past 48 KiB)."""
+    or compiler on which they fail to build or compute (once per process). On CUDA a
+    second shape, head_dim 128, runs the warp-tiled kernel with its key basis in dynamic
+    shared memory (a request past 48 KiB); at 64 the basis sits in registers."""
     rng = np.random.default_rng(0)
-    for H, D, G in ((2, 64, 2), (2, 128, 4)):
+    # Not on Metal: its (block-tiled) kernels have run nowhere yet, and a head_dim-128
+    # case they might not fit would switch them off for head_dim-64 models too.
+    shapes = [(2, 64, 2)] + ([(2, 128, 4)] if backend != "metal" else [])
+    for H, D, G in shapes:
         lam = np.exp(-np.arange(D) / (D / 6.4))[None].repeat(H, 0)
         bits = np.clip(np.round(3 + 0.5 * np.log2(lam / lam.mean(1, keepdims=True))), 0, 8)
         basis = np.stack([random_rotation(D, seed) for seed in range(H)])
