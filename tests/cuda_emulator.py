@@ -239,7 +239,8 @@ def _constant(name, value) -> str:
 
 # Inputs 4 bytes past a 16-byte boundary: the warp-tiled kernel must then take its 4-byte
 # copies (a 16-byte cp.async aborts the emulator, as it faults on a GPU).
-MISALIGN_INPUTS = False
+# True: every input; a set of input names: those only.
+MISALIGN_INPUTS: bool | set = False
 # 16-byte cp.async copies made by the launches since the last read (copies_16()).
 COPIES_16 = 0
 
@@ -268,7 +269,9 @@ def emulated_kernel(which: str, shared_memory: int = 0):
         body = BODIES[which][0]
         arrays = []
         for name, x in zip(BODIES[which][1], inputs, strict=True):
-            arrays.append(_placed(np.array(x), 4 if MISALIGN_INPUTS else 0))
+            shifted = MISALIGN_INPUTS is True or (
+                isinstance(MISALIGN_INPUTS, set) and name in MISALIGN_INPUTS)
+            arrays.append(_placed(np.array(x), 4 if shifted else 0))
             if f"{name}_shape" in body:
                 arrays.append(np.array(x.shape, dtype=np.int32))
         dtypes = [x.dtype for x in inputs]

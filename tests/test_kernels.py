@@ -333,12 +333,15 @@ def test_decode_kernel_matches_reference(backend, monkeypatch, heads, group, dim
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("misaligned", [False, True, {"kwords"}, {"ktok"}, {"vscales"},
+                                        {"vbiases"}, {"vwords"}],
+                         ids=["aligned", "all", "kwords", "ktok", "vscales", "vbiases",
+                              "vwords"])
 def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misaligned):
     """The warp-tiled kernel copies a tile's codes in 16-byte pieces when every code
-    buffer starts on a 16-byte boundary and in 4-byte pieces otherwise (a misaligned
-    16-byte cp.async faults; the emulator aborts on one, and counts the ones made); both
-    give the reference's attention."""
+    buffer starts on a 16-byte boundary and in 4-byte pieces otherwise — all of them or
+    any one misaligned (a misaligned 16-byte cp.async faults; the emulator aborts on one,
+    and counts the ones made); both give the reference's attention."""
     import cuda_emulator
 
     if compiler() is None:
