@@ -337,9 +337,9 @@ class CodedKVCache:
             self._store(self.encode(keys[..., a:b, :], values[..., a:b, :], s + self.coded))
             if len(pieces) > 1:
                 # Evaluated piece by piece: built lazily, a prompt's pieces were evaluated
-                # together and their temporaries lived at once (8B shape, one layer, 16k
-                # tokens: peak 185 -> 44 MiB). One piece (a decode step's batch, the fused
-                # encoder) stays lazy.
+                # together and their temporaries lived at once (8B-class layer, 16k-token
+                # prompt: peak 190 -> 59 MiB, benchmarks/adapt_memory_probe.py). One
+                # piece (a decode step's batch, the fused encoder) stays lazy.
                 mx.eval(self.parts)
         rest = self.num_exact - s - count
         if self._exact[0].shape[2] != self._decode_capacity():
