@@ -138,6 +138,11 @@ def test_coding_and_decoding_in_pieces_changes_nothing(tiny, monkeypatch, spec):
     whole = KVCacheBuilder.build(model, config)
     want = [logits_with(model, whole, ids[:130], chunk=130),
             logits_with(model, whole, ids[130:150], chunk=1)]
+    # The reference path's decode-step attention (partials per piece, merged; a float32
+    # query, so the output is not rounded to fp16).
+    heads, dim = model.args.num_attention_heads, model.args.head_dim
+    q = mx.array(np.random.default_rng(3).normal(size=(1, heads, 1, dim)).astype(np.float32))
+    want_attention = [np.array(c.attend(q, dim**-0.5).astype(mx.float32)) for c in whole]
     monkeypatch.setattr(cache_module, "ENCODE_CHUNK", 32)
     monkeypatch.setattr(cache_module, "DECODE_CHUNK", 64)
     monkeypatch.setattr(cache_module, "DECODE_WHOLE", 64)
@@ -154,6 +159,9 @@ def test_coding_and_decoding_in_pieces_changes_nothing(tiny, monkeypatch, spec):
             np.testing.assert_allclose(np.array(y), np.array(x), atol=1e-5, rtol=0)
     for w, g in zip(want, got, strict=True):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=0)
+    for cache, w in zip(pieces, want_attention, strict=True):
+        g = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
 
 
 def test_effective_bits_from_nbytes_match_the_formula(tiny):
