@@ -332,15 +332,17 @@ class CodedKVCache:
         keys = self.exact_keys[..., s: s + count, :]
         values = self.exact_values[..., s: s + count, :]
         self._prepare_coding(keys, values, s + self.coded)
-        pieces = self._pieces(count, s + self.coded, self.coding_chunk)
-        for a, b in pieces:
-            self._store(self.encode(keys[..., a:b, :], values[..., a:b, :], s + self.coded))
-            if len(pieces) > 1:
-                # Evaluated piece by piece: built lazily, a prompt's pieces were evaluated
-                # together and their temporaries lived at once (8B-class layer, 16k-token
-                # prompt: peak 190 -> 59 MiB, benchmarks/adapt_memory_probe.py). One
-                # piece (a decode step's batch, the fused encoder) stays lazy.
-                mx.eval(self.parts)
+        previous = None
+        for a, b in self._pieces(count, s + self.coded, self.coding_chunk):
+            piece = keys[..., a:b, :]
+            if previous is not None:
+                # Each piece waits for the previous one's codes: built lazily, a prompt's
+                # pieces were otherwise coded together and their temporaries coexisted
+                # (8B-class layer, 16k-token prompt: peak 190 -> 76 MiB,
+                # benchmarks/adapt_memory_probe.py).
+                piece = mx.depends(piece, previous)
+            previous = list(self.encode(piece, values[..., a:b, :], s + self.coded))
+            self._store(previous)
         rest = self.num_exact - s - count
         if self._exact[0].shape[2] != self._decode_capacity():
             # A prompt chunk's buffers: contiguous copies of what stays (a slice would
@@ -740,9 +742,11 @@ class SpectralKVCache(CodedKVCache):
         time (a whole prompt's float32 coefficients would be the largest temporary of
         coding it: 8B shape, 64k tokens, ~0.8 GB)."""
         B, _, L, _ = keys.shape
-        moments = 0.0
+        total = None
         for a in range(0, L, ENCODE_CHUNK):
             k = keys[..., a: a + ENCODE_CHUNK, :]
+            if total is not None:
+                k = mx.depends(k, total)  # one piece's temporaries at a time
             if self.inverter is not None:
                 k = self.inverter(k, position + a)
             y = (k.astype(mx.float32) - self.key_mean) @ self.key_basis
@@ -751,8 +755,8 @@ class SpectralKVCache(CodedKVCache):
                 y = (values[..., a: a + ENCODE_CHUNK, :].astype(mx.float32)
                      - self.value_mean) @ self.value_basis
                 piece += [y.sum(axis=(0, 2)), (y * y).sum(axis=(0, 2))]
-            moments += np.array(mx.stack(piece), dtype=np.float64)
-        self._apply_adaptation(moments, B * L)
+            total = mx.stack(piece) if total is None else total + mx.stack(piece)
+        self._apply_adaptation(np.array(total, dtype=np.float64), B * L)
 
     def _apply_adaptation(self, moments: np.ndarray, count: int) -> None:
         calibrated = self.calibrated_plan
