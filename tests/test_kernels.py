@@ -57,7 +57,7 @@ def make_cache(rng, heads=3, dim=64, mode="pre", values="affine", token_scale=Fa
                traditional=True, avg_bits=3, sink_tokens=4, token_scale_floor=1e-6,
                adapt_prior=0, metric=False):
     """A spectral cache with random bases, decaying spectra and water-filled-like bits;
-    ``values``: "affine", "affine3" (3-bit), "spectral", "affine-rotated" or
+    ``values``: "affine", "affine3" / "affine8" (3-/8-bit), "spectral", "affine-rotated" or
     "affine3-rotated" (Hadamard-rotated affine, +vh);
     ``adapt_prior`` > 0: the plan adapts to the first coded tokens (+ad);
     ``metric``: keys code through E = S·U and decode through G = S⁻¹·U (+qm)."""
@@ -66,7 +66,7 @@ def make_cache(rng, heads=3, dim=64, mode="pre", values="affine", token_scale=Fa
     bits = np.clip(np.round(avg_bits + 0.5 * np.log2(lam / lam.mean(1, keepdims=True))),
                    0, 8).astype(np.int64)
     scales = 2.0 * np.sqrt(lam)
-    value_affine = ((3 if values.startswith("affine3") else 4, 64)
+    value_affine = ((int(values[6]) if values[6:7].isdigit() else 4, 64)
                     if values.startswith("affine") else None)
     rotation = value_rotation(dim) if values.endswith("rotated") else None
     rope = nn.RoPE(dim, traditional=traditional, base=10000) if mode == "pre" else None
@@ -220,6 +220,7 @@ SHAPES = [  # heads, query heads per KV head, head_dim, rope mode, values, token
     (3, 3, 64, "pre", "affine-rotated", True),
     (3, 3, 64, "pre", "affine3-rotated", False),
     (2, 4, 128, "post", "affine3", True),
+    (2, 6, 128, "pre", "affine8-rotated", True),  # warp-tiled: six query heads, 8-bit values
 ]
 
 
@@ -413,14 +414,17 @@ def test_warp_kernel_reads_its_basis_from_registers_shared_memory_or_memory(
     _, shared_memory, template, blocks = warp
     assert template["BREG"] == (place == "registers")
     assert template["SBASIS"] == (place == "shared")
-    basis = 2 * dim * cache.kernels.key_rank  # bytes (the emulator aborts past the request)
-    static = kernels.warp_shared_bytes(dim, 3, 4, 64)
+    # The basis and the staged key and value words (the emulator aborts past the request).
+    key_words = cache.kernels.key_words
+    basis = 2 * dim * cache.kernels.key_rank
+    dynamic = basis + 4 * 4 * 2 * (16 * key_words + 4 + 16 * dim * 4 // 32 + 4)
+    static = kernels.warp_shared_bytes(dim, 3, 4, 64, key_words, tiles=False)
     if place != "shared":
         assert shared_memory == 0
-    elif static + basis > 48 * 1024 - 256:  # MLX raises the limit past 48,000 B only
-        assert shared_memory > 48000
+    elif static + dynamic > 48 * 1024 - 256:  # MLX raises the limit past 48,000 B only
+        assert shared_memory == max(dynamic, 48016)
     else:
-        assert shared_memory >= basis
+        assert shared_memory == dynamic
     # Aligned, every block copies its head's basis 16 bytes at a time (on top of codes).
     basis_copies = blocks * basis // 16 if place == "shared" else 0
     if misaligned:
@@ -463,19 +467,20 @@ def test_decode_steps_match_reference_through_batched_appends(backend, values):
 
 
 @pytest.mark.parametrize("dim,group,value_bits,warp", [
-    (64, 3, 4, True), (128, 4, 4, True), (128, 5, 4, True), (128, 6, 4, False),
-    (128, 8, 4, False), (128, 4, 8, False), (64, 9, 4, False)])
+    (64, 3, 4, True), (128, 4, 4, True), (128, 5, 4, True), (128, 6, 4, True),
+    (128, 8, 4, False), (128, 4, 8, True), (128, 8, 8, False), (64, 9, 4, False)])
 def test_warp_kernel_only_where_its_shared_memory_fits(dim, group, value_bits, warp):
     """CUDA refuses more than 48 KiB of static shared memory; larger query groups, head
-    dims or value widths take the block-tiled kernel (warp_shared_bytes: 45,952 B at
-    head_dim 128 / 4 query heads, 51,136 B at 6; before the tensor-core P·V rewrite the
-    formula matched ptxas, sm_90, within 16 B)."""
+    dims or value widths take the block-tiled kernel (warp_shared_bytes, key tiles sized
+    by the layout's key words — 9 per token here: 34,176 B at head_dim 128 / 4 query
+    heads, 44,852 B at 6, 51,868 B at 8; before the tensor-core P·V rewrite the formula
+    matched ptxas, sm_90, within 16 B)."""
     cache = make_cache(np.random.default_rng(0), 2, dim)
     cache.value_affine = (value_bits, 64)
     layout = SpectralKernels(cache, "emulated")
     q = mx.zeros((1, 2 * group, 1, dim), mx.float16)
     assert layout.warp_decode(q) == warp
-    assert (kernels.warp_shared_bytes(dim, group, value_bits, 64)
+    assert (kernels.warp_shared_bytes(dim, group, value_bits, 64, layout.key_words)
             <= kernels.WARP_SHARED_LIMIT) == (warp or group > kernels.MAX_WARP_GROUP)
 
 

@@ -675,11 +675,13 @@ DECODE_WARP_BODY = r"""
   VX_SHARED float2 mean_s[D / 2];  // the key mean, RoPE pair order
   // Per warp, two buffers of a tile's codes (double-buffered: one loads, one is read).
   // fp16 arrays travel as 32-bit words (16 tokens: whole words, 16-byte aligned); spare
-  // words let a code straddling the last word read two words without a branch.
-  constexpr int KWMAX = 16 * (D / 4);
+  // words let a code straddling the last word read two words without a branch. WKS is
+  // the layout's key words per token (layout[1]).
+  constexpr int KWT = 16 * WKS + 4;  // one buffer of key words
+  constexpr int VWT = 16 * VW + 4;  // one buffer of value words
   constexpr int SBW = 16 * NG / 2;
-  VX_ALIGN16 VX_SHARED unsigned int kw_s[NW][2][KWMAX + 4];
-  VX_ALIGN16 VX_SHARED unsigned int vw_s[NW][2][16 * VW + 4];
+  VX_ALIGN16 VX_SHARED unsigned int kw_static[SBASIS ? 1 : NW * 2 * KWT];
+  VX_ALIGN16 VX_SHARED unsigned int vw_static[SBASIS ? 1 : NW * 2 * VWT];
   VX_ALIGN16 VX_SHARED unsigned int vsc_s[NW][2][SBW];
   VX_ALIGN16 VX_SHARED unsigned int vbi_s[NW][2][SBW];
   VX_ALIGN16 VX_SHARED unsigned int kts_s[NW][2][8];
@@ -690,9 +692,15 @@ DECODE_WARP_BODY = r"""
   VX_ALIGN16 VX_SHARED float fin_o[NW][G * D];
   // SBASIS: the head's key basis B fragments (bfrag's layout, 2 · D/8 · RKMAX/16 words
   // per lane) in dynamic shared memory, copied once per block, instead of two global
-  // loads per mma (BREG keeps them in registers instead).
+  // loads per mma (BREG keeps them in registers instead); the key and value word buffers
+  // follow them there. (MLX raises a kernel's shared-memory limit only for a dynamic
+  // request above 48,000 B, which the host pads to; with the buffers inside it the
+  // padding is mostly used: head_dim 128, 69 KiB a block in all, three blocks per SM.)
   constexpr int BFW = NTD * KS * 64;
-  VX_DYNAMIC_SHARED(unsigned int, bfrag_s, SBASIS ? BFW : 1);
+  VX_DYNAMIC_SHARED(unsigned int, dyn_s, SBASIS ? BFW + NW * 2 * (KWT + VWT) : 1);
+  const unsigned int* bfrag_s = dyn_s;
+  unsigned int* kw_s = SBASIS ? dyn_s + BFW : kw_static;
+  unsigned int* vw_s = SBASIS ? dyn_s + BFW + NW * 2 * KWT : vw_static;
   const bool a16 = ((reinterpret_cast<unsigned long long>(kwords) |
                      reinterpret_cast<unsigned long long>(vwords) |
                      reinterpret_cast<unsigned long long>(vscales) |
@@ -706,19 +714,19 @@ DECODE_WARP_BODY = r"""
     const unsigned int* bsrc = bfrag + h * BFW;
     if ((reinterpret_cast<unsigned long long>(bfrag) & 15ull) == 0) {
       for (int i = 4 * tid; i < BFW; i += 4 * NT) {
-        vx_cp_async16(bfrag_s + i, bsrc + i);
+        vx_cp_async16(dyn_s + i, bsrc + i);
       }
     } else {
       for (int i = tid; i < BFW; i += NT) {
-        vx_cp_async4(bfrag_s + i, bsrc + i);
+        vx_cp_async4(dyn_s + i, bsrc + i);
       }
     }
   }
   vx_cp_commit();
   int buf = 0;
   if (start + warp * 16 < stop) {
-    vx_stage_tile(kw_s[warp][0], vw_s[warp][0], vsc_s[warp][0], vbi_s[warp][0],
-                  kts_s[warp][0], kwords, vwords, vscales, vbiases, ktok,
+    vx_stage_tile(kw_s + warp * 2 * KWT, vw_s + warp * 2 * VWT, vsc_s[warp][0],
+                  vbi_s[warp][0], kts_s[warp][0], kwords, vwords, vscales, vbiases, ktok,
                   bh * cap + start + warp * 16, wk, VW, SBW, KTS, a16, lane);
   }
   vx_cp_commit();
@@ -793,15 +801,16 @@ DECODE_WARP_BODY = r"""
   for (int t0 = start + warp * 16; t0 < stop; t0 += STEP) {
     const int n = min(16, stop - t0);
     if (t0 + STEP < stop) {
-      vx_stage_tile(kw_s[warp][buf ^ 1], vw_s[warp][buf ^ 1], vsc_s[warp][buf ^ 1],
+      vx_stage_tile(kw_s + (warp * 2 + (buf ^ 1)) * KWT, vw_s + (warp * 2 + (buf ^ 1)) * VWT,
+                    vsc_s[warp][buf ^ 1],
                     vbi_s[warp][buf ^ 1], kts_s[warp][buf ^ 1], kwords, vwords, vscales,
                     vbiases, ktok, bh * cap + t0 + STEP, wk, VW, SBW, KTS, a16, lane);
     }
     vx_cp_commit();
     vx_cp_wait_prior();
     __syncwarp();
-    const unsigned int* kw = kw_s[warp][buf];
-    const unsigned int* vw = vw_s[warp][buf];
+    const unsigned int* kw = kw_s + (warp * 2 + buf) * KWT;
+    const unsigned int* vw = vw_s + (warp * 2 + buf) * VWT;
     const VX_HALF_T* vsc = reinterpret_cast<const VX_HALF_T*>(vsc_s[warp][buf]);
     const VX_HALF_T* vbi = reinterpret_cast<const VX_HALF_T*>(vbi_s[warp][buf]);
     const VX_HALF_T* kts = reinterpret_cast<const VX_HALF_T*>(kts_s[warp][buf]);
@@ -999,9 +1008,9 @@ DECODE_WARP_BODY = r"""
   const int EC = cmeta[1];  // the exact buffers' capacity (tokens per head)
   // The merge's scratch lives in the key tile buffers (dead by now) where it fits.
   constexpr int MERGE_WORDS = G * MAXE + G * MAXS + G;
-  constexpr bool MERGE_IN_TILES = MERGE_WORDS <= NW * 2 * (KWMAX + 4);
+  constexpr bool MERGE_IN_TILES = MERGE_WORDS <= NW * 2 * KWT;
   VX_SHARED float merge_s[MERGE_IN_TILES ? 1 : MERGE_WORDS];
-  float* pexact = MERGE_IN_TILES ? reinterpret_cast<float*>(&kw_s[0][0][0]) : merge_s;
+  float* pexact = MERGE_IN_TILES ? reinterpret_cast<float*>(kw_s) : merge_s;
   float* wsplit = pexact + G * MAXE;
   float* head_total = wsplit + G * MAXS;
   // Exact tokens' scores: a thread per (head, token), all of its loads at once (the
@@ -1385,6 +1394,18 @@ COMBINE_OUTPUTS = ["result"]
 ENCODE_INPUTS = ["x", "perm", "rope", "mean", "basis", "rms", "ts_clamp", "bits", "shift",
                  "scale", "codebook", "position", "emeta"]
 ENCODE_OUTPUTS = ["out_words", "out_scale"]
+
+
+def with_launch_bounds(header: str, source: str, threads: int, min_blocks: int):
+    """(header, source) of a CUDA kernel compiled with ``__launch_bounds__(threads,
+    min_blocks)``. MLX writes the signature itself (``__global__ void <name>(``, the name
+    carrying a hash of the template arguments), so the header redefines ``__global__``
+    (NVRTC's is ``__location__(global)``) for that one declaration and the body restores
+    it; ``__global__ __launch_bounds__(…) void f(…)`` is CUTLASS's spelling."""
+    bounds = (f"#undef __global__\n#define __global__ __location__(global) "
+              f"__launch_bounds__({threads}, {min_blocks})\n")
+    restore = "\n#undef __global__\n#define __global__ __location__(global)\n"
+    return header + bounds, source + restore
 
 
 def kernel_text(backend: str, body: str) -> tuple[str, str]:

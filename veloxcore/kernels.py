@@ -47,8 +47,9 @@ WARP_SHARED_LIMIT = 48 * 1024 - 256
 # The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
 # falls back to the block-tiled one (for comparisons).
 WARP_DECODE = os.environ.get("VELOX_WARP_DECODE", "1") != "0"
-# Unrolling of its loop over 8-dim slices of the head (0: fully); fewer registers, more
-# resident warps when small.
+# Unrolling of its loop over 8-dim slices of the head (0: fully up to head_dim 64, 4-fold
+# beyond: head_dim 128 fully unrolled took 229 registers, 4-fold 168, which lets three
+# blocks share an SM; H200, 8B shape at 64k: 284-290 -> 264 µs with two).
 WARP_UNROLL = int(os.environ.get("VELOX_WARP_UNROLL", "0"))
 # Key basis fragments in registers for a whole split, up to this head_dim (their count
 # grows as head_dim², 64 words per lane at 64), in launches of at most
@@ -66,6 +67,10 @@ WARP_BASIS_REGISTER_BLOCKS = 512
 # Fewest 16-token tiles each warp of the warp-tiled kernel walks per split (more splits
 # start more blocks; fewer, longer splits cost less to merge). Tunable for profiling.
 WARP_MIN_TILES = int(os.environ.get("VELOX_WARP_MIN_TILES", "2"))
+# Blocks per SM the warp-tiled kernel is compiled to fit (``__launch_bounds__``: the
+# compiler caps registers at 64K / (128 · N), spilling past that); 0 leaves registers to
+# the compiler. Tunable for profiling.
+WARP_MIN_BLOCKS = int(os.environ.get("VELOX_WARP_MIN_BLOCKS", "0"))
 # Profiling (benchmarks/warp_phases.py): a list here makes the warp-tiled kernel a build
 # that timestamps its phases (kernel_source.CUDA_STAMPS); each launch appends its stamps,
 # (blocks, 32) uint32 in the order of blockIdx.y-major block ids.
@@ -106,6 +111,8 @@ def _kernel(backend: str, which: str, shared_memory: int = 0):
     header, source = src.kernel_text(backend, body)
     if which.endswith("_stamps"):
         header = src.CUDA_STAMPS + header
+    if backend == "cuda" and which.startswith("decode_warp") and WARP_MIN_BLOCKS:
+        header, source = src.with_launch_bounds(header, source, 32 * WARPS, WARP_MIN_BLOCKS)
     if backend == "cuda":
         # MLX raises the kernel's dynamic shared-memory limit itself past 48 kB.
         return mx.fast.cuda_kernel(name=f"velox_{which}", input_names=inputs,
@@ -296,7 +303,8 @@ class SpectralKernels:
                 self.mma and self.value_affine is not None and G <= MAX_WARP_GROUP
                 and self.dims <= 32 * WARPS
                 and (self.value_back is None or self.value_hadamard)
-                and warp_shared_bytes(self.dims, G, *self.value_affine) <= WARP_SHARED_LIMIT)
+                and warp_shared_bytes(self.dims, G, *self.value_affine, self.key_words)
+                <= WARP_SHARED_LIMIT)
         return WARP_DECODE and self._warp_fits[G]
 
     @staticmethod
@@ -411,11 +419,11 @@ class SpectralKernels:
                  self.key_mean_pairs, self.rope, *vparts, self.codebook]
         call = dict(
             template=[("T", dtype), ("D", D), ("G", G), ("HKV", H), ("NW", WARPS),
-                      ("NT", 32 * WARPS), ("RKMAX", self.key_rank),
+                      ("NT", 32 * WARPS), ("RKMAX", self.key_rank), ("WKS", self.key_words),
                       ("KTS", self.key_token_scale), ("VB", vb), ("VG", vg),
                       ("MAXE", WARP_MAX_EXACT), ("MAXS", WARP_MAX_SPLITS),
                       ("VHAD", self.value_back is not None),
-                      ("UNROLL_NT", WARP_UNROLL or D // 8),
+                      ("UNROLL_NT", WARP_UNROLL or (D // 8 if D <= 64 else 4)),
                       ("BREG", breg), ("SBASIS", sbasis)],
             grid=(32 * WARPS * splits, B * H, 1), threadgroup=(32 * WARPS, 1, 1),
             output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G),
@@ -424,7 +432,8 @@ class SpectralKernels:
         if stamps:
             call["init_value"] = 0
         kernel = _kernel(self.backend, "decode_warp_stamps" if stamps else "decode_warp",
-                         warp_dynamic_bytes(D, G, vb, vg, self.key_rank) if sbasis else 0)
+                         warp_dynamic_bytes(D, G, vb, vg, self.key_rank, self.key_words)
+                         if sbasis else 0)
         return kernel, fixed, self._counter_bh, call
 
     def combine(self, queries, scale, partials, exact):
@@ -509,34 +518,44 @@ class SpectralKernels:
                             self.value_rms, self.value_full, self.value_words, token_scale)
 
 
-def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int) -> int:
+def _warp_tile_words(D: int, value_bits: int, key_words: int) -> int:
+    """Words of the warp-tiled kernel's staged key and value word buffers (two per warp)."""
+    return WARPS * 2 * ((16 * key_words + 4) + (16 * (D * value_bits // 32) + 4))
+
+
+def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_words: int,
+                      tiles: bool = True) -> int:
     """Static shared memory of the warp-tiled kernel (the VX_SHARED arrays of
-    kernel_source.DECODE_WARP_BODY, in their order)."""
-    vw = D * value_bits // 32
+    kernel_source.DECODE_WARP_BODY, in their order); without the word buffers
+    (``tiles=False``) where they sit in dynamic shared memory (SBASIS launches)."""
     sbw = 16 * (D // value_group) // 2
-    key_tiles = WARPS * 2 * (16 * (D // 4) + 4)
+    key_tiles = WARPS * 2 * (16 * key_words + 4)
     merge = G * WARP_MAX_EXACT + G * WARP_MAX_SPLITS + G
     words = (510 + G * D + 2 * D  # codebook table, query, key columns (RKMAX <= D), perm
              + 8 * (D + 8) + D + D  # RoPE rows 0-7, the 8-row step, the key mean
-             + key_tiles + WARPS * 2 * (16 * vw + 4 + 2 * sbw + 8)  # staged codes
+             + (_warp_tile_words(D, value_bits, key_words) if tiles else 2)  # word buffers
+             + WARPS * 2 * (2 * sbw + 8)  # staged value scales, biases, key token scales
              + WARPS * 64 + 2 * WARPS * G + WARPS * G * D  # P, warp max/sum/output
              + (1 if merge <= key_tiles else merge)  # merge scratch (in the key tiles)
              + 1)  # is_last
     return 4 * words
 
 
-def warp_dynamic_bytes(D: int, G: int, value_bits: int, value_group: int, rank: int) -> int:
+def warp_dynamic_bytes(D: int, G: int, value_bits: int, value_group: int, rank: int,
+                       key_words: int) -> int:
     """Dynamic shared memory of a warp-tiled launch with the basis in shared memory
-    (SBASIS): 2 · D · rank bytes. A block may use more than 48 KiB in all only once the
-    kernel's limit is raised, which MLX does only for a dynamic size above 48,000 bytes:
-    past 48 KiB in all (head_dim 128: 45,952 + 32,768 B; the static estimate is within
-    WARP_SHARED_LIMIT's margin of the compiler's) the request is padded to that. MLX sets
-    the limit when it first loads a kernel, keyed by name and template arguments: the
-    request must depend on nothing else (here D, G, value bits and group, RKMAX)."""
-    basis = 2 * D * rank
-    if warp_shared_bytes(D, G, value_bits, value_group) + basis <= WARP_SHARED_LIMIT:
-        return basis
-    return max(basis, 48016)
+    (SBASIS): the basis (2 · D · rank bytes) and the staged key and value words. A block
+    may use more than 48 KiB in all only once the kernel's limit is raised, which MLX
+    does only for a dynamic size above 48,000 bytes: past 48 KiB in all (head_dim 128:
+    21,056 static + 47,168 dynamic B; the static estimate is within WARP_SHARED_LIMIT's
+    margin of the compiler's) the request is padded to that. MLX sets the limit when it
+    first loads a kernel, keyed by name and template arguments: the request must depend on
+    nothing else (here D, G, value bits and group, RKMAX and the key words)."""
+    dynamic = 2 * D * rank + 4 * _warp_tile_words(D, value_bits, key_words)
+    static = warp_shared_bytes(D, G, value_bits, value_group, key_words, tiles=False)
+    if static + dynamic <= WARP_SHARED_LIMIT:
+        return dynamic
+    return max(dynamic, 48016)
 
 
 def _b_fragments(words: np.ndarray) -> np.ndarray:
