@@ -130,6 +130,15 @@ def test_coding_and_decoding_in_pieces_changes_nothing(tiny, monkeypatch, spec):
     (entropy-coded blocks on absolute multiples of 32, block scales every 16 or 48 coded
     tokens: a 32-token piece rounds to whole blocks), and a prompt-adaptive plan is still
     set from the whole prompt: the same decoded cache and logits as in one piece."""
+    # On the CPU stream: what is compared is the pieces' logic. On an H200 (MLX CUDA) six
+    # of the seven methods differed by more than these tolerances, those without any of
+    # veloxcore's kernels too (rvq4, affine4g32): its float32 matmuls round differently
+    # with the row count.
+    with mx.stream(mx.cpu):
+        _coding_and_decoding_in_pieces(tiny, monkeypatch, spec)
+
+
+def _coding_and_decoding_in_pieces(tiny, monkeypatch, spec):
     from veloxcore import caches as cache_module
 
     model, tokenizer, rotations = tiny

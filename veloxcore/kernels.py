@@ -294,8 +294,8 @@ class SpectralKernels:
         """Whether ``attend`` runs the one-launch warp-tiled kernel (CUDA, pre-RoPE keys,
         affine values — plain or Hadamard-rotated —, head_dim <= 128, at most
         MAX_WARP_GROUP query heads per KV head, and its static shared memory within
-        CUDA's 48 KiB; e.g. head_dim 128 with 6+ query heads per KV head, or 8-bit
-        values, take the block-tiled kernel; so do more than WARP_MAX_EXACT exact
+        CUDA's 48 KiB; e.g. head_dim 128 with 8 query heads per KV head and 9 key words
+        per token takes the block-tiled kernel; so do more than WARP_MAX_EXACT exact
         tokens)."""
         G = queries.shape[1] // self.heads
         if G not in self._warp_fits:
