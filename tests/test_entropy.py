@@ -47,6 +47,29 @@ def test_rans_round_trips_exactly_at_the_tables_cross_entropy(lanes):
         assert np.all(np.abs(excess + 8 * lanes) < 8 * lanes + 0.005 * 1500)
 
 
+@pytest.mark.parametrize("lanes", [1, 4])
+def test_streams_of_different_lengths_decode_together(lanes):
+    """A cache's short first block and its whole blocks decode in one rANS loop: every
+    stream as it decodes alone, a shorter one's tail zero."""
+    rng = np.random.default_rng(2)
+    code = code_tables()
+    lengths = np.array([256, 64, 256, 8, 128])
+    tables = rng.integers(30, 130, size=(len(lengths), 256))
+    symbols = sampled_streams(rng, tables)
+    coded = [rans_encode(symbols[s: s + 1, :n], tables[s: s + 1, :n], code, lanes)
+             for s, n in enumerate(lengths)]
+    width = max(words.shape[1] for _, words, _ in coded)
+    states = np.concatenate([c[0] for c in coded])
+    words = np.concatenate([np.pad(w, ((0, 0), (0, width - w.shape[1]))) for _, w, _ in coded])
+    got = rans_decode(states, words, tables, lengths, code)
+    assert got.shape == (len(lengths), 256)
+    for s, n in enumerate(lengths):
+        np.testing.assert_array_equal(got[s, :n], symbols[s, :n])
+        np.testing.assert_array_equal(
+            got[s, :n], rans_decode(coded[s][0], coded[s][1], tables[s: s + 1, :n], n, code)[0])
+        assert not got[s, n:].any()
+
+
 def test_corrupt_codes_are_refused():
     rng = np.random.default_rng(1)
     code = code_tables()

@@ -79,13 +79,17 @@ class CodeTables:
     """Quantised index distributions for ratios σ/Δ = 2^(RATIO_MIN_LOG2 + i/RATIO_STEPS).
 
     cum (T, ALPHABET + 1): cumulative frequencies (total PROB_SCALE) over symbols
-    index + SPAN; slot_symbol (T, PROB_SCALE): the symbol of each slot; cost (T, ALPHABET):
+    index + SPAN; slot_symbol (T, PROB_SCALE): the symbol of each slot; slot_step (T ·
+    PROB_SCALE,) uint32: what decoding a slot needs besides its symbol, the symbol's
+    frequency << PROB_BITS | the slot's offset in the symbol's range (both below
+    2^PROB_BITS: every table has at least 17 symbols of frequency ≥ 1); cost (T, ALPHABET):
     bits of each symbol (inf outside the table's support); support (T,): largest |index|;
     entropy (T,): the table's own entropy in bits.
     """
 
     cum: np.ndarray
     slot_symbol: np.ndarray
+    slot_step: np.ndarray
     cost: np.ndarray
     support: np.ndarray
     entropy: np.ndarray
@@ -145,7 +149,13 @@ def code_tables(shape: str = TABLE_SHAPE) -> CodeTables:
         cost = np.where(freq > 0, PROB_BITS - np.log2(np.maximum(freq, 1)), np.inf)
     entropy = (freq / PROB_SCALE * np.where(freq > 0, cost, 0)).sum(axis=1)
     slot_symbol = np.stack([np.repeat(np.arange(ALPHABET, dtype=np.uint16), f) for f in freq])
-    return CodeTables(cum, slot_symbol, cost.astype(np.float32), support, entropy)
+    rows = np.arange(count)[:, None]
+    start = cum[rows, slot_symbol]
+    width = cum[rows, slot_symbol.astype(np.int64) + 1] - start
+    assert width.max() < PROB_SCALE
+    slot_step = (width << PROB_BITS | (np.arange(PROB_SCALE)[None, :] - start)).astype(np.uint32)
+    return CodeTables(cum, slot_symbol, slot_step.reshape(-1), cost.astype(np.float32), support,
+                      entropy)
 
 
 def rans_encode(symbols: np.ndarray, tables: np.ndarray, code: CodeTables, lanes: int = 1):
@@ -164,20 +174,24 @@ def rans_encode(symbols: np.ndarray, tables: np.ndarray, code: CodeTables, lanes
     sym = symbols.reshape(S, steps, lanes)
     tab = tables.reshape(S, steps, lanes)
     x = np.full((S, lanes), STATE_LOW, dtype=np.int64)
+    # Every symbol's range, looked up at once (the loop below is arithmetic only).
+    start_all = code.cum[tab, sym]
+    freq_all = code.cum[tab, sym + 1] - start_all
+    limit_all = freq_all << (32 - PROB_BITS)
     # Words as the decoder will want them: the word lane l reads after decoding its
-    # symbol at step j is the one it emitted before coding that symbol.
+    # symbol at step j is the one it emitted before coding that symbol (the state's low
+    # 16 bits, taken after the loop).
     emitted = np.zeros((S, steps, lanes), dtype=np.int64)
     spilled = np.zeros((S, steps, lanes), dtype=bool)
     for j in range(steps - 1, -1, -1):
-        t, s = tab[:, j], sym[:, j]
-        start = code.cum[t, s]
-        freq = code.cum[t, s + 1] - start
         # x must come out of the coding step below 2^32: at most one word leaves first.
-        spill = x >= freq << (32 - PROB_BITS)
-        emitted[:, j] = x & 0xFFFF
+        spill = x >= limit_all[:, j]
+        emitted[:, j] = x
         spilled[:, j] = spill
         x = np.where(spill, x >> 16, x)
-        x = ((x // freq) << PROB_BITS) + x % freq + start
+        quotient, remainder = np.divmod(x, freq_all[:, j])
+        x = (quotient << PROB_BITS) + remainder + start_all[:, j]
+    emitted &= 0xFFFF
     flat_words = emitted.reshape(S, N)
     flat_spilled = spilled.reshape(S, N)
     counts = flat_spilled.sum(axis=1)
@@ -188,39 +202,63 @@ def rans_encode(symbols: np.ndarray, tables: np.ndarray, code: CodeTables, lanes
     return x.astype(np.uint32), words.astype(np.uint16), counts
 
 
-def rans_decode(states: np.ndarray, words: np.ndarray, tables: np.ndarray, length: int,
+def rans_decode(states: np.ndarray, words: np.ndarray, tables: np.ndarray, length,
                 code: CodeTables, period: int | None = None) -> np.ndarray:
     """Inverse of ``rans_encode``: (S, length) symbols from states (S, lanes).
-    ``tables`` (S, length), or (S, period) for tables that repeat every ``period``
-    symbols (a multiple of the lanes). Raises EntropyCodeError when a lane does not end
-    in the encoder's initial state or reads past the words."""
+    ``length``: symbols per stream, or an (S,) array of them (multiples of the lanes;
+    the output is as long as the longest, a shorter stream's tail zero). ``tables``
+    (S, length), or (S, period) for tables that repeat every ``period`` symbols (a
+    multiple of the lanes). Raises EntropyCodeError when a lane does not end in the
+    encoder's initial state or reads past the words.
+
+    The streams advance together one symbol (per lane) per step, in numpy: each step's
+    cost is a fixed number of array operations, so the streams of many blocks (all of a
+    cache's, the short first block's included) decode in one loop; a stream drops out
+    after its last symbol."""
     S, lanes = states.shape
-    period = period or length
+    lengths = np.broadcast_to(np.asarray(length, dtype=np.int64), (S,))
+    longest = int(lengths.max()) if S else 0
+    period = period or longest
+    steps = lengths // lanes
+    W = words.shape[1]
+    # Stream s's word i at s·(W + 1) + i. A lane whose pointer passes its words (corrupt
+    # codes: the final check fails) reads the next stream's, or the zeros at the end.
+    padded = np.zeros((S, W + 1), dtype=np.int64)
+    padded[:, :W] = words
+    flat_words = np.concatenate([padded.reshape(-1), np.zeros(longest + 1, np.int64)])
     x = states.astype(np.int64)
-    padded = np.concatenate([words.astype(np.int64), np.zeros((S, 1), np.int64)], axis=1)
-    last = padded.shape[1] - 1
     pointer = np.zeros((S, 1), dtype=np.int64)
-    rows = np.arange(S)[:, None]
-    out = np.empty((S, length // lanes, lanes), dtype=np.int64)
+    base = tables[:, :period].astype(np.int64) * PROB_SCALE
+    row_start = np.arange(S, dtype=np.int64)[:, None] * (W + 1)
+    # Each step records the slot's table index; the symbols are looked up after the loop.
+    slots = np.zeros((S, longest // lanes, lanes), dtype=np.int64)
+    slot_step = code.slot_step
     mask = PROB_SCALE - 1
     lane = np.arange(lanes)
-    for j in range(length // lanes):
-        t = tables[:, (j * lanes + lane) % period]
-        slot = x & mask
-        s = code.slot_symbol[t, slot].astype(np.int64)
-        start = code.cum[t, s]
-        x = (code.cum[t, s + 1] - start) * (x >> PROB_BITS) + slot - start
-        refill = x < STATE_LOW
-        if lanes == 1:
-            at = pointer
-        else:
-            at = pointer + np.cumsum(refill, axis=1) - refill
-        x = np.where(refill, (x << 16) | padded[rows, np.minimum(at, last)], x)
-        pointer = pointer + refill.sum(axis=1, keepdims=True)
-        out[:, j] = s
-    if np.any(x != STATE_LOW) or np.any(pointer > words.shape[1]):
+    j = 0
+    for stop in np.unique(steps):
+        active = np.flatnonzero(steps >= stop)
+        xa, pa, ba, ra = x[active], pointer[active], base[active], row_start[active]
+        taken = np.empty((active.size, stop - j, lanes), dtype=np.int64)
+        for k in range(stop - j):
+            column = (j + k) * lanes % period
+            idx = (ba[:, column: column + 1] if lanes == 1
+                   else ba[:, (column + lane) % period]) + (xa & mask)
+            taken[:, k] = idx
+            step = slot_step[idx]
+            xa = (step >> PROB_BITS) * (xa >> PROB_BITS) + (step & mask)
+            refill = xa < STATE_LOW
+            at = pa if lanes == 1 else pa + np.cumsum(refill, axis=1) - refill
+            xa = np.where(refill, (xa << 16) | flat_words[ra + at], xa)
+            pa = pa + (refill if lanes == 1 else refill.sum(axis=1, keepdims=True))
+        x[active], pointer[active] = xa, pa
+        slots[active, j:stop] = taken
+        j = stop
+    out = code.slot_symbol.reshape(-1)[slots].astype(np.int64)
+    out *= np.arange(longest // lanes)[None, :, None] < steps[:, None, None]
+    if np.any(x != STATE_LOW) or np.any(pointer > W):
         raise EntropyCodeError("entropy-coded keys do not decode (corrupt codes)")
-    return out.reshape(S, length)
+    return out.reshape(S, longest)
 
 
 def model_entropy(log2_ratio: np.ndarray, code: CodeTables) -> np.ndarray:
@@ -330,18 +368,39 @@ class EntropyKeyCoder:
 
     def decode_blocks(self, codes: np.ndarray, head: np.ndarray) -> np.ndarray:
         """(S, T, D) float32 coefficients of codes (S, T·width)."""
-        S = codes.shape[0]
-        T, D = codes.shape[1] // self.width, self.dims
-        max_words = self.words_of(T)
-        g = codes[:, 0].astype(np.int64)
-        states = np.ascontiguousarray(codes[:, 1:HEADER]).view("<u4").reshape(S, LANES)
-        words = np.ascontiguousarray(codes[:, HEADER: HEADER + 2 * max_words]).view(
-            "<u2")
-        symbols = rans_decode(states, words, self._tables(head, g), T * D, self.code,
-                              period=D)
-        k = (symbols - SPAN).astype(np.float32).reshape(S, T, D)
-        step = self.steps(head, g)
-        return k * np.where(np.isfinite(step), step, 0)[:, None, None]
+        return self._decode_runs([(codes, head)])[0]
+
+    def _decode_runs(self, runs) -> list[np.ndarray]:
+        """Coefficients (S, T, D) of each run of blocks (codes (S, T·width), heads (S,)),
+        the runs' streams decoded together: one rANS loop for a cache's short first block
+        and its whole ones alike."""
+        D = self.dims
+        if not runs:
+            return []
+        parsed = []
+        for codes, head in runs:
+            S = codes.shape[0]
+            T = codes.shape[1] // self.width
+            g = codes[:, 0].astype(np.int64)
+            states = np.ascontiguousarray(codes[:, 1:HEADER]).view("<u4").reshape(S, LANES)
+            words = np.ascontiguousarray(
+                codes[:, HEADER: HEADER + 2 * self.words_of(T)]).view("<u2")
+            parsed.append((T, head, g, states, words))
+        width = max(p[4].shape[1] for p in parsed)
+        words = np.concatenate([np.pad(p[4], ((0, 0), (0, width - p[4].shape[1])))
+                                for p in parsed])
+        symbols = rans_decode(np.concatenate([p[3] for p in parsed]), words,
+                              np.concatenate([self._tables(p[1], p[2]) for p in parsed]),
+                              np.concatenate([np.full(len(p[2]), p[0] * D) for p in parsed]),
+                              self.code, period=D)
+        out, row = [], 0
+        for T, head, g, _, _ in parsed:
+            k = (symbols[row: row + len(g), : T * D] - SPAN).astype(np.float32)
+            step = self.steps(head, g)
+            step = np.where(np.isfinite(step), step, 0)[:, None, None]
+            out.append(k.reshape(len(g), T, D) * step)
+            row += len(g)
+        return out
 
     def blocks_of(self, position: int, length: int) -> list[tuple[int, int]]:
         """(start, stop) of the blocks tokens [position, position + length) fall into,
@@ -392,7 +451,9 @@ class EntropyKeyCoder:
         B, H, L, W = codes.shape
         stored = np.array(codes)
         out = np.empty((B, H, L, self.dims), dtype=np.float32)
-        for a, b, T, head in self._runs(codes.shape, position):
-            flat = stored[:, :, a:b].reshape(-1, T * W)
-            out[:, :, a:b] = self.decode_blocks(flat, head).reshape(B, H, b - a, self.dims)
+        runs = list(self._runs(codes.shape, position))
+        decoded = self._decode_runs([(stored[:, :, a:b].reshape(-1, T * W), head)
+                                     for a, b, T, head in runs])
+        for (a, b, _, _), y in zip(runs, decoded, strict=True):
+            out[:, :, a:b] = y.reshape(B, H, b - a, self.dims)
         return as_mx(out)
