@@ -546,9 +546,10 @@ def warp_dynamic_bytes(D: int, G: int, value_bits: int, value_group: int, rank: 
     """Dynamic shared memory of a warp-tiled launch with the basis in shared memory
     (SBASIS): the basis (2 · D · rank bytes) and the staged key and value words. A block
     may use more than 48 KiB in all only once the kernel's limit is raised, which MLX
-    does only for a dynamic size above 48,000 bytes: past 48 KiB in all (head_dim 128:
-    21,056 static + 47,168 dynamic B; the static estimate is within WARP_SHARED_LIMIT's
-    margin of the compiler's) the request is padded to that. MLX sets the limit when it
+    does only for a dynamic size above 48,000 bytes: past 48 KiB in all (head_dim 128,
+    4 query heads, rank 128, 12 key words: 21,128 static + 47,360 dynamic B — ncu on the
+    H200: 21.14 kB static; the static estimate is within WARP_SHARED_LIMIT's margin of the
+    compiler's) the request is padded to that. MLX sets the limit when it
     first loads a kernel, keyed by name and template arguments: the request must depend on
     nothing else (here D, G, value bits and group, RKMAX and the key words)."""
     dynamic = 2 * D * rank + 4 * _warp_tile_words(D, value_bits, key_words)
