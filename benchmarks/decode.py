@@ -24,7 +24,8 @@ Spectral caches use random orthogonal bases with the default model's measured
 eigenvalue spectra (shipped bundle; interpolated to head_dim 128), keys
 water-filled at 3 bits pre-RoPE with a per-token scale and affine 4-bit values
 (spectral-vh: Hadamard-rotated values, as the default configuration's +vh;
-spectral-a3vh: 3-bit rotated values; a "-tiles" suffix, e.g. spectral-vh-tiles, runs the
+spectral-a3vh: 3-bit rotated values; spectral-ec: entropy-coded keys, see
+entropy_cache; a "-tiles" suffix, e.g. spectral-vh-tiles, runs the
 block-tiled decode kernel instead of the warp-tiled one; an "-abN" suffix codes decoded
 tokens N at a time instead of KVCacheConfig.append_batch (32), "-ab1" each as it
 arrives). Speed does not depend on the basis itself.
@@ -138,6 +139,25 @@ def spectral_cache(rng, heads: int, dim: int, rope, backend: str, value_bits: in
     return cache
 
 
+def entropy_cache(rng, heads: int, dim: int, rope, backend: str) -> SpectralKVCache:
+    """spectral-ec: entropy-coded keys at 2.75 bits (+ec, with the default model's key
+    spectrum as the index model's scales) and Hadamard-rotated affine 4-bit values. No
+    fused attention: on a GPU the keys decode there (kernels.EntropyDecoder), then the
+    fp16 SDPA attends."""
+    lam_k, lam_v = spectra(dim)
+    cache = SpectralKVCache(orthogonal(rng, heads, dim), np.stack([np.sqrt(lam_k)] * heads),
+                            np.zeros((heads, dim), dtype=np.int64),
+                            orthogonal(rng, heads, dim), np.stack([2.0 * np.sqrt(lam_v)] * heads),
+                            None, "pre", rope, value_affine=(4, 64), sink_tokens=4,
+                            value_rotation=value_rotation(dim), entropy_bits=2.75)
+    if backend not in ("off", "reference"):
+        try:
+            cache.use_kernels(backend)
+        except ValueError:  # no fused attention: the keys decode on the GPU
+            pass
+    return cache
+
+
 def fill(cache, heads: int, dim: int, tokens: int, chunk: int = 4096) -> None:
     for start in range(0, tokens, chunk):
         n = min(chunk, tokens - start)
@@ -168,6 +188,8 @@ def make_cache(method: str, heads: int, dim: int, rope, backend: str, rng):
     # spectral-a3vh: 3-bit rotated values (the best measured configuration at <= 3.5 bits);
     # an "-abN" suffix codes decoded tokens N at a time (default: the configuration's,
     # 32; -ab1: each at once).
+    if method == "spectral-ec":
+        return entropy_cache(rng, heads, dim, rope, backend)
     method, _, batch = method.partition("-ab")
     return spectral_cache(rng, heads, dim, rope,
                           "off" if method == "spectral-unfused" else backend,

@@ -155,14 +155,16 @@ inline void vx_mma_16816(float& c0, float& c1, float& c2, float& c3, unsigned in
 """
 
 CTYPES = {mx.float32: "float", mx.float16: "__half", mx.uint32: "uint32_t", mx.int32: "int32_t",
-          mx.uint8: "uint8_t"}
+          mx.uint8: "uint8_t", mx.uint16: "uint16_t"}
 NUMPY = {mx.float32: np.float32, mx.float16: np.float16, mx.uint32: np.uint32, mx.uint8: np.uint8,
-         mx.int32: np.int32}
+         mx.int32: np.int32, mx.uint16: np.uint16}
 BODIES = {"decode": (src.DECODE_BODY, src.DECODE_INPUTS, src.DECODE_OUTPUTS),
           "decode_warp": (src.DECODE_WARP_BODY, src.DECODE_WARP_INPUTS,
                           src.DECODE_WARP_OUTPUTS),
           "combine": (src.COMBINE_BODY, src.COMBINE_INPUTS, src.COMBINE_OUTPUTS),
-          "encode": (src.ENCODE_BODY, src.ENCODE_INPUTS, src.ENCODE_OUTPUTS)}
+          "encode": (src.ENCODE_BODY, src.ENCODE_INPUTS, src.ENCODE_OUTPUTS),
+          "entropy_decode": (src.ENTROPY_DECODE_BODY, src.ENTROPY_DECODE_INPUTS,
+                             src.ENTROPY_DECODE_OUTPUTS)}
 
 
 def compiler() -> str | None:

@@ -162,10 +162,16 @@ def _coding_and_decoding_in_pieces(tiny, monkeypatch, spec):
     # The decoded caches, not their bytes: with OpenBLAS a matmul's rows can round
     # differently with the row count, and entropy-coded blocks' rate control then picks
     # other (equally decoding) bytes.
+    # The sinks and the coded tokens must match closely. The exact tail was computed by
+    # the model from attention merged over other pieces (float32 sums in another order):
+    # on an H200 host's CPU, with +ec, its keys/values differed by up to 6.1e-4.
     for a, b in zip(whole, pieces, strict=True):
         assert a.coded == b.coded
+        end = a.num_sinks + a.coded
         for x, y in zip(a.fetch(), b.fetch(), strict=True):
-            np.testing.assert_allclose(np.array(y), np.array(x), atol=1e-5, rtol=0)
+            x, y = np.array(x), np.array(y)
+            np.testing.assert_allclose(y[..., :end, :], x[..., :end, :], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(y[..., end:, :], x[..., end:, :], atol=2e-3, rtol=0)
     for w, g in zip(want, got, strict=True):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=0)
     for cache, w in zip(pieces, want_attention, strict=True):

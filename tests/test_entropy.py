@@ -3,10 +3,12 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from cuda_emulator import compiler, emulated_kernel
 from mlx_lm import generate
 from test_caches import logits_with, tiny  # noqa: F401 (fixture)
 from test_calibration import TEXT
 
+from veloxcore import kernels
 from veloxcore.caches import CacheConfigError, KVCacheBuilder, parse_method
 from veloxcore.entropy import (
     ENTROPY_BLOCK,
@@ -21,6 +23,7 @@ from veloxcore.entropy import (
     rans_decode,
     rans_encode,
 )
+from veloxcore.kernels import EntropyDecoder, kernel_backend
 
 
 def sampled_streams(rng, tables):
@@ -237,3 +240,92 @@ def test_symbol_alphabet_holds_the_tables():
     code = code_tables()
     assert code.cum.shape[1] == 2 * SPAN + 2 and code.support.max() <= SPAN
     assert np.all(code.cum[:, -1] == PROB_SCALE) and HEADER == 1 + 4 * LANES
+
+
+# The GPU decoder (kernels.EntropyDecoder): its CUDA text under the CPU emulator always,
+# and on the machine's own GPU backend where there is one.
+DECODER_BACKENDS = ["emulated"] + ([kernel_backend()] if kernel_backend() != "reference"
+                                   else [])
+
+
+@pytest.fixture(params=DECODER_BACKENDS)
+def decoder_backend(request, monkeypatch):
+    if request.param == "emulated":
+        if compiler() is None:
+            pytest.skip("no C++ compiler for the kernel emulator")
+        original = kernels._kernel
+        monkeypatch.setattr(kernels, "_kernel",
+                            lambda b, which, shared_memory=0: emulated_kernel(which, shared_memory)
+                            if b == "emulated" else original(b, which, shared_memory))
+    return request.param
+
+
+def cache_codes(coder, rng, B, L, position, loud=(), absurd=()):
+    """Codes (B, H, L, width) of Laplace coefficients from absolute ``position``; blocks
+    (b, h, j) in ``loud`` are 8x louder (a coarser step), those in ``absurd`` 10⁶σ (the
+    all-zero step code)."""
+    H, D = coder.heads, coder.dims
+    sigma = 2.0 ** coder.log2_sigma
+    y = rng.laplace(0, 1, (B, H, L, D)) * sigma[None, :, None, :] / np.sqrt(2)
+    bounds = coder.blocks_of(position, L)
+    for b, h, j in loud:
+        y[b, h, slice(*bounds[j])] *= 8
+    for b, h, j in absurd:
+        y[b, h, slice(*bounds[j])] = 1e6 * sigma[h]
+    return coder.encode(mx.array(y.astype(np.float32)), position)
+
+
+@pytest.mark.parametrize("position,L,D", [(0, 64, 64), (4, 60, 64), (4, 124, 16), (20, 12, 32)])
+def test_gpu_decoder_decodes_what_the_host_decodes(decoder_backend, position, L, D):
+    """Bit-identical coefficients: the same tables, steps and float32 products; short
+    first blocks (after sinks), loud blocks and all-zero blocks included."""
+    rng = np.random.default_rng(6)
+    H = 3
+    coder = EntropyKeyCoder(np.exp(rng.normal(0, 1.5, (H, D))), 2.5)
+    codes = cache_codes(coder, rng, 2, L, position, loud=[(0, 1, 0), (1, 2, 1)][: 1 + (L > 32)],
+                        absurd=[(1, 0, 0)])
+    steps = np.array(codes)[..., 0]
+    assert len(np.unique(steps)) > 2 and np.any(steps == STEP_CODES - 1)
+    decoder = EntropyDecoder(coder, decoder_backend)
+    y, status = decoder.decode_with_status(codes, position)
+    np.testing.assert_array_equal(np.array(y), np.array(coder.decode(codes, position)))
+    blocks = len(coder.blocks_of(position, L))
+    assert status.shape == (2 * H * blocks,) and not np.any(np.array(status))
+
+
+def test_gpu_decoder_flags_corrupt_blocks(decoder_backend):
+    rng = np.random.default_rng(7)
+    coder = EntropyKeyCoder(np.exp(rng.normal(0, 1.0, (2, 32))), 3.0)
+    codes = np.array(cache_codes(coder, rng, 1, 96, 0))
+    codes[0, 1, 40, 7] ^= 0x5A  # head 1, block 1 (tokens 32-63): a payload byte
+    damaged = mx.array(codes)
+    _, status = EntropyDecoder(coder, decoder_backend).decode_with_status(damaged, 0)
+    assert np.array(status).tolist() == [0, 0, 0, 0, 1, 0]  # (head, block) row-major
+    with pytest.raises(EntropyCodeError, match="corrupt"):
+        coder.decode(damaged)
+
+
+def test_entropy_coded_cache_decodes_on_the_gpu_and_refuses_damaged_state(
+        tiny, decoder_backend):  # noqa: F811
+    """A +ec cache whose builder found a GPU decodes its keys there (attention stays
+    mlx-lm's): the same logits as decoding on the host; a restored state with a damaged
+    block is refused when it is restored, not at some later step."""
+    model, tokenizer, rotations = tiny
+    ids = tokenizer.encode(TEXT.text)[:110]
+    config = parse_method(SPEC, rotations["pre"])
+    host = KVCacheBuilder.build(model, config)
+    want = logits_with(model, host, ids, chunk=55)
+    gpu = KVCacheBuilder.build(model, config)
+    for cache in gpu:
+        with pytest.raises(ValueError, match="decode on the GPU"):
+            cache.use_kernels(decoder_backend)
+        assert cache.entropy_backend == decoder_backend
+    got = logits_with(model, gpu, ids, chunk=55)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    state = [np.array(a) for a in gpu[0].state]
+    state[0][0, 1, 40, 9] ^= 0x33  # key codes of head 1, in the second block
+    restored = KVCacheBuilder.build(model, config)
+    with pytest.raises(ValueError):
+        restored[0].use_kernels(decoder_backend)
+    with pytest.raises(EntropyCodeError, match="corrupt"):
+        restored[0].restore([mx.array(a) for a in state], gpu[0].meta_state)

@@ -22,10 +22,11 @@ from mlx_lm.models.cache import KVCache, create_attention_mask
 from . import attention
 from .arrays import as_mx
 from .calibration import RopeInverter, SpectralRotations, find_rope, model_shape
-from .entropy import ENTROPY_BLOCK, EntropyKeyCoder
+from .entropy import ENTROPY_BLOCK, EntropyCodeError, EntropyKeyCoder
 from .errors import VeloxError
 from .kernels import (
     MAX_EXACT,
+    EntropyDecoder,
     SpectralKernels,
     kernel_backend,
     merge_partials,
@@ -647,6 +648,10 @@ class SpectralKVCache(CodedKVCache):
         # Entropy-coded keys (veloxcore.entropy): key_scales are the coefficients'
         # standard deviations (the index model's), coded in whole blocks.
         self.entropy_bits = entropy_bits
+        # GPU backend whose kernel decodes entropy-coded blocks (use_kernels sets it);
+        # None: numpy on the host.
+        self.entropy_backend: str | None = None
+        self._entropy_decoder: EntropyDecoder | None = None
         if entropy_bits:
             self.block, self.aligned_blocks = ENTROPY_BLOCK, True
         self.token_scale = token_scale
@@ -720,6 +725,11 @@ class SpectralKVCache(CodedKVCache):
         """Code arriving tokens and attend with the fused kernels of ``backend``
         ("cuda", "metal" or "reference"). Raises ValueError where unsupported."""
         if self.entropy_bits:
+            if backend != "reference":
+                self.entropy_backend = backend
+                raise ValueError(f"entropy-coded keys (+ec) have no fused attention kernels "
+                                 f"yet: their blocks decode on the GPU ({backend}), then "
+                                 f"mlx-lm attends")
             raise ValueError("entropy-coded keys (+ec) have no fused kernels yet")
         if self.value_token_scale != self.token_scale:
             raise ValueError("lean values (wfN/lB) have no fused kernels yet")
@@ -905,6 +915,30 @@ class SpectralKVCache(CodedKVCache):
             if self.kernels is not None:
                 self.kernels = SpectralKernels(self, self.kernels.backend)
         super().restore(arrays, meta_state)
+        if self.entropy_bits:
+            self._check_entropy_codes()
+
+    def _entropy_kernel(self) -> EntropyDecoder | None:
+        """The GPU decoder of entropy-coded keys, for the current key plan (a
+        prompt-adaptive plan replaces the coder), or None (host decoding)."""
+        if self.entropy_backend is None:
+            return None
+        if self._entropy_decoder is None or self._entropy_decoder.coder is not self.key_coder:
+            self._entropy_decoder = EntropyDecoder(self.key_coder, self.entropy_backend)
+        return self._entropy_decoder
+
+    def _check_entropy_codes(self) -> None:
+        """Raise EntropyCodeError if a restored cache's entropy-coded blocks do not
+        decode (the GPU decoder does not check them at every step)."""
+        decoder = self._entropy_kernel()
+        if decoder is None or not self.coded:
+            return
+        _, status = decoder.decode_with_status(self.parts[0][..., : self.coded, :],
+                                               self.num_sinks)
+        bad = int(mx.sum(status).item())
+        if bad:
+            raise EntropyCodeError(f"entropy-coded keys do not decode ({bad} corrupt "
+                                   f"blocks): the state is damaged or from another plan")
 
     def _rope_keys(self, keys: mx.array, position: int) -> mx.array:
         """RoPE of decoded keys from ``position``: on CPU from a RopeTable where the
@@ -921,7 +955,9 @@ class SpectralKVCache(CodedKVCache):
         if self.key_block:
             y = self._decode_blocks(*parts[:2])
         elif self.entropy_bits:
-            y = self.key_coder.decode(parts[0], position)
+            decoder = self._entropy_kernel()
+            y = (decoder.decode(parts[0], position) if decoder is not None
+                 else self.key_coder.decode(parts[0], position))
         else:
             y = self._decode_part(self.key_coder, parts[:n])
         keys = y @ self.key_decoder.swapaxes(-1, -2) + self.key_mean
@@ -1275,6 +1311,19 @@ def kernel_self_test(backend: str) -> str | None:
         # CUDA rebuilds keys from fp16 coefficients.
         if not error < 2e-2:
             return f"head_dim {D}: output differs from the reference by {error:.3g}"
+    # Entropy-coded keys: the GPU decoder must give the host's coefficients exactly.
+    try:
+        coder = EntropyKeyCoder(np.exp(rng.normal(0, 1.0, (2, 64))), 2.5, ENTROPY_BLOCK)
+        y = mx.array(rng.normal(size=(1, 2, 92, 64)).astype(np.float32))
+        codes = coder.encode(y, position=4)
+        decoded, status = EntropyDecoder(coder, backend).decode_with_status(codes, 4)
+        same = (np.array_equal(np.array(decoded), np.array(coder.decode(codes, 4)))
+                and not np.any(np.array(status)))
+    except Exception as e:  # noqa: BLE001
+        message = str(e).splitlines()[0][:200] if str(e) else ""
+        return f"entropy decoder: {type(e).__name__}: {message}"
+    if not same:
+        return "entropy decoder: coefficients differ from the host's"
     return None
 
 

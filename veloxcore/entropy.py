@@ -402,15 +402,34 @@ class EntropyKeyCoder:
             row += len(g)
         return out
 
-    def blocks_of(self, position: int, length: int) -> list[tuple[int, int]]:
-        """(start, stop) of the blocks tokens [position, position + length) fall into,
-        relative to ``position``; they must be whole blocks (ending on a multiple of
-        ``block``, starting on one or at ``position`` where the first block is short)."""
+    def kernel_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """What a decode kernel looks up per block instead of computing it (the same
+        float64 arithmetic as here): the table of each (head, step code, dim), (H,
+        STEP_CODES, D) uint8, and each step code's step, (H, STEP_CODES) float32, 0 for
+        ZERO_BLOCK."""
+        H, D = self.heads, self.dims
+        head = np.repeat(np.arange(H), STEP_CODES)
+        g = np.tile(np.arange(STEP_CODES), H)
+        tables = self._tables(head, g).reshape(H, STEP_CODES, D)
+        assert tables.max() < 256
+        step = self.steps(head, g)
+        step = np.where(np.isfinite(step), step, 0).astype(np.float32)
+        return tables.astype(np.uint8), step.reshape(H, STEP_CODES)
+
+    def first_block(self, position: int, length: int) -> int:
+        """Tokens of the short first block of tokens [position, position + length) (0:
+        none); they must be whole blocks (ending on a multiple of ``block``)."""
         if (position + length) % self.block:
             raise ValueError(f"entropy-coded keys code whole blocks of {self.block} tokens "
                              f"(ending on a multiple of {self.block}), not tokens "
                              f"{position}–{position + length}")
-        first = min(length, -position % self.block)
+        return min(length, -position % self.block)
+
+    def blocks_of(self, position: int, length: int) -> list[tuple[int, int]]:
+        """(start, stop) of the blocks tokens [position, position + length) fall into,
+        relative to ``position``; they must be whole blocks (ending on a multiple of
+        ``block``, starting on one or at ``position`` where the first block is short)."""
+        first = self.first_block(position, length)
         bounds = [(0, first)] if first else []
         return bounds + [(a, a + self.block) for a in range(first, length, self.block)]
 

@@ -1380,6 +1380,60 @@ ENCODE_BODY = r"""
   }
 """
 
+# Entropy-coded keys (veloxcore.entropy, one rANS lane per block): one thread per
+# stream, i.e. per block of BLK tokens of one KV head (the cache's short first block, of
+# `first` tokens, included), decoding its T·D symbols in order into coefficients.
+# Template constants: D, HKV, BLK (tokens per block), HEADER (bytes before the words),
+# SPAN (index offset of symbols), PBITS (probability bits), NT (threads per group).
+# codes (B, HKV, L, W) uint8 from the first coded position; tindex (HKV, 256, D): the
+# table of each head, step code and dim; steps (HKV, 256): each step code's step (0 for
+# the all-zero code); slot_step / slot_symbol: the tables' per-slot decode entries
+# (CodeTables); emeta: tokens of the short first block (0: none). status: per stream,
+# 0 when it ended in the encoder's initial state within its words, else 1.
+ENTROPY_DECODE_BODY = r"""
+  const int s = blk_x * NT + tid;
+  const int BH = codes_shape[0] * codes_shape[1];
+  const int L = codes_shape[2];
+  const int W = codes_shape[3];
+  const int first = emeta[0];
+  const int lead = first > 0 ? 1 : 0;
+  const int n_blocks = lead + (L - first) / BLK;
+  if (s < BH * n_blocks) {
+    const int bh = s / n_blocks;
+    const int j = s - bh * n_blocks;
+    const int h = bh % HKV;
+    const int t0 = j < lead ? 0 : first + (j - lead) * BLK;
+    const int T = j < lead ? first : BLK;
+    const int row = (bh * L + t0) * W;
+    const int n_words = (T * W - HEADER) / 2;
+    const int g = (int)codes[row];
+    unsigned int x = (unsigned int)codes[row + 1] | ((unsigned int)codes[row + 2] << 8)
+                     | ((unsigned int)codes[row + 3] << 16)
+                     | ((unsigned int)codes[row + 4] << 24);
+    const float step = steps[h * 256 + g];
+    const int tables = (h * 256 + g) * D;
+    const unsigned int mask = (1u << PBITS) - 1u;
+    const int out0 = (bh * L + t0) * D;
+    int p = 0;
+    for (int i = 0; i < T * D; i++) {
+      const unsigned int slot = ((unsigned int)tindex[tables + (i % D)] << PBITS) | (x & mask);
+      const unsigned int e = slot_step[slot];
+      const int symbol = (int)slot_symbol[slot];
+      x = (e >> PBITS) * (x >> PBITS) + (e & mask);
+      if (x < 65536u) {
+        // Past its words (corrupt codes) a stream reads zeros; status reports it.
+        const int at = row + HEADER + 2 * p;
+        const unsigned int word = p < n_words
+            ? ((unsigned int)codes[at] | ((unsigned int)codes[at + 1] << 8)) : 0u;
+        x = (x << 16) | word;
+        p++;
+      }
+      y[out0 + i] = (float)(symbol - SPAN) * step;
+    }
+    status[s] = (x == 65536u && p <= n_words) ? 0 : 1;
+  }
+"""
+
 DECODE_INPUTS = ["q", "perm", "params", "coded", "layout", "basis_mma", "kwords", "ktok",
                  "kbits", "kshift", "kscale", "basis", "key_mean", "rope", "vwords", "vtok",
                  "vscales", "vbiases", "vbits", "vshift", "vscale", "codebook"]
@@ -1394,6 +1448,10 @@ COMBINE_OUTPUTS = ["result"]
 ENCODE_INPUTS = ["x", "perm", "rope", "mean", "basis", "rms", "ts_clamp", "bits", "shift",
                  "scale", "codebook", "position", "emeta"]
 ENCODE_OUTPUTS = ["out_words", "out_scale"]
+
+
+ENTROPY_DECODE_INPUTS = ["codes", "tindex", "steps", "slot_step", "slot_symbol", "emeta"]
+ENTROPY_DECODE_OUTPUTS = ["y", "status"]
 
 
 def with_launch_bounds(header: str, source: str, threads: int, min_blocks: int):

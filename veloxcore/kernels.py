@@ -107,6 +107,8 @@ def _kernel(backend: str, which: str, shared_memory: int = 0):
                                src.DECODE_WARP_OUTPUTS + ["stamps"]),
         "encode": (src.ENCODE_BODY, src.ENCODE_INPUTS, src.ENCODE_OUTPUTS),
         "combine": (src.COMBINE_BODY, src.COMBINE_INPUTS, src.COMBINE_OUTPUTS),
+        "entropy_decode": (src.ENTROPY_DECODE_BODY, src.ENTROPY_DECODE_INPUTS,
+                           src.ENTROPY_DECODE_OUTPUTS),
     }[which]
     header, source = src.kernel_text(backend, body)
     if which.endswith("_stamps"):
@@ -516,6 +518,61 @@ class SpectralKernels:
     def encode_values(self, values: mx.array, token_scale: bool):
         return self._encode(values, 0, False, self.value_basis_full, self.value_mean,
                             self.value_rms, self.value_full, self.value_words, token_scale)
+
+
+ENTROPY_THREADS = 64  # streams (blocks of one head) per threadgroup of the entropy decoder
+
+
+class EntropyDecoder:
+    """Entropy-coded keys (``veloxcore.entropy.EntropyKeyCoder``) decoded on the GPU:
+    one thread per rANS stream, every block of every head at once
+    (kernel_source.ENTROPY_DECODE_BODY), instead of numpy's loop on the host (which on a
+    GPU also waits for the codes to come back every step). The coefficients it returns
+    are those of ``coder.decode``."""
+
+    _shared_tables: dict[int, tuple] = {}
+
+    def __init__(self, coder, backend: str):
+        from .entropy import HEADER, PROB_BITS, SPAN
+
+        self.coder, self.backend = coder, backend
+        tables, steps = coder.kernel_tables()
+        self.tindex, self.steps = as_mx(tables), as_mx(steps)
+        code = coder.code
+        # The slot tables (~31 MB) are shared by every coder using the same CodeTables.
+        if id(code) not in self._shared_tables:
+            self._shared_tables[id(code)] = (code, as_mx(code.slot_step),
+                                             as_mx(code.slot_symbol.reshape(-1)))
+        _, self.slot_step, self.slot_symbol = self._shared_tables[id(code)]
+        self.template = [("D", coder.dims), ("HKV", coder.heads), ("BLK", coder.block),
+                         ("HEADER", HEADER), ("SPAN", SPAN), ("PBITS", PROB_BITS),
+                         ("NT", ENTROPY_THREADS)]
+        self._first: dict[int, mx.array] = {}
+
+    def decode_with_status(self, codes: mx.array, position: int) -> tuple[mx.array, mx.array]:
+        """((B, H, L, D) float32 coefficients, (streams,) int32 status) of codes (B, H,
+        L, width) from absolute ``position``; a status of 1 marks a block whose codes do
+        not decode (corrupt), which ``coder.decode`` would raise on."""
+        B, H, L, _ = codes.shape
+        coder = self.coder
+        first = coder.first_block(position, L)
+        if first not in self._first:
+            self._first[first] = mx.array([first], dtype=mx.int32)
+        streams = B * H * ((first > 0) + (L - first) // coder.block)
+        threads = _cdiv(max(streams, 1), ENTROPY_THREADS) * ENTROPY_THREADS
+        return _kernel(self.backend, "entropy_decode")(
+            inputs=[codes, self.tindex, self.steps, self.slot_step, self.slot_symbol,
+                    self._first[first]],
+            template=self.template, grid=(threads, 1, 1),
+            threadgroup=(ENTROPY_THREADS, 1, 1),
+            output_shapes=[(B, H, L, coder.dims), (max(streams, 1),)],
+            output_dtypes=[mx.float32, mx.int32])
+
+    def decode(self, codes: mx.array, position: int) -> mx.array:
+        """Coefficients as ``decode_with_status``, unchecked: checking would wait for the
+        GPU at every step. Codes come from this process's encoder or a restored state,
+        which ``SpectralKVCache.restore`` checks on the host."""
+        return self.decode_with_status(codes, position)[0]
 
 
 def _warp_tile_words(D: int, value_bits: int, key_words: int) -> int:

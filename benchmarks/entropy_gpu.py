@@ -1,0 +1,90 @@
+"""Decoding entropy-coded keys (``+ec``) on the GPU against the host, one layer.
+
+    python benchmarks/entropy_gpu.py --shapes smollm2,8b --contexts 4096,16384,65536
+
+For each model shape (decode.py's) and context N: an EntropyKeyCoder at 2.75 bits per
+key dim with the default model's key spectrum (decode.py's ``spectra``) codes 32 blocks
+per head on the host; the blocks repeat to N tokens after 4 sinks (decoding time does not
+depend on which blocks they are). Reports the median time to decode all of one layer's
+key blocks with ``kernels.EntropyDecoder`` (evaluated on its own, synchronised), the
+same for the host decoder (numpy, ``coder.decode``, including the copy of the codes back
+from the GPU) up to ``--host-max`` tokens, and the symbols decoded per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+from decode import SHAPES, device_name, spectra
+
+from veloxcore.entropy import EntropyKeyCoder
+from veloxcore.kernels import EntropyDecoder, kernel_backend
+
+mx = __import__("mlx.core").core
+
+
+def median_seconds(fn, reps: int) -> float:
+    mx.eval(fn())
+    mx.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        mx.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def layer_codes(coder, tokens: int, rng) -> mx.array:
+    """Codes of ``tokens`` tokens after 4 sinks: a short first block of 28 tokens, then
+    32-token blocks repeating 32 coded ones."""
+    H, D = coder.heads, coder.dims
+    sigma = 2.0 ** coder.log2_sigma
+    y = (rng.laplace(0, 1, (1, H, 28 + 32 * 32, D)) * sigma[None, :, None, :]
+         / np.sqrt(2)).astype(np.float32)
+    codes = np.array(coder.encode(mx.array(y), position=4))
+    first, blocks = codes[:, :, :28], codes[:, :, 28:]
+    reps = -(-(tokens - 28) // blocks.shape[2])
+    body = np.concatenate([blocks] * reps, axis=2)[:, :, : (tokens - 28) // 32 * 32]
+    return mx.array(np.concatenate([first, body], axis=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="smollm2,8b")
+    parser.add_argument("--contexts", default="4096,16384,65536")
+    parser.add_argument("--bits", type=float, default=2.75)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--host-max", type=int, default=4096)
+    args = parser.parse_args()
+    backend = kernel_backend()
+    print(json.dumps(dict(device=device_name(), backend=backend)))
+    rng = np.random.default_rng(0)
+    for shape in args.shapes.split(","):
+        H, D = SHAPES[shape]["num_key_value_heads"], SHAPES[shape]["head_dim"]
+        lam_k, _ = spectra(D)
+        coder = EntropyKeyCoder(np.sqrt(np.stack([lam_k] * H)), args.bits)
+        decoder = EntropyDecoder(coder, backend) if backend != "reference" else None
+        for tokens in (int(t) for t in args.contexts.split(",")):
+            codes = layer_codes(coder, tokens, rng)
+            L = codes.shape[2]
+            row = dict(shape=shape, tokens=L, code_mib=codes.nbytes / 2**20)
+            if decoder is not None:
+                y, status = decoder.decode_with_status(codes, 4)
+                assert not np.any(np.array(status))
+                if L <= args.host_max:
+                    assert np.array_equal(np.array(y), np.array(coder.decode(codes, 4)))
+                t = median_seconds(lambda: decoder.decode(codes, 4), args.reps)  # noqa: B023
+                row.update(gpu_us=t * 1e6, gpu_msymbols_per_s=H * L * D / t / 1e6)
+            if L <= args.host_max:
+                t = median_seconds(lambda: coder.decode(codes, 4), 3)  # noqa: B023
+                row.update(host_us=t * 1e6, host_msymbols_per_s=H * L * D / t / 1e6)
+            print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
