@@ -142,7 +142,7 @@ def spectral_cache(rng, heads: int, dim: int, rope, backend: str, value_bits: in
 def entropy_cache(rng, heads: int, dim: int, rope, backend: str) -> SpectralKVCache:
     """spectral-ec: entropy-coded keys at 2.75 bits (+ec, with the default model's key
     spectrum as the index model's scales) and Hadamard-rotated affine 4-bit values. No
-    fused attention: on a GPU the keys decode there (kernels.EntropyDecoder), then the
+    fused attention: on a GPU the keys decode there (kernels.EntropyKernels), then the
     fp16 SDPA attends."""
     lam_k, lam_v = spectra(dim)
     cache = SpectralKVCache(orthogonal(rng, heads, dim), np.stack([np.sqrt(lam_k)] * heads),

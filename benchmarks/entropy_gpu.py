@@ -6,9 +6,11 @@ For each model shape (decode.py's) and context N: an EntropyKeyCoder at 2.75 bit
 key dim with the default model's key spectrum (decode.py's ``spectra``) codes 32 blocks
 per head on the host; the blocks repeat to N tokens after 4 sinks (decoding time does not
 depend on which blocks they are). Reports the median time to decode all of one layer's
-key blocks with ``kernels.EntropyDecoder`` (evaluated on its own, synchronised), the
+key blocks with ``kernels.EntropyKernels`` (evaluated on its own, synchronised), the
 same for the host decoder (numpy, ``coder.decode``, including the copy of the codes back
-from the GPU) up to ``--host-max`` tokens, and the symbols decoded per second.
+from the GPU) up to ``--host-max`` tokens, and the symbols decoded per second; and the
+time to code one batch of 32 tokens (the cache's append batch) with
+``kernels.EntropyKernels.encode`` and with the host's numpy coder.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from decode import SHAPES, device_name, spectra
 
 from veloxcore.entropy import EntropyKeyCoder
-from veloxcore.kernels import EntropyDecoder, kernel_backend
+from veloxcore.kernels import EntropyKernels, kernel_backend
 
 mx = __import__("mlx.core").core
 
@@ -68,7 +70,7 @@ def main() -> None:
         H, D = SHAPES[shape]["num_key_value_heads"], SHAPES[shape]["head_dim"]
         lam_k, _ = spectra(D)
         coder = EntropyKeyCoder(np.sqrt(np.stack([lam_k] * H)), args.bits)
-        decoder = EntropyDecoder(coder, backend) if backend != "reference" else None
+        decoder = EntropyKernels(coder, backend) if backend != "reference" else None
         for tokens in (int(t) for t in args.contexts.split(",")):
             codes = layer_codes(coder, tokens, rng)
             L = codes.shape[2]
@@ -84,6 +86,17 @@ def main() -> None:
                 t = median_seconds(lambda: coder.decode(codes, 4), 3)  # noqa: B023
                 row.update(host_us=t * 1e6, host_msymbols_per_s=H * L * D / t / 1e6)
             print(json.dumps(row))
+        batch = mx.array((rng.laplace(0, 1, (1, H, 32, D)) * np.sqrt(lam_k)[None, None, None]
+                          / np.sqrt(2)).astype(np.float32))
+        mx.eval(batch)
+        row = dict(shape=shape, encode_tokens=32)
+        if decoder is not None:
+            assert np.array_equal(np.array(decoder.encode(batch, 32)),
+                                  np.array(coder.encode(batch, 32)))
+            row["gpu_encode_us"] = 1e6 * median_seconds(lambda: decoder.encode(batch, 32),  # noqa: B023
+                                                        args.reps)
+        row["host_encode_us"] = 1e6 * median_seconds(lambda: coder.encode(batch, 32), 5)  # noqa: B023
+        print(json.dumps(row))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ struct __half {
   operator float() const { return (float)v; }
 };
 inline float __half2float(__half h) { return (float)h.v; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline __half __float2half(float f) { return __half(f); }
 struct Dim3 { int x = 0, y = 0, z = 0; };
 thread_local Dim3 threadIdx, blockIdx;
@@ -164,7 +165,9 @@ BODIES = {"decode": (src.DECODE_BODY, src.DECODE_INPUTS, src.DECODE_OUTPUTS),
           "combine": (src.COMBINE_BODY, src.COMBINE_INPUTS, src.COMBINE_OUTPUTS),
           "encode": (src.ENCODE_BODY, src.ENCODE_INPUTS, src.ENCODE_OUTPUTS),
           "entropy_decode": (src.ENTROPY_DECODE_BODY, src.ENTROPY_DECODE_INPUTS,
-                             src.ENTROPY_DECODE_OUTPUTS)}
+                             src.ENTROPY_DECODE_OUTPUTS),
+          "entropy_encode": (src.ENTROPY_ENCODE_BODY, src.ENTROPY_ENCODE_INPUTS,
+                             src.ENTROPY_ENCODE_OUTPUTS)}
 
 
 def compiler() -> str | None:

@@ -23,7 +23,7 @@ from veloxcore.entropy import (
     rans_decode,
     rans_encode,
 )
-from veloxcore.kernels import EntropyDecoder, kernel_backend
+from veloxcore.kernels import EntropyKernels, kernel_backend
 
 
 def sampled_streams(rng, tables):
@@ -242,7 +242,7 @@ def test_symbol_alphabet_holds_the_tables():
     assert np.all(code.cum[:, -1] == PROB_SCALE) and HEADER == 1 + 4 * LANES
 
 
-# The GPU decoder (kernels.EntropyDecoder): its CUDA text under the CPU emulator always,
+# The GPU decoder (kernels.EntropyKernels): its CUDA text under the CPU emulator always,
 # and on the machine's own GPU backend where there is one.
 DECODER_BACKENDS = ["emulated"] + ([kernel_backend()] if kernel_backend() != "reference"
                                    else [])
@@ -286,7 +286,7 @@ def test_gpu_decoder_decodes_what_the_host_decodes(decoder_backend, position, L,
                         absurd=[(1, 0, 0)])
     steps = np.array(codes)[..., 0]
     assert len(np.unique(steps)) > 2 and np.any(steps == STEP_CODES - 1)
-    decoder = EntropyDecoder(coder, decoder_backend)
+    decoder = EntropyKernels(coder, decoder_backend)
     y, status = decoder.decode_with_status(codes, position)
     np.testing.assert_array_equal(np.array(y), np.array(coder.decode(codes, position)))
     blocks = len(coder.blocks_of(position, L))
@@ -299,7 +299,7 @@ def test_gpu_decoder_flags_corrupt_blocks(decoder_backend):
     codes = np.array(cache_codes(coder, rng, 1, 96, 0))
     codes[0, 1, 40, 7] ^= 0x5A  # head 1, block 1 (tokens 32-63): a payload byte
     damaged = mx.array(codes)
-    _, status = EntropyDecoder(coder, decoder_backend).decode_with_status(damaged, 0)
+    _, status = EntropyKernels(coder, decoder_backend).decode_with_status(damaged, 0)
     assert np.array(status).tolist() == [0, 0, 0, 0, 1, 0]  # (head, block) row-major
     with pytest.raises(EntropyCodeError, match="corrupt"):
         coder.decode(damaged)
@@ -329,3 +329,30 @@ def test_entropy_coded_cache_decodes_on_the_gpu_and_refuses_damaged_state(
         restored[0].use_kernels(decoder_backend)
     with pytest.raises(EntropyCodeError, match="corrupt"):
         restored[0].restore([mx.array(a) for a in state], gpu[0].meta_state)
+
+
+@pytest.mark.parametrize("position,L,D", [(0, 64, 64), (4, 60, 64), (4, 124, 16), (20, 12, 32),
+                                          (4, 28, 128)])
+def test_gpu_encoder_makes_the_hosts_codes(decoder_backend, position, L, D):
+    """The kernel picks each block's finest fitting step code by the same modelled cost
+    (summed in another order: a block within float32 rounding of its budget could take
+    the neighbouring code) and codes the same rANS stream: here every byte matches the
+    host's, loud, outlier and absurd (all-zero) blocks included, and decodes."""
+    rng = np.random.default_rng(8)
+    H = 3
+    coder = EntropyKeyCoder(np.exp(rng.normal(0, 1.5, (H, D))), 2.5)
+    sigma = 2.0 ** coder.log2_sigma
+    y = rng.laplace(0, 1, (2, H, L, D)) * sigma[None, :, None, :] / np.sqrt(2)
+    y[0, 1] *= 8
+    y[1, 2, -3, 5] = 40 * sigma[2, 5]
+    y[1, 0, -1] = 1e6 * sigma[0]
+    y = mx.array(y.astype(np.float32))
+    kernels_ = EntropyKernels(coder, decoder_backend)
+    codes, status = kernels_.encode_with_status(y, position)
+    want = np.array(coder.encode(y, position))
+    assert not np.any(np.array(status))
+    got = np.array(codes)
+    assert len(np.unique(want[..., 0])) > 2 and np.any(want[..., 0] == STEP_CODES - 1)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.array(kernels_.decode(codes, position)),
+                                  np.array(coder.decode(codes, position)))

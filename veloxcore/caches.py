@@ -26,7 +26,7 @@ from .entropy import ENTROPY_BLOCK, EntropyCodeError, EntropyKeyCoder
 from .errors import VeloxError
 from .kernels import (
     MAX_EXACT,
-    EntropyDecoder,
+    EntropyKernels,
     SpectralKernels,
     kernel_backend,
     merge_partials,
@@ -51,6 +51,10 @@ DECODE_CHUNK = 1024
 # CPU each piece's dozen ops cost per-op overhead at every layer and step (chat at 4k
 # tokens: 2.35 -> 2.17 tok/s in 1,024-token pieces).
 DECODE_WHOLE = 4096
+# Pieces of entropy-coded keys decoded on a GPU: each launch of its decoder takes about a
+# millisecond whatever its length (a block's symbols decode one after another; H200,
+# BENCHMARKS "Entropy-coded keys on the GPU"), so fewer, longer pieces.
+ENTROPY_GPU_DECODE_CHUNK = 8192
 # A block's largest |coefficient| lands on this level of the unit Lloyd-Max codebook
 # (benchmarks/key_scale_experiment.py: "block max").
 BLOCK_LEVEL = 2.0
@@ -389,14 +393,16 @@ class CodedKVCache:
         return list(zip(cuts[:-1], cuts[1:], strict=True))
 
     def _decoded(self, then=None):
-        """(keys, values) of the coded tokens: in one piece up to DECODE_WHOLE tokens,
-        else in pieces of at most DECODE_CHUNK. With ``then``, yields ``then(keys,
-        values)`` (a tuple of arrays) instead, each piece's decoding made to wait for the
-        previous piece's result (``mx.depends``): built lazily, the pieces were otherwise
-        decoded together and their temporaries coexisted (8B-class layer, 16k tokens,
-        attending: 104.5 -> 37-43 MiB; benchmarks/adapt_memory_probe.py)."""
+        """(keys, values) of the coded tokens: in one piece up to DECODE_WHOLE tokens
+        (or one piece's worth), else in pieces of at most ``decode_chunk``. With
+        ``then``, yields ``then(keys, values)`` (a tuple of arrays) instead, each
+        piece's decoding made to wait for the previous piece's result (``mx.depends``):
+        built lazily, the pieces were otherwise decoded together and their temporaries
+        coexisted (8B-class layer, 16k tokens, attending: 104.5 -> 37-43 MiB;
+        benchmarks/adapt_memory_probe.py)."""
         s = self.num_sinks
-        chunk = None if self.coded <= DECODE_WHOLE else DECODE_CHUNK
+        chunk = self.decode_chunk
+        chunk = None if self.coded <= max(DECODE_WHOLE, chunk) else chunk
         previous = None
         for a, b in self._pieces(self.coded, s, chunk):
             parts = [p[..., a:b, :] for p in self.parts]
@@ -408,6 +414,11 @@ class CodedKVCache:
             else:
                 previous = then(keys, values)
                 yield previous
+
+    @property
+    def decode_chunk(self) -> int:
+        """Coded tokens decoded at a time past DECODE_WHOLE."""
+        return DECODE_CHUNK
 
     def _decode_capacity(self) -> int:
         """Exact tokens the buffers hold while decoding: the sinks, the recent window
@@ -648,10 +659,10 @@ class SpectralKVCache(CodedKVCache):
         # Entropy-coded keys (veloxcore.entropy): key_scales are the coefficients'
         # standard deviations (the index model's), coded in whole blocks.
         self.entropy_bits = entropy_bits
-        # GPU backend whose kernel decodes entropy-coded blocks (use_kernels sets it);
-        # None: numpy on the host.
+        # GPU backend whose kernels code and decode entropy-coded blocks (use_kernels
+        # sets it); None: numpy on the host.
         self.entropy_backend: str | None = None
-        self._entropy_decoder: EntropyDecoder | None = None
+        self._entropy_kernels: EntropyKernels | None = None
         if entropy_bits:
             self.block, self.aligned_blocks = ENTROPY_BLOCK, True
         self.token_scale = token_scale
@@ -728,8 +739,8 @@ class SpectralKVCache(CodedKVCache):
             if backend != "reference":
                 self.entropy_backend = backend
                 raise ValueError(f"entropy-coded keys (+ec) have no fused attention kernels "
-                                 f"yet: their blocks decode on the GPU ({backend}), then "
-                                 f"mlx-lm attends")
+                                 f"yet: their blocks are coded and decode on the GPU "
+                                 f"({backend}), then mlx-lm attends")
             raise ValueError("entropy-coded keys (+ec) have no fused kernels yet")
         if self.value_token_scale != self.token_scale:
             raise ValueError("lean values (wfN/lB) have no fused kernels yet")
@@ -808,7 +819,9 @@ class SpectralKVCache(CodedKVCache):
             if self.key_block:
                 key_parts = self._encode_blocks(y)
             elif self.entropy_bits:
-                key_parts = (self.key_coder.encode(y, position),)
+                coder = self._entropy_kernel()
+                key_parts = ((coder if coder is not None and coder.encodes
+                              else self.key_coder).encode(y, position),)
             else:
                 key_parts = self._encode_part(self.key_coder, y, self.key_rms)
         if self.value_affine is not None:
@@ -918,14 +931,18 @@ class SpectralKVCache(CodedKVCache):
         if self.entropy_bits:
             self._check_entropy_codes()
 
-    def _entropy_kernel(self) -> EntropyDecoder | None:
-        """The GPU decoder of entropy-coded keys, for the current key plan (a
-        prompt-adaptive plan replaces the coder), or None (host decoding)."""
+    @property
+    def decode_chunk(self) -> int:
+        return ENTROPY_GPU_DECODE_CHUNK if self.entropy_backend else DECODE_CHUNK
+
+    def _entropy_kernel(self) -> EntropyKernels | None:
+        """The GPU coder of entropy-coded keys, for the current key plan (a
+        prompt-adaptive plan replaces the coder), or None (numpy on the host)."""
         if self.entropy_backend is None:
             return None
-        if self._entropy_decoder is None or self._entropy_decoder.coder is not self.key_coder:
-            self._entropy_decoder = EntropyDecoder(self.key_coder, self.entropy_backend)
-        return self._entropy_decoder
+        if self._entropy_kernels is None or self._entropy_kernels.coder is not self.key_coder:
+            self._entropy_kernels = EntropyKernels(self.key_coder, self.entropy_backend)
+        return self._entropy_kernels
 
     def _check_entropy_codes(self) -> None:
         """Raise EntropyCodeError if a restored cache's entropy-coded blocks do not
@@ -1311,19 +1328,23 @@ def kernel_self_test(backend: str) -> str | None:
         # CUDA rebuilds keys from fp16 coefficients.
         if not error < 2e-2:
             return f"head_dim {D}: output differs from the reference by {error:.3g}"
-    # Entropy-coded keys: the GPU decoder must give the host's coefficients exactly.
+    # Entropy-coded keys: the GPU coder's blocks must decode on the host, and the GPU
+    # decoder must give the host's coefficients exactly.
     try:
         coder = EntropyKeyCoder(np.exp(rng.normal(0, 1.0, (2, 64))), 2.5, ENTROPY_BLOCK)
         y = mx.array(rng.normal(size=(1, 2, 92, 64)).astype(np.float32))
-        codes = coder.encode(y, position=4)
-        decoded, status = EntropyDecoder(coder, backend).decode_with_status(codes, 4)
-        same = (np.array_equal(np.array(decoded), np.array(coder.decode(codes, 4)))
-                and not np.any(np.array(status)))
+        gpu = EntropyKernels(coder, backend)
+        codes, encoded = gpu.encode_with_status(y, 4)
+        host = coder.decode(codes, 4)  # raises on codes that do not decode
+        decoded, status = gpu.decode_with_status(codes, 4)
+        coded_ok = float(mx.max(mx.abs(host - y)).item()) < 1.0
+        same = (np.array_equal(np.array(decoded), np.array(host))
+                and not np.any(np.array(status)) and not np.any(np.array(encoded)))
     except Exception as e:  # noqa: BLE001
         message = str(e).splitlines()[0][:200] if str(e) else ""
-        return f"entropy decoder: {type(e).__name__}: {message}"
-    if not same:
-        return "entropy decoder: coefficients differ from the host's"
+        return f"entropy coder: {type(e).__name__}: {message}"
+    if not (same and coded_ok):
+        return "entropy coder: codes or coefficients differ from the host's"
     return None
 
 

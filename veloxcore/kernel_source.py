@@ -41,6 +41,8 @@ CUDA_HEADER = r"""
 #define VX_HALF(x) __half2float(x)
 #define VX_TO_HALF(x) __float2half(x)
 #define VX_ROUND_HALF(x) __half2float(__float2half(x))
+#define VX_RINT(x) rintf(x)
+#define VX_DIV_RN(a, b) __fdiv_rn((a), (b))
 __device__ inline float vx_exp(float x) { return expf(x); }
 __device__ inline float2 vx_sincos(float x) {
   float s, c;
@@ -258,6 +260,8 @@ METAL_HEADER = r"""
 #define VX_HALF(x) float(x)
 #define VX_TO_HALF(x) half(x)
 #define VX_ROUND_HALF(x) float(half(x))
+#define VX_RINT(x) metal::rint(x)
+#define VX_DIV_RN(a, b) ((a) / (b))
 inline float vx_exp(float x) { return metal::precise::exp(x); }
 inline float2 vx_sincos(float x) {
   float c;
@@ -1414,19 +1418,27 @@ ENTROPY_DECODE_BODY = r"""
     const int tables = (h * 256 + g) * D;
     const unsigned int mask = (1u << PBITS) - 1u;
     const int out0 = (bh * L + t0) * D;
+    // The loop is one chain of dependent table loads (a step's slot is the previous
+    // step's state): what does not depend on the state — the next step's table, the
+    // next renormalisation word — is loaded a step ahead, off that chain. Past its words
+    // (corrupt codes) a stream reads zeros; status reports it.
     int p = 0;
+    unsigned int word = n_words > 0
+        ? ((unsigned int)codes[row + HEADER] | ((unsigned int)codes[row + HEADER + 1] << 8))
+        : 0u;
+    unsigned int table = (unsigned int)tindex[tables] << PBITS;
     for (int i = 0; i < T * D; i++) {
-      const unsigned int slot = ((unsigned int)tindex[tables + (i % D)] << PBITS) | (x & mask);
+      const unsigned int slot = table | (x & mask);
+      table = (unsigned int)tindex[tables + ((i + 1) % D)] << PBITS;
       const unsigned int e = slot_step[slot];
       const int symbol = (int)slot_symbol[slot];
       x = (e >> PBITS) * (x >> PBITS) + (e & mask);
       if (x < 65536u) {
-        // Past its words (corrupt codes) a stream reads zeros; status reports it.
-        const int at = row + HEADER + 2 * p;
-        const unsigned int word = p < n_words
-            ? ((unsigned int)codes[at] | ((unsigned int)codes[at + 1] << 8)) : 0u;
         x = (x << 16) | word;
         p++;
+        const int at = row + HEADER + 2 * p;
+        word = p < n_words
+            ? ((unsigned int)codes[at] | ((unsigned int)codes[at + 1] << 8)) : 0u;
       }
       y[out0 + i] = (float)(symbol - SPAN) * step;
     }
@@ -1450,8 +1462,133 @@ ENCODE_INPUTS = ["x", "perm", "rope", "mean", "basis", "rms", "ts_clamp", "bits"
 ENCODE_OUTPUTS = ["out_words", "out_scale"]
 
 
+# Entropy coding of key coefficients (veloxcore.entropy.EntropyKeyCoder.encode_blocks):
+# one warp per stream (a block of one KV head's tokens). Rate control as the host's: the
+# finest step code g whose modelled cost (the tables' bits per index, summed over the
+# warp) fits the block's words, by bisection over 0..ZERO; the block's indices at g are
+# then coded by lane 0 in reverse (rANS), its words kept in the decoder's order, and a
+# block whose words overflow is coded again one step coarser. Template constants as the
+# decoder's, plus ALPH (symbols per table), ZERO (the all-zero step code), WIDTH (bytes per
+# token) and MAXW (words of a whole block).
+# y (B, HKV, L, D) float32 coefficients; cost (tables, ALPH) float32 bits; cum (tables,
+# ALPH + 1) uint32 cumulative frequencies; support (tables,) int32 largest |index|.
+# status: 0, or 1 where even the all-zero code did not fit (the host raises there).
+ENTROPY_ENCODE_BODY = r"""
+  VX_SHARED float ys[BLK * D];
+  VX_SHARED unsigned short starts[BLK * D];
+  VX_SHARED unsigned short freqs[BLK * D];
+  VX_SHARED unsigned short words[MAXW];
+  VX_SHARED unsigned int shared[3];  // the next step code (or ZERO + 1: none fits), count, x
+  const int s = blk_x;
+  const int lane = tid;
+  const int L = y_shape[2];
+  const int W = WIDTH;
+  const int first = emeta[0];
+  const int lead = first > 0 ? 1 : 0;
+  const int n_blocks = lead + (L - first) / BLK;
+  const int bh = s / n_blocks;
+  const int j = s - bh * n_blocks;
+  const int h = bh % HKV;
+  const int t0 = j < lead ? 0 : first + (j - lead) * BLK;
+  const int T = j < lead ? first : BLK;
+  const int n = T * D;
+  const int max_words = (T * W - HEADER) / 2;
+  const float budget = (float)(16 * max_words - 16);
+  for (int i = lane; i < n; i += 32) {
+    ys[i] = y[(bh * L + t0) * D + i];
+  }
+  VX_BARRIER();
+  int lo = 0;
+  int hi = ZERO;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    const float step = steps[h * 256 + mid];
+    float spent = 0.0f;
+    for (int i = lane; i < n; i += 32) {
+      const int table = (int)tindex[(h * 256 + mid) * D + (i % D)];
+      const float limit = (float)support[table];
+      const float k = mid == ZERO ? 0.0f
+          : min(max(VX_RINT(VX_DIV_RN(ys[i], step)), -limit), limit);
+      spent += cost[table * ALPH + (int)k + SPAN];
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+      spent += VX_SHFL_XOR(spent, off);
+    }
+    if (spent <= budget) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  int g = lo;
+  while (true) {
+    const float step = steps[h * 256 + g];
+    for (int i = lane; i < n; i += 32) {
+      const int table = (int)tindex[(h * 256 + g) * D + (i % D)];
+      const float limit = (float)support[table];
+      const float k = g == ZERO ? 0.0f
+          : min(max(VX_RINT(VX_DIV_RN(ys[i], step)), -limit), limit);
+      const int at = table * (ALPH + 1) + (int)k + SPAN;
+      const unsigned int start = cum[at];
+      starts[i] = (unsigned short)start;
+      freqs[i] = (unsigned short)(cum[at + 1] - start);
+    }
+    VX_BARRIER();
+    if (lane == 0) {
+      // Words leave in reverse; kept from the end of the buffer so that they end up in
+      // the order the decoder reads them. Past max_words the block cannot fit: stop.
+      unsigned int x = 65536u;
+      int count = 0;
+      for (int i = n - 1; i >= 0 && count <= max_words; i--) {
+        const unsigned int f = (unsigned int)freqs[i];
+        if (x >= (f << (32 - PBITS))) {
+          count++;
+          if (count <= max_words) {
+            words[max_words - count] = (unsigned short)(x & 0xFFFFu);
+          }
+          x >>= 16;
+        }
+        x = ((x / f) << PBITS) + (x % f) + (unsigned int)starts[i];
+      }
+      shared[0] = (unsigned int)(count <= max_words ? g : g + 1);
+      shared[1] = (unsigned int)count;
+      shared[2] = x;
+    }
+    VX_BARRIER();
+    const int next = (int)shared[0];
+    VX_BARRIER();  // lane 0 may write shared again in the next round
+    if (next == g || next > ZERO) {
+      break;
+    }
+    g = next;
+  }
+  const int count = (int)shared[1];
+  const unsigned int x = shared[2];
+  const int row = (bh * L + t0) * W;
+  for (int b = lane; b < T * W; b += 32) {
+    unsigned int byte = 0u;
+    if (b == 0) {
+      byte = (unsigned int)g;
+    } else if (b < HEADER) {
+      byte = (x >> (8 * (b - 1))) & 0xFFu;
+    } else {
+      const int w = (b - HEADER) / 2;
+      if (count <= max_words && w < count) {
+        const unsigned int word = (unsigned int)words[max_words - count + w];
+        byte = ((b - HEADER) & 1) ? (word >> 8) : (word & 0xFFu);
+      }
+    }
+    out_codes[row + b] = (unsigned char)byte;
+  }
+  if (lane == 0) {
+    status[s] = count <= max_words ? 0 : 1;
+  }
+"""
+
 ENTROPY_DECODE_INPUTS = ["codes", "tindex", "steps", "slot_step", "slot_symbol", "emeta"]
 ENTROPY_DECODE_OUTPUTS = ["y", "status"]
+ENTROPY_ENCODE_INPUTS = ["y", "tindex", "steps", "support", "cost", "cum", "emeta"]
+ENTROPY_ENCODE_OUTPUTS = ["out_codes", "status"]
 
 
 def with_launch_bounds(header: str, source: str, threads: int, min_blocks: int):

@@ -109,6 +109,8 @@ def _kernel(backend: str, which: str, shared_memory: int = 0):
         "combine": (src.COMBINE_BODY, src.COMBINE_INPUTS, src.COMBINE_OUTPUTS),
         "entropy_decode": (src.ENTROPY_DECODE_BODY, src.ENTROPY_DECODE_INPUTS,
                            src.ENTROPY_DECODE_OUTPUTS),
+        "entropy_encode": (src.ENTROPY_ENCODE_BODY, src.ENTROPY_ENCODE_INPUTS,
+                           src.ENTROPY_ENCODE_OUTPUTS),
     }[which]
     header, source = src.kernel_text(backend, body)
     if which.endswith("_stamps"):
@@ -523,56 +525,87 @@ class SpectralKernels:
 ENTROPY_THREADS = 64  # streams (blocks of one head) per threadgroup of the entropy decoder
 
 
-class EntropyDecoder:
-    """Entropy-coded keys (``veloxcore.entropy.EntropyKeyCoder``) decoded on the GPU:
-    one thread per rANS stream, every block of every head at once
-    (kernel_source.ENTROPY_DECODE_BODY), instead of numpy's loop on the host (which on a
-    GPU also waits for the codes to come back every step). The coefficients it returns
-    are those of ``coder.decode``."""
+class EntropyKernels:
+    """Entropy-coded keys (``veloxcore.entropy.EntropyKeyCoder``) coded and decoded on
+    the GPU (kernel_source.ENTROPY_ENCODE_BODY / ENTROPY_DECODE_BODY), every block of
+    every head at once, instead of numpy on the host (which on a GPU also waits for the
+    coefficients or codes to come back). Decoding gives ``coder.decode``'s coefficients
+    exactly; encoding makes the host's codes but for blocks whose modelled cost sits
+    within float32 rounding of their budget (the warp sums in another order), which may
+    take the neighbouring step code: valid codes either way."""
 
     _shared_tables: dict[int, tuple] = {}
 
     def __init__(self, coder, backend: str):
-        from .entropy import HEADER, PROB_BITS, SPAN
+        from .entropy import ALPHABET, HEADER, PROB_BITS, SPAN, ZERO_BLOCK
 
         self.coder, self.backend = coder, backend
         tables, steps = coder.kernel_tables()
         self.tindex, self.steps = as_mx(tables), as_mx(steps)
         code = coder.code
-        # The slot tables (~31 MB) are shared by every coder using the same CodeTables.
+        # The tables (~32 MB) are shared by every coder using the same CodeTables.
         if id(code) not in self._shared_tables:
-            self._shared_tables[id(code)] = (code, as_mx(code.slot_step),
-                                             as_mx(code.slot_symbol.reshape(-1)))
-        _, self.slot_step, self.slot_symbol = self._shared_tables[id(code)]
+            self._shared_tables[id(code)] = (
+                code, as_mx(code.slot_step), as_mx(code.slot_symbol.reshape(-1)),
+                as_mx(code.support.astype(np.int32)), as_mx(code.cost),
+                as_mx(code.cum.astype(np.uint32)))
+        (_, self.slot_step, self.slot_symbol, self.support, self.cost,
+         self.cum) = self._shared_tables[id(code)]
         self.template = [("D", coder.dims), ("HKV", coder.heads), ("BLK", coder.block),
                          ("HEADER", HEADER), ("SPAN", SPAN), ("PBITS", PROB_BITS),
                          ("NT", ENTROPY_THREADS)]
+        self.encode_template = [*self.template, ("ALPH", ALPHABET), ("ZERO", ZERO_BLOCK),
+                                ("WIDTH", coder.width), ("MAXW", max(1, coder.max_words))]
+        # The encoder keeps a block's coefficients and symbol ranges in shared memory.
+        self.encodes = coder.dims <= 128
         self._first: dict[int, mx.array] = {}
+
+    def _layout(self, position: int, length: int) -> tuple[mx.array, int]:
+        """(the short first block's length as a kernel input, blocks per head)."""
+        coder = self.coder
+        first = coder.first_block(position, length)
+        if first not in self._first:
+            self._first[first] = mx.array([first], dtype=mx.int32)
+        return self._first[first], (first > 0) + (length - first) // coder.block
 
     def decode_with_status(self, codes: mx.array, position: int) -> tuple[mx.array, mx.array]:
         """((B, H, L, D) float32 coefficients, (streams,) int32 status) of codes (B, H,
         L, width) from absolute ``position``; a status of 1 marks a block whose codes do
         not decode (corrupt), which ``coder.decode`` would raise on."""
         B, H, L, _ = codes.shape
-        coder = self.coder
-        first = coder.first_block(position, L)
-        if first not in self._first:
-            self._first[first] = mx.array([first], dtype=mx.int32)
-        streams = B * H * ((first > 0) + (L - first) // coder.block)
-        threads = _cdiv(max(streams, 1), ENTROPY_THREADS) * ENTROPY_THREADS
+        first, blocks = self._layout(position, L)
+        streams = max(1, B * H * blocks)
         return _kernel(self.backend, "entropy_decode")(
-            inputs=[codes, self.tindex, self.steps, self.slot_step, self.slot_symbol,
-                    self._first[first]],
-            template=self.template, grid=(threads, 1, 1),
+            inputs=[codes, self.tindex, self.steps, self.slot_step, self.slot_symbol, first],
+            template=self.template,
+            grid=(_cdiv(streams, ENTROPY_THREADS) * ENTROPY_THREADS, 1, 1),
             threadgroup=(ENTROPY_THREADS, 1, 1),
-            output_shapes=[(B, H, L, coder.dims), (max(streams, 1),)],
+            output_shapes=[(B, H, L, self.coder.dims), (streams,)],
             output_dtypes=[mx.float32, mx.int32])
 
     def decode(self, codes: mx.array, position: int) -> mx.array:
         """Coefficients as ``decode_with_status``, unchecked: checking would wait for the
         GPU at every step. Codes come from this process's encoder or a restored state,
-        which ``SpectralKVCache.restore`` checks on the host."""
+        which ``SpectralKVCache.restore`` checks."""
         return self.decode_with_status(codes, position)[0]
+
+    def encode_with_status(self, y: mx.array, position: int) -> tuple[mx.array, mx.array]:
+        """((B, H, L, width) uint8 codes, (streams,) int32 status) of coefficients y (B,
+        H, L, D) from absolute ``position``; a status of 1 marks a block that did not fit
+        even as all zeros (the host encoder raises there; it does not happen for finite
+        coefficients at the widths the cache allows)."""
+        B, H, L, _ = y.shape
+        first, blocks = self._layout(position, L)
+        streams = B * H * blocks
+        return _kernel(self.backend, "entropy_encode")(
+            inputs=[y.astype(mx.float32), self.tindex, self.steps, self.support, self.cost,
+                    self.cum, first],
+            template=self.encode_template, grid=(32 * streams, 1, 1), threadgroup=(32, 1, 1),
+            output_shapes=[(B, H, L, self.coder.width), (streams,)],
+            output_dtypes=[mx.uint8, mx.int32])
+
+    def encode(self, y: mx.array, position: int) -> mx.array:
+        return self.encode_with_status(y, position)[0]
 
 
 def _warp_tile_words(D: int, value_bits: int, key_words: int) -> int:
