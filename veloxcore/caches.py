@@ -306,11 +306,7 @@ class CodedKVCache:
             # Attention reads the codes (``attend``, via veloxcore.attention's hook);
             # what is returned here is not used.
             return keys, values
-        # Decoding waits for this layer's new keys: a step's layers then decode one after
-        # another, each freed by its attention before the next, instead of every layer's
-        # decoded cache at once (nothing else orders them: the codes do not depend on the
-        # step).
-        return self.fetch(keys.dtype, after=keys)
+        return self.fetch(keys.dtype)
 
     def _append(self, keys: mx.array, values: mx.array) -> None:
         """Prompt chunks (everything beyond the recent window is coded) and decode steps
@@ -396,23 +392,20 @@ class CodedKVCache:
         cuts = [0, *range(first or chunk, length, chunk), length]
         return list(zip(cuts[:-1], cuts[1:], strict=True))
 
-    def _decoded(self, then=None, after: mx.array | None = None):
+    def _decoded(self, then=None):
         """(keys, values) of the coded tokens: in one piece up to DECODE_WHOLE tokens
         (or one piece's worth), else in pieces of at most ``decode_chunk``. With
         ``then``, yields ``then(keys, values)`` (a tuple of arrays) instead, each
         piece's decoding made to wait for the previous piece's result (``mx.depends``):
         built lazily, the pieces were otherwise decoded together and their temporaries
         coexisted (8B-class layer, 16k tokens, attending: 104.5 -> 37-43 MiB;
-        benchmarks/adapt_memory_probe.py). ``after``: an array every piece's decoding
-        waits for."""
+        benchmarks/adapt_memory_probe.py)."""
         s = self.num_sinks
         chunk = self.decode_chunk
         chunk = None if self.coded <= max(DECODE_WHOLE, chunk) else chunk
         previous = None
         for a, b in self._pieces(self.coded, s, chunk):
             parts = [p[..., a:b, :] for p in self.parts]
-            if after is not None:
-                parts = mx.depends(parts, [after])
             if previous is not None:
                 parts[0] = mx.depends(parts[0], list(previous))
             keys, values = self.decode(parts, s + a)
@@ -432,12 +425,12 @@ class CodedKVCache:
         and a batch of waiting tokens (coded in whole blocks: at least one block)."""
         return self.sink_tokens + self.recent_tokens + max(self.append_batch, self.block)
 
-    def fetch(self, dtype=mx.float32, after: mx.array | None = None):
+    def fetch(self, dtype=mx.float32):
         if not self.coded:
             return self.exact_keys, self.exact_values
         s = self.num_sinks
         keys, values = [], []
-        for k, v in self._decoded(after=after):
+        for k, v in self._decoded():
             keys.append(k.astype(dtype))
             values.append(v.astype(dtype))
         if self.exact_keys is not None:
