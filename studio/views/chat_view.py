@@ -51,7 +51,7 @@ SPECTRAL_CONFIGS = [
      "KL 0.032 (default)"),
     ("spectral:wf2.75/l4+qm+ad+ec",
      "wf2.75/l4 + entropy-coded keys + lean values — 3.45 bits, KL 0.029 (best per byte; "
-     "no fused kernels: slow)"),
+     "no fused attention: slow)"),
     ("spectral:wf2.5/a4g64+qm+ad+x1.5+vh+la",
      "wf2.5/a4g64 + metric-weighted adaptive keys + rotated values + layer budget — 3.5 "
      "bits, KL 0.046"),
