@@ -556,8 +556,9 @@ class EntropyKernels:
                          ("NT", ENTROPY_THREADS)]
         self.encode_template = [*self.template, ("ALPH", ALPHABET), ("ZERO", ZERO_BLOCK),
                                 ("WIDTH", coder.width), ("MAXW", max(1, coder.max_words))]
-        # The encoder keeps a block's coefficients and symbol ranges in shared memory.
-        self.encodes = coder.dims <= 128
+        # The encoder keeps a block's coefficients, symbol ranges and words in shared
+        # memory: ~36 KiB at head_dim 128, within CUDA's 48 KiB but not Metal's 32.
+        self.encodes = coder.dims <= (64 if backend == "metal" else 128)
         self._first: dict[int, mx.array] = {}
 
     def _layout(self, position: int, length: int) -> tuple[mx.array, int]:
