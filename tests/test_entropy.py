@@ -356,3 +356,16 @@ def test_gpu_encoder_makes_the_hosts_codes(decoder_backend, position, L, D):
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.array(kernels_.decode(codes, position)),
                                   np.array(coder.decode(codes, position)))
+
+
+def test_entropy_self_test_passes_and_a_failure_leaves_keys_to_the_host(
+        tiny, decoder_backend, monkeypatch):  # noqa: F811
+    assert kernels.entropy_self_test.__wrapped__(decoder_backend) is None
+    from veloxcore import caches as cache_module
+
+    monkeypatch.setattr(cache_module, "entropy_self_test", lambda backend: "broken")
+    model, _, rotations = tiny
+    cache = KVCacheBuilder.build(model, parse_method(SPEC, rotations["pre"]))[0]
+    with pytest.raises(ValueError, match="failed its self-test.*on the host"):
+        cache.use_kernels(decoder_backend)
+    assert cache.entropy_backend is None

@@ -609,6 +609,33 @@ class EntropyKernels:
         return self.encode_with_status(y, position)[0]
 
 
+@cache
+def entropy_self_test(backend: str) -> str | None:
+    """Code and decode random blocks once with ``EntropyKernels`` on ``backend``: None
+    when the blocks decode on the host to close values and the GPU decodes the host's
+    coefficients exactly, else what went wrong (once per process). A failure leaves
+    entropy-coded keys to numpy, and the other kernels as they are."""
+    from .entropy import ENTROPY_BLOCK, EntropyKeyCoder
+
+    rng = np.random.default_rng(0)
+    try:
+        coder = EntropyKeyCoder(np.exp(rng.normal(0, 1.0, (2, 64))), 2.5, ENTROPY_BLOCK)
+        y = mx.array(rng.normal(size=(1, 2, 92, 64)).astype(np.float32))
+        gpu = EntropyKernels(coder, backend)
+        codes, encoded = gpu.encode_with_status(y, 4)
+        host = coder.decode(codes, 4)  # raises on codes that do not decode
+        decoded, status = gpu.decode_with_status(codes, 4)
+        close = float(mx.max(mx.abs(host - y)).item()) < 1.0
+        same = (np.array_equal(np.array(decoded), np.array(host))
+                and not np.any(np.array(status)) and not np.any(np.array(encoded)))
+    except Exception as e:  # noqa: BLE001 — any failure means: do not use them
+        message = str(e).splitlines()[0][:200] if str(e) else ""
+        return f"{type(e).__name__}: {message}"
+    if not (same and close):
+        return "codes or coefficients differ from the host's"
+    return None
+
+
 def _warp_tile_words(D: int, value_bits: int, key_words: int) -> int:
     """Words of the warp-tiled kernel's staged key and value word buffers (two per warp)."""
     return WARPS * 2 * ((16 * key_words + 4) + (16 * (D * value_bits // 32) + 4))
