@@ -327,8 +327,12 @@ def test_entropy_coded_cache_decodes_on_the_gpu_and_refuses_damaged_state(
     restored = KVCacheBuilder.build(model, config)
     with pytest.raises(ValueError):
         restored[0].use_kernels(decoder_backend)
+    before = (restored[0].key_coder, restored[0].offset, restored[0].coded)
     with pytest.raises(EntropyCodeError, match="corrupt"):
         restored[0].restore([mx.array(a) for a in state], gpu[0].meta_state)
+    # Nothing of the damaged state was kept: the plan and the (empty) cache as before.
+    assert (restored[0].key_coder, restored[0].offset, restored[0].coded) == before
+    assert restored[0].parts is None
 
 
 @pytest.mark.parametrize("position,L,D", [(0, 64, 64), (4, 60, 64), (4, 124, 16), (20, 12, 32),
@@ -348,6 +352,8 @@ def test_gpu_encoder_makes_the_hosts_codes(decoder_backend, position, L, D):
     y[1, 0, -1] = 1e6 * sigma[0]
     y = mx.array(y.astype(np.float32))
     kernels_ = EntropyKernels(coder, decoder_backend)
+    if not kernels_.encodes:
+        pytest.skip(f"no {decoder_backend} coder at head_dim {D} (shared memory)")
     codes, status = kernels_.encode_with_status(y, position)
     want = np.array(coder.encode(y, position))
     assert not np.any(np.array(status))
@@ -369,3 +375,18 @@ def test_entropy_self_test_passes_and_a_failure_leaves_keys_to_the_host(
     with pytest.raises(ValueError, match="failed its self-test.*on the host"):
         cache.use_kernels(decoder_backend)
     assert cache.entropy_backend is None
+
+
+def test_entropy_kernels_do_not_depend_on_the_attention_kernels(
+        tiny, decoder_backend, monkeypatch):  # noqa: F811
+    """Fused attention kernels that fail their self-test leave +ec keys on the GPU coder."""
+    from veloxcore import caches as cache_module
+
+    monkeypatch.setattr(cache_module, "kernel_self_test", lambda backend: "broken")
+    model, _, rotations = tiny
+    config = parse_method(SPEC, rotations["pre"])
+    config.kernels = decoder_backend if decoder_backend != "emulated" else "cuda"
+    monkeypatch.setattr(cache_module, "entropy_self_test", lambda backend: None)
+    caches = KVCacheBuilder.build(model, config)
+    assert all(c.entropy_backend == config.kernels for c in caches)
+    assert not any(c.fused_decode for c in caches)

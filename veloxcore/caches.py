@@ -737,23 +737,27 @@ class SpectralKVCache(CodedKVCache):
         """Code arriving tokens and attend with the fused kernels of ``backend``
         ("cuda", "metal" or "reference"). Raises ValueError where unsupported."""
         if self.entropy_bits:
-            if backend == "reference":
-                raise ValueError("entropy-coded keys (+ec) have no fused kernels yet")
-            problem = entropy_self_test(backend)
-            if problem:
-                raise ValueError(f"entropy-coded keys (+ec) have no fused attention kernels "
-                                 f"yet, and their {backend} coder failed its self-test "
-                                 f"({problem}): they are coded and decoded on the host")
-            self.entropy_backend = backend
-            raise ValueError(f"entropy-coded keys (+ec) have no fused attention kernels "
-                             f"yet: their blocks are coded and decode on the GPU "
-                             f"({backend}), then mlx-lm attends")
+            raise ValueError(self.use_entropy_kernels(backend))
         if self.value_token_scale != self.token_scale:
             raise ValueError("lean values (wfN/lB) have no fused kernels yet")
         if not isinstance(self.key_coder, DimCoder) or (
                 self.value_affine is None and not isinstance(self.value_coder, DimCoder)):
             raise ValueError("16-bit (uncoded) layers are not supported by the fused kernels")
         self.kernels = SpectralKernels(self, backend)
+
+    def use_entropy_kernels(self, backend: str) -> str:
+        """Code and decode entropy-coded keys with the GPU kernels of ``backend`` where
+        they pass their self-test (attention stays mlx-lm's); what was done, as a note."""
+        if backend == "reference":
+            return "entropy-coded keys (+ec) have no fused kernels yet"
+        problem = entropy_self_test(backend)
+        if problem:
+            return (f"entropy-coded keys (+ec) have no fused attention kernels yet, and their "
+                    f"{backend} coder failed its self-test ({problem}): they are coded and "
+                    f"decoded on the host")
+        self.entropy_backend = backend
+        return (f"entropy-coded keys (+ec) have no fused attention kernels yet: their blocks "
+                f"are coded and decode on the GPU ({backend}), then mlx-lm attends")
 
     def attend(self, queries, scale):
         kernels = self.kernels
@@ -916,12 +920,24 @@ class SpectralKVCache(CodedKVCache):
         meta["adapted_tokens"] = None if self.adapted is None else self.adapted[1]
         return json.dumps(meta)
 
+    _PLAN = ("key_mean", "key_coder", "key_rms", "value_mean", "value_coder", "value_rms",
+             "adapted", "kernels")
+
     def restore(self, state, meta_state: str) -> None:
         count = json.loads(meta_state).get("adapted_tokens")
-        arrays = list(state)
         if count is not None and self.adaptation is None:
             raise CacheConfigError("this state has an adapted key plan (+ad): restore it "
                                    "into a cache built with the same adaptive config")
+        plan = {name: getattr(self, name) for name in self._PLAN if hasattr(self, name)}
+        try:
+            self._restore(list(state), meta_state, count)
+        except EntropyCodeError:
+            # A damaged state changes nothing: back to the plan the cache had.
+            for name, value in plan.items():
+                setattr(self, name, value)
+            raise
+
+    def _restore(self, arrays: list, meta_state: str, count: int | None) -> None:
         if count is not None:
             # _apply_adaptation starts from the calibrated plan and rebuilds the kernels.
             self._apply_adaptation(np.array(arrays.pop(), dtype=np.float64), count)
@@ -933,9 +949,13 @@ class SpectralKVCache(CodedKVCache):
             self.adapted = None
             if self.kernels is not None:
                 self.kernels = SpectralKernels(self, self.kernels.backend)
+        if self.entropy_bits and self._entropy_kernel() is not None:
+            meta = json.loads(meta_state)
+            if meta["parts"] and meta["coded"]:
+                self._check_entropy_codes(arrays[0], meta["coded"],
+                                          arrays[meta["parts"]].shape[2] if meta["sinks"]
+                                          else 0)
         super().restore(arrays, meta_state)
-        if self.entropy_bits:
-            self._check_entropy_codes()
 
     @property
     def decode_chunk(self) -> int:
@@ -950,15 +970,15 @@ class SpectralKVCache(CodedKVCache):
             self._entropy_kernels = EntropyKernels(self.key_coder, self.entropy_backend)
         return self._entropy_kernels
 
-    def _check_entropy_codes(self) -> None:
-        """Raise EntropyCodeError if a restored cache's entropy-coded blocks do not
-        decode (the GPU decoder does not check them at every step)."""
+    def _check_entropy_codes(self, codes: mx.array, coded: int, sinks: int) -> None:
+        """Raise EntropyCodeError if the first ``coded`` tokens of entropy-coded key
+        ``codes`` (after ``sinks`` sink tokens) do not decode: the GPU decoder does not
+        check them at every step, so a state is checked before it is restored."""
         decoder = self._entropy_kernel()
-        if decoder is None or not self.coded:
-            return
-        _, status = decoder.decode_with_status(self.parts[0][..., : self.coded, :],
-                                               self.num_sinks)
-        bad = int(mx.sum(status).item())
+        bad = 0
+        for a, b in self._pieces(coded, sinks, self.decode_chunk):
+            _, status = decoder.decode_with_status(codes[..., a:b, :], sinks + a)
+            bad += int(mx.sum(status).item())
         if bad:
             raise EntropyCodeError(f"entropy-coded keys do not decode ({bad} corrupt "
                                    f"blocks): the state is damaged or from another plan")
@@ -1278,13 +1298,21 @@ def _use_kernels(model, config: KVCacheConfig, caches) -> tuple[str | None, list
     backend = kernel_backend() if config.kernels == "auto" else config.kernels
     if config.kernels == "auto" and backend == "reference":
         return None, []  # CPU: decode-then-attend is the same computation, fewer ops
+    unfused = None
     if backend != "reference":
         problem = kernel_self_test(backend)
         if problem:
-            return None, [f"the fused {backend} kernels failed their self-test ({problem}); "
-                          "decoding then attending"]
-    if not attention.install(model):
-        return None, ["the model's attention has no hook point; decoding then attending"]
+            unfused = (f"the fused {backend} kernels failed their self-test ({problem}); "
+                       "decoding then attending")
+    if unfused is None and not attention.install(model):
+        unfused = "the model's attention has no hook point; decoding then attending"
+    if unfused is not None:
+        # Entropy-coded keys' own kernels do not depend on the attention kernels.
+        notes = [unfused]
+        for layer, cache in enumerate(caches):
+            if isinstance(cache, SpectralKVCache) and cache.entropy_bits:
+                notes.append(f"layer {layer}: {cache.use_entropy_kernels(backend)}")
+        return None, notes
     notes = []
     for layer, cache in enumerate(caches):
         if not isinstance(cache, SpectralKVCache):
