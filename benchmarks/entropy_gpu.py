@@ -17,28 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import numpy as np
-from decode import SHAPES, device_name, spectra
+from decode import SHAPES, device_name, spectra, timed
 
 from veloxcore.entropy import EntropyKeyCoder
 from veloxcore.kernels import EntropyKernels, kernel_backend
 
 mx = __import__("mlx.core").core
-
-
-def median_seconds(fn, reps: int) -> float:
-    mx.eval(fn())
-    mx.synchronize()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def layer_codes(coder, tokens: int, rng) -> mx.array:
@@ -70,32 +56,32 @@ def main() -> None:
         H, D = SHAPES[shape]["num_key_value_heads"], SHAPES[shape]["head_dim"]
         lam_k, _ = spectra(D)
         coder = EntropyKeyCoder(np.sqrt(np.stack([lam_k] * H)), args.bits)
-        decoder = EntropyKernels(coder, backend) if backend != "reference" else None
+        gpu = EntropyKernels(coder, backend) if backend != "reference" else None
         for tokens in (int(t) for t in args.contexts.split(",")):
             codes = layer_codes(coder, tokens, rng)
             L = codes.shape[2]
             row = dict(shape=shape, tokens=L, code_mib=codes.nbytes / 2**20)
-            if decoder is not None:
-                y, status = decoder.decode_with_status(codes, 4)
+            if gpu is not None:
+                y, status = gpu.decode_with_status(codes, 4)
                 assert not np.any(np.array(status))
                 if L <= args.host_max:
                     assert np.array_equal(np.array(y), np.array(coder.decode(codes, 4)))
-                t = median_seconds(lambda: decoder.decode(codes, 4), args.reps)  # noqa: B023
+                t = timed(lambda: gpu.decode(codes, 4), args.reps)  # noqa: B023
                 row.update(gpu_us=t * 1e6, gpu_msymbols_per_s=H * L * D / t / 1e6)
             if L <= args.host_max:
-                t = median_seconds(lambda: coder.decode(codes, 4), 3)  # noqa: B023
+                t = timed(lambda: coder.decode(codes, 4), 3)  # noqa: B023
                 row.update(host_us=t * 1e6, host_msymbols_per_s=H * L * D / t / 1e6)
             print(json.dumps(row))
         batch = mx.array((rng.laplace(0, 1, (1, H, 32, D)) * np.sqrt(lam_k)[None, None, None]
                           / np.sqrt(2)).astype(np.float32))
         mx.eval(batch)
         row = dict(shape=shape, encode_tokens=32)
-        if decoder is not None:
-            assert np.array_equal(np.array(decoder.encode(batch, 32)),
+        if gpu is not None:
+            assert np.array_equal(np.array(gpu.encode(batch, 32)),
                                   np.array(coder.encode(batch, 32)))
-            row["gpu_encode_us"] = 1e6 * median_seconds(lambda: decoder.encode(batch, 32),  # noqa: B023
+            row["gpu_encode_us"] = 1e6 * timed(lambda: gpu.encode(batch, 32),  # noqa: B023
                                                         args.reps)
-        row["host_encode_us"] = 1e6 * median_seconds(lambda: coder.encode(batch, 32), 5)  # noqa: B023
+        row["host_encode_us"] = 1e6 * timed(lambda: coder.encode(batch, 32), 5)  # noqa: B023
         print(json.dumps(row))
 
 

@@ -296,3 +296,14 @@ def emulated_kernel(which: str, shared_memory: int = 0):
         return [mx.array(o) for o in outs]
 
     return call
+
+
+def use_emulator(monkeypatch) -> None:
+    """Route veloxcore's kernels for backends named "emulated…" to this emulator (the
+    others, e.g. the machine's own GPU, as before), for one test."""
+    from veloxcore import kernels
+
+    original = kernels._kernel
+    monkeypatch.setattr(kernels, "_kernel",
+                        lambda b, which, shared_memory=0: emulated_kernel(which, shared_memory)
+                        if b.startswith("emulated") else original(b, which, shared_memory))

@@ -3,7 +3,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from cuda_emulator import compiler, emulated_kernel
+from cuda_emulator import compiler, use_emulator
 from mlx_lm import generate
 from test_caches import logits_with, tiny  # noqa: F401 (fixture)
 from test_calibration import TEXT
@@ -253,10 +253,7 @@ def decoder_backend(request, monkeypatch):
     if request.param == "emulated":
         if compiler() is None:
             pytest.skip("no C++ compiler for the kernel emulator")
-        original = kernels._kernel
-        monkeypatch.setattr(kernels, "_kernel",
-                            lambda b, which, shared_memory=0: emulated_kernel(which, shared_memory)
-                            if b == "emulated" else original(b, which, shared_memory))
+        use_emulator(monkeypatch)
     return request.param
 
 

@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from cuda_emulator import compiler, emulated_kernel
+from cuda_emulator import compiler, emulated_kernel, use_emulator
 from mlx_lm.models.cache import KVCache
 from tinymodel import tiny_model
 
@@ -40,10 +40,7 @@ def backend(request, monkeypatch):
     if request.param.startswith("emulated"):
         if compiler() is None:
             pytest.skip("no C++ compiler for the kernel emulator")
-        original = kernels._kernel
-        monkeypatch.setattr(kernels, "_kernel",
-                            lambda b, which, shared_memory=0: emulated_kernel(which, shared_memory)
-                            if b.startswith("emulated") else original(b, which, shared_memory))
+        use_emulator(monkeypatch)
     return request.param
 
 
@@ -574,10 +571,7 @@ def test_kernel_self_test_passes_on_working_kernels_and_names_failures(monkeypat
     from veloxcore.caches import kernel_self_test
 
     if compiler() is not None:
-        original = kernels._kernel
-        monkeypatch.setattr(kernels, "_kernel",
-                            lambda b, which, shared_memory=0: emulated_kernel(which, shared_memory)
-                            if b.startswith("emulated") else original(b, which, shared_memory))
+        use_emulator(monkeypatch)
         assert kernel_self_test.__wrapped__("emulated") is None
     # A backend whose kernels cannot be built is reported, not raised.
     monkeypatch.setattr(kernels, "_kernel", lambda b, which, shared_memory=0: 1 / 0)

@@ -543,7 +543,8 @@ class EntropyKernels:
         tables, steps = coder.kernel_tables()
         self.tindex, self.steps = as_mx(tables), as_mx(steps)
         code = coder.code
-        # The tables (~32 MB) are shared by every coder using the same CodeTables.
+        # The tables (~32 MB) are shared by every coder using the same CodeTables (kept
+        # here with them, so that their id is not reused).
         if id(code) not in self._shared_tables:
             self._shared_tables[id(code)] = (
                 code, as_mx(code.slot_step), as_mx(code.slot_symbol.reshape(-1)),
