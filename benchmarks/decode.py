@@ -25,10 +25,11 @@ eigenvalue spectra (shipped bundle; interpolated to head_dim 128), keys
 water-filled at 3 bits pre-RoPE with a per-token scale and affine 4-bit values
 (spectral-vh: Hadamard-rotated values, as the default configuration's +vh;
 spectral-a3vh: 3-bit rotated values; spectral-ec: entropy-coded keys, see
-entropy_cache; a "-tiles" suffix, e.g. spectral-vh-tiles, runs the
-block-tiled decode kernel instead of the warp-tiled one; an "-abN" suffix codes decoded
-tokens N at a time instead of KVCacheConfig.append_batch (32), "-ab1" each as it
-arrives). Speed does not depend on the basis itself.
+entropy_cache, spectral-ec-unpaced the same without caches.pace; a "-tiles" suffix, e.g.
+spectral-vh-tiles, runs the block-tiled decode kernel instead of the warp-tiled one;
+an "-abN" suffix codes decoded tokens N at a time instead of
+KVCacheConfig.append_batch (32), "-ab1" each as it arrives). Speed does not depend on
+the basis itself.
 Writes DIR/decode.json and DIR/decode.md.
 """
 
@@ -158,6 +159,12 @@ def entropy_cache(rng, heads: int, dim: int, rope, backend: str) -> SpectralKVCa
     return cache
 
 
+class UnpacedCache(SpectralKVCache):
+    """spectral-ec-unpaced: every layer's decoding built before any runs (no caches.pace)."""
+
+    paced = False
+
+
 def fill(cache, heads: int, dim: int, tokens: int, chunk: int = 4096) -> None:
     for start in range(0, tokens, chunk):
         n = min(chunk, tokens - start)
@@ -188,8 +195,11 @@ def make_cache(method: str, heads: int, dim: int, rope, backend: str, rng):
     # spectral-a3vh: 3-bit rotated values (the best measured configuration at <= 3.5 bits);
     # an "-abN" suffix codes decoded tokens N at a time (default: the configuration's,
     # 32; -ab1: each at once).
-    if method == "spectral-ec":
-        return entropy_cache(rng, heads, dim, rope, backend)
+    if method.startswith("spectral-ec"):
+        cache = entropy_cache(rng, heads, dim, rope, backend)
+        if method == "spectral-ec-unpaced":
+            cache.__class__ = UnpacedCache
+        return cache
     method, _, batch = method.partition("-ab")
     return spectral_cache(rng, heads, dim, rope,
                           "off" if method == "spectral-unfused" else backend,

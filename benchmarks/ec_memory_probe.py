@@ -1,22 +1,26 @@
 """Where a spectral-ec cache's peak memory comes from on the GPU (decode.py's e2e row).
 
-    python benchmarks/ec_memory_probe.py
+    python benchmarks/ec_memory_probe.py [VARIANT ...]
 
 The default model's shape (random weights), 30 caches filled with 8,192 tokens, then
 decode steps; active and peak memory (MiB above the model) after the fill and after
-steps, for entropy-coded keys coded and decoded by the GPU kernels, with the host's
-decoder, with the host's encoder, and for decode.py's spectral-unfused (no +ec).
+steps, for entropy-coded keys coded and decoded by the GPU kernels (paced, as shipped:
+caches.pace; and unpaced), with the host's decoder, with the host's encoder, and for
+decode.py's spectral-unfused (no +ec).
 """
+import sys
+
 import numpy as np
 from decode import fill, make_cache, random_model
 
 from veloxcore import kernels
+from veloxcore.caches import SpectralKVCache
 from veloxcore.kernels import kernel_backend
 
 mx = __import__("mlx.core").core
 
-VARIANTS = {"gpu": {}, "host-decode": {"decode": True}, "host-encode": {"encode": True},
-            "spectral-unfused": {}}
+VARIANTS = {"gpu": {}, "gpu-unpaced": {"unpaced": True}, "host-decode": {"decode": True},
+            "host-encode": {"encode": True}, "spectral-unfused": {}}
 
 
 def run(name: str, steps: int) -> None:
@@ -45,17 +49,21 @@ def run(name: str, steps: int) -> None:
 
 def main() -> None:
     gpu = kernel_backend() != "reference"
-    for name in VARIANTS:
+    for name in sys.argv[1:] or VARIANTS:
         original = kernels.EntropyKernels.__init__
         if VARIANTS[name].get("encode"):
             def host_encoding(self, *args, original=original, **kw):
                 original(self, *args, **kw)
                 self.encodes = False
             kernels.EntropyKernels.__init__ = host_encoding
+        paced = SpectralKVCache.paced
+        if VARIANTS[name].get("unpaced"):
+            SpectralKVCache.paced = property(lambda self: False)
         try:
             run(name, 12 if gpu else 2)
         finally:
             kernels.EntropyKernels.__init__ = original
+            SpectralKVCache.paced = paced
         mx.clear_cache()
 
 

@@ -332,6 +332,48 @@ def test_entropy_coded_cache_decodes_on_the_gpu_and_refuses_damaged_state(
     assert restored[0].parts is None
 
 
+def test_a_gpu_decoded_cache_paces_its_layers_and_pieces(tiny, decoder_backend, monkeypatch):  # noqa: F811
+    """Decoding on the GPU is slow against the host building the step, so a +ec cache
+    with a GPU coder submits each layer as it arrives and each decoded piece as it is
+    built, and the host waits for the one before (caches.pace): the same logits as the
+    host's decoder, in pieces of 32 coded tokens here."""
+    from veloxcore import caches as cache_module
+
+    monkeypatch.setattr(cache_module, "ENTROPY_GPU_DECODE_CHUNK", 32)
+    monkeypatch.setattr(cache_module, "DECODE_WHOLE", 32)
+    model, tokenizer, rotations = tiny
+    ids = tokenizer.encode(TEXT.text)[:110]
+    config = parse_method(SPEC, rotations["pre"])
+    host = KVCacheBuilder.build(model, config)
+    want = logits_with(model, host, ids, chunk=55)
+    assert not any(cache.paced for cache in host)
+    gpu = KVCacheBuilder.build(model, config)
+    for cache in gpu:
+        with pytest.raises(ValueError):
+            cache.use_kernels(decoder_backend)
+        assert cache.paced
+    paced, pieces, waited = [], [], []
+    pace, async_eval, evaluate = cache_module.pace, mx.async_eval, mx.eval
+    # Layers code alike: layer 0's coded count is every layer's at its pace.
+    monkeypatch.setattr(cache_module, "pace",
+                        lambda k: (paced.append((k.shape, gpu[0].coded)), pace(k)))
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (pieces.append(a), async_eval(*a))[1])
+    monkeypatch.setattr(mx, "eval", lambda *a: (waited.append(a), evaluate(*a))[1])
+    got = logits_with(model, gpu, ids, chunk=55)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # Every layer of both chunks is paced (the chunk's keys mark it) ...
+    layers = len(model.layers)
+    assert [shape for shape, _ in paced] == [(1, 2, 55, 32)] * (2 * layers)
+    # ... and decodes its coded tokens in pieces, each submitted, the one before waited.
+    sinks = gpu[0].num_sinks
+    counts = [len(gpu[0]._pieces(coded, sinks, 32)) for _, coded in paced]
+    assert max(counts) > 1
+    piece_ids = [tuple(map(id, a)) for a in pieces if len(a) == 2]
+    assert len(piece_ids) == sum(counts)
+    waits = [a for a in waited if tuple(map(id, a)) in set(piece_ids)]
+    assert len(waits) == sum(n - 1 for n in counts)
+
+
 @pytest.mark.parametrize("position,L,D", [(0, 64, 64), (4, 60, 64), (4, 124, 16), (20, 12, 32),
                                           (4, 28, 128)])
 def test_gpu_encoder_makes_the_hosts_codes(decoder_backend, position, L, D):
