@@ -25,7 +25,8 @@ eigenvalue spectra (shipped bundle; interpolated to head_dim 128), keys
 water-filled at 3 bits pre-RoPE with a per-token scale and affine 4-bit values
 (spectral-vh: Hadamard-rotated values, as the default configuration's +vh;
 spectral-a3vh: 3-bit rotated values; spectral-ec: entropy-coded keys, see
-entropy_cache, spectral-ec-unpaced the same without caches.pace; a "-tiles" suffix, e.g.
+entropy_cache; spectral-ec-g1 the same with each layer decoding its own keys (no
+caches.DecodeAhead), spectral-ec-unpaced without caches.pace either; a "-tiles" suffix, e.g.
 spectral-vh-tiles, runs the block-tiled decode kernel instead of the warp-tiled one;
 an "-abN" suffix codes decoded tokens N at a time instead of
 KVCacheConfig.append_batch (32), "-ab1" each as it arrives). Speed does not depend on
@@ -47,7 +48,12 @@ from pathlib import Path
 import numpy as np
 
 from veloxcore import KVCacheConfig, attention, kernels, load_cached_rotations
-from veloxcore.caches import SpectralKVCache, random_rotation, value_rotation
+from veloxcore.caches import (
+    SpectralKVCache,
+    link_decode_ahead,
+    random_rotation,
+    value_rotation,
+)
 from veloxcore.kernels import kernel_backend
 from veloxcore.spectral import water_fill_bits
 
@@ -264,6 +270,8 @@ def end_to_end_row(model, method, shape, tokens, decode_tokens, backend, trials=
     mx.reset_peak_memory()
     caches = [make_cache(method, H, D, layer.self_attn.rope, backend, rng)
               for layer in model.layers]
+    if method == "spectral-ec":
+        link_decode_ahead(caches)  # as KVCacheBuilder does
     for c in caches:
         fill(c, H, D, tokens)
     token = mx.array([[1]])

@@ -4,9 +4,10 @@
 
 The default model's shape (random weights), 30 caches filled with 8,192 tokens, then
 decode steps; active and peak memory (MiB above the model) after the fill and after
-steps, for entropy-coded keys coded and decoded by the GPU kernels (paced, as shipped:
-caches.pace; and unpaced), with the host's decoder, with the host's encoder, and for
-decode.py's spectral-unfused (no +ec).
+steps, for entropy-coded keys coded and decoded by the GPU kernels (as shipped: paced,
+caches.pace, and decoded in groups of layers, caches.DecodeAhead; "gpu-g1": each layer
+on its own; "gpu-unpaced": neither), with the host's decoder, with the host's encoder,
+and for decode.py's spectral-unfused (no +ec).
 """
 import sys
 
@@ -14,12 +15,13 @@ import numpy as np
 from decode import fill, make_cache, random_model
 
 from veloxcore import kernels
-from veloxcore.caches import SpectralKVCache
+from veloxcore.caches import SpectralKVCache, link_decode_ahead
 from veloxcore.kernels import kernel_backend
 
 mx = __import__("mlx.core").core
 
-VARIANTS = {"gpu": {}, "gpu-unpaced": {"unpaced": True}, "host-decode": {"decode": True},
+VARIANTS = {"gpu": {"groups": True}, "gpu-g1": {}, "gpu-unpaced": {"unpaced": True},
+            "host-decode": {"decode": True},
             "host-encode": {"encode": True}, "spectral-unfused": {}}
 
 
@@ -30,6 +32,8 @@ def run(name: str, steps: int) -> None:
     mx.reset_peak_memory()
     caches = [make_cache(method, 3, 64, layer.self_attn.rope, kernel_backend(),
                          np.random.default_rng(0)) for layer in model.layers]
+    if VARIANTS[name].get("groups"):
+        link_decode_ahead(caches)
     for c in caches:
         if VARIANTS[name].get("decode"):
             c._entropy_kernel = lambda: None  # noqa: B023 — host numpy decoding and coding

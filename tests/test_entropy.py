@@ -374,6 +374,58 @@ def test_a_gpu_decoded_cache_paces_its_layers_and_pieces(tiny, decoder_backend, 
     assert len(waits) == sum(n - 1 for n in counts)
 
 
+def test_gpu_decoded_layers_decode_their_keys_in_groups(tiny, decoder_backend, monkeypatch):  # noqa: F811
+    """DecodeAhead: the first layer of a group decodes the whole group's keys (launches
+    that run side by side on a GPU), the next layers take theirs; a layer that coded a
+    batch in its step decodes again, starting a group. The same logits as the host's
+    decoder, prompt and decode steps."""
+    from veloxcore import caches as cache_module
+
+    model, tokenizer, rotations = tiny
+    ids = tokenizer.encode(TEXT.text)[:140]
+    config = parse_method(SPEC, rotations["pre"])
+    host = KVCacheBuilder.build(model, config)
+    want = [logits_with(model, host, ids[:100], chunk=100),
+            logits_with(model, host, ids[100:], chunk=1)]
+    gpu = KVCacheBuilder.build(model, config)
+    for cache in gpu:
+        with pytest.raises(ValueError):
+            cache.use_kernels(decoder_backend)
+        assert cache.decode_ahead is None  # built before: no GPU coder yet
+    assert cache_module.link_decode_ahead(gpu) is None  # 2 layers: groups of 1
+    ahead = cache_module.link_decode_ahead(gpu, group=2)
+    assert all(cache.decode_ahead is ahead for cache in gpu)
+    groups, alone = [], []
+    decode_group = cache_module.DecodeAhead._decode_group
+    decode = kernels.EntropyKernels.decode
+    in_group = [False]
+
+    def spy_group(self, cache):
+        groups.append((gpu.index(cache), cache.coded))
+        in_group[0] = True
+        decode_group(self, cache)
+        in_group[0] = False
+
+    def spy_decode(self, codes, position):
+        if not in_group[0]:
+            alone.append(position)
+        return decode(self, codes, position)
+
+    monkeypatch.setattr(cache_module.DecodeAhead, "_decode_group", spy_group)
+    monkeypatch.setattr(kernels.EntropyKernels, "decode", spy_decode)
+    writes = gpu[1].code_writes
+    got = [logits_with(model, gpu, ids[:100], chunk=100),
+           logits_with(model, gpu, ids[100:], chunk=1)]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+    assert not alone  # every span was decoded by a group
+    steps = 1 + len(ids) - 100  # the prompt, then each decode step
+    assert sum(layer == 0 for layer, _ in groups) == steps
+    # Layer 1 starts a group where it coded in its step (after layer 0 had decoded it).
+    recoded = gpu[1].code_writes - writes
+    assert recoded >= 2 and sum(layer == 1 for layer, _ in groups) == recoded
+
+
 @pytest.mark.parametrize("position,L,D", [(0, 64, 64), (4, 60, 64), (4, 124, 16), (20, 12, 32),
                                           (4, 28, 128)])
 def test_gpu_encoder_makes_the_hosts_codes(decoder_backend, position, L, D):

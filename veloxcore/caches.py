@@ -90,6 +90,80 @@ def pace(marker: mx.array) -> None:
         mx.eval(previous)
 
 
+# Layers whose entropy-coded keys one DecodeAhead group decodes at once, as a share of
+# the model's layers (float32 coefficients: one layer's take the bytes of its fp16 keys
+# and values, so a quarter of the layers' add a quarter of an fp16 cache).
+DECODE_AHEAD_SHARE = 4
+
+
+class DecodeAhead:
+    """Entropy-coded keys' coefficients decoded on the GPU for a group of layers at once.
+
+    A GPU decoder launch takes ~1.1 ms nearly whatever the context (a block's symbols
+    decode one after another; a few hundred threads busy at 8k tokens: BENCHMARKS
+    "Entropy-coded keys on the GPU"), and launches submitted together, not depending on
+    each other, run side by side. Decoding doesn't depend on the step's hidden states, so
+    the first layer of a group decodes its own coded keys and the next layers' in one
+    submission; each of those takes its own when it attends. An entry is used only if its
+    cache's codes have not changed since (``code_writes``: a decode step that codes a
+    batch decodes that layer again, starting a new group there)."""
+
+    def __init__(self, caches: list, group: int):
+        self.caches, self.group = list(caches), group
+        self._ready: dict[int, tuple] = {}
+
+    def coefficients(self, cache, codes: mx.array, position: int) -> mx.array:
+        """The decoded coefficients of ``codes`` (a span of ``cache``'s key codes from
+        absolute ``position``)."""
+        entry = self._ready.get(id(cache))
+        if not self._holds(entry, cache, codes, position):
+            self._decode_group(cache)
+            entry = self._ready.get(id(cache))
+            if not self._holds(entry, cache, codes, position):
+                # Not a span fetch decodes (trim's cut block): on its own.
+                return cache._entropy_kernel().decode(codes, position)
+        pieces = entry[-1]
+        y = pieces.pop(position)
+        if not pieces:
+            del self._ready[id(cache)]
+        return y
+
+    @staticmethod
+    def _holds(entry, cache, codes: mx.array, position: int) -> bool:
+        return (entry is not None and entry[:3] == (cache.code_writes, cache.coded,
+                                                     cache.num_sinks)
+                and entry[3] is cache.key_coder and position in entry[4]
+                and entry[4][position].shape[2] == codes.shape[2])
+
+    def _decode_group(self, cache) -> None:
+        start = self.caches.index(cache)
+        ready = {}
+        for c in self.caches[start: start + self.group]:
+            decoder = c._entropy_kernel()
+            if decoder is None or not c.coded:
+                continue
+            s = c.num_sinks
+            pieces = {s + a: decoder.decode(c.parts[0][..., a:b, :], s + a)
+                      for a, b in c.decode_spans()}
+            ready[id(c)] = (c.code_writes, c.coded, s, c.key_coder, pieces)
+        mx.async_eval([y for entry in ready.values() for y in entry[-1].values()])
+        self._ready = ready
+
+
+def link_decode_ahead(caches: list, group: int | None = None) -> DecodeAhead | None:
+    """Let the entropy-coded caches (of one model, in layer order) that decode on a GPU
+    decode their keys in groups (``DecodeAhead``): ``group`` layers at a time, by default
+    a DECODE_AHEAD_SHARE-th of the layers. None where fewer than two such caches."""
+    gpu = [c for c in caches if getattr(c, "entropy_backend", None) is not None]
+    group = group or max(1, len(caches) // DECODE_AHEAD_SHARE)
+    if len(gpu) < 2 or group < 2:
+        return None
+    ahead = DecodeAhead(gpu, group)
+    for c in gpu:
+        c.decode_ahead = ahead
+    return ahead
+
+
 class CacheConfigError(VeloxError):
     """A cache configuration does not fit the model or is inconsistent."""
 
@@ -269,6 +343,7 @@ class CodedKVCache:
         self.num_exact = 0
         self.num_sinks = 0
         self.coded = 0  # tokens stored in parts
+        self.code_writes = 0  # changes to parts (stored, trimmed, restored): DecodeAhead
         self.fused_decode = False  # set by KVCacheBuilder once attention is hooked
 
     @property
@@ -439,10 +514,8 @@ class CodedKVCache:
         coexisted (8B-class layer, 16k tokens, attending: 104.5 -> 37-43 MiB;
         benchmarks/adapt_memory_probe.py)."""
         s = self.num_sinks
-        chunk = self.decode_chunk
-        chunk = None if self.coded <= max(DECODE_WHOLE, chunk) else chunk
         previous = None
-        for a, b in self._pieces(self.coded, s, chunk):
+        for a, b in self.decode_spans():
             parts = [p[..., a:b, :] for p in self.parts]
             if previous is not None:
                 parts[0] = mx.depends(parts[0], list(previous))
@@ -457,6 +530,13 @@ class CodedKVCache:
     def decode_chunk(self) -> int:
         """Coded tokens decoded at a time past DECODE_WHOLE."""
         return DECODE_CHUNK
+
+    def decode_spans(self) -> list[tuple[int, int]]:
+        """[a, b) spans of the coded tokens that ``fetch`` and ``attend`` decode as one
+        piece each."""
+        chunk = self.decode_chunk
+        chunk = None if self.coded <= max(DECODE_WHOLE, chunk) else chunk
+        return self._pieces(self.coded, self.num_sinks, chunk)
 
     def _decode_capacity(self) -> int:
         """Exact tokens the buffers hold while decoding: the sinks, the recent window
@@ -516,6 +596,7 @@ class CodedKVCache:
         for buffer, part in zip(self.parts, parts, strict=True):
             buffer[..., prev: prev + L, :] = part
         self.coded = prev + L
+        self.code_writes += 1
 
     def make_mask(self, *args, **kwargs):
         return create_attention_mask(*args, offset=self.offset, **kwargs)
@@ -554,6 +635,7 @@ class CodedKVCache:
             kept_values.append(v[..., :partial, :].astype(dtype))
             coded = start
         self.coded = coded
+        self.code_writes += 1
         self.num_sinks = sinks
         self._set_exact(_joined(kept_keys), _joined(kept_values))
         return n
@@ -610,6 +692,7 @@ class CodedKVCache:
             values.append(arrays[1])
         self._set_exact(_joined(keys), _joined(values))
         self.offset, self.coded = meta["offset"], meta["coded"]
+        self.code_writes += 1
 
 
 def _joined(arrays: list[mx.array]) -> mx.array | None:
@@ -708,6 +791,7 @@ class SpectralKVCache(CodedKVCache):
         # sets it); None: numpy on the host.
         self.entropy_backend: str | None = None
         self._entropy_kernels: EntropyKernels | None = None
+        self.decode_ahead: DecodeAhead | None = None  # set by link_decode_ahead
         if entropy_bits:
             self.block, self.aligned_blocks = ENTROPY_BLOCK, True
         self.token_scale = token_scale
@@ -1047,8 +1131,12 @@ class SpectralKVCache(CodedKVCache):
             y = self._decode_blocks(*parts[:2])
         elif self.entropy_bits:
             decoder = self._entropy_kernel()
-            y = (decoder.decode(parts[0], position) if decoder is not None
-                 else self.key_coder.decode(parts[0], position))
+            if decoder is None:
+                y = self.key_coder.decode(parts[0], position)
+            elif self.decode_ahead is not None:
+                y = self.decode_ahead.coefficients(self, parts[0], position)
+            else:
+                y = decoder.decode(parts[0], position)
         else:
             y = self._decode_part(self.key_coder, parts[:n])
         keys = y @ self.key_decoder.swapaxes(-1, -2) + self.key_mean
@@ -1294,6 +1382,7 @@ class KVCacheBuilder:
             if isinstance(cache, CodedKVCache):
                 cache.append_batch = config.append_batch
         caches.kernel_backend, caches.kernel_notes = _use_kernels(model, config, caches)
+        link_decode_ahead(caches)
         caches.notes = [*(_allocation_notes(config) if layer_configs else []),
                         *caches.kernel_notes]
         return caches
