@@ -344,6 +344,7 @@ def test_a_gpu_decoded_cache_paces_its_layers_and_pieces(tiny, decoder_backend, 
     model, tokenizer, rotations = tiny
     ids = tokenizer.encode(TEXT.text)[:110]
     config = parse_method(SPEC, rotations["pre"])
+    config.kernels = "off"  # host decoding, on a GPU machine too
     host = KVCacheBuilder.build(model, config)
     want = logits_with(model, host, ids, chunk=55)
     assert not any(cache.paced for cache in host)
@@ -384,6 +385,7 @@ def test_gpu_decoded_layers_decode_their_keys_in_groups(tiny, decoder_backend, m
     model, tokenizer, rotations = tiny
     ids = tokenizer.encode(TEXT.text)[:140]
     config = parse_method(SPEC, rotations["pre"])
+    config.kernels = "off"  # host decoding, on a GPU machine too
     host = KVCacheBuilder.build(model, config)
     want = [logits_with(model, host, ids[:100], chunk=100),
             logits_with(model, host, ids[100:], chunk=1)]
