@@ -184,6 +184,25 @@ def _coding_and_decoding_in_pieces(tiny, monkeypatch, spec):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
 
 
+def test_pace_submits_its_marker_and_waits_for_the_previous_one(monkeypatch):
+    from veloxcore import caches as cache_module
+
+    monkeypatch.setattr(cache_module, "_pace", cache_module._Pace())
+    submitted, waited = [], []
+    async_eval, evaluate = mx.async_eval, mx.eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (submitted.append(a), async_eval(*a))[1])
+    monkeypatch.setattr(mx, "eval", lambda *a: (waited.append(a), evaluate(*a))[1])
+    a, b = mx.ones(3) * 2, mx.ones(3) * 3
+    cache_module.pace(a)
+    assert len(submitted) == 1 and submitted[0][0] is a and not waited
+    cache_module.pace(b)
+    assert submitted[1][0] is b and len(waited) == 1 and waited[0][0] is a
+    # Inside a function transformation MLX evaluates nothing: pacing steps aside.
+    step = mx.compile(lambda x: (cache_module.pace(x * 2), x + 1)[1])
+    assert step(mx.ones(2)).tolist() == [2.0, 2.0]
+    assert cache_module._pace.submitted is b and len(waited) == 1
+
+
 def test_effective_bits_from_nbytes_match_the_formula(tiny):
     model, tokenizer, rotations = tiny
     layers, heads, dim = 2, 2, 32

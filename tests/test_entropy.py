@@ -377,9 +377,9 @@ def test_a_gpu_decoded_cache_paces_its_layers_and_pieces(tiny, decoder_backend, 
 
 def test_gpu_decoded_layers_decode_their_keys_in_groups(tiny, decoder_backend, monkeypatch):  # noqa: F811
     """DecodeAhead: the first layer of a group decodes the whole group's keys (launches
-    that run side by side on a GPU), the next layers take theirs; a layer that coded a
-    batch in its step decodes again, starting a group. The same logits as the host's
-    decoder, prompt and decode steps."""
+    that run side by side on a GPU), the next layers take theirs. Where layers code in
+    their step (the prompt, one decode step in 32) each decodes alone: no span is decoded
+    twice. The same logits as the host's decoder, prompt and decode steps."""
     from veloxcore import caches as cache_module
 
     model, tokenizer, rotations = tiny
@@ -397,35 +397,83 @@ def test_gpu_decoded_layers_decode_their_keys_in_groups(tiny, decoder_backend, m
     assert cache_module.link_decode_ahead(gpu) is None  # 2 layers: groups of 1
     ahead = cache_module.link_decode_ahead(gpu, group=2)
     assert all(cache.decode_ahead is ahead for cache in gpu)
-    groups, alone = [], []
+    calls = {"group": 0, "grouped": 0, "alone": 0}
     decode_group = cache_module.DecodeAhead._decode_group
     decode = kernels.EntropyKernels.decode
     in_group = [False]
 
     def spy_group(self, cache):
-        groups.append((gpu.index(cache), cache.coded))
+        assert cache is gpu[0]  # groups start at the first layer here
+        calls["group"] += 1
         in_group[0] = True
         decode_group(self, cache)
         in_group[0] = False
 
     def spy_decode(self, codes, position):
-        if not in_group[0]:
-            alone.append(position)
+        calls["grouped" if in_group[0] else "alone"] += 1
         return decode(self, codes, position)
 
     monkeypatch.setattr(cache_module.DecodeAhead, "_decode_group", spy_group)
     monkeypatch.setattr(kernels.EntropyKernels, "decode", spy_decode)
-    writes = gpu[1].code_writes
-    got = [logits_with(model, gpu, ids[:100], chunk=100),
-           logits_with(model, gpu, ids[100:], chunk=1)]
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
-    assert not alone  # every span was decoded by a group
-    steps = 1 + len(ids) - 100  # the prompt, then each decode step
-    assert sum(layer == 0 for layer, _ in groups) == steps
-    # Layer 1 starts a group where it coded in its step (after layer 0 had decoded it).
-    recoded = gpu[1].code_writes - writes
-    assert recoded >= 2 and sum(layer == 1 for layer, _ in groups) == recoded
+    got, coding_steps = [], 0
+    for a, b in [(0, 100), *((i, i + 1) for i in range(100, len(ids)))]:
+        before, writes = dict(calls), gpu[0].code_writes
+        got.append(model(mx.array(ids[a:b])[None], cache=gpu)[0])
+        change = {k: calls[k] - before[k] for k in calls}
+        if gpu[0].code_writes != writes:  # this step coded (the prompt, a batch)
+            coding_steps += 1
+            assert change == {"group": 0, "grouped": 0, "alone": 2}, (a, change)
+        else:
+            assert change == {"group": 1, "grouped": 2, "alone": 0}, (a, change)
+    assert coding_steps >= 2  # the prompt and a batch
+    np.testing.assert_allclose(np.array(got[0].astype(mx.float32)), want[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.array(mx.concatenate(got[1:]).astype(mx.float32)), want[1],
+                               atol=1e-5, rtol=0)
+
+
+def test_decode_ahead_uses_an_entry_only_for_the_codes_it_decoded(tiny, decoder_backend):  # noqa: F811
+    """A group's entry for a later layer whose codes then change without changing shape
+    (another state restored) is not used; a copied cache decodes alone; the group holds
+    its caches weakly."""
+    import copy
+    import gc
+    import weakref
+
+    from veloxcore import caches as cache_module
+
+    model, tokenizer, rotations = tiny
+    ids = tokenizer.encode(TEXT.text)[:120]
+    config = parse_method(SPEC, rotations["pre"])
+    config.kernels = "off"
+    caches = []
+    for text in (ids[:100], ids[20:120]):
+        built = KVCacheBuilder.build(model, config)
+        for cache in built:
+            with pytest.raises(ValueError):
+                cache.use_kernels(decoder_backend)
+        logits_with(model, built, text, chunk=100)
+        caches.append(built)
+    gpu, other = caches
+    assert gpu[1].coded == other[1].coded > 0
+    ahead = cache_module.link_decode_ahead(gpu, group=2)
+    gpu[0].fetch()
+    gpu[0].fetch()  # unchanged since its last fetch: decodes layer 1's keys as well
+    assert gpu[1] in ahead._ready
+    # Layer 1 now holds other codes of the same shape.
+    gpu[1].restore(other[1].state, other[1].meta_state)
+    for got, want in zip(gpu[1].fetch(), other[1].fetch(), strict=True):
+        np.testing.assert_array_equal(np.array(got), np.array(want))
+    twin = copy.copy(gpu[0])
+    for got, want in zip(twin.fetch(), gpu[0].fetch(), strict=True):
+        np.testing.assert_array_equal(np.array(got), np.array(want))
+    layer = weakref.ref(gpu[0])
+    gc.collect()
+    gc.disable()
+    try:  # freed without the cycle collector
+        del gpu, caches, twin
+        assert layer() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("position,L,D", [(0, 64, 64), (4, 60, 64), (4, 124, 16), (20, 12, 32),

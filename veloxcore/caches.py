@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+import weakref
 from dataclasses import dataclass, replace
 
 import mlx.core as mx
@@ -74,6 +75,18 @@ class _Pace(threading.local):
 _pace = _Pace()
 
 
+def submit(*arrays) -> bool:
+    """``mx.async_eval(*arrays)``; False (nothing submitted) inside a function
+    transformation (``mx.compile``, ``mx.vjp`` …), where MLX evaluates nothing."""
+    try:
+        mx.async_eval(*arrays)
+    except ValueError as e:
+        if "transformation" not in str(e):
+            raise
+        return False
+    return True
+
+
 def pace(marker: mx.array) -> None:
     """Submit ``marker`` (and everything it depends on) to the device now, then wait for
     the marker submitted by the previous call. MLX keeps every array a submitted kernel
@@ -84,8 +97,10 @@ def pace(marker: mx.array) -> None:
     at 8k on the default model's shape, paced 173 (BENCHMARKS "Entropy-coded keys on the
     GPU, paced and decoded in groups of layers"). Paced, the host stays one call ahead:
     the GPU has the newest work queued, and only two calls' temporaries are in flight.
-    The marker is kept until the next call: pass a small array."""
-    mx.async_eval(marker)
+    The marker is kept until the next call: pass a small array. Inside a function
+    transformation nothing is submitted or waited for."""
+    if not submit(marker):
+        return
     previous, _pace.submitted = _pace.submitted, marker
     if previous is not None:
         mx.eval(previous)
@@ -107,63 +122,77 @@ class DecodeAhead:
     64k 9.7 tok/s against 3.8 with each layer alone: BENCHMARKS "Entropy-coded keys on
     the GPU, paced and decoded in groups of layers"). Decoding doesn't depend on the
     step's hidden states, so the first layer of a group decodes its own coded keys and
-    the next layers' in one submission; each takes its own when it attends. An entry is
-    used only if its cache's codes have not changed since (``code_writes``: a decode step
-    that codes a batch decodes that layer again, starting a new group there)."""
+    the next layers' in one submission; each takes its own when it attends.
+
+    Layers code in step (the same tokens reach each), so a layer that coded since its
+    last fetch (a prompt chunk, or a decode step that codes a batch) means the layers
+    after it will code too before they attend: it decodes alone. An entry is used only
+    if its cache's codes are unchanged (``code_writes``, coded count, sinks, key coder)
+    and the span is one it decoded; anything else (trim's cut block, a copied cache)
+    decodes alone. Caches are held weakly: the group does not keep them alive."""
 
     def __init__(self, caches: list, group: int):
-        self.caches, self.group = list(caches), group
-        self._ready: dict[int, tuple] = {}
+        self._caches = [weakref.ref(c) for c in caches]
+        self.group = group
+        # cache -> (its state when decoded, {position: coefficients}, its key coder);
+        # cache -> its code_writes at its last fetch.
+        self._ready: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._writes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def _state(cache) -> tuple:
+        return cache.code_writes, cache.coded, cache.num_sinks, id(cache.key_coder)
 
     def coefficients(self, cache, codes: mx.array, position: int) -> mx.array:
         """The decoded coefficients of ``codes`` (a span of ``cache``'s key codes from
         absolute ``position``)."""
-        entry = self._ready.get(id(cache))
-        if not self._holds(entry, cache, codes, position):
-            self._decode_group(cache)
-            entry = self._ready.get(id(cache))
-            if not self._holds(entry, cache, codes, position):
-                # Not a span fetch decodes (trim's cut block): on its own.
-                return cache._entropy_kernel().decode(codes, position)
-        pieces = entry[-1]
-        y = pieces.pop(position)
-        if not pieces:
-            del self._ready[id(cache)]
-        return y
-
-    @staticmethod
-    def _holds(entry, cache, codes: mx.array, position: int) -> bool:
-        return (entry is not None and entry[:3] == (cache.code_writes, cache.coded,
-                                                     cache.num_sinks)
-                and entry[3] is cache.key_coder and position in entry[4]
-                and entry[4][position].shape[2] == codes.shape[2])
+        spans = cache.decode_spans()
+        L, s = codes.shape[2], cache.num_sinks
+        if spans and (position - s, position - s + L) == spans[0]:  # a fetch begins
+            unchanged = self._writes.get(cache) == cache.code_writes
+            self._writes[cache] = cache.code_writes
+            if cache not in self._ready and unchanged:
+                self._decode_group(cache)
+        entry = self._ready.get(cache)
+        if entry is not None:
+            y = entry[1].pop(position, None)
+            if not entry[1] or entry[0] != self._state(cache):
+                del self._ready[cache]
+            if (y is not None and entry[0] == self._state(cache)
+                    and y.shape[2] == L):
+                return y
+        return cache._entropy_kernel().decode(codes, position)
 
     def _decode_group(self, cache) -> None:
-        start = self.caches.index(cache)
+        caches = [ref() for ref in self._caches]
+        start = next((i for i, c in enumerate(caches) if c is cache), None)
+        if start is None:  # a copy of a linked cache: on its own
+            return
         ready = {}
-        for c in self.caches[start: start + self.group]:
-            decoder = c._entropy_kernel()
+        for c in caches[start: start + self.group]:
+            decoder = c._entropy_kernel() if c is not None else None
             if decoder is None or not c.coded:
                 continue
             s = c.num_sinks
-            pieces = {s + a: decoder.decode(c.parts[0][..., a:b, :], s + a)
-                      for a, b in c.decode_spans()}
-            ready[id(c)] = (c.code_writes, c.coded, s, c.key_coder, pieces)
-        mx.async_eval([y for entry in ready.values() for y in entry[-1].values()])
-        self._ready = ready
+            # (The coder is kept with its id, so that the id is not reused.)
+            ready[c] = (self._state(c),
+                        {s + a: decoder.decode(c.parts[0][..., a:b, :], s + a)
+                         for a, b in c.decode_spans()}, c.key_coder)
+        if submit([y for _, pieces, _ in ready.values() for y in pieces.values()]):
+            self._ready.update(ready)
 
 
 def link_decode_ahead(caches: list, group: int | None = None) -> DecodeAhead | None:
     """Let the entropy-coded caches (of one model, in layer order) that decode on a GPU
     decode their keys in groups (``DecodeAhead``): ``group`` layers at a time, by default
-    a DECODE_AHEAD_SHARE-th of the layers. None where fewer than two such caches."""
+    a DECODE_AHEAD_SHARE-th of the layers. None (and the caches unlinked) where fewer than
+    two such caches or groups of one."""
     gpu = [c for c in caches if getattr(c, "entropy_backend", None) is not None]
     group = group or max(1, len(caches) // DECODE_AHEAD_SHARE)
-    if len(gpu) < 2 or group < 2:
-        return None
-    ahead = DecodeAhead(gpu, group)
-    for c in gpu:
-        c.decode_ahead = ahead
+    ahead = DecodeAhead(gpu, group) if len(gpu) >= 2 and group >= 2 else None
+    for c in caches:
+        if hasattr(c, "decode_ahead"):
+            c.decode_ahead = ahead
     return ahead
 
 
@@ -554,11 +583,9 @@ class CodedKVCache:
         paced = self.paced
         for k, v in self._decoded():
             k, v = k.astype(dtype), v.astype(dtype)
-            if paced:
+            if paced and submit(k, v) and keys:
                 # One piece's float32 temporaries in flight at a time (see ``pace``).
-                mx.async_eval(k, v)
-                if keys:
-                    mx.eval(keys[-1], values[-1])
+                mx.eval(keys[-1], values[-1])
             keys.append(k)
             values.append(v)
         if self.exact_keys is not None:
