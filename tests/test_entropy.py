@@ -20,6 +20,7 @@ from veloxcore.entropy import (
     EntropyCodeError,
     EntropyKeyCoder,
     code_tables,
+    decode_together,
     rans_decode,
     rans_encode,
 )
@@ -257,6 +258,25 @@ def decoder_backend(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["host", *DECODER_BACKENDS])
+def ahead_backend(request, monkeypatch):
+    """Where DecodeAhead's groups decode: numpy on the host, or a GPU decoder."""
+    if request.param == "emulated":
+        if compiler() is None:
+            pytest.skip("no C++ compiler for the kernel emulator")
+        use_emulator(monkeypatch)
+    return request.param
+
+
+def use_decoder(caches, backend: str) -> None:
+    """Entropy-coded caches decode on ``backend``'s GPU coder (as ones built there do)."""
+    for cache in caches:
+        if backend != "host":
+            with pytest.raises(ValueError):
+                cache.use_kernels(backend)
+            assert cache.entropy_backend == backend
+
+
 def cache_codes(coder, rng, B, L, position, loud=(), absurd=()):
     """Codes (B, H, L, width) of Laplace coefficients from absolute ``position``; blocks
     (b, h, j) in ``loud`` are 8x louder (a coarser step), those in ``absurd`` 10⁶σ (the
@@ -270,6 +290,26 @@ def cache_codes(coder, rng, B, L, position, loud=(), absurd=()):
     for b, h, j in absurd:
         y[b, h, slice(*bounds[j])] = 1e6 * sigma[h]
     return coder.encode(mx.array(y.astype(np.float32)), position)
+
+
+def test_coders_decoded_together_decode_as_each_alone():
+    """decode_together: several coders' codes (other scales, positions, lengths, short
+    first blocks, loud and all-zero blocks) in one rANS loop, bit-identical to decoding
+    each job on its own; coders of another head_dim are refused."""
+    rng = np.random.default_rng(9)
+    jobs = []
+    for position, L in [(4, 60), (0, 64), (20, 12), (4, 124)]:
+        coder = EntropyKeyCoder(np.exp(rng.normal(0, 1.5, (3, 32))), 2.5)
+        jobs.append((coder, cache_codes(coder, rng, 2, L, position, loud=[(0, 1, 0)],
+                                        absurd=[(1, 2, 0)]), position))
+    together = decode_together(jobs)
+    for (coder, codes, position), y in zip(jobs, together, strict=True):
+        alone = decode_together([(coder, codes, position)])[0]
+        np.testing.assert_array_equal(np.array(y), np.array(alone))
+        assert y.shape == (*codes.shape[:3], 32)
+    other = EntropyKeyCoder(np.ones((3, 16)), 2.5)
+    with pytest.raises(ValueError, match="head_dim"):
+        decode_together([jobs[0], (other, cache_codes(other, rng, 1, 32, 0), 0)])
 
 
 @pytest.mark.parametrize("position,L,D", [(0, 64, 64), (4, 60, 64), (4, 124, 16), (20, 12, 32)])
@@ -375,11 +415,12 @@ def test_a_gpu_decoded_cache_paces_its_layers_and_pieces(tiny, decoder_backend, 
     assert len(waits) == sum(n - 1 for n in counts)
 
 
-def test_gpu_decoded_layers_decode_their_keys_in_groups(tiny, decoder_backend, monkeypatch):  # noqa: F811
+def test_layers_decode_their_keys_in_groups(tiny, ahead_backend, monkeypatch):  # noqa: F811
     """DecodeAhead: the first layer of a group decodes the whole group's keys (launches
-    that run side by side on a GPU), the next layers take theirs. Where layers code in
-    their step (the prompt, one decode step in 32) each decodes alone: no span is decoded
-    twice. The same logits as the host's decoder, prompt and decode steps."""
+    that run side by side on a GPU, one numpy loop on the host), the next layers take
+    theirs. Where layers code in their step (the prompt, one decode step in 32) each
+    decodes alone: no span is decoded twice. The same logits as each layer decoding on
+    the host on its own, prompt and decode steps."""
     from veloxcore import caches as cache_module
 
     model, tokenizer, rotations = tiny
@@ -390,16 +431,12 @@ def test_gpu_decoded_layers_decode_their_keys_in_groups(tiny, decoder_backend, m
     want = [logits_with(model, host, ids[:100], chunk=100),
             logits_with(model, host, ids[100:], chunk=1)]
     gpu = KVCacheBuilder.build(model, config)
-    for cache in gpu:
-        with pytest.raises(ValueError):
-            cache.use_kernels(decoder_backend)
-        assert cache.decode_ahead is None  # built before: no GPU coder yet
-    assert cache_module.link_decode_ahead(gpu) is None  # 2 layers: groups of 1
+    assert all(cache.decode_ahead is None for cache in gpu)  # 2 layers: groups of 1
+    use_decoder(gpu, ahead_backend)
     ahead = cache_module.link_decode_ahead(gpu, group=2)
     assert all(cache.decode_ahead is ahead for cache in gpu)
     calls = {"group": 0, "grouped": 0, "alone": 0}
     decode_group = cache_module.DecodeAhead._decode_group
-    decode = kernels.EntropyKernels.decode
     in_group = [False]
 
     def spy_group(self, cache):
@@ -409,12 +446,17 @@ def test_gpu_decoded_layers_decode_their_keys_in_groups(tiny, decoder_backend, m
         decode_group(self, cache)
         in_group[0] = False
 
-    def spy_decode(self, codes, position):
-        calls["grouped" if in_group[0] else "alone"] += 1
-        return decode(self, codes, position)
+    def spy(decode, jobs=lambda *a: 1):
+        def counted(*args):
+            calls["grouped" if in_group[0] else "alone"] += jobs(*args)
+            return decode(*args)
+        return counted
 
     monkeypatch.setattr(cache_module.DecodeAhead, "_decode_group", spy_group)
-    monkeypatch.setattr(kernels.EntropyKernels, "decode", spy_decode)
+    monkeypatch.setattr(kernels.EntropyKernels, "decode", spy(kernels.EntropyKernels.decode))
+    monkeypatch.setattr(EntropyKeyCoder, "decode", spy(EntropyKeyCoder.decode))
+    monkeypatch.setattr(cache_module, "decode_together",
+                        spy(cache_module.decode_together, lambda jobs: len(jobs)))
     got, coding_steps = [], 0
     for a, b in [(0, 100), *((i, i + 1) for i in range(100, len(ids)))]:
         before, writes = dict(calls), gpu[0].code_writes
@@ -431,7 +473,7 @@ def test_gpu_decoded_layers_decode_their_keys_in_groups(tiny, decoder_backend, m
                                atol=1e-5, rtol=0)
 
 
-def test_decode_ahead_uses_an_entry_only_for_the_codes_it_decoded(tiny, decoder_backend):  # noqa: F811
+def test_decode_ahead_uses_an_entry_only_for_the_codes_it_decoded(tiny, ahead_backend):  # noqa: F811
     """A group's entry for a later layer whose codes then change without changing shape
     (another state restored) is not used; a copied cache decodes alone; the group holds
     its caches weakly."""
@@ -448,9 +490,7 @@ def test_decode_ahead_uses_an_entry_only_for_the_codes_it_decoded(tiny, decoder_
     caches = []
     for text in (ids[:100], ids[20:120]):
         built = KVCacheBuilder.build(model, config)
-        for cache in built:
-            with pytest.raises(ValueError):
-                cache.use_kernels(decoder_backend)
+        use_decoder(built, ahead_backend)
         logits_with(model, built, text, chunk=100)
         caches.append(built)
     gpu, other = caches

@@ -24,7 +24,7 @@ from mlx_lm.models.cache import KVCache, create_attention_mask
 from . import attention
 from .arrays import as_mx
 from .calibration import RopeInverter, SpectralRotations, find_rope, model_shape
-from .entropy import ENTROPY_BLOCK, EntropyCodeError, EntropyKeyCoder
+from .entropy import ENTROPY_BLOCK, EntropyCodeError, EntropyKeyCoder, decode_together
 from .errors import VeloxError
 from .kernels import (
     MAX_EXACT,
@@ -113,16 +113,18 @@ DECODE_AHEAD_SHARE = 4
 
 
 class DecodeAhead:
-    """Entropy-coded keys' coefficients decoded on the GPU for a group of layers at once.
+    """Entropy-coded keys' coefficients decoded for a group of layers at once.
 
     A GPU decoder launch takes ~1.1 ms nearly whatever the context (a block's symbols
     decode one after another; a few hundred threads busy at 8k tokens), and launches
     submitted together, not depending on each other, run side by side (H200, default
     model's shape: 7 layers in 1.46 ms against 1.06 for one at 8k; paced whole steps at
     64k 9.7 tok/s against 3.8 with each layer alone: BENCHMARKS "Entropy-coded keys on
-    the GPU, paced and decoded in groups of layers"). Decoding doesn't depend on the
-    step's hidden states, so the first layer of a group decodes its own coded keys and
-    the next layers' in one submission; each takes its own when it attends.
+    the GPU, paced and decoded in groups of layers"). On the host, numpy's decoding loop
+    costs about as much per step for many streams as for few (``decode_together``).
+    Decoding doesn't depend on the step's hidden states, so the first layer of a group
+    decodes its own coded keys and the next layers' at once; each takes its own when it
+    attends.
 
     Layers code in step (the same tokens reach each), so a layer that coded since its
     last fetch (a prompt chunk, or a decode step that codes a batch) means the layers
@@ -161,35 +163,45 @@ class DecodeAhead:
             if (y is not None and entry[0] == self._state(cache)
                     and y.shape[2] == L):
                 return y
-        return cache._entropy_kernel().decode(codes, position)
+        decoder = cache._entropy_kernel()
+        return (decoder.decode(codes, position) if decoder is not None
+                else cache.key_coder.decode(codes, position))
 
     def _decode_group(self, cache) -> None:
         caches = [ref() for ref in self._caches]
         start = next((i for i, c in enumerate(caches) if c is cache), None)
         if start is None:  # a copy of a linked cache: on its own
             return
-        ready = {}
-        for c in caches[start: start + self.group]:
-            decoder = c._entropy_kernel() if c is not None else None
-            if decoder is None or not c.coded:
-                continue
+        group = [c for c in caches[start: start + self.group] if c is not None and c.coded]
+        gpu, host = {}, {}
+        for c in group:
+            decoder = c._entropy_kernel()
             s = c.num_sinks
-            # (The coder is kept with its id, so that the id is not reused.)
-            ready[c] = (self._state(c),
-                        {s + a: decoder.decode(c.parts[0][..., a:b, :], s + a)
-                         for a, b in c.decode_spans()}, c.key_coder)
-        if submit([y for _, pieces, _ in ready.values() for y in pieces.values()]):
-            self._ready.update(ready)
+            if decoder is not None:
+                gpu[c] = {s + a: decoder.decode(c.parts[0][..., a:b, :], s + a)
+                          for a, b in c.decode_spans()}
+            else:
+                host[c] = [(s + a, c.parts[0][..., a:b, :]) for a, b in c.decode_spans()]
+        if not submit([y for pieces in gpu.values() for y in pieces.values()]):
+            gpu = {}
+        decoded = iter(decode_together([(c.key_coder, codes, position)
+                                        for c, spans in host.items()
+                                        for position, codes in spans]))
+        for c, spans in host.items():
+            host[c] = {position: next(decoded) for position, _ in spans}
+        # (Each key coder is kept with its id, so that the id is not reused.)
+        self._ready.update({c: (self._state(c), pieces, c.key_coder)
+                            for c, pieces in (gpu | host).items()})
 
 
 def link_decode_ahead(caches: list, group: int | None = None) -> DecodeAhead | None:
-    """Let the entropy-coded caches (of one model, in layer order) that decode on a GPU
-    decode their keys in groups (``DecodeAhead``): ``group`` layers at a time, by default
-    a DECODE_AHEAD_SHARE-th of the layers. None (and the caches unlinked) where fewer than
+    """Let the entropy-coded caches (of one model, in layer order) decode their keys in
+    groups (``DecodeAhead``): ``group`` layers at a time, by default a
+    DECODE_AHEAD_SHARE-th of the layers. None (and the caches unlinked) where fewer than
     two such caches or groups of one."""
-    gpu = [c for c in caches if getattr(c, "entropy_backend", None) is not None]
+    coded = [c for c in caches if getattr(c, "entropy_bits", 0)]
     group = group or max(1, len(caches) // DECODE_AHEAD_SHARE)
-    ahead = DecodeAhead(gpu, group) if len(gpu) >= 2 and group >= 2 else None
+    ahead = DecodeAhead(coded, group) if len(coded) >= 2 and group >= 2 else None
     for c in caches:
         if hasattr(c, "decode_ahead"):
             c.decode_ahead = ahead
@@ -1159,14 +1171,12 @@ class SpectralKVCache(CodedKVCache):
         n = 2 if (self.token_scale or self.key_block) else 1
         if self.key_block:
             y = self._decode_blocks(*parts[:2])
+        elif self.entropy_bits and self.decode_ahead is not None:
+            y = self.decode_ahead.coefficients(self, parts[0], position)
         elif self.entropy_bits:
             decoder = self._entropy_kernel()
-            if decoder is None:
-                y = self.key_coder.decode(parts[0], position)
-            elif self.decode_ahead is not None:
-                y = self.decode_ahead.coefficients(self, parts[0], position)
-            else:
-                y = decoder.decode(parts[0], position)
+            y = (decoder.decode(parts[0], position) if decoder is not None
+                 else self.key_coder.decode(parts[0], position))
         else:
             y = self._decode_part(self.key_coder, parts[:n])
         keys = y @ self.key_decoder.swapaxes(-1, -2) + self.key_mean

@@ -368,39 +368,18 @@ class EntropyKeyCoder:
 
     def decode_blocks(self, codes: np.ndarray, head: np.ndarray) -> np.ndarray:
         """(S, T, D) float32 coefficients of codes (S, T·width)."""
-        return self._decode_runs([(codes, head)])[0]
+        return _decode_parsed([self._parse(codes, head)])[0]
 
-    def _decode_runs(self, runs) -> list[np.ndarray]:
-        """Coefficients (S, T, D) of each run of blocks (codes (S, T·width), heads (S,)),
-        the runs' streams decoded together: one rANS loop for a cache's short first block
-        and its whole ones alike."""
-        D = self.dims
-        if not runs:
-            return []
-        parsed = []
-        for codes, head in runs:
-            S = codes.shape[0]
-            T = codes.shape[1] // self.width
-            g = codes[:, 0].astype(np.int64)
-            states = np.ascontiguousarray(codes[:, 1:HEADER]).view("<u4").reshape(S, LANES)
-            words = np.ascontiguousarray(
-                codes[:, HEADER: HEADER + 2 * self.words_of(T)]).view("<u2")
-            parsed.append((T, head, g, states, words))
-        width = max(p[4].shape[1] for p in parsed)
-        words = np.concatenate([np.pad(p[4], ((0, 0), (0, width - p[4].shape[1])))
-                                for p in parsed])
-        symbols = rans_decode(np.concatenate([p[3] for p in parsed]), words,
-                              np.concatenate([self._tables(p[1], p[2]) for p in parsed]),
-                              np.concatenate([np.full(len(p[2]), p[0] * D) for p in parsed]),
-                              self.code, period=D)
-        out, row = [], 0
-        for T, head, g, _, _ in parsed:
-            k = (symbols[row: row + len(g), : T * D] - SPAN).astype(np.float32)
-            step = self.steps(head, g)
-            step = np.where(np.isfinite(step), step, 0)[:, None, None]
-            out.append(k.reshape(len(g), T, D) * step)
-            row += len(g)
-        return out
+    def _parse(self, codes: np.ndarray, head: np.ndarray) -> tuple:
+        """(coder, T, heads, step codes, rANS states, words) of a run of blocks, codes (S,
+        T·width) of heads ``head`` (S,)."""
+        S = codes.shape[0]
+        T = codes.shape[1] // self.width
+        g = codes[:, 0].astype(np.int64)
+        states = np.ascontiguousarray(codes[:, 1:HEADER]).view("<u4").reshape(S, LANES)
+        words = np.ascontiguousarray(
+            codes[:, HEADER: HEADER + 2 * self.words_of(T)]).view("<u2")
+        return self, T, head, g, states, words
 
     def kernel_tables(self) -> tuple[np.ndarray, np.ndarray]:
         """What a decode kernel looks up per block instead of computing it (the same
@@ -467,12 +446,53 @@ class EntropyKeyCoder:
     def decode(self, codes: mx.array, position: int = 0) -> mx.array:
         """(B, H, L, width) uint8 of tokens from absolute ``position`` -> (B, H, L, D)
         float32 coefficients."""
-        B, H, L, W = codes.shape
+        return decode_together([(self, codes, position)])[0]
+
+
+def decode_together(jobs: list[tuple]) -> list[mx.array]:
+    """(B, H, L, D) float32 coefficients of each job (coder, codes (B, H, L, width),
+    absolute position): ``coder.decode`` for each, with the streams of all of them — the
+    layers of a model, say; their coders share head_dim and tables — decoded in one rANS
+    loop. The loop's cost is mostly numpy's per-call overhead, paid once for all (2k
+    tokens, default model's shape: 7 layers 0.27 s together against 0.45 one by one)."""
+    parsed, layouts = [], []
+    for coder, codes, position in jobs:
         stored = np.array(codes)
-        out = np.empty((B, H, L, self.dims), dtype=np.float32)
-        runs = list(self._runs(codes.shape, position))
-        decoded = self._decode_runs([(stored[:, :, a:b].reshape(-1, T * W), head)
-                                     for a, b, T, head in runs])
-        for (a, b, _, _), y in zip(runs, decoded, strict=True):
-            out[:, :, a:b] = y.reshape(B, H, b - a, self.dims)
-        return as_mx(out)
+        B, H, L, W = stored.shape
+        runs = list(coder._runs(stored.shape, position))
+        layouts.append((coder, (B, H, L), runs))
+        parsed += [coder._parse(stored[:, :, a:b].reshape(-1, T * W), head)
+                   for a, b, T, head in runs]
+    decoded = iter(_decode_parsed(parsed))
+    out = []
+    for coder, (B, H, L), runs in layouts:
+        y = np.empty((B, H, L, coder.dims), dtype=np.float32)
+        for a, b, _, _ in runs:
+            y[:, :, a:b] = next(decoded).reshape(B, H, b - a, coder.dims)
+        out.append(as_mx(y))
+    return out
+
+
+def _decode_parsed(parsed: list[tuple]) -> list[np.ndarray]:
+    """Coefficients (S, T, D) of each parsed run of blocks (``EntropyKeyCoder._parse``),
+    of one coder or several with the same head_dim and tables, in one rANS loop."""
+    if not parsed:
+        return []
+    D, code = parsed[0][0].dims, parsed[0][0].code
+    if any(p[0].dims != D or p[0].code is not code for p in parsed):
+        raise ValueError("coders decoded together need the same head_dim and tables")
+    width = max(p[5].shape[1] for p in parsed)
+    words = np.concatenate([np.pad(p[5], ((0, 0), (0, width - p[5].shape[1])))
+                            for p in parsed])
+    symbols = rans_decode(np.concatenate([p[4] for p in parsed]), words,
+                          np.concatenate([c._tables(head, g) for c, _, head, g, _, _ in parsed]),
+                          np.concatenate([np.full(len(p[3]), p[1] * D) for p in parsed]),
+                          code, period=D)
+    out, row = [], 0
+    for coder, T, head, g, _, _ in parsed:
+        k = (symbols[row: row + len(g), : T * D] - SPAN).astype(np.float32)
+        step = coder.steps(head, g)
+        step = np.where(np.isfinite(step), step, 0)[:, None, None]
+        out.append(k.reshape(len(g), T, D) * step)
+        row += len(g)
+    return out
