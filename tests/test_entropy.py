@@ -249,23 +249,23 @@ DECODER_BACKENDS = ["emulated"] + ([kernel_backend()] if kernel_backend() != "re
                                    else [])
 
 
-@pytest.fixture(params=DECODER_BACKENDS)
-def decoder_backend(request, monkeypatch):
-    if request.param == "emulated":
+def backend_for_test(backend: str, monkeypatch) -> str:
+    if backend == "emulated":
         if compiler() is None:
             pytest.skip("no C++ compiler for the kernel emulator")
         use_emulator(monkeypatch)
-    return request.param
+    return backend
+
+
+@pytest.fixture(params=DECODER_BACKENDS)
+def decoder_backend(request, monkeypatch):
+    return backend_for_test(request.param, monkeypatch)
 
 
 @pytest.fixture(params=["host", *DECODER_BACKENDS])
 def ahead_backend(request, monkeypatch):
     """Where DecodeAhead's groups decode: numpy on the host, or a GPU decoder."""
-    if request.param == "emulated":
-        if compiler() is None:
-            pytest.skip("no C++ compiler for the kernel emulator")
-        use_emulator(monkeypatch)
-    return request.param
+    return backend_for_test(request.param, monkeypatch)
 
 
 def use_decoder(caches, backend: str) -> None:

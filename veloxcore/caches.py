@@ -157,11 +157,10 @@ class DecodeAhead:
                 self._decode_group(cache)
         entry = self._ready.get(cache)
         if entry is not None:
-            y = entry[1].pop(position, None)
-            if not entry[1] or entry[0] != self._state(cache):
+            y, current = entry[1].pop(position, None), entry[0] == self._state(cache)
+            if not entry[1] or not current:
                 del self._ready[cache]
-            if (y is not None and entry[0] == self._state(cache)
-                    and y.shape[2] == L):
+            if y is not None and current and y.shape[2] == L:
                 return y
         decoder = cache._entropy_kernel()
         return (decoder.decode(codes, position) if decoder is not None
