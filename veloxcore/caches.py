@@ -162,9 +162,7 @@ class DecodeAhead:
                 del self._ready[cache]
             if y is not None and current and y.shape[2] == L:
                 return y
-        decoder = cache._entropy_kernel()
-        return (decoder.decode(codes, position) if decoder is not None
-                else cache.key_coder.decode(codes, position))
+        return cache.decode_coefficients(codes, position)
 
     def _decode_group(self, cache) -> None:
         caches = [ref() for ref in self._caches]
@@ -1143,6 +1141,13 @@ class SpectralKVCache(CodedKVCache):
             self._entropy_kernels = EntropyKernels(self.key_coder, self.entropy_backend)
         return self._entropy_kernels
 
+    def decode_coefficients(self, codes: mx.array, position: int) -> mx.array:
+        """Entropy-coded key ``codes`` from absolute ``position`` decoded on their own: by
+        the GPU coder where there is one, else on the host."""
+        decoder = self._entropy_kernel()
+        return (decoder.decode(codes, position) if decoder is not None
+                else self.key_coder.decode(codes, position))
+
     def _check_entropy_codes(self, codes: mx.array, coded: int, sinks: int) -> None:
         """Raise EntropyCodeError if the first ``coded`` tokens of entropy-coded key
         ``codes`` (after ``sinks`` sink tokens) do not decode: the GPU decoder does not
@@ -1170,12 +1175,10 @@ class SpectralKVCache(CodedKVCache):
         n = 2 if (self.token_scale or self.key_block) else 1
         if self.key_block:
             y = self._decode_blocks(*parts[:2])
-        elif self.entropy_bits and self.decode_ahead is not None:
-            y = self.decode_ahead.coefficients(self, parts[0], position)
         elif self.entropy_bits:
-            decoder = self._entropy_kernel()
-            y = (decoder.decode(parts[0], position) if decoder is not None
-                 else self.key_coder.decode(parts[0], position))
+            y = (self.decode_ahead.coefficients(self, parts[0], position)
+                 if self.decode_ahead is not None
+                 else self.decode_coefficients(parts[0], position))
         else:
             y = self._decode_part(self.key_coder, parts[:n])
         keys = y @ self.key_decoder.swapaxes(-1, -2) + self.key_mean
