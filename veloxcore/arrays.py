@@ -12,3 +12,19 @@ def as_mx(x: np.ndarray) -> mx.array:
     kernel copies a non-row-contiguous input on every launch: on an H200 that was one extra
     copy kernel per layer and decode step (the key mean in RoPE pair order)."""
     return mx.array(np.ascontiguousarray(x))
+
+
+# MLX's CUDA allocator serves every array of at most 8 bytes from one pool of unified
+# memory that stays mapped for the GPU without migrating (mlx/backend/cuda/allocator.cpp,
+# SmallSizePool: cudaMemAdviseSetAccessedBy); a scalar the host wrote therefore sits in
+# host memory, and a kernel that reads it waits for the bus. Kernel inputs are made
+# longer than that, so they live (after their first use) in device memory.
+KERNEL_INPUT_MIN_BYTES = 16
+
+
+def kernel_input(values, dtype) -> mx.array:
+    """A 1-D kernel input holding ``values`` (a sequence of numbers), zero-padded to at
+    least KERNEL_INPUT_MIN_BYTES; kernels read only the leading entries."""
+    values = list(values)
+    size = max(len(values), -(-KERNEL_INPUT_MIN_BYTES // dtype.size))
+    return mx.array(values + [0] * (size - len(values)), dtype=dtype)

@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import kernel_source as src
-from .arrays import as_mx
+from .arrays import as_mx, kernel_input
 from .key_metric import rope_pairs
 from .quantizers import lloyd_max_gaussian
 
@@ -194,7 +194,7 @@ class SpectralKernels:
             # basis_t[h, m, j] = G[h, perm[j], column m] (G: the decoder, U unless +qm):
             # coefficients -> pair-ordered dims
             # (the scalar path's fp32 copy; the tensor-core path reads basis_mma).
-            self.basis_t = (mx.zeros((1,), mx.float32) if self.mma else
+            self.basis_t = (kernel_input([0], mx.float32) if self.mma else
                             as_mx(compact[:, self.perm, :].transpose(0, 2, 1)
                                   .astype(np.float32)))
             self.key_mean_pairs = as_mx(mean[:, self.perm].astype(np.float32))
@@ -212,19 +212,19 @@ class SpectralKernels:
         else:
             self.perm = np.arange(D, dtype=np.int32)
             self.rope = mx.zeros((D,), mx.float32)
-            self.basis_t = mx.zeros((1,), mx.float32)
-            self.key_mean_pairs = mx.zeros((1,), mx.float32)
+            self.basis_t = kernel_input([0], mx.float32)
+            self.key_mean_pairs = kernel_input([0], mx.float32)
             # Post-RoPE: q' = q · G[:, columns] (H, D, r); bias q · mean.
             self.query_basis = as_mx(compact.astype(np.float32))
             self.key_mean_orig = as_mx(mean.astype(np.float32))
             self.encode_basis = as_mx(basis.astype(np.float32))
             self.encode_mean = self.key_mean_orig
             self.perm_mx = as_mx(self.perm)
-            self.basis_mma = mx.zeros((1,), mx.uint32)
+            self.basis_mma = kernel_input([0], mx.uint32)
         self.key_rms = cache.key_rms.reshape(H)
         # Per-token scales are clipped to [floor, ceiling] (KVCacheConfig.token_scale_*).
-        self.ts_clamp = mx.array([cache.token_scale_floor,
-                                  min(cache.token_scale_ceiling, 3e38)], dtype=mx.float32)
+        self.ts_clamp = kernel_input([cache.token_scale_floor,
+                                      min(cache.token_scale_ceiling, 3e38)], mx.float32)
         self.key_full = (as_mx(coder.bits.astype(np.int32)),
                          as_mx(_offsets(coder.bits)), as_mx(coder.scales.astype(np.float32)))
 
@@ -239,8 +239,8 @@ class SpectralKernels:
                                  "the fused kernels (2-6 or 8 bits, whole 32-bit words)")
             self.value_rank = D
             self.value_words = D * bits // 32
-            self.vbits = self.vshift = mx.zeros((1,), mx.int32)
-            self.vscale = mx.zeros((1,), mx.float32)
+            self.vbits = self.vshift = kernel_input([0], mx.int32)
+            self.vscale = kernel_input([0], mx.float32)
             self.value_back = None
             if cache.value_rotation is not None:
                 # Values were coded as v·R: the merge turns the output back with Rᵀ
@@ -265,8 +265,8 @@ class SpectralKernels:
                                as_mx(vcoder.scales.astype(np.float32)))
             self.value_basis_full = as_mx(vbasis.astype(np.float32))
         self.codebook = as_mx(unit_codebook())
-        self.dummy_half = mx.zeros((1,), mx.float16)
-        self.dummy_float = mx.zeros((1,), mx.float32)
+        self.dummy_half = kernel_input([0], mx.float16)
+        self.dummy_float = kernel_input([0], mx.float32)
         # Small constants made once: a fresh host array per launch is slow.
         self._constants: dict[tuple, mx.array] = {}
         self._counter = mx.zeros((0,), mx.uint8)
@@ -496,7 +496,7 @@ class SpectralKernels:
         """A small 1-D array of ``values``, made once and reused across launches."""
         key = (dtype, values)
         if key not in self._constants:
-            self._constants[key] = mx.array(list(values), dtype=dtype)
+            self._constants[key] = kernel_input(values, dtype)
         return self._constants[key]
 
     # ----------------------------------------------------------------- encode
@@ -567,7 +567,7 @@ class EntropyKernels:
         coder = self.coder
         first = coder.first_block(position, length)
         if first not in self._first:
-            self._first[first] = mx.array([first], dtype=mx.int32)
+            self._first[first] = kernel_input([first], mx.int32)
         return self._first[first], (first > 0) + (length - first) // coder.block
 
     def decode_with_status(self, codes: mx.array, position: int) -> tuple[mx.array, mx.array]:
