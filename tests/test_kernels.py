@@ -237,9 +237,9 @@ def row_strides(x: mx.array) -> tuple:
     return tuple(reversed(strides))
 
 
-@pytest.mark.parametrize("metric", [False, True])
+@pytest.mark.parametrize("metric,heads", [(False, 3), (True, 2)])
 def test_kernel_inputs_are_row_contiguous_and_exact_tokens_written_in_place(monkeypatch,
-                                                                            metric):
+                                                                            metric, heads):
     """mx.array keeps a numpy view's strides, and a custom kernel copies each input that
     is not row-contiguous at every launch (on an H200: a copy kernel per layer and decode
     step). Every input of the decode and encode launches is row-contiguous except the
@@ -248,7 +248,8 @@ def test_kernel_inputs_are_row_contiguous_and_exact_tokens_written_in_place(monk
     input is 8 bytes or less: MLX's CUDA allocator keeps those in host memory, and
     reading one cost the warp-tiled kernel 25-40% of its time on an H200."""
     rng = np.random.default_rng(9)
-    cache = make_cache(rng, 3, 64, values="affine-rotated", adapt_prior=64, metric=metric)
+    cache = make_cache(rng, heads, 64, values="affine-rotated", adapt_prior=64,
+                       metric=metric)
     cache.append_batch = 8
     keys, values = random_kv(rng, cache, 300)
     cache.update_and_fetch(keys[:, :, :200], values[:, :, :200])
@@ -269,7 +270,7 @@ def test_kernel_inputs_are_row_contiguous_and_exact_tokens_written_in_place(monk
         return call
 
     monkeypatch.setattr(kernels, "_kernel", capture)
-    q = mx.array(rng.normal(size=(1, 9, 1, 64)).astype(np.float16))
+    q = mx.array(rng.normal(size=(1, 3 * heads, 1, 64)).astype(np.float16))
     capacities = set()
     for t in range(200, 220):
         cache.update_and_fetch(keys[:, :, t: t + 1], values[:, :, t: t + 1])

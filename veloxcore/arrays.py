@@ -22,6 +22,13 @@ def as_mx(x: np.ndarray) -> mx.array:
 KERNEL_INPUT_MIN_BYTES = 16
 
 
+def padded_input(x: mx.array) -> mx.array:
+    """A 1-D kernel input ``x`` (e.g. one value per KV head), zero-padded to at least
+    KERNEL_INPUT_MIN_BYTES."""
+    short = -(-KERNEL_INPUT_MIN_BYTES // x.itemsize) - x.size
+    return x if short <= 0 else mx.concatenate([x, mx.zeros((short,), x.dtype)])
+
+
 def kernel_input(values, dtype) -> mx.array:
     """A 1-D kernel input holding ``values`` (a sequence of numbers), zero-padded to at
     least KERNEL_INPUT_MIN_BYTES; kernels read only the leading entries."""

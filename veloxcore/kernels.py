@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import kernel_source as src
-from .arrays import as_mx, kernel_input
+from .arrays import as_mx, kernel_input, padded_input
 from .key_metric import rope_pairs
 from .quantizers import lloyd_max_gaussian
 
@@ -221,7 +221,7 @@ class SpectralKernels:
             self.encode_mean = self.key_mean_orig
             self.perm_mx = as_mx(self.perm)
             self.basis_mma = kernel_input([0], mx.uint32)
-        self.key_rms = cache.key_rms.reshape(H)
+        self.key_rms = padded_input(cache.key_rms.reshape(H))
         # Per-token scales are clipped to [floor, ceiling] (KVCacheConfig.token_scale_*).
         self.ts_clamp = kernel_input([cache.token_scale_floor,
                                       min(cache.token_scale_ceiling, 3e38)], mx.float32)
@@ -259,7 +259,7 @@ class SpectralKernels:
                                              vbasis[rows, :, vcolumns], 0.0)
                                     .astype(np.float32))
             self.value_mean = cache.value_mean.reshape(H, D)
-            self.value_rms = cache.value_rms.reshape(H)
+            self.value_rms = padded_input(cache.value_rms.reshape(H))
             self.value_full = (as_mx(vcoder.bits.astype(np.int32)),
                                as_mx(_offsets(vcoder.bits)),
                                as_mx(vcoder.scales.astype(np.float32)))
@@ -404,7 +404,9 @@ class SpectralKernels:
         # Splits finished per KV head: the kernel's last block resets it. Two launches on
         # one cache must therefore not run at once (_attend_warp chains them).
         if self._counter_bh is None or self._counter_bh.size < B * H:
-            self._counter_bh = mx.zeros((B * H,), mx.int32)
+            # (At least 16 bytes: one or two KV heads' counters would sit in host memory,
+            # see arrays.kernel_input, and the atomics would cross the bus.)
+            self._counter_bh = kernel_input([0] * (B * H), mx.int32)
         step = 16 * WARPS
         # At least WARP_MIN_TILES (2) tiles per warp: fewer, longer splits cost less to
         # start and merge (the merge reads every split) than they lose in parallelism
