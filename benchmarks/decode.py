@@ -19,6 +19,9 @@ For each model shape and context N:
   Shared hosts are noisy (fp16 alone ran 131–224 tok/s at 8k–16k on
   three H200 leases of one afternoon): ``--trials N`` decodes N times per cache and
   ``--rounds R`` measures all methods R times in turn; the fastest counts, all are kept.
+  ``--interleave BLOCK --blocks N`` instead keeps every method's caches and decodes
+  BLOCK steps of each in turn, N times, and compares each method to the first block by
+  block (median of paired ratios): slow spells then fall on all methods alike.
 
 Spectral caches use random orthogonal bases with the default model's measured
 eigenvalue spectra (shipped bundle; interpolated to head_dim 128), keys
@@ -37,6 +40,7 @@ Writes DIR/decode.json and DIR/decode.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -306,6 +310,77 @@ def end_to_end_row(model, method, shape, tokens, decode_tokens, backend, trials=
                 peak_memory_mib=mx.get_peak_memory() / 2**20)
 
 
+def interleaved_rows(model, methods, shape, tokens, block, blocks, backend) -> list[dict]:
+    """End to end with the methods' caches side by side: each decodes ``block`` steps in
+    turn, ``blocks`` times, step by step and then streamed, so a slow spell of a shared
+    host falls on every method alike (--rounds alternates whole runs of seconds, and fp16
+    alone ran 141-246 tok/s across four runs of one H200 lease). Per method: the mean
+    rate over all its steps; against the first method, the median over blocks of the
+    paired ratio (block i of the method against block i of the first). A block of 32
+    steps (the coding batch) holds one coding step of a spectral cache. No peak memory:
+    the caches coexist."""
+    args = SHAPES[shape]
+    H, D = args["num_key_value_heads"], args["head_dim"]
+    sets = {}
+    for method in methods:
+        with decode_kernel(method):
+            caches = [make_cache(method.removesuffix("-tiles"), H, D, layer.self_attn.rope,
+                                 backend, np.random.default_rng(0)) for layer in model.layers]
+        if method.startswith("spectral-ec") and method != "spectral-ec-g1":
+            link_decode_ahead(caches)
+        for c in caches:
+            fill(c, H, D, tokens)
+        sets[method] = caches
+    warmup = 2 + max(getattr(c, "append_batch", 1) for cs in sets.values() for c in cs)
+    steps = {m: [] for m in methods}  # per method, per block: step times
+    streamed = {m: [] for m in methods}  # per method, per block: tokens/s
+    schedule = [("warm-up", warmup)] + [("timed", block)] * blocks
+    for phase, count in schedule:
+        for method in methods:
+            with decode_kernel(method):
+                times = []
+                token = mx.array([[1]])
+                for _ in range(count):
+                    t0 = time.perf_counter()
+                    logits = model(token, cache=sets[method])
+                    token = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
+                    mx.eval(token)
+                    times.append(time.perf_counter() - t0)
+            if phase == "timed":
+                steps[method].append(times)
+    generators = {m: generate_step(mx.array([1]), model,
+                                   max_tokens=warmup + blocks * (block + 1) + 1,
+                                   sampler=lambda logprobs: mx.argmax(logprobs, axis=-1),
+                                   prompt_cache=sets[m]) for m in methods}
+    for phase, count in schedule:
+        for method in methods:
+            with decode_kernel(method):
+                # The first token of a block was queued during the previous block
+                # (generate_step builds a step ahead): its interval is not timed.
+                stamps = [time.perf_counter()
+                          for _ in itertools.islice(generators[method], count + 1)]
+            if phase == "timed":
+                streamed[method].append((len(stamps) - 2) / (stamps[-1] - stamps[1]))
+    first = methods[0]
+    rows = []
+    for method in methods:
+        rates = [len(t) / sum(t) for t in steps[method]]
+        ref = [len(t) / sum(t) for t in steps[first]]
+        all_steps = [x for t in steps[method] for x in t]
+        rows.append(dict(
+            part="end_to_end", shape=shape, method=method, tokens=tokens,
+            interleaved=dict(block=block, blocks=blocks),
+            tokens_per_s=len(all_steps) / sum(all_steps), block_tokens_per_s=rates,
+            paired_ratio=statistics.median(a / b for a, b in zip(rates, ref, strict=True)),
+            stream_tokens_per_s=statistics.median(streamed[method]),
+            block_stream_tokens_per_s=streamed[method],
+            stream_paired_ratio=statistics.median(
+                a / b for a, b in zip(streamed[method], streamed[first], strict=True))))
+    for generator in generators.values():
+        generator.close()
+    return rows
+
+
 def streamed_tokens_per_s(model, caches, decode_tokens: int, warmup: int) -> float:
     """Decode speed as mlx-lm generates (``generate_step``: the next step's graph is
     built and queued while the GPU runs the current one, so host work and GPU time
@@ -342,6 +417,11 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=1,
                         help="end-to-end: decode --decode-tokens this many times, keep the "
                              "fastest")
+    parser.add_argument("--interleave", type=int, default=0, metavar="BLOCK",
+                        help="end-to-end: keep all methods' caches and decode BLOCK steps "
+                             "of each in turn (see interleaved_rows) instead of --rounds")
+    parser.add_argument("--blocks", type=int, default=8,
+                        help="with --interleave: blocks per method")
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--parts", default="attention,end_to_end")
     parser.add_argument("--out", type=Path, required=True)
@@ -377,6 +457,12 @@ def main() -> None:
         if "end_to_end" in args.parts:
             model = random_model(shape)
             for tokens in contexts:
+                if args.interleave:
+                    for row in interleaved_rows(model, methods, shape, tokens,
+                                                args.interleave, args.blocks, backend):
+                        record(row)
+                    mx.clear_cache()
+                    continue
                 # Rounds alternate the methods, so a slow spell of a shared host falls on
                 # all of them; each method's fastest round counts, all are kept.
                 runs: dict[str, list[dict]] = {m: [] for m in methods}
@@ -422,6 +508,9 @@ def markdown(rows, name, backend) -> str:
                      else f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}×")
             if "stream_tokens_per_s" in r:
                 stream_ratio = f"{r['stream_tokens_per_s'] / ref['stream_tokens_per_s']:.2f}×"
+            if "paired_ratio" in r:  # interleaved: the median of paired blocks
+                ratio = f"{r['paired_ratio']:.2f}× (paired)"
+                stream_ratio = f"{r['stream_paired_ratio']:.2f}× (paired)"
         lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["shape"], r["part"], r["tokens"], r["method"],
             f"{r['latency_us']:.0f}" if "latency_us" in r else "",
