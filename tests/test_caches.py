@@ -45,6 +45,24 @@ def test_pack_unpack_round_trips_exactly():
     assert mx.array_equal(coder.unpack(words), codes).item()
 
 
+def test_host_decode_is_mlx_decode_bit_for_bit():
+    """On the CPU DimCoder.decode runs numpy (faster gathers); it must give MLX's levels
+    exactly: codes straddling two words, 8-bit and 0-bit dims, strided slices of a code
+    buffer, and inside mx.compile (where nothing can be evaluated: MLX decodes)."""
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 9, size=(3, 40))
+    bits[0, :4] = [8, 8, 0, 7]
+    coder = DimCoder(bits, np.exp(rng.normal(size=(3, 40))))
+    assert bool(np.any((np.cumsum(bits, 1) % 32 < bits) & (np.cumsum(bits, 1) % 32 > 0)))
+    words = coder.encode(mx.array(rng.normal(size=(2, 3, 70, 40)).astype(np.float32) * 3))
+    piece = words[..., 5:61, :]  # as a cache decodes a span of its buffer
+    with mx.stream(mx.cpu):
+        expected = coder.dequantize(coder.unpack(piece))
+        for decoded in (coder.decode(piece), mx.compile(coder.decode)(piece)):
+            assert decoded.dtype == mx.float32
+            assert mx.array_equal(decoded, expected).item()
+
+
 def test_quantisation_error_matches_codebook_mse_and_falls_with_bits():
     rng = np.random.default_rng(1)
     scales = np.linspace(0.5, 3.0, 16)

@@ -90,6 +90,7 @@ class DimCoder:
                 levels[h, i, : lv.size] = lv * scales[h, i]
                 thresholds[h, i, : th.size] = th * scales[h, i]
         self.levels = as_mx(levels.reshape(-1))
+        self._levels_host = levels.reshape(-1)
         self.thresholds = as_mx(thresholds.reshape(-1))
         self.table_base = as_mx((np.arange(H * D) * LEVELS).reshape(H, 1, D).astype(np.int32))
         self.bits_mx = as_mx(bits.reshape(H, 1, D).astype(np.uint32))
@@ -106,6 +107,12 @@ class DimCoder:
                                  .astype(np.uint32))
         self.spill = as_mx(spill.reshape(H, 1, D))
         self.mask = as_mx(((1 << bits) - 1).reshape(H, 1, D).astype(np.uint32))
+        # The same plan for the host decoder (per head: word, shift, spill, spill shift,
+        # mask, table base; (H, D) each).
+        self._host_plan = (word, shift.astype(np.uint32), spill,
+                           np.where(spill, 32 - shift, 0).astype(np.uint32),
+                           ((1 << bits) - 1).astype(np.uint32),
+                           (np.arange(H * D) * LEVELS).reshape(H, D))
         # For packing: which (dim, part) contributions land in each word.
         contrib = [[[] for _ in range(self.words)] for _ in range(H)]
         for h in range(H):
@@ -166,7 +173,32 @@ class DimCoder:
         return self.pack(self.quantize(x))
 
     def decode(self, words: mx.array) -> mx.array:
+        """(B, H, L, words) uint32 -> (B, H, L, D) float32 levels. On the CPU by numpy,
+        whose gathers are ~2.6x faster than MLX's there (one layer of the default model,
+        2k tokens: 7.5 -> 2.9 ms; the same values bit for bit); it evaluates ``words``
+        now, so inside a function transformation (``mx.compile``) MLX decodes."""
+        if mx.default_device() == mx.cpu:
+            try:
+                host = np.asarray(words)
+            except ValueError as e:
+                if "transformation" not in str(e):
+                    raise
+            else:
+                return mx.array(self._decode_host(host))
         return self.dequantize(self.unpack(words))
+
+    def _decode_host(self, words: np.ndarray) -> np.ndarray:
+        B, H, L, W = words.shape
+        word, shift, spill, spill_shift, mask, base = self._host_plan
+        padded = np.concatenate([words, np.zeros((B, H, L, 1), np.uint32)], axis=-1)
+        out = np.empty((B, H, L, self.dims), np.float32)
+        for h in range(H):
+            first = padded[:, h][..., word[h]]  # (B, L, D): each dim's first word
+            second = padded[:, h][..., word[h] + 1]
+            code = (first >> shift[h]) | np.where(spill[h], second << spill_shift[h], 0)
+            code &= mask[h]
+            out[:, h] = np.take(self._levels_host, base[h] + code.astype(np.int64))
+        return out
 
 
 class Float16Coder:
