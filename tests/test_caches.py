@@ -52,8 +52,15 @@ def test_host_decode_is_mlx_decode_bit_for_bit():
     rng = np.random.default_rng(3)
     bits = rng.integers(0, 9, size=(3, 40))
     bits[0, :4] = [8, 8, 0, 7]
+    # Head 1 has the most bits, 160: its vector fills all 5 words, and its trailing 0-bit
+    # dims start past the last one.
+    bits[1] = 0
+    bits[1, :20] = 8
+    bits[2, -5:] = 0
+    bits[[0, 2]] = np.minimum(bits[[0, 2]], 3)
     coder = DimCoder(bits, np.exp(rng.normal(size=(3, 40))))
     assert bool(np.any((np.cumsum(bits, 1) % 32 < bits) & (np.cumsum(bits, 1) % 32 > 0)))
+    assert coder.words == 5 and bits[1].sum() == 160
     words = coder.encode(mx.array(rng.normal(size=(2, 3, 70, 40)).astype(np.float32) * 3))
     piece = words[..., 5:61, :]  # as a cache decodes a span of its buffer
     with mx.stream(mx.cpu):

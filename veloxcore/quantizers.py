@@ -98,7 +98,9 @@ class DimCoder:
 
         # Packing plan: dim i of head h starts at bit offsets[h, i] of the vector.
         start = offsets[:, :-1]
-        word = start // 32
+        # A head's trailing 0-bit dims may start past its last word (its vector can fill
+        # every word): they read the last one, and their code is masked out.
+        word = np.minimum(start // 32, self.words - 1)
         shift = start % 32
         spill = (shift + bits > 32) & (bits > 0)
         self.word = as_mx(word.reshape(H, 1, D).astype(np.int32))
