@@ -7,7 +7,7 @@
 #   VARIANT="NAME VAR=VALUE ..." ...                 # also this tree with those variables
 # Needs MLX CUDA on the path (the lent H100/H200). Writes ncu-TAG-SHAPE-TOKENS.txt (launch,
 # occupancy, warp stalls, scheduler, instruction counts; TAG new, base or NAME) and, unless
-# NO_SASS=1, sass-smollm2-65536.csv.
+# NO_SASS=1, sass-smollm2-65536.csv (summarise it: python benchmarks/sass_summary.py CSV).
 set -u
 out=${1:?output folder}; shift
 mkdir -p "$out"
