@@ -45,29 +45,42 @@ def test_pack_unpack_round_trips_exactly():
     assert mx.array_equal(coder.unpack(words), codes).item()
 
 
-def test_host_decode_is_mlx_decode_bit_for_bit():
+def test_host_decode_is_mlx_decode_bit_for_bit(monkeypatch):
     """On the CPU DimCoder.decode runs numpy (faster gathers); it must give MLX's levels
-    exactly: codes straddling two words, 8-bit and 0-bit dims, strided slices of a code
-    buffer, and inside mx.compile (where nothing can be evaluated: MLX decodes)."""
+    exactly: every width 0-8, codes of every width straddling two words, strided slices
+    of a code buffer, and inside mx.compile (where nothing can be evaluated: MLX
+    decodes)."""
     rng = np.random.default_rng(3)
-    bits = rng.integers(0, 9, size=(3, 40))
-    bits[0, :4] = [8, 8, 0, 7]
-    # Head 1 has the most bits, 160: its vector fills all 5 words, and its trailing 0-bit
-    # dims start past the last one.
-    bits[1] = 0
-    bits[1, :20] = 8
-    bits[2, -5:] = 0
-    bits[[0, 2]] = np.minimum(bits[[0, 2]], 3)
-    coder = DimCoder(bits, np.exp(rng.normal(size=(3, 40))))
-    assert bool(np.any((np.cumsum(bits, 1) % 32 < bits) & (np.cumsum(bits, 1) % 32 > 0)))
-    assert coder.words == 5 and bits[1].sum() == 160
-    words = coder.encode(mx.array(rng.normal(size=(2, 3, 70, 40)).astype(np.float32) * 3))
+    D = 48
+    # Head 0: a dim of each width 2-8 starting one bit before a word boundary (fillers
+    # between them); head 1 has the most bits, 256: its vector fills all 8 words, and its
+    # trailing 0-bit dims start past the last one; head 2: random widths.
+    head0, offset = [], 0
+    for w in range(2, 9):
+        gap = (offset // 32 + 1) * 32 - 1 - offset
+        head0 += [8] * (gap // 8) + [gap % 8] * (gap % 8 > 0) + [w]
+        offset += gap + w
+    bits = np.zeros((3, D), np.int64)
+    bits[0, :len(head0)] = head0
+    bits[1, :32] = 8
+    bits[2] = rng.integers(0, 9, size=D)
+    bits[2] = np.where(np.cumsum(bits[2]) > 250, 0, bits[2])
+    coder = DimCoder(bits, np.exp(rng.normal(size=(3, D))))
+    start = np.cumsum(bits, 1) - bits
+    straddling = set(bits[(start % 32 + bits > 32) & (bits > 0)].tolist())
+    assert straddling >= set(range(2, 9)) and set(bits.ravel()) == set(range(9))
+    assert coder.words == 8 and bits.sum(1).max() == bits[1].sum() == 256
+    words = coder.encode(mx.array(rng.normal(size=(2, 3, 70, D)).astype(np.float32) * 3))
     piece = words[..., 5:61, :]  # as a cache decodes a span of its buffer
+    host_calls = []
+    host = coder._decode_host
+    monkeypatch.setattr(coder, "_decode_host", lambda w: host_calls.append(w.shape) or host(w))
     with mx.stream(mx.cpu):
         expected = coder.dequantize(coder.unpack(piece))
         for decoded in (coder.decode(piece), mx.compile(coder.decode)(piece)):
             assert decoded.dtype == mx.float32
             assert mx.array_equal(decoded, expected).item()
+    assert host_calls == [(2, 3, 56, 8)]  # numpy once; MLX under mx.compile
 
 
 def test_quantisation_error_matches_codebook_mse_and_falls_with_bits():

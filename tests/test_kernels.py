@@ -282,6 +282,61 @@ def test_kernel_inputs_are_row_contiguous_and_exact_tokens_written_in_place(monk
     assert launched == {"decode_warp", "encode"} and not small, (launched, small)
 
 
+# Inputs that carry only a length in their shape (views of one kept buffer).
+SHAPE_ONLY_INPUTS = {"coded", "position"}
+
+
+@pytest.mark.parametrize("mode,values,heads,warp,token_scale,sinks", [
+    ("pre", "affine-rotated", 3, True, True, 4),
+    ("pre", "affine", 1, False, False, 4),  # block-tiled decode and merge, one KV head
+    ("pre", "spectral", 2, False, True, 4),  # spectral values: their encode, the basis back
+    ("post", "affine", 2, False, False, 4),  # post-RoPE keys: the query basis, no RoPE
+    ("pre", "affine-rotated", 2, True, False, 0),  # no sinks: steps with no exact tokens
+])
+def test_no_kernel_input_is_eight_bytes_or_less(monkeypatch, mode, values, heads, warp,
+                                                token_scale, sinks):
+    """MLX's CUDA allocator keeps arrays of at most 8 bytes in host memory (a pool of
+    unified memory mapped for the GPU without migrating), and a kernel reading one waits
+    for the bus: on an H200 the softmax scale and the exact tokens' count cost the
+    warp-tiled kernel 25-40% of its time. Every launch's inputs, on every kernel path,
+    are larger (arrays.kernel_input / padded_input)."""
+    from veloxcore import kernel_source as src
+
+    names = {"decode": src.DECODE_INPUTS, "decode_warp": src.DECODE_WARP_INPUTS,
+             "combine": src.COMBINE_INPUTS, "encode": src.ENCODE_INPUTS}
+    rng = np.random.default_rng(11)
+    cache = make_cache(rng, heads, 64, mode, values, token_scale, sink_tokens=sinks)
+    cache.append_batch = 8
+    keys, values_ = random_kv(rng, cache, 230)
+    cache.update_and_fetch(keys[:, :, :200], values_[:, :, :200])
+    mx.eval(cache.state)
+    monkeypatch.setattr(kernels, "WARP_DECODE", warp)
+    cache.use_kernels("cuda")  # built, never evaluated: the launches are captured below
+    small, launched = [], set()
+
+    def capture(backend, which, shared_memory=0):
+        def call(*, inputs, output_shapes, output_dtypes, **_):
+            launched.add(which)
+            for name, x in zip(names[which], inputs, strict=True):
+                if name not in SHAPE_ONLY_INPUTS and x.nbytes <= 8:
+                    small.append((which, name, x.shape, x.dtype))
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
+        return call
+
+    monkeypatch.setattr(kernels, "_kernel", capture)
+    exact_tokens = set()
+    for dtype in (mx.float16, mx.float32):
+        q = mx.array(rng.normal(size=(1, 3 * heads, 1, 64))).astype(dtype)
+        steps = range(200, 215) if dtype == mx.float16 else range(215, 230)
+        for t in steps:
+            cache.update_and_fetch(keys[:, :, t: t + 1], values_[:, :, t: t + 1])
+            exact_tokens.add(cache.num_exact)
+            mx.eval(cache.attend(q, 0.125), *cache.state)
+    assert 0 in exact_tokens or sinks
+    expected = ({"decode_warp"} if warp else {"decode", "combine"}) | {"encode"}
+    assert launched == expected and not small, (launched, small)
+
+
 def test_warp_launches_on_one_cache_are_chained(monkeypatch):
     """A cache's warp-tiled launches share its split counter (the last block of each KV
     head resets it), so two must never run at once. Teacher-forced decode steps built

@@ -25,6 +25,8 @@ KERNEL_INPUT_MIN_BYTES = 16
 def padded_input(x: mx.array) -> mx.array:
     """A 1-D kernel input ``x`` (e.g. one value per KV head), zero-padded to at least
     KERNEL_INPUT_MIN_BYTES."""
+    if x.ndim != 1:
+        raise ValueError(f"a padded kernel input is 1-D, got shape {x.shape}")
     short = -(-KERNEL_INPUT_MIN_BYTES // x.itemsize) - x.size
     return x if short <= 0 else mx.concatenate([x, mx.zeros((short,), x.dtype)])
 

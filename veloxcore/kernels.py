@@ -467,7 +467,7 @@ class SpectralKernels:
         buffers' capacity (a one-element dummy for each when there are none):
         (ek, ev, count, capacity)."""
         if exact is None:
-            dummy = self.dummy_half if dtype == mx.float16 else mx.zeros((1,), dtype)
+            dummy = self.dummy_half if dtype == mx.float16 else self._constant(dtype, 0)
             return dummy, dummy, 0, 1
         ek, ev, count = exact
         if ek.dtype != dtype:

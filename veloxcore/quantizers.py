@@ -191,6 +191,9 @@ class DimCoder:
 
     def _decode_host(self, words: np.ndarray) -> np.ndarray:
         B, H, L, W = words.shape
+        if (H, W) != (self.heads, self.words):
+            raise ValueError(f"codes of {H} heads x {W} words do not fit this coder "
+                             f"({self.heads} heads x {self.words} words)")
         word, shift, spill, spill_shift, mask, base = self._host_plan
         padded = np.concatenate([words, np.zeros((B, H, L, 1), np.uint32)], axis=-1)
         out = np.empty((B, H, L, self.dims), np.float32)
