@@ -20,8 +20,9 @@ For each model shape and context N:
   three H200 leases of one afternoon): ``--trials N`` decodes N times per cache and
   ``--rounds R`` measures all methods R times in turn; the fastest counts, all are kept.
   ``--interleave BLOCK --blocks N`` instead keeps every method's caches and decodes
-  BLOCK steps of each in turn, N times, and compares each method to the first block by
-  block (median of paired ratios): slow spells then fall on all methods alike.
+  BLOCK steps of each in turn, N times (BLOCK a multiple of the coding batch, 32), and
+  compares each method to fp16 block by block (median of paired ratios): slow spells then
+  fall on all methods alike.
 
 Spectral caches use random orthogonal bases with the default model's measured
 eigenvalue spectra (shipped bundle; interpolated to head_dim 128), keys
@@ -314,26 +315,31 @@ def interleaved_rows(model, methods, shape, tokens, block, blocks, backend) -> l
     """End to end with the methods' caches side by side: each decodes ``block`` steps in
     turn, ``blocks`` times, step by step and then streamed, so a slow spell of a shared
     host falls on every method alike (--rounds alternates whole runs of seconds, and fp16
-    alone ran 141-246 tok/s across four runs of one H200 lease). Per method: the mean
-    rate over all its steps; against the first method, the median over blocks of the
-    paired ratio (block i of the method against block i of the first). A block of 32
-    steps (the coding batch) holds one coding step of a spectral cache. No peak memory:
-    the caches coexist."""
+    alone ran 141-246 tok/s across four runs of one H200 lease). Per method: the rate over
+    all its steps; against fp16 (else the first method: ``paired_with``), the median over
+    blocks of the paired ratio (block i of the method against block i of the reference).
+    ``block`` must be a multiple of every cache's coding batch, so that each block holds
+    the same number of coding steps. No peak memory: the caches coexist."""
     args = SHAPES[shape]
     H, D = args["num_key_value_heads"], args["head_dim"]
     sets = {}
     for method in methods:
+        rng = np.random.default_rng(0)
         with decode_kernel(method):
             caches = [make_cache(method.removesuffix("-tiles"), H, D, layer.self_attn.rope,
-                                 backend, np.random.default_rng(0)) for layer in model.layers]
-        if method.startswith("spectral-ec") and method != "spectral-ec-g1":
-            link_decode_ahead(caches)
+                                 backend, rng) for layer in model.layers]
+        if method.removesuffix("-tiles") == "spectral-ec":
+            link_decode_ahead(caches)  # as KVCacheBuilder does (not -g1, not -unpaced)
         for c in caches:
             fill(c, H, D, tokens)
         sets[method] = caches
-    warmup = 2 + max(getattr(c, "append_batch", 1) for cs in sets.values() for c in cs)
+    batch = max(getattr(c, "append_batch", 1) for cs in sets.values() for c in cs)
+    if block < 2 or block % batch or blocks < 1:
+        raise SystemExit(f"--interleave {block} --blocks {blocks}: blocks of at least 2 "
+                         f"steps, a multiple of the coding batch ({batch}), and at least one")
+    warmup = 2 + batch
     steps = {m: [] for m in methods}  # per method, per block: step times
-    streamed = {m: [] for m in methods}  # per method, per block: tokens/s
+    streamed = {m: [] for m in methods}  # per method, per block: (tokens, seconds)
     schedule = [("warm-up", warmup)] + [("timed", block)] * blocks
     for phase, count in schedule:
         for method in methods:
@@ -349,35 +355,41 @@ def interleaved_rows(model, methods, shape, tokens, block, blocks, backend) -> l
             if phase == "timed":
                 steps[method].append(times)
     generators = {m: generate_step(mx.array([1]), model,
-                                   max_tokens=warmup + blocks * (block + 1) + 1,
+                                   max_tokens=warmup + blocks * block,
                                    sampler=lambda logprobs: mx.argmax(logprobs, axis=-1),
                                    prompt_cache=sets[m]) for m in methods}
     for phase, count in schedule:
         for method in methods:
             with decode_kernel(method):
-                # The first token of a block was queued during the previous block
-                # (generate_step builds a step ahead): its interval is not timed.
+                # A block takes ``count`` tokens (so coding steps keep their place in
+                # it); the first was queued during the previous block (generate_step
+                # builds a step ahead), so the ``count - 1`` intervals after it are timed.
                 stamps = [time.perf_counter()
-                          for _ in itertools.islice(generators[method], count + 1)]
+                          for _ in itertools.islice(generators[method], count)]
             if phase == "timed":
-                streamed[method].append((len(stamps) - 2) / (stamps[-1] - stamps[1]))
-    first = methods[0]
+                streamed[method].append((len(stamps) - 1, stamps[-1] - stamps[0]))
+    # generate_step holds mlx-lm's generation stream as the default while suspended:
+    # closed last-opened first, the default stream is the caller's again.
+    for generator in reversed(list(generators.values())):
+        generator.close()
+    first = "fp16" if "fp16" in methods else methods[0]
     rows = []
     for method in methods:
         rates = [len(t) / sum(t) for t in steps[method]]
         ref = [len(t) / sum(t) for t in steps[first]]
-        all_steps = [x for t in steps[method] for x in t]
+        stream_rates = [n / dt for n, dt in streamed[method]]
+        stream_ref = [n / dt for n, dt in streamed[first]]
         rows.append(dict(
             part="end_to_end", shape=shape, method=method, tokens=tokens,
-            interleaved=dict(block=block, blocks=blocks),
-            tokens_per_s=len(all_steps) / sum(all_steps), block_tokens_per_s=rates,
+            interleaved=dict(block=block, blocks=blocks), paired_with=first,
+            tokens_per_s=sum(map(len, steps[method])) / sum(map(sum, steps[method])),
+            block_tokens_per_s=rates,
             paired_ratio=statistics.median(a / b for a, b in zip(rates, ref, strict=True)),
-            stream_tokens_per_s=statistics.median(streamed[method]),
-            block_stream_tokens_per_s=streamed[method],
+            stream_tokens_per_s=(sum(n for n, _ in streamed[method])
+                                 / sum(dt for _, dt in streamed[method])),
+            block_stream_tokens_per_s=stream_rates,
             stream_paired_ratio=statistics.median(
-                a / b for a, b in zip(streamed[method], streamed[first], strict=True))))
-    for generator in generators.values():
-        generator.close()
+                a / b for a, b in zip(stream_rates, stream_ref, strict=True))))
     return rows
 
 
@@ -508,7 +520,7 @@ def markdown(rows, name, backend) -> str:
                      else f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}×")
             if "stream_tokens_per_s" in r:
                 stream_ratio = f"{r['stream_tokens_per_s'] / ref['stream_tokens_per_s']:.2f}×"
-            if "paired_ratio" in r:  # interleaved: the median of paired blocks
+            if r.get("paired_with") == "fp16":  # interleaved: the median of paired blocks
                 ratio = f"{r['paired_ratio']:.2f}× (paired)"
                 stream_ratio = f"{r['stream_paired_ratio']:.2f}× (paired)"
         lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
