@@ -34,6 +34,4 @@ def padded_input(x: mx.array) -> mx.array:
 def kernel_input(values, dtype) -> mx.array:
     """A 1-D kernel input holding ``values`` (a sequence of numbers), zero-padded to at
     least KERNEL_INPUT_MIN_BYTES; kernels read only the leading entries."""
-    values = list(values)
-    size = max(len(values), -(-KERNEL_INPUT_MIN_BYTES // dtype.size))
-    return mx.array(values + [0] * (size - len(values)), dtype=dtype)
+    return padded_input(mx.array(list(values), dtype=dtype))
