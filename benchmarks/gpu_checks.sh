@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in the order they matter (run on the lent H100/H200 after
 # staging MLX CUDA and the default model: ../shared/device/prepare-mlx-cuda.sh --with-model).
-#   bash benchmarks/gpu_checks.sh OUT_DIR [tests|decode|quality]...   (default: all three)
+#   bash benchmarks/gpu_checks.sh OUT_DIR [tests|decode|e2e|quality]...
+#   (default: tests, decode, quality)
 # tests:   the fused kernels against the pure-MLX reference (tests/test_kernels.py)
 # decode:  benchmarks/decode.py on 1B/8B/default-model shapes, 1k-64k
+# e2e:     whole decode steps, fp16 and spectral interleaved (decode.py --interleave)
 # quality: the 8k sweep of the default configuration and its neighbours at <= 3.5 bits
 #          (QUALITY_METHODS overrides the list)
 set -euo pipefail
@@ -27,6 +29,10 @@ for part in $parts; do
     decode)
       python3 benchmarks/decode.py --shapes smollm2,1b,8b --contexts 1024,4096,16384,65536 \
         --methods fp16,affine4,spectral --reps 30 --out "$out/decode" | grep -v '^{' ;;
+    e2e)  # end to end, methods interleaved in 32-step blocks, paired against fp16
+      python3 benchmarks/decode.py --shapes smollm2,1b --contexts 8192,16384,65536 \
+        --methods fp16,spectral-vh --parts end_to_end --interleave 32 --blocks 8 \
+        --out "$out/e2e" | grep -v '^{' ;;
     quality)
       python3 benchmarks/quality.py --model /root/models/SmolLM2-135M-Instruct.Q4_1.gguf \
         --bundle assets/bundles/smollm2-135m-instruct-pre --ctx 8192 --decode-tokens 16 \
