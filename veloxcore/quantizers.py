@@ -89,10 +89,11 @@ class DimCoder:
                 lv, th, _ = lloyd_max_gaussian(int(bits[h, i]))
                 levels[h, i, : lv.size] = lv * scales[h, i]
                 thresholds[h, i, : th.size] = th * scales[h, i]
-        self.levels = as_mx(levels.reshape(-1))
         self._levels_host = levels.reshape(-1)
+        self.levels = as_mx(self._levels_host)
         self.thresholds = as_mx(thresholds.reshape(-1))
-        self.table_base = as_mx((np.arange(H * D) * LEVELS).reshape(H, 1, D).astype(np.int32))
+        table_base = (np.arange(H * D) * LEVELS).reshape(H, D)
+        self.table_base = as_mx(table_base.reshape(H, 1, D).astype(np.int32))
         self.bits_mx = as_mx(bits.reshape(H, 1, D).astype(np.uint32))
         self.max_bits = int(bits.max())
 
@@ -101,20 +102,18 @@ class DimCoder:
         # A head's trailing 0-bit dims may start past its last word (its vector can fill
         # every word): they read the last one, and their code is masked out.
         word = np.minimum(start // 32, self.words - 1)
-        shift = start % 32
+        shift = (start % 32).astype(np.uint32)
         spill = (shift + bits > 32) & (bits > 0)
+        spill_shift = np.where(spill, 32 - shift, 0).astype(np.uint32)
+        mask = ((1 << bits) - 1).astype(np.uint32)
+        # The host decoder reads the plan per head, (H, D) each; MLX's unpack broadcasts
+        # it over tokens, (H, 1, D).
+        self._host_plan = (word, shift, spill, spill_shift, mask, table_base)
         self.word = as_mx(word.reshape(H, 1, D).astype(np.int32))
-        self.shift = as_mx(shift.reshape(H, 1, D).astype(np.uint32))
-        self.spill_shift = as_mx(np.where(spill, 32 - shift, 0).reshape(H, 1, D)
-                                 .astype(np.uint32))
+        self.shift = as_mx(shift.reshape(H, 1, D))
+        self.spill_shift = as_mx(spill_shift.reshape(H, 1, D))
         self.spill = as_mx(spill.reshape(H, 1, D))
-        self.mask = as_mx(((1 << bits) - 1).reshape(H, 1, D).astype(np.uint32))
-        # The same plan for the host decoder (per head: word, shift, spill, spill shift,
-        # mask, table base; (H, D) each).
-        self._host_plan = (word, shift.astype(np.uint32), spill,
-                           np.where(spill, 32 - shift, 0).astype(np.uint32),
-                           ((1 << bits) - 1).astype(np.uint32),
-                           (np.arange(H * D) * LEVELS).reshape(H, D))
+        self.mask = as_mx(mask.reshape(H, 1, D))
         # For packing: which (dim, part) contributions land in each word.
         contrib = [[[] for _ in range(self.words)] for _ in range(H)]
         for h in range(H):
