@@ -378,6 +378,8 @@ def test_decode_kernel_matches_reference(backend, monkeypatch, heads, group, dim
     if backend.startswith("emulated") and tokens * heads > 1000:
         pytest.skip("too slow to emulate")
     monkeypatch.setattr(kernels, "TARGET_THREADGROUPS", threadgroups)
+    monkeypatch.setattr(kernels, "WARP_TARGET_BLOCKS", threadgroups)
+    monkeypatch.setattr(kernels, "WARP_WAVE_BLOCKS", threadgroups)
     rng = np.random.default_rng(tokens + dim)
     cache = filled(make_cache(rng, heads, dim, mode, values, token_scale), rng, tokens)
     q = mx.array(rng.normal(size=(1, heads * group, 1, dim)).astype(np.float16))
@@ -386,6 +388,35 @@ def test_decode_kernel_matches_reference(backend, monkeypatch, heads, group, dim
     got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
     # float32 accumulation in a different order; outputs are O(1).
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 8, 32, 200])
+@pytest.mark.parametrize("coded", [1, 63, 64, 127, 129, 4099, 16384, 65536, 131071])
+def test_warp_splits_cover_the_codes_in_whole_steps(heads, coded):
+    """Splits are whole 4-warp steps of 16-token tiles that cover every coded token once,
+    as the kernel recomputes them from its grid; at most WARP_MAX_SPLITS a head (the
+    merge's capacity) and within the launch's target blocks."""
+    splits, per_split = kernels.warp_splits(coded, heads)
+    step = 16 * kernels.WARPS
+    assert per_split % step == 0
+    assert (splits - 1) * per_split < coded <= splits * per_split
+    assert 1 <= splits <= kernels.WARP_MAX_SPLITS
+    # The kernel's own split length (DECODE_WARP_BODY: per_split from total and grid).
+    assert ((coded + splits - 1) // splits + step - 1) // step * step == per_split
+    assert per_split >= min(coded, kernels.WARP_MIN_TILES * step) or splits == 1
+    assert heads * splits <= max(kernels.WARP_WAVE_BLOCKS, kernels.WARP_TARGET_BLOCKS + heads)
+
+
+def test_warp_splits_fill_one_wave():
+    """The measured choices (H200, BENCHMARKS.md "Fewer, longer splits"): the default
+    model's 3 KV heads keep 128 splits each (384 blocks, one wave at three a SM); 8 KV
+    heads take 32 (256 blocks) at 16k and 64k; short contexts keep two tiles a warp."""
+    assert kernels.warp_splits(16384, 3) == (128, 128)
+    assert kernels.warp_splits(65536, 3) == (128, 512)
+    assert kernels.warp_splits(16384, 8) == (32, 512)
+    assert kernels.warp_splits(65536, 8) == (32, 2048)
+    assert kernels.warp_splits(4096, 8) == (32, 128)
+    assert kernels.warp_splits(4096, 3) == (32, 128)
 
 
 @pytest.mark.parametrize("misaligned", [False, True, {"kwords"}, {"ktok"}, {"vscales"},

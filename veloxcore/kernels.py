@@ -67,6 +67,16 @@ WARP_BASIS_REGISTER_BLOCKS = 512
 # Fewest 16-token tiles each warp of the warp-tiled kernel walks per split (more splits
 # start more blocks; fewer, longer splits cost less to merge). Tunable for profiling.
 WARP_MIN_TILES = int(os.environ.get("VELOX_WARP_MIN_TILES", "2"))
+# Blocks the warp-tiled kernel's launch aims for: one wave at three blocks per SM on a
+# 132-SM H100/H200 where every KV head can take all WARP_MAX_SPLITS splits within it
+# (WARP_WAVE_BLOCKS), otherwise about two blocks per SM (WARP_TARGET_BLOCKS). Every block
+# pays a set-up (the basis copy, tables, the query) and the last one merges every split,
+# so more blocks than fit at once cost more than they gain (H200, kernel alone, 16k
+# tokens, 1,024 / 512 / 384 / 256 / 128 blocks: 8 KV heads at head_dim 128 87.9 / 77.1 /
+# 72.8 / 70.9 / 89.8 µs, at 64 40.3 / 40.8 / 48.6 / 35.7 / 47.8; 3 KV heads at 64, 384 /
+# 258 blocks: 22.3 / 22.7; BENCHMARKS.md, "Fewer, longer splits"). Tunable for profiling.
+WARP_WAVE_BLOCKS = 384
+WARP_TARGET_BLOCKS = int(os.environ.get("VELOX_WARP_BLOCKS", "256"))
 # Blocks per SM the warp-tiled kernel is compiled to fit (``__launch_bounds__``: the
 # compiler caps registers at 64K / (128 · N), spilling past that); 0 leaves registers to
 # the compiler. Tunable for profiling.
@@ -407,14 +417,7 @@ class SpectralKernels:
             # (At least 16 bytes: one or two KV heads' counters would sit in host memory,
             # see arrays.kernel_input, and the atomics would cross the bus.)
             self._counter_bh = kernel_input([0] * (B * H), mx.int32)
-        step = 16 * WARPS
-        # At least WARP_MIN_TILES (2) tiles per warp: fewer, longer splits cost less to
-        # start and merge (the merge reads every split) than they lose in parallelism
-        # (H200, default-model shape: 1 / 2 / 4 tiles 54 / 49 / 55 µs at 4k; BENCHMARKS.md).
-        splits = max(1, min(_cdiv(coded, WARP_MIN_TILES * step),
-                            _cdiv(TARGET_THREADGROUPS, B * H), WARP_MAX_SPLITS))
-        per_split = _cdiv(_cdiv(coded, splits), step) * step
-        splits = _cdiv(coded, per_split)
+        splits, _ = warp_splits(coded, B * H)
         vb, vg = self.value_affine
         breg = D <= WARP_BASIS_REGISTERS and B * H * splits <= WARP_BASIS_REGISTER_BLOCKS
         sbasis = not breg and WARP_BASIS_SHARED
@@ -726,3 +729,19 @@ def merge_partials(partials, dtype) -> mx.array:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def warp_splits(coded: int, heads: int) -> tuple[int, int]:
+    """(splits per KV head, tokens per split) of a warp-tiled launch over ``coded`` tokens
+    of ``heads`` (batch x KV) heads: splits of whole 4-warp steps of 16-token tiles, at
+    least WARP_MIN_TILES (2) tiles per warp — fewer, longer splits cost less to start and
+    merge than they lose in parallelism (H200, default-model shape, 4k: 1 / 2 / 4 tiles
+    54 / 49 / 55 µs) — and at most WARP_MAX_SPLITS per head, within the blocks above."""
+    step = 16 * WARPS
+    if heads * WARP_MAX_SPLITS <= WARP_WAVE_BLOCKS:
+        most = WARP_MAX_SPLITS
+    else:
+        most = min(WARP_MAX_SPLITS, _cdiv(WARP_TARGET_BLOCKS, heads))
+    splits = max(1, min(_cdiv(coded, WARP_MIN_TILES * step), most))
+    per_split = _cdiv(_cdiv(coded, splits), step) * step
+    return _cdiv(coded, per_split), per_split
