@@ -28,7 +28,10 @@ VARIANTS = {
     "no-basis-registers": {"WARP_BASIS_REGISTERS": 0},
     "basis-registers-always": {"WARP_BASIS_REGISTER_BLOCKS": 1 << 30},
     "warps8": {"WARPS": 8},
-    "splits256": {"WARP_MAX_SPLITS": 256},
+    # (WARP_MAX_SPLITS is also the merge's capacity, a template constant.)
+    "splits256": {"WARP_MAX_SPLITS": 256, "WARP_WAVE_BLOCKS": 1 << 30},
+    # The split choice before kernels.warp_splits aimed at one wave (1,024 blocks).
+    "blocks1024": {"WARP_TARGET_BLOCKS": 1024, "WARP_WAVE_BLOCKS": 0},
     "tiles1": {"WARP_MIN_TILES": 1},
 }
 

@@ -74,8 +74,9 @@ WARP_MIN_TILES = int(os.environ.get("VELOX_WARP_MIN_TILES", "2"))
 # so more blocks than fit at once cost more than they gain (H200, kernel alone, 16k
 # tokens, 1,024 / 512 / 384 / 256 / 128 blocks: 8 KV heads at head_dim 128 87.9 / 77.1 /
 # 72.8 / 70.9 / 89.8 µs, at 64 40.3 / 40.8 / 48.6 / 35.7 / 47.8; 3 KV heads at 64, 384 /
-# 258 blocks: 22.3 / 22.7; BENCHMARKS.md, "Fewer, longer splits"). Tunable for profiling.
-WARP_WAVE_BLOCKS = 384
+# 258 blocks: 22.3 / 22.7; BENCHMARKS.md, "Fewer, longer splits"). Tunable for profiling
+# (VELOX_WARP_BLOCKS=1024 VELOX_WARP_WAVE_BLOCKS=0: the choice before).
+WARP_WAVE_BLOCKS = int(os.environ.get("VELOX_WARP_WAVE_BLOCKS", "384"))
 WARP_TARGET_BLOCKS = int(os.environ.get("VELOX_WARP_BLOCKS", "256"))
 # Blocks per SM the warp-tiled kernel is compiled to fit (``__launch_bounds__``: the
 # compiler caps registers at 64K / (128 · N), spilling past that); 0 leaves registers to
