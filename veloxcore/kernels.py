@@ -285,6 +285,7 @@ class SpectralKernels:
         # Splits finished per KV head in a warp-tiled launch (zero between launches).
         self._counter_bh: mx.array | None = None
         self._warp_launch: tuple | None = None  # (key, prepared launch): _attend_warp
+        self._exact_meta: dict[tuple[int, int], mx.array] = {}
         self._warp_fits: dict[int, bool] = {}  # query heads per KV head -> warp_decode
         # The previous warp-tiled launch's out_sum, an input of the next one (unread): it
         # orders the launches that share _counter_bh (see _attend_warp).
@@ -382,11 +383,22 @@ class SpectralKernels:
         # The code buffers are written in place; new ones (growth, a restored state) are
         # new arrays, and the prepared launch keeps the old ones alive, so ids differ.
         key = (queries.shape, queries.dtype, coded, id(parts[0]), pos0, scale, stamps)
-        if self._warp_launch is None or self._warp_launch[0] != key:
-            self._warp_launch = (key, self._prepare_warp(queries, scale, parts, coded, pos0,
-                                                         stamps))
-        kernel, fixed, counter, call = self._warp_launch[1]
-        ek, ev, num_exact, capacity = self._exact_inputs(exact, queries.dtype)
+        launch = self._warp_launch
+        if launch is None or launch[0] != key:
+            launch = self._warp_launch = (key, *self._prepare_warp(queries, scale, parts,
+                                                                    coded, pos0, stamps))
+        _, kernel, inputs, call = launch
+        # A decode step changes only the query, the exact tokens and the previous launch
+        # (below) in the prepared inputs: at these kernel sizes a small model's step is
+        # host-bound, and the list is not rebuilt.
+        inputs[0] = queries
+        if exact is None:
+            inputs[-5:-2] = self._no_exact(queries.dtype)
+        else:
+            ek, ev, count = exact
+            if ek.dtype != queries.dtype:
+                ek, ev = ek.astype(queries.dtype), ev.astype(queries.dtype)
+            inputs[-5:-2] = (ek, ev, self._exact_count(count, ek.shape[2]))
         # Launches on one cache share the split counter, so they must not run at once.
         # Nothing else orders them where steps do not depend on each other's output
         # (teacher-forced steps built lazily, then evaluated together: MLX's CUDA graph
@@ -394,18 +406,28 @@ class SpectralKernels:
         # so each launch takes the previous one's out_sum as an input it never reads. (An
         # attend built and never evaluated then runs with the next one: benchmarks that
         # build many and evaluate one should use a cache each.)
-        after = self.dummy_float if self._warp_previous is None else self._warp_previous
-        outputs = kernel(inputs=[queries, *fixed, ek, ev,
-                                 self._constant(mx.int32, num_exact, capacity), counter,
-                                 after], **call)
+        inputs[-1] = self.dummy_float if self._warp_previous is None else self._warp_previous
+        outputs = kernel(inputs=inputs, **call)
         self._warp_previous = outputs[2]
         if stamps:
             WARP_STAMPS.append(outputs[4])
         return outputs[3]
 
+    def _exact_count(self, count: int, capacity: int) -> mx.array:
+        """``cmeta`` of the warp-tiled kernel: the exact tokens' count and their buffers'
+        capacity (one array per pair, kept: a decode step makes no new one)."""
+        meta = self._exact_meta.get((count, capacity))
+        if meta is None:
+            meta = self._exact_meta[count, capacity] = kernel_input([count, capacity],
+                                                                   mx.int32)
+        return meta
+
+    def _no_exact(self, dtype) -> tuple[mx.array, mx.array, mx.array]:
+        ek, ev, count, capacity = self._exact_inputs(None, dtype)
+        return ek, ev, self._exact_count(count, capacity)
+
     def _prepare_warp(self, queries, scale, parts, coded, pos0, stamps):
-        """(kernel, inputs between the query and the exact tokens, counter, keyword
-        arguments) of a warp-tiled launch."""
+        """(kernel, inputs, keyword arguments) of a warp-tiled launch."""
         B, Hq, L, D = queries.shape
         H = self.heads
         G = Hq // H
@@ -444,7 +466,10 @@ class SpectralKernels:
         kernel = _kernel(self.backend, "decode_warp_stamps" if stamps else "decode_warp",
                          warp_dynamic_bytes(D, G, vb, vg, self.key_rank, self.key_words)
                          if sbasis else 0)
-        return kernel, fixed, self._counter_bh, call
+        # The whole input list; _attend_warp fills the query (first), the exact tokens and
+        # their count (fifth to third from the end) and the previous launch (last).
+        inputs = [queries, *fixed, None, None, None, self._counter_bh, None]
+        return kernel, inputs, call
 
     def combine(self, queries, scale, partials, exact):
         """Second launch: merge the splits with the exact tokens and normalise."""
