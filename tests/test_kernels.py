@@ -459,6 +459,40 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 6, 8])
+def test_warp_kernel_scores_on_tensor_cores(backend, monkeypatch, dim, group):
+    """QMMA (VELOX_WARP_QMMA=1): the scores against the query heads as one mma per two
+    8-dim slices, each lane running the softmax of two heads — the reference's attention
+    for 1-8 query heads per KV head, over tiles that rescale each other (two a warp), a
+    partial last tile, and the exact tokens."""
+    if backend not in ("emulated", "cuda"):
+        pytest.skip("the warp-tiled kernel is CUDA's")
+    monkeypatch.setattr(kernels, "WARP_QMMA", True)
+    templates = []
+    make = kernels._kernel
+
+    def recorded(b, which, shared_memory=0):
+        kernel = make(b, which, shared_memory)
+
+        def call(**kwargs):
+            templates.append((which, dict(kwargs["template"])))
+            return kernel(**kwargs)
+        return call
+
+    monkeypatch.setattr(kernels, "_kernel", recorded)
+    rng = np.random.default_rng(dim + group)
+    cache = filled(make_cache(rng, 2, dim, "pre", "affine-rotated", True), rng, 150)
+    q = mx.array(rng.normal(size=(1, 2 * group, 1, dim)).astype(np.float16))
+    expected = reference_attend(cache, q, dim**-0.5)
+    cache.use_kernels(backend)
+    if not cache.kernels.warp_decode(q):
+        pytest.skip("this shape takes the block-tiled kernel")
+    got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
+    assert [t["QMMA"] for which, t in templates if which == "decode_warp"] == [True]
+    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.parametrize("place", ["registers", "shared", "memory"])
 @pytest.mark.parametrize("dim,misaligned", [(64, False), (64, True), (128, False)])
 def test_warp_kernel_reads_its_basis_from_registers_shared_memory_or_memory(

@@ -38,6 +38,7 @@ CUDA_HEADER = r"""
 #define VX_HALF_T __half
 #define VX_BARRIER() __syncthreads()
 #define VX_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
+#define VX_SHFL(v, src) __shfl_sync(0xffffffffu, (v), (src))
 #define VX_HALF(x) __half2float(x)
 #define VX_TO_HALF(x) __float2half(x)
 #define VX_ROUND_HALF(x) __half2float(__float2half(x))
@@ -257,6 +258,7 @@ METAL_HEADER = r"""
 #define VX_HALF_T half
 #define VX_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define VX_SHFL_XOR(v, m) simd_shuffle_xor((v), (ushort)(m))
+#define VX_SHFL(v, src) simd_shuffle((v), (ushort)(src))
 #define VX_HALF(x) float(x)
 #define VX_TO_HALF(x) half(x)
 #define VX_ROUND_HALF(x) float(half(x))
@@ -634,7 +636,9 @@ DECODE_BODY = r"""
 # (exact tokens), MAXS (splits), VHAD (values were coded Hadamard-rotated: the output is
 # turned back by a fast Walsh-Hadamard transform), UNROLL_NT (unrolling of the loop over
 # 8-dim slices: fewer registers when small), BREG (the basis fragments held in registers),
-# SBASIS (else in dynamic shared memory, 2 · D · RKMAX bytes; neither: read from bfrag).
+# SBASIS (else in dynamic shared memory, 2 · D · RKMAX bytes; neither: read from bfrag),
+# QMMA (the scores against the query heads on tensor cores too; else in registers, FMA by
+# FMA).
 # bfrag: the basis, each column times its scale, as B fragments, ((h · D/8 + n-tile) ·
 # RKMAX/16 + k-step) · 64 + reg · 32 + lane; kbits/kshift: per compacted column (H, RKMAX);
 # key_mean, rope in RoPE pair order.
@@ -660,6 +664,7 @@ DECODE_WARP_BODY = r"""
   const int gid = lane >> 2;
   const int tig = lane & 3;
   static_assert(G <= 8, "query heads are rows 0-7 of the probabilities' mma fragment");
+  static_assert(!QMMA || NTD % 2 == 0, "QMMA pairs the 8-dim slices");
   static_assert(D <= NT, "the merge gives each output dim a thread");
 
   constexpr int RS = D / 2 + 4;  // row stride of rot_s (float2): no bank conflicts
@@ -790,9 +795,11 @@ DECODE_WARP_BODY = r"""
     qamp[k] = rope[D / 2 + p];
   }
   float vacc[NTD][2];  // P·V: this lane's C fragment (head gid, dims 8 nt + 2 tig, +1)
-  float m_run[G];
-  float l_run[G];
-  for (int g = 0; g < G; g++) {
+  // Running max and sum per query head g (QMMA: of this lane's heads 2 tig and 2 tig + 1).
+  constexpr int GR = G > 2 ? G : 2;
+  float m_run[GR];
+  float l_run[GR];
+  for (int g = 0; g < GR; g++) {
     m_run[g] = -1e30f;
     l_run[g] = 0.0f;
   }
@@ -853,13 +860,18 @@ DECODE_WARP_BODY = r"""
     }
     __syncwarp();  // the turned query is read across the warp
     // 4. Keys of 8 dims at a time on tensor cores; token scale, mean, RoPE by r·θ and
-    // scores in registers.
+    // scores in registers. QMMA: the scores S (16 tokens x 8 query heads) = K · Q^T on
+    // tensor cores too — two slices' keys (C fragments: rows gid, gid + 8, columns 2 tig,
+    // +1) are one k16 A fragment, and the query heads (rows >= G zero) the B fragment.
     float s0[G];
     float s1[G];
     for (int g = 0; g < G; g++) {
       s0[g] = 0.0f;
       s1[g] = 0.0f;
     }
+    float sc0 = 0.0f, sc1 = 0.0f, sc2 = 0.0f, sc3 = 0.0f;  // QMMA: S's C fragment
+    unsigned int ka0 = 0u, ka1 = 0u;  // QMMA: the even slice's half of the A fragment
+    const float2* qw2 = reinterpret_cast<const float2*>(qw);
 #pragma unroll UNROLL_NT
     for (int nt = 0; nt < NTD; nt++) {
       float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
@@ -883,10 +895,23 @@ DECODE_WARP_BODY = r"""
       const float k0b = a0 * u0.y + b0 * u0.x;
       const float k1a = a1 * u1.x - b1 * u1.y;
       const float k1b = a1 * u1.y + b1 * u1.x;
-      for (int g = 0; g < G; g++) {
-        const float2 qq = reinterpret_cast<const float2*>(qw)[(g * D) / 2 + p];
-        s0[g] += qq.x * k0a + qq.y * k0b;
-        s1[g] += qq.x * k1a + qq.y * k1b;
+      if (QMMA) {
+        if ((nt & 1) == 0) {
+          ka0 = vx_pack_half2(k0a, k0b);
+          ka1 = vx_pack_half2(k1a, k1b);
+        } else {  // B: query head gid at pairs p - 4 (k rows 2 tig, +1) and p (+8, +9)
+          const float2 qa = gid < G ? qw2[(gid * D) / 2 + p - 4] : make_float2(0.0f, 0.0f);
+          const float2 qb = gid < G ? qw2[(gid * D) / 2 + p] : make_float2(0.0f, 0.0f);
+          vx_mma_16816(sc0, sc1, sc2, sc3, ka0, ka1, vx_pack_half2(k0a, k0b),
+                       vx_pack_half2(k1a, k1b), vx_pack_half2(qa.x, qa.y),
+                       vx_pack_half2(qb.x, qb.y));
+        }
+      } else {
+        for (int g = 0; g < G; g++) {
+          const float2 qq = qw2[(g * D) / 2 + p];
+          s0[g] += qq.x * k0a + qq.y * k0b;
+          s1[g] += qq.x * k1a + qq.y * k1b;
+        }
       }
     }
     // 5. Scores summed over the quad, masked past n; online softmax per query head. The
@@ -896,7 +921,40 @@ DECODE_WARP_BODY = r"""
     const bool ok1 = gid + 8 < n;
     float r_mine = 1.0f;  // the rescale of this lane's row (query head gid)
     VX_HALF_T* ph = reinterpret_cast<VX_HALF_T*>(ph_s[warp]);
-    for (int g = 0; g < G; g++) {
+    if (QMMA) {
+      // Lane (gid, tig) holds the scores of tokens gid and gid + 8 for query heads 2 tig
+      // and 2 tig + 1: each lane runs the softmax of its two heads (columns past G are
+      // zero scores, never written), maxima and sums over the 8 lanes of a column.
+      float r_pair[2];
+      for (int e = 0; e < 2; e++) {
+        const int hd = 2 * tig + e;
+        const float a = ok0 ? (e ? sc1 : sc0) : -1e30f;
+        const float b = ok1 ? (e ? sc3 : sc2) : -1e30f;
+        float top = max(a, b);
+        top = max(top, VX_SHFL_XOR(top, 4));
+        top = max(top, VX_SHFL_XOR(top, 8));
+        top = max(top, VX_SHFL_XOR(top, 16));
+        const float m_new = max(m_run[e], top);
+        const float pa = VX_ROUND_HALF(vx_exp(a - m_new));
+        const float pb = VX_ROUND_HALF(vx_exp(b - m_new));
+        float sum = pa + pb;
+        sum += VX_SHFL_XOR(sum, 4);
+        sum += VX_SHFL_XOR(sum, 8);
+        sum += VX_SHFL_XOR(sum, 16);
+        r_pair[e] = vx_exp(m_run[e] - m_new);
+        l_run[e] = l_run[e] * r_pair[e] + sum;
+        m_run[e] = m_new;
+        if (hd < G) {
+          ph[hd * 16 + gid] = VX_TO_HALF(pa);
+          ph[hd * 16 + gid + 8] = VX_TO_HALF(pb);
+        }
+      }
+      // This lane's P·V row is query head gid, whose rescale lane (gid, gid / 2) holds.
+      const float r0 = VX_SHFL(r_pair[0], 4 * gid + (gid >> 1));
+      const float r1 = VX_SHFL(r_pair[1], 4 * gid + (gid >> 1));
+      r_mine = (gid & 1) ? r1 : r0;
+    }
+    for (int g = 0; g < (QMMA ? 0 : G); g++) {
       float a = s0[g];
       float b = s1[g];
       a += VX_SHFL_XOR(a, 1);
@@ -959,9 +1017,10 @@ DECODE_WARP_BODY = r"""
   VX_STAMP(2);
   // 7. Merge the warps' partials into the split's.
   for (int g = 0; g < G; g++) {
-    if (lane == 0) {
-      fin_m[warp][g] = m_run[g];
-      fin_l[warp][g] = l_run[g];
+    // (QMMA: head g's running max and sum are lane (0, g / 2)'s, entry g % 2.)
+    if (QMMA ? lane == g / 2 : lane == 0) {
+      fin_m[warp][g] = m_run[QMMA ? g % 2 : g];
+      fin_l[warp][g] = l_run[QMMA ? g % 2 : g];
     }
   }
   if (gid < G) {

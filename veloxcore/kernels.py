@@ -82,6 +82,11 @@ WARP_TARGET_BLOCKS = int(os.environ.get("VELOX_WARP_BLOCKS", "256"))
 # compiler caps registers at 64K / (128 · N), spilling past that); 0 leaves registers to
 # the compiler. Tunable for profiling.
 WARP_MIN_BLOCKS = int(os.environ.get("VELOX_WARP_MIN_BLOCKS", "0"))
+# The warp-tiled kernel's scores against the query heads on tensor cores (one mma per
+# two 8-dim slices, fp16 keys and query) instead of FMAs in registers (2 · G per key pair
+# and lane): fewer instructions, unmeasured on a GPU so far; VELOX_WARP_QMMA=1 for
+# profiling (benchmarks/warp_variants.py "qmma").
+WARP_QMMA = os.environ.get("VELOX_WARP_QMMA", "0") == "1"
 # Profiling (benchmarks/warp_phases.py): a list here makes the warp-tiled kernel a build
 # that timestamps its phases (kernel_source.CUDA_STAMPS); each launch appends its stamps,
 # (blocks, 32) uint32 in the order of blockIdx.y-major block ids.
@@ -456,7 +461,8 @@ class SpectralKernels:
                       ("MAXE", WARP_MAX_EXACT), ("MAXS", WARP_MAX_SPLITS),
                       ("VHAD", self.value_back is not None),
                       ("UNROLL_NT", WARP_UNROLL or (D // 8 if D <= 64 else 4)),
-                      ("BREG", breg), ("SBASIS", sbasis)],
+                      ("BREG", breg), ("SBASIS", sbasis),
+                      ("QMMA", WARP_QMMA and D % 16 == 0)],
             grid=(32 * WARPS * splits, B * H, 1), threadgroup=(32 * WARPS, 1, 1),
             output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G),
                            (B, Hq, 1, D)] + [(B * H * splits, 32)] * stamps,
