@@ -5,7 +5,10 @@
 #   (default: tests, decode, quality)
 # tests:   the fused kernels against the pure-MLX reference (tests/test_kernels.py)
 # decode:  benchmarks/decode.py on 1B/8B/default-model shapes, 1k-64k
-# e2e:     whole decode steps, fp16 and spectral interleaved (decode.py --interleave)
+# e2e:     whole decode steps, fp16 and spectral interleaved (decode.py --interleave),
+#          spectral also coding decoded tokens 64 at a time (-ab64)
+# qmma:    the scores-on-tensor-cores variant (VELOX_WARP_QMMA=1): its test on the GPU,
+#          then Nsight Compute against the default build
 # quality: the 8k sweep of the default configuration and its neighbours at <= 3.5 bits
 #          (QUALITY_METHODS overrides the list)
 set -euo pipefail
@@ -29,10 +32,16 @@ for part in $parts; do
     decode)
       python3 benchmarks/decode.py --shapes smollm2,1b,8b --contexts 1024,4096,16384,65536 \
         --methods fp16,affine4,spectral --reps 30 --out "$out/decode" | grep -v '^{' ;;
-    e2e)  # end to end, methods interleaved in 32-step blocks, paired against fp16
+    e2e)  # end to end, methods interleaved in 64-step blocks, paired against fp16
       python3 benchmarks/decode.py --shapes smollm2,1b --contexts 8192,16384,65536 \
-        --methods fp16,spectral-vh --parts end_to_end --interleave 32 --blocks 8 \
+        --methods fp16,spectral-vh,spectral-vh-ab64 --parts end_to_end --interleave 64 \
+        --blocks 8 \
         --out "$out/e2e" | grep -v '^{' ;;
+    qmma)
+      python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "tensor_cores" \
+        2>&1 | tee "$out/tests-qmma.txt" | tail -3
+      NO_SASS=1 VARIANT="qmma VELOX_WARP_QMMA=1" bash benchmarks/ncu_warp.sh "$out/qmma" \
+        smollm2:16384 1b:65536 8b:16384 ;;
     quality)
       python3 benchmarks/quality.py --model /root/models/SmolLM2-135M-Instruct.Q4_1.gguf \
         --bundle assets/bundles/smollm2-135m-instruct-pre --ctx 8192 --decode-tokens 16 \
