@@ -459,6 +459,25 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
+def record_launches(monkeypatch) -> list:
+    """Every kernel launch from here on, as (kernel, dynamic shared memory, template
+    arguments, blocks)."""
+    launches = []
+    make = kernels._kernel
+
+    def recorded(b, which, shared_memory=0):
+        kernel = make(b, which, shared_memory)
+
+        def call(**kwargs):
+            blocks = kwargs["grid"][0] // kwargs["threadgroup"][0] * kwargs["grid"][1]
+            launches.append((which, shared_memory, dict(kwargs["template"]), blocks))
+            return kernel(**kwargs)
+        return call
+
+    monkeypatch.setattr(kernels, "_kernel", recorded)
+    return launches
+
+
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 6, 8])
 def test_warp_kernel_scores_on_tensor_cores(backend, monkeypatch, dim, group):
@@ -469,18 +488,7 @@ def test_warp_kernel_scores_on_tensor_cores(backend, monkeypatch, dim, group):
     if backend not in ("emulated", "cuda"):
         pytest.skip("the warp-tiled kernel is CUDA's")
     monkeypatch.setattr(kernels, "WARP_QMMA", True)
-    templates = []
-    make = kernels._kernel
-
-    def recorded(b, which, shared_memory=0):
-        kernel = make(b, which, shared_memory)
-
-        def call(**kwargs):
-            templates.append((which, dict(kwargs["template"])))
-            return kernel(**kwargs)
-        return call
-
-    monkeypatch.setattr(kernels, "_kernel", recorded)
+    launches = record_launches(monkeypatch)
     rng = np.random.default_rng(dim + group)
     cache = filled(make_cache(rng, 2, dim, "pre", "affine-rotated", True), rng, 150)
     q = mx.array(rng.normal(size=(1, 2 * group, 1, dim)).astype(np.float16))
@@ -489,7 +497,7 @@ def test_warp_kernel_scores_on_tensor_cores(backend, monkeypatch, dim, group):
     if not cache.kernels.warp_decode(q):
         pytest.skip("this shape takes the block-tiled kernel")
     got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
-    assert [t["QMMA"] for which, t in templates if which == "decode_warp"] == [True]
+    assert [t["QMMA"] for which, _, t, _ in launches if which == "decode_warp"] == [True]
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
@@ -512,19 +520,7 @@ def test_warp_kernel_reads_its_basis_from_registers_shared_memory_or_memory(
     monkeypatch.setattr(kernels, "WARP_BASIS_REGISTERS", 64 if place == "registers" else 0)
     monkeypatch.setattr(kernels, "WARP_BASIS_SHARED", place == "shared")
     monkeypatch.setattr(cuda_emulator, "MISALIGN_INPUTS", misaligned)
-    launches = []
-    make = kernels._kernel
-
-    def recorded(b, which, shared_memory=0):
-        kernel = make(b, which, shared_memory)
-
-        def call(**kwargs):
-            blocks = kwargs["grid"][0] // kwargs["threadgroup"][0] * kwargs["grid"][1]
-            launches.append((which, shared_memory, dict(kwargs["template"]), blocks))
-            return kernel(**kwargs)
-        return call
-
-    monkeypatch.setattr(kernels, "_kernel", recorded)
+    launches = record_launches(monkeypatch)
     monkeypatch.setattr(cuda_emulator, "COPIES_16", 0)
     rng = np.random.default_rng(dim + misaligned)
     cache = filled(make_cache(rng, 2, dim, "pre", "affine-rotated", True), rng, 150)

@@ -183,6 +183,30 @@ __device__ inline void vx_mma_keys(const __half* ch, int chs, const unsigned int
 # before reading). Counts in 32-bit words per token: wk key, vwn value; sbw scale (and
 # bias) words per 16 tokens; 8 words of fp16 per-token key scales when kts.
 CUDA_STAGE = r"""
+// One 16-token tile's step of a query head's online softmax (warp-tiled kernel): a and b
+// are this lane's scores of tokens gid and gid + 8 (-1e30 past the last token); the 8
+// lanes of a fragment column (lane xor 4, 8, 16) share the head. The probabilities come
+// back rounded to fp16 (what the P·V product reads) and are summed after rounding, so
+// numerator and denominator see the same weights; returns the rescale of the head's
+// earlier partials.
+__device__ inline float vx_softmax_tile(float a, float b, float& m_run, float& l_run,
+                                        float& pa, float& pb) {
+  float top = max(a, b);
+  top = max(top, VX_SHFL_XOR(top, 4));
+  top = max(top, VX_SHFL_XOR(top, 8));
+  top = max(top, VX_SHFL_XOR(top, 16));
+  const float m_new = max(m_run, top);
+  pa = VX_ROUND_HALF(vx_exp(a - m_new));
+  pb = VX_ROUND_HALF(vx_exp(b - m_new));
+  float sum = pa + pb;
+  sum += VX_SHFL_XOR(sum, 4);
+  sum += VX_SHFL_XOR(sum, 8);
+  sum += VX_SHFL_XOR(sum, 16);
+  const float r = vx_exp(m_run - m_new);
+  l_run = l_run * r + sum;
+  m_run = m_new;
+  return r;
+}
 // The unit codebook level of a column's code in a token's words, the column packed as
 // bit offset | mask << 12 | table base << 20 (vx_key_column): two words are always read
 // (code buffers keep a spare word after the last token), the funnel shift takes the
@@ -914,9 +938,8 @@ DECODE_WARP_BODY = r"""
         }
       }
     }
-    // 5. Scores summed over the quad, masked past n; online softmax per query head. The
-    // probabilities are rounded to fp16 (what the P·V product reads) before they are
-    // summed, so numerator and denominator see the same weights.
+    // 5. Scores summed over the quad, masked past n; online softmax per query head
+    // (vx_softmax_tile: probabilities rounded to fp16 before they are summed).
     const bool ok0 = gid < n;
     const bool ok1 = gid + 8 < n;
     float r_mine = 1.0f;  // the rescale of this lane's row (query head gid)
@@ -928,22 +951,9 @@ DECODE_WARP_BODY = r"""
       float r_pair[2];
       for (int e = 0; e < 2; e++) {
         const int hd = 2 * tig + e;
-        const float a = ok0 ? (e ? sc1 : sc0) : -1e30f;
-        const float b = ok1 ? (e ? sc3 : sc2) : -1e30f;
-        float top = max(a, b);
-        top = max(top, VX_SHFL_XOR(top, 4));
-        top = max(top, VX_SHFL_XOR(top, 8));
-        top = max(top, VX_SHFL_XOR(top, 16));
-        const float m_new = max(m_run[e], top);
-        const float pa = VX_ROUND_HALF(vx_exp(a - m_new));
-        const float pb = VX_ROUND_HALF(vx_exp(b - m_new));
-        float sum = pa + pb;
-        sum += VX_SHFL_XOR(sum, 4);
-        sum += VX_SHFL_XOR(sum, 8);
-        sum += VX_SHFL_XOR(sum, 16);
-        r_pair[e] = vx_exp(m_run[e] - m_new);
-        l_run[e] = l_run[e] * r_pair[e] + sum;
-        m_run[e] = m_new;
+        float pa, pb;
+        r_pair[e] = vx_softmax_tile(ok0 ? (e ? sc1 : sc0) : -1e30f,
+                                    ok1 ? (e ? sc3 : sc2) : -1e30f, m_run[e], l_run[e], pa, pb);
         if (hd < G) {
           ph[hd * 16 + gid] = VX_TO_HALF(pa);
           ph[hd * 16 + gid + 8] = VX_TO_HALF(pb);
@@ -961,22 +971,9 @@ DECODE_WARP_BODY = r"""
       a += VX_SHFL_XOR(a, 2);
       b += VX_SHFL_XOR(b, 1);
       b += VX_SHFL_XOR(b, 2);
-      a = ok0 ? a : -1e30f;
-      b = ok1 ? b : -1e30f;
-      float top = max(a, b);
-      top = max(top, VX_SHFL_XOR(top, 4));
-      top = max(top, VX_SHFL_XOR(top, 8));
-      top = max(top, VX_SHFL_XOR(top, 16));
-      const float m_new = max(m_run[g], top);
-      const float pa = VX_ROUND_HALF(vx_exp(a - m_new));
-      const float pb = VX_ROUND_HALF(vx_exp(b - m_new));
-      float sum = pa + pb;
-      sum += VX_SHFL_XOR(sum, 4);
-      sum += VX_SHFL_XOR(sum, 8);
-      sum += VX_SHFL_XOR(sum, 16);
-      const float r = vx_exp(m_run[g] - m_new);
-      l_run[g] = l_run[g] * r + sum;
-      m_run[g] = m_new;
+      float pa, pb;
+      const float r = vx_softmax_tile(ok0 ? a : -1e30f, ok1 ? b : -1e30f, m_run[g], l_run[g],
+                                      pa, pb);
       r_mine = g == gid ? r : r_mine;
       if (tig == 0) {
         ph[g * 16 + gid] = VX_TO_HALF(pa);
