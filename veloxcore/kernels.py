@@ -397,13 +397,8 @@ class SpectralKernels:
         # (below) in the prepared inputs: at these kernel sizes a small model's step is
         # host-bound, and the list is not rebuilt.
         inputs[0] = queries
-        if exact is None:
-            inputs[-5:-2] = self._no_exact(queries.dtype)
-        else:
-            ek, ev, count = exact
-            if ek.dtype != queries.dtype:
-                ek, ev = ek.astype(queries.dtype), ev.astype(queries.dtype)
-            inputs[-5:-2] = (ek, ev, self._exact_count(count, ek.shape[2]))
+        ek, ev, count, capacity = self._exact_inputs(exact, queries.dtype)
+        inputs[-5:-2] = (ek, ev, self._exact_count(count, capacity))
         # Launches on one cache share the split counter, so they must not run at once.
         # Nothing else orders them where steps do not depend on each other's output
         # (teacher-forced steps built lazily, then evaluated together: MLX's CUDA graph
@@ -426,10 +421,6 @@ class SpectralKernels:
             meta = self._exact_meta[count, capacity] = kernel_input([count, capacity],
                                                                    mx.int32)
         return meta
-
-    def _no_exact(self, dtype) -> tuple[mx.array, mx.array, mx.array]:
-        ek, ev, count, capacity = self._exact_inputs(None, dtype)
-        return ek, ev, self._exact_count(count, capacity)
 
     def _prepare_warp(self, queries, scale, parts, coded, pos0, stamps):
         """(kernel, inputs, keyword arguments) of a warp-tiled launch."""
