@@ -7,6 +7,8 @@
 # decode:  benchmarks/decode.py on 1B/8B/default-model shapes, 1k-64k
 # e2e:     whole decode steps, fp16 and spectral interleaved (decode.py --interleave),
 #          spectral also coding decoded tokens 64 at a time (-ab64)
+# phases:  the warp-tiled kernel's per-phase timestamps (set-up, tiles, the last block's
+#          merge) for the default model's and the 8B shape at 16k and 64k
 # qmma:    the scores-on-tensor-cores variant (VELOX_WARP_QMMA=1): its test on the GPU,
 #          then Nsight Compute against the default build
 # quality: the 8k sweep of the default configuration and its neighbours at <= 3.5 bits
@@ -37,6 +39,9 @@ for part in $parts; do
         --methods fp16,spectral-vh,spectral-vh-ab64 --parts end_to_end --interleave 64 \
         --blocks 8 \
         --out "$out/e2e" | grep -v '^{' ;;
+    phases)
+      python3 benchmarks/warp_phases.py --shapes smollm2,8b --contexts 16384,65536 \
+        --out "$out/phases" ;;
     qmma)
       python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "tensor_cores" \
         2>&1 | tee "$out/tests-qmma.txt" | tail -3
