@@ -290,7 +290,6 @@ class SpectralKernels:
         # Splits finished per KV head in a warp-tiled launch (zero between launches).
         self._counter_bh: mx.array | None = None
         self._warp_launch: tuple | None = None  # (key, prepared launch): _attend_warp
-        self._exact_meta: dict[tuple[int, int], mx.array] = {}
         self._warp_fits: dict[int, bool] = {}  # query heads per KV head -> warp_decode
         # The previous warp-tiled launch's out_sum, an input of the next one (unread): it
         # orders the launches that share _counter_bh (see _attend_warp).
@@ -398,7 +397,7 @@ class SpectralKernels:
         # host-bound, and the list is not rebuilt.
         inputs[0] = queries
         ek, ev, count, capacity = self._exact_inputs(exact, queries.dtype)
-        inputs[-5:-2] = (ek, ev, self._exact_count(count, capacity))
+        inputs[-5:-2] = (ek, ev, self._constant(mx.int32, count, capacity))
         # Launches on one cache share the split counter, so they must not run at once.
         # Nothing else orders them where steps do not depend on each other's output
         # (teacher-forced steps built lazily, then evaluated together: MLX's CUDA graph
@@ -412,15 +411,6 @@ class SpectralKernels:
         if stamps:
             WARP_STAMPS.append(outputs[4])
         return outputs[3]
-
-    def _exact_count(self, count: int, capacity: int) -> mx.array:
-        """``cmeta`` of the warp-tiled kernel: the exact tokens' count and their buffers'
-        capacity (one array per pair, kept: a decode step makes no new one)."""
-        meta = self._exact_meta.get((count, capacity))
-        if meta is None:
-            meta = self._exact_meta[count, capacity] = kernel_input([count, capacity],
-                                                                   mx.int32)
-        return meta
 
     def _prepare_warp(self, queries, scale, parts, coded, pos0, stamps):
         """(kernel, inputs, keyword arguments) of a warp-tiled launch."""
