@@ -9,8 +9,9 @@
 #          spectral also coding decoded tokens 64 at a time (-ab64)
 # phases:  the warp-tiled kernel's per-phase timestamps (set-up, tiles, the last block's
 #          merge) for the default model's and the 8B shape at 16k and 64k
-# qmma:    the scores-on-tensor-cores variant (VELOX_WARP_QMMA=1): its test on the GPU,
-#          then Nsight Compute against the default build
+# scores:  the warp-tiled kernel's scores on tensor cores (the default) and as FMAs
+#          (VELOX_WARP_QMMA=0): their test on the GPU, then Nsight Compute of the FMA
+#          build against the default
 # quality: the 8k sweep of the default configuration and its neighbours at <= 3.5 bits
 #          (QUALITY_METHODS overrides the list)
 set -euo pipefail
@@ -42,10 +43,10 @@ for part in $parts; do
     phases)
       python3 benchmarks/warp_phases.py --shapes smollm2,8b --contexts 16384,65536 \
         --out "$out/phases" ;;
-    qmma)
-      python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "tensor_cores" \
-        2>&1 | tee "$out/tests-qmma.txt" | tail -3
-      NO_SASS=1 VARIANT="qmma VELOX_WARP_QMMA=1" bash benchmarks/ncu_warp.sh "$out/qmma" \
+    scores)
+      python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "scores" \
+        2>&1 | tee "$out/tests-scores.txt" | tail -3
+      NO_SASS=1 VARIANT="fma VELOX_WARP_QMMA=0" bash benchmarks/ncu_warp.sh "$out/scores" \
         smollm2:16384 1b:65536 8b:16384 ;;
     quality)
       python3 benchmarks/quality.py --model /root/models/SmolLM2-135M-Instruct.Q4_1.gguf \

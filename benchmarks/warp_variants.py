@@ -33,7 +33,8 @@ VARIANTS = {
     # The split choice before kernels.warp_splits aimed at one wave (1,024 blocks).
     "blocks1024": {"WARP_TARGET_BLOCKS": 1024, "WARP_WAVE_BLOCKS": 0},
     "tiles1": {"WARP_MIN_TILES": 1},
-    "qmma": {"WARP_QMMA": True},
+    # Scores as FMAs in registers (the choice before scores on tensor cores).
+    "fma-scores": {"WARP_QMMA": False},
 }
 
 

@@ -478,16 +478,57 @@ def record_launches(monkeypatch) -> list:
     return launches
 
 
+def test_cuda_launches_bake_their_template_arguments_into_the_kernel_text(monkeypatch):
+    """On CUDA a launch's template arguments become part of the kernel's text, once per
+    set (MLX's call otherwise converts and formats each one at every call). The text is
+    what MLX writes for them (the emulator's copy of custom_kernel.cpp's), the kernel's
+    name carries a digest of its text (MLX keeps compiled kernels by name), and the call
+    passes no template."""
+    import cuda_emulator
+
+    made = []
+
+    def cuda_kernel(**kwargs):
+        made.append(kwargs)
+        return lambda **call: call
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_kernel)
+    kernels._kernel.cache_clear()
+    try:
+        template = [("T", mx.float16), ("D", 64), ("HKV", 3), ("PRE", True), ("TS", False)]
+        text = kernels.template_text(template)
+        assert text == "".join(cuda_emulator._constant(k, v) for k, v in template) + "\n"
+        assert kernels.template_text([]) == ""
+        launch = kernels._launcher("cuda", "encode", template)
+        assert launch(inputs=[1], grid=(64, 1, 1)) == {"inputs": [1], "grid": (64, 1, 1)}
+        assert kernels._launcher("cuda", "encode", list(template)) is launch
+        other = kernels._launcher("cuda", "encode", [("T", mx.float32), *template[1:]])
+        assert other is not launch and len(made) == 2
+        plain = kernels._kernel("cuda", "encode").source
+        assert made[0]["source"] == text + plain
+        assert "using T = float;" in made[1]["source"]
+        assert made[0]["name"] != made[1]["name"]
+        assert all(m["name"].startswith("velox_encode_") for m in made)
+        with pytest.raises(TypeError, match="X=0.5"):
+            kernels.template_text([("X", 0.5)])
+    finally:
+        kernels._kernel.cache_clear()
+
+
 @pytest.mark.parametrize("dim", [64, 128])
-@pytest.mark.parametrize("group", [1, 2, 3, 4, 6, 8])
-def test_warp_kernel_scores_on_tensor_cores(backend, monkeypatch, dim, group):
-    """QMMA (VELOX_WARP_QMMA=1): the scores against the query heads as one mma per two
-    8-dim slices, each lane running the softmax of two heads — the reference's attention
-    for 1-8 query heads per KV head, over tiles that rescale each other (two a warp), a
-    partial last tile, and the exact tokens."""
+@pytest.mark.parametrize("group,tensor_cores", [(1, True), (2, True), (3, True), (4, True),
+                                                (6, True), (8, True), (1, False),
+                                                (3, False), (8, False)])
+def test_warp_kernel_scores_on_tensor_cores_or_in_registers(backend, monkeypatch, dim, group,
+                                                            tensor_cores):
+    """QMMA (the default): the scores against the query heads as one mma per two 8-dim
+    slices, each lane running the softmax of two heads; VELOX_WARP_QMMA=0: as FMAs in
+    registers. Either gives the reference's attention for 1-8 query heads per KV head,
+    over tiles that rescale each other (two a warp), a partial last tile, and the exact
+    tokens."""
     if backend not in ("emulated", "cuda"):
         pytest.skip("the warp-tiled kernel is CUDA's")
-    monkeypatch.setattr(kernels, "WARP_QMMA", True)
+    monkeypatch.setattr(kernels, "WARP_QMMA", tensor_cores)
     launches = record_launches(monkeypatch)
     rng = np.random.default_rng(dim + group)
     cache = filled(make_cache(rng, 2, dim, "pre", "affine-rotated", True), rng, 150)
@@ -497,7 +538,8 @@ def test_warp_kernel_scores_on_tensor_cores(backend, monkeypatch, dim, group):
     if not cache.kernels.warp_decode(q):
         pytest.skip("this shape takes the block-tiled kernel")
     got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
-    assert [t["QMMA"] for which, _, t, _ in launches if which == "decode_warp"] == [True]
+    assert [t["QMMA"] for which, _, t, _ in launches if which == "decode_warp"] == [
+        tensor_cores]
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 

@@ -20,8 +20,9 @@ quantities with MLX ops (decoding every coded token to full precision first).
 
 from __future__ import annotations
 
+import hashlib
 import os
-from functools import cache
+from functools import cache, partial
 
 import mlx.core as mx
 import numpy as np
@@ -83,10 +84,11 @@ WARP_TARGET_BLOCKS = int(os.environ.get("VELOX_WARP_BLOCKS", "256"))
 # the compiler. Tunable for profiling.
 WARP_MIN_BLOCKS = int(os.environ.get("VELOX_WARP_MIN_BLOCKS", "0"))
 # The warp-tiled kernel's scores against the query heads on tensor cores (one mma per
-# two 8-dim slices, fp16 keys and query) instead of FMAs in registers (2 · G per key pair
-# and lane): fewer instructions, unmeasured on a GPU so far; VELOX_WARP_QMMA=1 for
-# profiling (benchmarks/warp_variants.py "qmma").
-WARP_QMMA = os.environ.get("VELOX_WARP_QMMA", "0") == "1"
+# two 8-dim slices, fp16 keys and query) rather than FMAs in registers (2 · G per key
+# pair and lane): fewer instructions, and faster on an H200 (kernel alone: default-model
+# shape at 16k 22.2 -> 21.2 µs, 8B at 16k 70.1 -> 64.5, 1B at 64k 99.7 -> 87.2;
+# BENCHMARKS.md, "Scores on tensor cores"). VELOX_WARP_QMMA=0 for comparisons.
+WARP_QMMA = os.environ.get("VELOX_WARP_QMMA", "1") != "0"
 # Profiling (benchmarks/warp_phases.py): a list here makes the warp-tiled kernel a build
 # that timestamps its phases (kernel_source.CUDA_STAMPS); each launch appends its stamps,
 # (blocks, 32) uint32 in the order of blockIdx.y-major block ids.
@@ -134,15 +136,82 @@ def _kernel(backend: str, which: str, shared_memory: int = 0):
     if backend == "cuda" and which.startswith("decode_warp") and WARP_MIN_BLOCKS:
         header, source = src.with_launch_bounds(header, source, 32 * WARPS, WARP_MIN_BLOCKS)
     if backend == "cuda":
-        # MLX raises the kernel's dynamic shared-memory limit itself past 48 kB.
-        return mx.fast.cuda_kernel(name=f"velox_{which}", input_names=inputs,
-                                   output_names=outputs, source=_compact_source(source),
-                                   header=_compact_source(header),
-                                   shared_memory=shared_memory)
+        return _CudaKernel(f"velox_{which}", inputs, outputs, _compact_source(source),
+                           _compact_source(header), shared_memory)
     if shared_memory:
         raise ValueError("dynamic shared memory is a CUDA kernel's (the warp-tiled one)")
     return mx.fast.metal_kernel(name=f"velox_{which}", input_names=inputs,
                                 output_names=outputs, source=source, header=header)
+
+
+# MLX's text for a CUDA kernel's template arguments (custom_kernel.cpp, build_kernel).
+CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float",
+              mx.int32: "int32_t", mx.uint32: "uint32_t", mx.uint8: "uint8_t"}
+
+
+def template_text(template) -> str:
+    """The lines MLX puts at the top of a CUDA kernel's body for its template
+    arguments: ``constexpr int D = 64;``, ``constexpr bool PRE = true;``,
+    ``using T = __half;``."""
+    lines = []
+    for name, value in template:
+        if isinstance(value, mx.Dtype):
+            lines.append(f"  using {name} = {CUDA_TYPES[value]};\n")
+        elif isinstance(value, bool):
+            lines.append(f"  constexpr bool {name} = {str(value).lower()};\n")
+        elif isinstance(value, int):
+            lines.append(f"  constexpr int {name} = {value};\n")
+        else:
+            raise TypeError(f"template argument {name}={value!r}: a dtype, bool or int")
+    return "".join(lines) + "\n" if lines else ""
+
+
+class _CudaKernel:
+    """A CUDA kernel as ``mx.fast.cuda_kernel`` makes it (called with ``template=``),
+    which can also be baked for one set of template arguments (``baked``): their
+    constants are then part of its text and a call passes none. MLX's binding converts
+    and formats each template argument into the whole source at every call (H200,
+    building only: ~0.25 µs an argument; the warp-tiled decode launch passes 19, and its
+    call took 21.7 µs against 1.0 µs for mlx's SDPA; BENCHMARKS.md, "A launch's host
+    cost")."""
+
+    def __init__(self, name, inputs, outputs, source, header, shared_memory):
+        self.name, self.inputs, self.outputs = name, inputs, outputs
+        self.source, self.header, self.shared_memory = source, header, shared_memory
+        self._templated = None
+        self._baked = {}
+
+    def _make(self, name, source):
+        # MLX raises the kernel's dynamic shared-memory limit itself past 48 kB.
+        return mx.fast.cuda_kernel(name=name, input_names=self.inputs,
+                                   output_names=self.outputs, source=source,
+                                   header=self.header, shared_memory=self.shared_memory)
+
+    def __call__(self, **kwargs):
+        if self._templated is None:
+            self._templated = self._make(self.name, self.source)
+        return self._templated(**kwargs)
+
+    def baked(self, template: tuple):
+        """The kernel with ``template``'s constants in its text (MLX's own text for
+        them, ``template_text``). Its name carries a digest of the whole text: MLX
+        keeps compiled kernels by name."""
+        kernel = self._baked.get(template)
+        if kernel is None:
+            source = template_text(template) + self.source
+            digest = hashlib.blake2s((self.header + source).encode(), digest_size=8)
+            kernel = self._baked[template] = self._make(
+                f"{self.name}_{digest.hexdigest()}", source)
+        return kernel
+
+
+def _launcher(backend: str, which: str, template, shared_memory: int = 0):
+    """A call of kernel ``which`` with its template arguments fixed: on CUDA the baked
+    kernel (``_CudaKernel.baked``), elsewhere (Metal, the tests' emulator) the kernel with
+    ``template=`` bound."""
+    kernel = _kernel(backend, which, shared_memory)
+    baked = getattr(kernel, "baked", None)
+    return baked(tuple(template)) if baked is not None else partial(kernel, template=template)
 
 
 def _compact_source(text: str) -> str:
@@ -361,17 +430,17 @@ class SpectralKernels:
                                 self.value_words, pos0)
         basis, mean = ((self.basis_t, self.key_mean_pairs) if self.pre
                        else (self.query_basis, self.key_mean_orig))
-        out, out_max, out_sum = _kernel(self.backend, "decode")(
+        template = [("T", dtype), ("D", D), ("G", G), ("HKV", H), ("T_TILE", tile),
+                    ("NT", THREADS), ("MC", CHUNK_ELEMENTS // D),
+                    ("ACC", _cdiv(G * D, THREADS)), ("PRE", self.pre), ("MMA", self.mma),
+                    ("RKMAX", self.key_rank), ("CHS", self.key_rank + 8),
+                    ("KTS", self.key_token_scale), ("VTS", vtok is not self.dummy_half),
+                    ("VAFF", self.value_affine is not None), ("VB", vb), ("VG", vg)]
+        out, out_max, out_sum = _launcher(self.backend, "decode", template)(
             inputs=[queries, self.perm_mx, params, self._length(coded), layout, self.basis_mma,
                     parts[0], ktok, self.kbits, self.kshift, self.kscale, basis, mean,
                     self.rope, vwords, vtok, vscales, vbiases, self.vbits, self.vshift,
                     self.vscale, self.codebook],
-            template=[("T", dtype), ("D", D), ("G", G), ("HKV", H), ("T_TILE", tile),
-                      ("NT", THREADS), ("MC", CHUNK_ELEMENTS // D),
-                      ("ACC", _cdiv(G * D, THREADS)), ("PRE", self.pre), ("MMA", self.mma),
-                      ("RKMAX", self.key_rank), ("CHS", self.key_rank + 8),
-                      ("KTS", self.key_token_scale), ("VTS", vtok is not self.dummy_half),
-                      ("VAFF", self.value_affine is not None), ("VB", vb), ("VG", vg)],
             grid=(THREADS * splits, B * H, 1), threadgroup=(THREADS, 1, 1),
             output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G)],
             output_dtypes=[mx.float32] * 3)
@@ -435,24 +504,24 @@ class SpectralKernels:
         fixed = [self.perm_mx, self._constant(mx.float32, scale), self._length(coded), layout,
                  self.bfrag, parts[0], ktok, self.kbits, self.kshift,
                  self.key_mean_pairs, self.rope, *vparts, self.codebook]
+        template = [("T", dtype), ("D", D), ("G", G), ("HKV", H), ("NW", WARPS),
+                    ("NT", 32 * WARPS), ("RKMAX", self.key_rank), ("WKS", self.key_words),
+                    ("KTS", self.key_token_scale), ("VB", vb), ("VG", vg),
+                    ("MAXE", WARP_MAX_EXACT), ("MAXS", WARP_MAX_SPLITS),
+                    ("VHAD", self.value_back is not None),
+                    ("UNROLL_NT", WARP_UNROLL or (D // 8 if D <= 64 else 4)),
+                    ("BREG", breg), ("SBASIS", sbasis), ("QMMA", WARP_QMMA and D % 16 == 0)]
         call = dict(
-            template=[("T", dtype), ("D", D), ("G", G), ("HKV", H), ("NW", WARPS),
-                      ("NT", 32 * WARPS), ("RKMAX", self.key_rank), ("WKS", self.key_words),
-                      ("KTS", self.key_token_scale), ("VB", vb), ("VG", vg),
-                      ("MAXE", WARP_MAX_EXACT), ("MAXS", WARP_MAX_SPLITS),
-                      ("VHAD", self.value_back is not None),
-                      ("UNROLL_NT", WARP_UNROLL or (D // 8 if D <= 64 else 4)),
-                      ("BREG", breg), ("SBASIS", sbasis),
-                      ("QMMA", WARP_QMMA and D % 16 == 0)],
             grid=(32 * WARPS * splits, B * H, 1), threadgroup=(32 * WARPS, 1, 1),
             output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G),
                            (B, Hq, 1, D)] + [(B * H * splits, 32)] * stamps,
             output_dtypes=[mx.float32] * 3 + [dtype] + [mx.uint32] * stamps)
         if stamps:
             call["init_value"] = 0
-        kernel = _kernel(self.backend, "decode_warp_stamps" if stamps else "decode_warp",
-                         warp_dynamic_bytes(D, G, vb, vg, self.key_rank, self.key_words)
-                         if sbasis else 0)
+        kernel = _launcher(self.backend, "decode_warp_stamps" if stamps else "decode_warp",
+                           template,
+                           warp_dynamic_bytes(D, G, vb, vg, self.key_rank, self.key_words)
+                           if sbasis else 0)
         # The whole input list; _attend_warp fills the query (first), the exact tokens and
         # their count (fifth to third from the end) and the previous launch (last).
         inputs = [queries, *fixed, None, None, None, self._counter_bh, None]
@@ -469,11 +538,11 @@ class SpectralKernels:
         ek, ev, num_exact, capacity, spectral_values, vback, vmean = self._merge_inputs(
             exact, dtype)
         cmeta = self._constant(mx.int32, num_exact, self.value_rank, capacity)
-        (result,) = _kernel(self.backend, "combine")(
+        template = [("T", dtype), ("D", D), ("G", G), ("HKV", H),
+                    ("MAXS", TARGET_THREADGROUPS), ("MAXE", MAX_EXACT),
+                    ("SPECV", spectral_values)]
+        (result,) = _launcher(self.backend, "combine", template)(
             inputs=[queries, out, out_max, out_sum, ek, ev, vback, vmean, params, cmeta],
-            template=[("T", dtype), ("D", D), ("G", G), ("HKV", H),
-                      ("MAXS", TARGET_THREADGROUPS), ("MAXE", MAX_EXACT),
-                      ("SPECV", spectral_values)],
             grid=(D, B * H * G, 1), threadgroup=(D, 1, 1),
             output_shapes=[(B, Hq, 1, D)], output_dtypes=[dtype])
         return result
@@ -520,12 +589,11 @@ class SpectralKernels:
     # ----------------------------------------------------------------- encode
     def _encode(self, x, position, pre, basis, mean, rms, full, words, token_scale):
         B, H, L, D = x.shape
-        out_words, out_scale = _kernel(self.backend, "encode")(
+        template = [("T", x.dtype), ("D", D), ("HKV", H), ("PRE", pre), ("TS", token_scale)]
+        out_words, out_scale = _launcher(self.backend, "encode", template)(
             inputs=[x, self.perm_mx, self.rope, mean, basis, rms, self.ts_clamp, *full,
                     self.codebook,
                     self._length(position + 1), self._constant(mx.int32, words)],
-            template=[("T", x.dtype), ("D", D), ("HKV", H), ("PRE", pre),
-                      ("TS", token_scale)],
             grid=(D * L, B * H, 1), threadgroup=(D, 1, 1),
             output_shapes=[(B, H, L, words), (B, H, L, 1)],
             output_dtypes=[mx.uint32, mx.float16])
@@ -595,9 +663,8 @@ class EntropyKernels:
         B, H, L, _ = codes.shape
         first, blocks = self._layout(position, L)
         streams = max(1, B * H * blocks)
-        return _kernel(self.backend, "entropy_decode")(
+        return _launcher(self.backend, "entropy_decode", self.template)(
             inputs=[codes, self.tindex, self.steps, self.slot_step, self.slot_symbol, first],
-            template=self.template,
             grid=(_cdiv(streams, ENTROPY_THREADS) * ENTROPY_THREADS, 1, 1),
             threadgroup=(ENTROPY_THREADS, 1, 1),
             output_shapes=[(B, H, L, self.coder.dims), (streams,)],
@@ -617,10 +684,10 @@ class EntropyKernels:
         B, H, L, _ = y.shape
         first, blocks = self._layout(position, L)
         streams = B * H * blocks
-        return _kernel(self.backend, "entropy_encode")(
+        return _launcher(self.backend, "entropy_encode", self.encode_template)(
             inputs=[y.astype(mx.float32), self.tindex, self.steps, self.support, self.cost,
                     self.cum, first],
-            template=self.encode_template, grid=(32 * streams, 1, 1), threadgroup=(32, 1, 1),
+            grid=(32 * streams, 1, 1), threadgroup=(32, 1, 1),
             output_shapes=[(B, H, L, self.coder.width), (streams,)],
             output_dtypes=[mx.uint8, mx.int32])
 
