@@ -337,7 +337,7 @@ def test_warp_launches_on_one_cache_are_chained(monkeypatch):
     head resets it), so two must never run at once. Teacher-forced decode steps built
     lazily and evaluated together do not depend on each other's attention, and MLX's CUDA
     graph ran such launches concurrently (an H200 gave NaN logits in 2 of 3 runs): each
-    launch therefore takes the previous one's out_sum as an (unread) input, which orders
+    launch therefore takes the previous one's partials as an (unread) input, which orders
     them."""
     rng = np.random.default_rng(5)
     cache = make_cache(rng, 3, 64, values="affine-rotated", token_scale=True)
@@ -352,11 +352,13 @@ def test_warp_launches_on_one_cache_are_chained(monkeypatch):
         def call(*, inputs, output_shapes, output_dtypes, **_):
             outputs = [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes,
                                                       strict=True)]
-            launches.append((which, inputs, outputs))
+            # (A copy: a prepared launch's input list is reused by the next steps.)
+            launches.append((which, list(inputs), outputs))
             return outputs
         return call
 
     monkeypatch.setattr(kernels, "_kernel", capture)
+    cache.append_batch = 8  # steps that reuse a prepared launch, and steps that code
     q = mx.array(rng.normal(size=(1, 9, 1, 64)).astype(np.float16))
     for t in range(200, 260):  # steps that code a batch (a new prepared launch) included
         cache.update_and_fetch(keys[:, :, t: t + 1], values[:, :, t: t + 1])
@@ -365,7 +367,7 @@ def test_warp_launches_on_one_cache_are_chained(monkeypatch):
     assert len(warp) == 60
     assert warp[0][0][-1] is cache.kernels.dummy_float
     for (_, previous), (inputs, _) in zip(warp, warp[1:], strict=False):
-        assert inputs[-1] is previous[2]
+        assert inputs[-1] is previous[0]
 
 
 @pytest.mark.parametrize("heads,group,dim,mode,values,token_scale", SHAPES)
@@ -478,7 +480,8 @@ def record_launches(monkeypatch) -> list:
     return launches
 
 
-def test_cuda_launches_bake_their_template_arguments_into_the_kernel_text(monkeypatch):
+def test_cuda_launches_bake_their_template_arguments_into_the_kernel_text(tmp_path,
+                                                                        monkeypatch):
     """On CUDA a launch's template arguments become part of the kernel's text, once per
     set (MLX's call otherwise converts and formats each one at every call). The text is
     what MLX writes for them (the emulator's copy of custom_kernel.cpp's), the kernel's
@@ -493,6 +496,7 @@ def test_cuda_launches_bake_their_template_arguments_into_the_kernel_text(monkey
         return lambda **call: call
 
     monkeypatch.setattr(mx.fast, "cuda_kernel", cuda_kernel)
+    monkeypatch.setenv("VELOX_KERNEL_DIR", str(tmp_path))
     kernels._kernel.cache_clear()
     try:
         template = [("T", mx.float16), ("D", 64), ("HKV", 3), ("PRE", True), ("TS", False)]
@@ -513,6 +517,44 @@ def test_cuda_launches_bake_their_template_arguments_into_the_kernel_text(monkey
             kernels.template_text([("X", 0.5)])
     finally:
         kernels._kernel.cache_clear()
+
+
+def test_cuda_kernel_texts_reach_mlx_as_included_files(tmp_path, monkeypatch):
+    """CUDA kernels' header and body reach MLX as #include lines of files named by their
+    digest; assembled as MLX assembles a kernel, the text preprocesses to the same as the
+    inline one. The input shapes the body uses stay visible to MLX (it passes a shape only
+    where the source names it), a tampered file is rewritten, and where no file can be
+    written the texts stay inline."""
+    import subprocess
+
+    if compiler() is None:
+        pytest.skip("needs a C++ compiler's preprocessor")
+    monkeypatch.setenv("VELOX_KERNEL_DIR", str(tmp_path / "kernels"))
+    header = "#define VX_TWICE(a) (2 * (a))\nstatic int helper(int a) { return a + 1; }\n"
+    body = "  const int n = x_shape[0];\n  y[0] = VX_TWICE(helper(x[0])) + n + K;\n"
+    inc_header, inc_body = kernels.included_text(["x", "z"], header, body)
+    files = sorted((tmp_path / "kernels").iterdir())
+    assert sorted(f.read_text() for f in files) == sorted([header, body])
+    assert inc_header.startswith("#include") and inc_body.startswith("#include")
+    assert "x_shape" in inc_body and "z_shape" not in inc_body
+
+    def preprocessed(h, b):
+        text = (h + "void kernel(const int* x, const int* x_shape, int* y) {\n"
+                + kernels.template_text([("K", 3)]) + b + "\n}\n")
+        path = tmp_path / "kernel.cpp"
+        path.write_text(text)
+        return subprocess.run([compiler(), "-E", "-P", "-x", "c++", str(path)], check=True,
+                              capture_output=True, text=True).stdout.split()
+
+    assert preprocessed(inc_header, inc_body) == preprocessed(header, body)
+    files[0].write_text("tampered")
+    kernels.included_text(["x"], header, body)
+    assert sorted(f.read_text() for f in (tmp_path / "kernels").iterdir()) == sorted(
+        [header, body])
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("VELOX_KERNEL_DIR", str(blocked / "kernels"))
+    assert kernels.included_text(["x"], header, body) == (header, body)
 
 
 @pytest.mark.parametrize("dim", [64, 128])

@@ -673,6 +673,12 @@ DECODE_WARP_BODY = r"""
   const int total = coded_shape[0];
   const int cap = kwords_shape[2];
   const int n_splits = grid_x;
+  // The splits' partials share one output (each output of a launch costs host time in
+  // MLX's call): per (KV head, split, query head) the unnormalised output, then all
+  // their maxima, then all their sums.
+  float* out = partials;
+  float* out_max = partials + gridDim.y * n_splits * G * D;
+  float* out_sum = out_max + gridDim.y * n_splits * G;
   constexpr int STEP = 16 * NW;
   constexpr int KS = RKMAX / 16;
   constexpr int NTD = D / 8;
@@ -1509,7 +1515,7 @@ DECODE_OUTPUTS = ["out", "out_max", "out_sum"]
 DECODE_WARP_INPUTS = ["q", "perm", "params", "coded", "layout", "bfrag", "kwords", "ktok",
                       "kbits", "kshift", "key_mean", "rope", "vwords", "vscales",
                       "vbiases", "codebook", "ek", "ev", "cmeta", "counter", "after"]
-DECODE_WARP_OUTPUTS = ["out", "out_max", "out_sum", "result"]
+DECODE_WARP_OUTPUTS = ["partials", "result"]
 COMBINE_INPUTS = ["q", "out", "out_max", "out_sum", "ek", "ev", "vback", "vmean", "params",
                   "cmeta"]
 COMBINE_OUTPUTS = ["result"]

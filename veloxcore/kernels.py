@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from functools import cache, partial
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -89,6 +91,9 @@ WARP_MIN_BLOCKS = int(os.environ.get("VELOX_WARP_MIN_BLOCKS", "0"))
 # shape at 16k 22.2 -> 21.2 µs, 8B at 16k 70.1 -> 64.5, 1B at 64k 99.7 -> 87.2;
 # BENCHMARKS.md, "Scores on tensor cores"). VELOX_WARP_QMMA=0 for comparisons.
 WARP_QMMA = os.environ.get("VELOX_WARP_QMMA", "1") != "0"
+# CUDA kernels' texts reach MLX as #include lines of files (``included_text``): MLX hashes
+# the whole text at every launch. VELOX_KERNEL_FILES=0 passes them inline.
+KERNEL_FILES = os.environ.get("VELOX_KERNEL_FILES", "1") != "0"
 # Profiling (benchmarks/warp_phases.py): a list here makes the warp-tiled kernel a build
 # that timestamps its phases (kernel_source.CUDA_STAMPS); each launch appends its stamps,
 # (blocks, 32) uint32 in the order of blockIdx.y-major block ids.
@@ -177,7 +182,10 @@ class _CudaKernel:
 
     def __init__(self, name, inputs, outputs, source, header, shared_memory):
         self.name, self.inputs, self.outputs = name, inputs, outputs
-        self.source, self.header, self.shared_memory = source, header, shared_memory
+        self.shared_memory = shared_memory
+        self.header, self.source = header, source
+        if KERNEL_FILES:
+            self.header, self.source = included_text(inputs, header, source)
         self._templated = None
         self._baked = {}
 
@@ -203,6 +211,51 @@ class _CudaKernel:
             kernel = self._baked[template] = self._make(
                 f"{self.name}_{digest.hexdigest()}", source)
         return kernel
+
+
+def kernel_file_dir() -> Path:
+    """Where ``included_text`` writes kernel texts (one file per text, named by its
+    digest): $VELOX_KERNEL_DIR, else a per-user folder in the temporary directory."""
+    env = os.environ.get("VELOX_KERNEL_DIR")
+    if env:
+        return Path(env)
+    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    return Path(tempfile.gettempdir()) / f"velox-kernels-{user}"
+
+
+def _kernel_file(text: str) -> Path:
+    """A file holding ``text``, named by its digest (written once, atomically)."""
+    folder = kernel_file_dir()
+    path = folder / f"{hashlib.blake2s(text.encode(), digest_size=12).hexdigest()}.cuh"
+    try:
+        if path.read_text() == text:
+            return path
+    except (OSError, UnicodeDecodeError):
+        pass
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
+    return path
+
+
+def included_text(input_names, header: str, source: str) -> tuple[str, str]:
+    """(header, source) for ``mx.fast.cuda_kernel`` that ``#include`` the kernel's
+    texts from files (``_kernel_file``) rather than holding them: MLX hashes a custom
+    kernel's whole text at every launch and copies it at every call (H200: a chain of 30
+    launches of a 20 kB kernel evaluated in 285 µs inline, 139 µs included; BENCHMARKS.md,
+    "A launch's host cost"). NVRTC reads the files when it compiles, once per process and
+    kernel. MLX passes an input's shape, strides or ndim only where its source names
+    them, so the names the text uses are listed in a comment of the source it sees. Where
+    no file can be written, the texts stay inline."""
+    try:
+        header_file, source_file = _kernel_file(header), _kernel_file(source)
+    except OSError:
+        return header, source
+    used = [f"{n}{suffix}" for n in input_names for suffix in ("_shape", "_strides", "_ndim")
+            if f"{n}{suffix}" in source]
+    return (f'#include "{header_file.as_posix()}"\n',
+            f'#include "{source_file.as_posix()}"\n' + (f"// {' '.join(used)}\n" if used else ""))
 
 
 def _launcher(backend: str, which: str, template, shared_memory: int = 0):
@@ -471,15 +524,15 @@ class SpectralKernels:
         # Nothing else orders them where steps do not depend on each other's output
         # (teacher-forced steps built lazily, then evaluated together: MLX's CUDA graph
         # runs independent kernels concurrently, and on an H200 the logits came out NaN),
-        # so each launch takes the previous one's out_sum as an input it never reads. (An
+        # so each launch takes the previous one's partials as an input it never reads. (An
         # attend built and never evaluated then runs with the next one: benchmarks that
         # build many and evaluate one should use a cache each.)
         inputs[-1] = self.dummy_float if self._warp_previous is None else self._warp_previous
         outputs = kernel(inputs=inputs, **call)
-        self._warp_previous = outputs[2]
+        self._warp_previous = outputs[0]
         if stamps:
-            WARP_STAMPS.append(outputs[4])
-        return outputs[3]
+            WARP_STAMPS.append(outputs[2])
+        return outputs[1]
 
     def _prepare_warp(self, queries, scale, parts, coded, pos0, stamps):
         """(kernel, inputs, keyword arguments) of a warp-tiled launch."""
@@ -513,9 +566,10 @@ class SpectralKernels:
                     ("BREG", breg), ("SBASIS", sbasis), ("QMMA", WARP_QMMA and D % 16 == 0)]
         call = dict(
             grid=(32 * WARPS * splits, B * H, 1), threadgroup=(32 * WARPS, 1, 1),
-            output_shapes=[(B, H, splits, G, D), (B, H, splits, G), (B, H, splits, G),
-                           (B, Hq, 1, D)] + [(B * H * splits, 32)] * stamps,
-            output_dtypes=[mx.float32] * 3 + [dtype] + [mx.uint32] * stamps)
+            # The splits' partials in one buffer (kernel_source.DECODE_WARP_BODY).
+            output_shapes=[(B * H * splits * G * (D + 2),), (B, Hq, 1, D)]
+            + [(B * H * splits, 32)] * stamps,
+            output_dtypes=[mx.float32, dtype] + [mx.uint32] * stamps)
         if stamps:
             call["init_value"] = 0
         kernel = _launcher(self.backend, "decode_warp_stamps" if stamps else "decode_warp",
