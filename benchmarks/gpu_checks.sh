@@ -12,6 +12,9 @@
 # scores:  the warp-tiled kernel's scores on tensor cores (the default) and as FMAs
 #          (VELOX_WARP_QMMA=0): their test on the GPU, then Nsight Compute of the FMA
 #          build against the default
+# hostcost: a launch's host cost: mx.fast.cuda_kernel's call against its arguments and text
+#          (and #included texts), one layer's fused attend against SDPA, and a step's
+#          attention over every layer (default-model and 1B shapes at 16k)
 # quality: the 8k sweep of the default configuration and its neighbours at <= 3.5 bits
 #          (QUALITY_METHODS overrides the list)
 set -euo pipefail
@@ -48,6 +51,14 @@ for part in $parts; do
         2>&1 | tee "$out/tests-scores.txt" | tail -3
       NO_SASS=1 VARIANT="fma VELOX_WARP_QMMA=0" bash benchmarks/ncu_warp.sh "$out/scores" \
         smollm2:16384 1b:65536 8b:16384 ;;
+    hostcost)
+      python3 benchmarks/kernel_call_cost.py | tee "$out/kernel-call-cost.txt"
+      python3 benchmarks/host_cost_probe.py --tokens 16384 | cut -c1-400 \
+        | tee "$out/host-cost.txt"
+      for shape in smollm2 1b; do
+        python3 benchmarks/layer_chain.py --shape $shape --tokens 16384 \
+          --methods fp16,fp16+nop,spectral-vh --json "$out/layer-chain-$shape.json"
+      done ;;
     quality)
       python3 benchmarks/quality.py --model /root/models/SmolLM2-135M-Instruct.Q4_1.gguf \
         --bundle assets/bundles/smollm2-135m-instruct-pre --ctx 8192 --decode-tokens 16 \

@@ -5,9 +5,11 @@
 Default-model shape (3 KV heads, 9 query heads, head_dim 64), spectral cache with rotated
 values (decode.py's ``spectral-vh``). Prints, per call (medians of 5 rounds): building the
 graph only, building and evaluating, and the Python part alone (the kernel call replaced
-by a stub returning empty outputs), for fp16 SDPA and the fused spectral attention; then
-the wall time of 80 decode steps of this layer (append + attend + eval), where the steps
-that code a batch of waiting tokens stand out.
+by a stub returning empty outputs), for fp16 SDPA and the fused spectral attention; the
+prepared warp-tiled launch's ``cuda_kernel`` call alone; evaluating a chain of 30 SDPAs or
+30 launches (each launch waits for the previous one, as a cache's do); then the wall time
+of 80 decode steps of this layer (append + attend + eval), where the steps that code a
+batch of waiting tokens stand out.
 """
 
 from __future__ import annotations
@@ -41,6 +43,24 @@ def per_call_us(fn, calls: int = 2000, evaluate: bool = False) -> float:
     return statistics.median(rounds)
 
 
+def eval_us(build, rounds: int = 50) -> float:
+    """Median µs of evaluating what ``build`` returns (built outside the timing)."""
+    times = []
+    for i in range(rounds + 5):
+        out = build()
+        t0 = time.perf_counter()
+        mx.eval(out)
+        if i >= 5:
+            times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def reprepare(cache) -> None:
+    """Drop the cache's prepared warp-tiled launch (the next attend prepares one)."""
+    if cache.kernels is not None:
+        cache.kernels._warp_launch = None
+
+
 def stub_kernel(backend, which, shared_memory=0):
     def call(*, output_shapes, output_dtypes, **_):
         return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
@@ -70,12 +90,33 @@ def main() -> None:
           f"spectral {per_call_us(spectral):.1f}")
     print(f"build + eval µs per call: fp16 SDPA {per_call_us(sdpa, evaluate=True):.1f}, "
           f"spectral {per_call_us(spectral, evaluate=True):.1f}")
+    # (key, kernel, inputs, call): _attend_warp's prepared launch
+    launch = getattr(cache.kernels, "_warp_launch", None)
+    if launch is not None:
+        _, kernel, inputs, call = launch
+        print(f"the warp-tiled launch's cuda_kernel call alone µs: "
+              f"{per_call_us(lambda: kernel(inputs=inputs, **call)):.1f}")
+
+        def launches():
+            # inputs[-1]: the previous launch's partials (kernels._attend_warp)
+            chained, out = list(inputs), []
+            for _ in range(30):
+                partials, result = kernel(inputs=chained, **call)[:2]
+                chained[-1] = partials
+                out.append(result)
+            return out
+
+        sdpas = lambda: [sdpa() for _ in range(30)]  # noqa: E731
+        print(f"evaluating 30 chained calls µs: fp16 SDPA {eval_us(sdpas):.1f}, "
+              f"spectral launches {eval_us(launches):.1f}")
     real = kernels._kernel
     kernels._kernel = stub_kernel
+    reprepare(cache)  # with the stub
     try:
         print(f"Python alone (stub kernel) µs per call: {per_call_us(spectral):.1f}")
     finally:
         kernels._kernel = real
+        reprepare(cache)
     k1 = mx.random.normal((1, H, 1, D)).astype(mx.float16)
     steps = []
     for _ in range(80):
