@@ -426,6 +426,15 @@ class SpectralKernels:
         (CodedKVCache.exact_buffers). One launch of
         the warp-tiled kernel where it applies (``warp_decode``), else two of the
         block-tiled one (the codes in splits, then a merge with the exact tokens)."""
+        launch = self._warp_launch
+        if (launch is not None and WARP_DECODE and exact is not None
+                and exact[2] <= WARP_MAX_EXACT and launch[0] == (
+                    queries.shape, queries.dtype, coded, id(parts[0]), pos0, scale,
+                    WARP_STAMPS is not None and self.backend == "cuda")):
+            # A decode step between batched appends: the launch prepared for this query
+            # shape and these codes is still the one (``warp_decode`` and ``whole_tiles``
+            # held when it was prepared, and depend on nothing else).
+            return self._launch_warp(launch, queries, exact)
         if (self.warp_decode(queries) and self.whole_tiles(parts)
                 and (exact is None or exact[2] <= WARP_MAX_EXACT)):
             return self._attend_warp(queries, scale, parts, coded, pos0, exact)
@@ -513,13 +522,23 @@ class SpectralKernels:
         if launch is None or launch[0] != key:
             launch = self._warp_launch = (key, *self._prepare_warp(queries, scale, parts,
                                                                     coded, pos0, stamps))
+        return self._launch_warp(launch, queries, exact)
+
+    def _launch_warp(self, launch, queries, exact):
+        """One launch of a prepared warp-tiled kernel (``_attend_warp``)."""
+        stamps = launch[0][-1]
         _, kernel, inputs, call = launch
         # A decode step changes only the query, the exact tokens and the previous launch
         # (below) in the prepared inputs: at these kernel sizes a small model's step is
         # host-bound, and the list is not rebuilt.
         inputs[0] = queries
-        ek, ev, count, capacity = self._exact_inputs(exact, queries.dtype)
-        inputs[-5:-2] = (ek, ev, self._constant(mx.int32, count, capacity))
+        if exact is not None and exact[0] is inputs[-5] and exact[1] is inputs[-4]:
+            # The exact buffers of the previous step (written in place, in the query's
+            # dtype: they were not converted): only their count changes.
+            inputs[-3] = self._constant(mx.int32, exact[2], exact[0].shape[2])
+        else:
+            ek, ev, count, capacity = self._exact_inputs(exact, queries.dtype)
+            inputs[-5:-2] = (ek, ev, self._constant(mx.int32, count, capacity))
         # Launches on one cache share the split counter, so they must not run at once.
         # Nothing else orders them where steps do not depend on each other's output
         # (teacher-forced steps built lazily, then evaluated together: MLX's CUDA graph
