@@ -486,7 +486,8 @@ def test_cuda_launches_bake_their_template_arguments_into_the_kernel_text(tmp_pa
     set (MLX's call otherwise converts and formats each one at every call). The text is
     what MLX writes for them (the emulator's copy of custom_kernel.cpp's), the kernel's
     name carries a digest of its text (MLX keeps compiled kernels by name), and the call
-    passes no template."""
+    passes no template. The texts themselves reach MLX as included files
+    (``included_text``)."""
     import cuda_emulator
 
     made = []
@@ -508,11 +509,19 @@ def test_cuda_launches_bake_their_template_arguments_into_the_kernel_text(tmp_pa
         assert kernels._launcher("cuda", "encode", list(template)) is launch
         other = kernels._launcher("cuda", "encode", [("T", mx.float32), *template[1:]])
         assert other is not launch and len(made) == 2
-        plain = kernels._kernel("cuda", "encode").source
-        assert made[0]["source"] == text + plain
+        kernel = kernels._kernel("cuda", "encode")
+        header, source = kernels.included_text(kernel.inputs, kernel.header, kernel.source)
+        assert made[0]["source"] == text + source and made[0]["header"] == header
         assert "using T = float;" in made[1]["source"]
         assert made[0]["name"] != made[1]["name"]
         assert all(m["name"].startswith("velox_encode_") for m in made)
+        # The included files are written again for a kernel made after they went (NVRTC
+        # reads them at its first launch).
+        for f in tmp_path.iterdir():
+            f.unlink()
+        kernels._launcher("cuda", "encode", [("T", mx.bfloat16), *template[1:]])
+        assert sorted(f.read_text() for f in tmp_path.glob("*.cuh")) == sorted(
+            [kernel.header, kernel.source])
         with pytest.raises(TypeError, match="X=0.5"):
             kernels.template_text([("X", 0.5)])
     finally:

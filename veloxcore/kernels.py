@@ -184,20 +184,24 @@ class _CudaKernel:
         self.name, self.inputs, self.outputs = name, inputs, outputs
         self.shared_memory = shared_memory
         self.header, self.source = header, source
-        if KERNEL_FILES:
-            self.header, self.source = included_text(inputs, header, source)
         self._templated = None
         self._baked = {}
 
-    def _make(self, name, source):
+    def _make(self, name, constants=""):
+        header, source = self.header, self.source
+        if KERNEL_FILES:
+            # Written (or checked) now: NVRTC reads them at the kernel's first launch,
+            # right after this, and a temporary folder may have been cleaned since the
+            # last kernel was made.
+            header, source = included_text(self.inputs, header, source)
         # MLX raises the kernel's dynamic shared-memory limit itself past 48 kB.
         return mx.fast.cuda_kernel(name=name, input_names=self.inputs,
-                                   output_names=self.outputs, source=source,
-                                   header=self.header, shared_memory=self.shared_memory)
+                                   output_names=self.outputs, source=constants + source,
+                                   header=header, shared_memory=self.shared_memory)
 
     def __call__(self, **kwargs):
         if self._templated is None:
-            self._templated = self._make(self.name, self.source)
+            self._templated = self._make(self.name)
         return self._templated(**kwargs)
 
     def baked(self, template: tuple):
@@ -206,10 +210,10 @@ class _CudaKernel:
         keeps compiled kernels by name."""
         kernel = self._baked.get(template)
         if kernel is None:
-            source = template_text(template) + self.source
-            digest = hashlib.blake2s((self.header + source).encode(), digest_size=8)
-            kernel = self._baked[template] = self._make(
-                f"{self.name}_{digest.hexdigest()}", source)
+            constants = template_text(template)
+            text = self.header + constants + self.source
+            digest = hashlib.blake2s(text.encode(), digest_size=8).hexdigest()
+            kernel = self._baked[template] = self._make(f"{self.name}_{digest}", constants)
         return kernel
 
 
