@@ -533,7 +533,8 @@ def test_cuda_kernel_texts_reach_mlx_as_included_files(tmp_path, monkeypatch):
     digest; assembled as MLX assembles a kernel, the text preprocesses to the same as the
     inline one. The input shapes the body uses stay visible to MLX (it passes a shape only
     where the source names it), a tampered file is rewritten, and where no file can be
-    written the texts stay inline."""
+    written the texts stay inline. The files are readable by all (a shared folder serves
+    every user) and their folder is absolute."""
     import subprocess
 
     if compiler() is None:
@@ -560,6 +561,17 @@ def test_cuda_kernel_texts_reach_mlx_as_included_files(tmp_path, monkeypatch):
     kernels.included_text(["x"], header, body)
     assert sorted(f.read_text() for f in (tmp_path / "kernels").iterdir()) == sorted(
         [header, body])
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in (tmp_path / "kernels").iterdir())
+    # A relative folder is made absolute (NVRTC reads the files later, maybe elsewhere);
+    # without one, the files go to the user cache, next to converted models.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VELOX_KERNEL_DIR", "relative")
+    assert kernels.kernel_file_dir() == tmp_path.resolve() / "relative"
+    assert f'#include "{tmp_path.resolve()}/relative/' in kernels.included_text(
+        ["x"], header, body)[0]
+    monkeypatch.delenv("VELOX_KERNEL_DIR")
+    monkeypatch.setenv("VELOX_CACHE_DIR", str(tmp_path / "cache"))
+    assert kernels.kernel_file_dir() == (tmp_path / "cache" / "kernels").resolve()
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     monkeypatch.setenv("VELOX_KERNEL_DIR", str(blocked / "kernels"))

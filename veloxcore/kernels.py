@@ -187,9 +187,9 @@ class _CudaKernel:
         self._templated = None
         self._baked = {}
 
-    def _make(self, name, constants=""):
+    def _make(self, name, constants="", include=True):
         header, source = self.header, self.source
-        if KERNEL_FILES:
+        if KERNEL_FILES and include:
             # Written (or checked) now: NVRTC reads them at the kernel's first launch,
             # right after this, and a temporary folder may have been cleaned since the
             # last kernel was made.
@@ -201,7 +201,9 @@ class _CudaKernel:
 
     def __call__(self, **kwargs):
         if self._templated is None:
-            self._templated = self._make(self.name)
+            # Inline texts: MLX compiles this kernel anew for every new set of template
+            # arguments, at any later time, when included files might be gone.
+            self._templated = self._make(self.name, include=False)
         return self._templated(**kwargs)
 
     def baked(self, template: tuple):
@@ -219,16 +221,21 @@ class _CudaKernel:
 
 def kernel_file_dir() -> Path:
     """Where ``included_text`` writes kernel texts (one file per text, named by its
-    digest): $VELOX_KERNEL_DIR, else a per-user folder in the temporary directory."""
+    digest): $VELOX_KERNEL_DIR, else ``kernels`` in the user cache (where converted
+    models live, ``models.cache_root``) — not a shared temporary folder, where another
+    user could swap a file between its check and NVRTC's read. An absolute path: NVRTC
+    resolves the #include when it compiles, maybe after a change of directory."""
     env = os.environ.get("VELOX_KERNEL_DIR")
     if env:
-        return Path(env)
-    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
-    return Path(tempfile.gettempdir()) / f"velox-kernels-{user}"
+        return Path(env).expanduser().resolve()
+    from .models import cache_root
+
+    return (cache_root() / "kernels").resolve()
 
 
 def _kernel_file(text: str) -> Path:
-    """A file holding ``text``, named by its digest (written once, atomically)."""
+    """A file holding ``text``, named by its digest (written once, atomically, readable
+    by all: a folder shared through $VELOX_KERNEL_DIR serves every user)."""
     folder = kernel_file_dir()
     path = folder / f"{hashlib.blake2s(text.encode(), digest_size=12).hexdigest()}.cuh"
     try:
@@ -239,7 +246,12 @@ def _kernel_file(text: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
         f.write(text)
-    os.replace(f.name, path)
+    try:
+        os.chmod(f.name, 0o644)
+        os.replace(f.name, path)
+    except OSError:
+        Path(f.name).unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -417,7 +429,7 @@ class SpectralKernels:
         self._counter_bh: mx.array | None = None
         self._warp_launch: tuple | None = None  # (key, prepared launch): _attend_warp
         self._warp_fits: dict[int, bool] = {}  # query heads per KV head -> warp_decode
-        # The previous warp-tiled launch's out_sum, an input of the next one (unread): it
+        # The previous warp-tiled launch's partials, an input of the next one (unread): it
         # orders the launches that share _counter_bh (see _attend_warp).
         self._warp_previous: mx.array | None = None
 
@@ -599,7 +611,7 @@ class SpectralKernels:
                            template,
                            warp_dynamic_bytes(D, G, vb, vg, self.key_rank, self.key_words)
                            if sbasis else 0)
-        # The whole input list; _attend_warp fills the query (first), the exact tokens and
+        # The whole input list; _launch_warp fills the query (first), the exact tokens and
         # their count (fifth to third from the end) and the previous launch (last).
         inputs = [queries, *fixed, None, None, None, self._counter_bh, None]
         return kernel, inputs, call
