@@ -4,17 +4,15 @@
 
 Default-model shape, 1,024 cached tokens, decode.py's spectral-vh cache built as for CUDA
 with ``step_host_split``'s stub kernel (its own call is the "stub call" line): µs per call,
-medians of 5 rounds of 20,000, from the attention hook down to the prepared launch. This
+medians of 5 rounds of 20,000 (after 50), from the attention hook down to the prepared launch. This
 CPU's host is noisy: compare trees in alternation.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
 from decode import fill, spectral_cache
+from kernel_call_cost import build_us
 from step_host_split import stub_kernel
 
 from veloxcore import attention, kernels
@@ -23,18 +21,6 @@ mx = __import__("mlx.core").core  # after veloxcore (OpenBLAS preload on Linux)
 from mlx_lm.models import base, llama  # noqa: E402
 
 H, D, HQ = 3, 64, 9
-
-
-def cost_us(fn, calls: int = 20000) -> float:
-    for _ in range(100):
-        fn()
-    rounds = []
-    for _ in range(5):
-        t0 = time.perf_counter_ns()
-        for _ in range(calls):
-            fn()
-        rounds.append((time.perf_counter_ns() - t0) / calls / 1e3)
-    return statistics.median(rounds)
 
 
 def main() -> None:
@@ -65,7 +51,7 @@ def main() -> None:
         "queries.shape": lambda: q.shape,
     }
     for name, fn in pieces.items():
-        print(f"{name}: {cost_us(fn):.2f} µs")
+        print(f"{name}: {build_us(fn, calls=20000):.2f} µs")
 
 
 if __name__ == "__main__":

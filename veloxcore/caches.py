@@ -488,8 +488,11 @@ class CodedKVCache:
         if count <= 0:
             return
         s = self.num_sinks
-        keys = self.exact_keys[..., s: s + count, :]
-        values = self.exact_values[..., s: s + count, :]
+        # Straight from the buffers (``exact_keys`` would slice them once more: an op a
+        # coding step, and a decode step's host work is what small models wait for).
+        key_buffer, value_buffer = self._exact
+        keys = key_buffer[..., s: s + count, :]
+        values = value_buffer[..., s: s + count, :]
         self._prepare_coding(keys, values, s + self.coded)
         previous = None
         for a, b in self._pieces(count, s + self.coded, self.coding_chunk):
