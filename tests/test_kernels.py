@@ -534,7 +534,8 @@ def test_cuda_kernel_texts_reach_mlx_as_included_files(tmp_path, monkeypatch):
     inline one. The input shapes the body uses stay visible to MLX (it passes a shape only
     where the source names it), a tampered file is rewritten, and where no file can be
     written the texts stay inline. The files are readable by all (a shared folder serves
-    every user) and their folder is absolute."""
+    every user) and their folder is absolute; a folder an #include cannot quote keeps
+    the texts inline."""
     import subprocess
 
     if compiler() is None:
@@ -572,6 +573,8 @@ def test_cuda_kernel_texts_reach_mlx_as_included_files(tmp_path, monkeypatch):
     monkeypatch.delenv("VELOX_KERNEL_DIR")
     monkeypatch.setenv("VELOX_CACHE_DIR", str(tmp_path / "cache"))
     assert kernels.kernel_file_dir() == (tmp_path / "cache" / "kernels").resolve()
+    monkeypatch.setenv("VELOX_KERNEL_DIR", str(tmp_path / 'say "cheese"'))
+    assert kernels.included_text(["x"], header, body) == (header, body)
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     monkeypatch.setenv("VELOX_KERNEL_DIR", str(blocked / "kernels"))

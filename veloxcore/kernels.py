@@ -268,6 +268,8 @@ def included_text(input_names, header: str, source: str) -> tuple[str, str]:
         header_file, source_file = _kernel_file(header), _kernel_file(source)
     except OSError:
         return header, source
+    if any(c in header_file.as_posix() for c in '"\\\n'):
+        return header, source  # a path an #include line cannot quote
     used = [f"{n}{suffix}" for n in input_names for suffix in ("_shape", "_strides", "_ndim")
             if f"{n}{suffix}" in source]
     return (f'#include "{header_file.as_posix()}"\n',
