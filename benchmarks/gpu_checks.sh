@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in the order they matter (run on the lent H100/H200 after
 # staging MLX CUDA and the default model: ../shared/device/prepare-mlx-cuda.sh --with-model).
-#   bash benchmarks/gpu_checks.sh OUT_DIR [tests|decode|e2e|quality]...
+#   bash benchmarks/gpu_checks.sh OUT_DIR [smoke|tests|decode|e2e|phases|scores|hostcost|quality]...
 #   (default: tests, decode, quality)
+# smoke:   seconds: the kernel self-test and 70 fused decode steps against the reference
 # tests:   the fused kernels against the pure-MLX reference (tests/test_kernels.py)
 # decode:  benchmarks/decode.py on 1B/8B/default-model shapes, 1k-64k
 # e2e:     whole decode steps, fp16 and spectral interleaved (decode.py --interleave),
@@ -32,6 +33,8 @@ spectral:wf4/a4g64+tf0.7+qa+ad+x1.5+vh}
 export PYTHONUNBUFFERED=1
 for part in $parts; do
   case $part in
+    smoke)
+      python3 benchmarks/gpu_smoke.py | tee "$out/smoke.txt" ;;
     tests)
       python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not emulated" \
         2>&1 | tee "$out/tests.txt" | tail -5 ;;
