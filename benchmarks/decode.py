@@ -22,7 +22,8 @@ For each model shape and context N:
   ``--interleave BLOCK --blocks N`` instead keeps every method's caches and decodes
   BLOCK steps of each in turn, N times (BLOCK a multiple of the coding batch, 32), and
   compares each method to fp16 block by block (median of paired ratios): slow spells then
-  fall on all methods alike.
+  fall on all methods alike. Its rows also give the median ordinary step and the median
+  step that codes a batch of waiting tokens (one in 32), where the time goes.
 
 Spectral caches use random orthogonal bases with the default model's measured
 eigenvalue spectra (shipped bundle; interpolated to head_dim 128), keys
@@ -339,6 +340,7 @@ def interleaved_rows(model, methods, shape, tokens, block, blocks, backend) -> l
                          f"steps, a multiple of the coding batch ({batch}), and at least one")
     warmup = 2 + batch
     steps = {m: [] for m in methods}  # per method, per block: step times
+    coding = {m: [] for m in methods}  # per method, every timed step: did it code a batch?
     streamed = {m: [] for m in methods}  # per method, per block: (tokens, seconds)
     schedule = [("warm-up", warmup)] + [("timed", block)] * blocks
     for phase, count in schedule:
@@ -346,14 +348,18 @@ def interleaved_rows(model, methods, shape, tokens, block, blocks, backend) -> l
             with decode_kernel(method):
                 times = []
                 token = mx.array([[1]])
+                codes = []
                 for _ in range(count):
+                    writes = getattr(sets[method][0], "code_writes", 0)
                     t0 = time.perf_counter()
                     logits = model(token, cache=sets[method])
                     token = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
                     mx.eval(token)
                     times.append(time.perf_counter() - t0)
+                    codes.append(getattr(sets[method][0], "code_writes", 0) != writes)
             if phase == "timed":
                 steps[method].append(times)
+                coding[method] += codes
     generators = {m: generate_step(mx.array([1]), model,
                                    max_tokens=warmup + blocks * block,
                                    sampler=lambda logprobs: mx.argmax(logprobs, axis=-1),
@@ -379,8 +385,15 @@ def interleaved_rows(model, methods, shape, tokens, block, blocks, backend) -> l
         ref = [len(t) / sum(t) for t in steps[first]]
         stream_rates = [n / dt for n, dt in streamed[method]]
         stream_ref = [n / dt for n, dt in streamed[first]]
+        # Where the time goes: ordinary steps, and those that code a batch of waiting
+        # tokens (one in append_batch), apart.
+        flat = np.array([t for block_times in steps[method] for t in block_times]) * 1e3
+        coded = np.array(coding[method], dtype=bool)
+        split = dict(step_ms=float(np.median(flat[~coded])), coding_steps=int(coded.sum()))
+        if coded.any():
+            split["coding_step_ms"] = float(np.median(flat[coded]))
         rows.append(dict(
-            part="end_to_end", shape=shape, method=method, tokens=tokens,
+            part="end_to_end", shape=shape, method=method, tokens=tokens, **split,
             interleaved=dict(block=block, blocks=blocks), paired_with=first,
             tokens_per_s=sum(map(len, steps[method])) / sum(map(sum, steps[method])),
             block_tokens_per_s=rates,
@@ -505,6 +518,17 @@ def main() -> None:
     print(markdown(rows, name, backend))
 
 
+def step_note(row) -> str:
+    """Interleaved end-to-end rows: the median ordinary step, and the median step that
+    coded a batch of waiting tokens, in ms."""
+    if "step_ms" not in row:
+        return ""
+    note = f"step {row['step_ms']:.2f} ms"
+    if row.get("coding_step_ms"):
+        note += f"; {row['coding_steps']} coding steps {row['coding_step_ms']:.2f} ms"
+    return note
+
+
 def markdown(rows, name, backend) -> str:
     lines = [f"Device: {name}; kernels: {backend}", "",
              "| shape | part | tokens | method | latency µs | append µs | tok/s | vs fp16 "
@@ -532,7 +556,7 @@ def markdown(rows, name, backend) -> str:
             stream_ratio,
             f"{r['read_gbs']:.0f}" if "read_gbs" in r else "",
             f"{r['peak_memory_mib']:.0f}" if "peak_memory_mib" in r else "",
-            r.get("error", "")))
+            r.get("error", "") or step_note(r)))
     return "\n".join(lines) + "\n"
 
 
