@@ -89,7 +89,7 @@ WARP_MIN_BLOCKS = int(os.environ.get("VELOX_WARP_MIN_BLOCKS", "0"))
 # two 8-dim slices, fp16 keys and query) rather than FMAs in registers (2 · G per key
 # pair and lane): fewer instructions, and faster on an H200 (kernel alone: default-model
 # shape at 16k 22.2 -> 21.2 µs, 8B at 16k 70.1 -> 64.5, 1B at 64k 99.7 -> 87.2;
-# BENCHMARKS.md, "Scores on tensor cores"). VELOX_WARP_QMMA=0 for comparisons.
+# BENCHMARKS.md, "Scores on tensor cores by default..."). VELOX_WARP_QMMA=0: FMAs.
 WARP_QMMA = os.environ.get("VELOX_WARP_QMMA", "1") != "0"
 # CUDA kernels' texts reach MLX as #include lines of files (``included_text``): MLX hashes
 # the whole text at every launch. VELOX_KERNEL_FILES=0 passes them inline.
@@ -177,8 +177,8 @@ class _CudaKernel:
     constants are then part of its text and a call passes none. MLX's binding converts
     and formats each template argument into the whole source at every call (H200,
     building only: ~0.25 µs an argument; the warp-tiled decode launch passes 19, and its
-    call took 21.7 µs against 1.0 µs for mlx's SDPA; BENCHMARKS.md, "A launch's host
-    cost")."""
+    call took 21.7 µs against 1.0 µs for mlx's SDPA; BENCHMARKS.md, "... what a launch
+    costs the host")."""
 
     def __init__(self, name, inputs, outputs, source, header, shared_memory):
         self.name, self.inputs, self.outputs = name, inputs, outputs
@@ -191,8 +191,8 @@ class _CudaKernel:
         header, source = self.header, self.source
         if KERNEL_FILES and include:
             # Written (or checked) now: NVRTC reads them at the kernel's first launch,
-            # right after this, and a temporary folder may have been cleaned since the
-            # last kernel was made.
+            # right after this, and the cache folder may have been cleaned since the last
+            # kernel was made.
             header, source = included_text(self.inputs, header, source)
         # MLX raises the kernel's dynamic shared-memory limit itself past 48 kB.
         return mx.fast.cuda_kernel(name=name, input_names=self.inputs,
@@ -260,10 +260,10 @@ def included_text(input_names, header: str, source: str) -> tuple[str, str]:
     texts from files (``_kernel_file``) rather than holding them: MLX hashes a custom
     kernel's whole text at every launch and copies it at every call (H200: a chain of 30
     launches of a 20 kB kernel evaluated in 285 µs inline, 139 µs included; BENCHMARKS.md,
-    "A launch's host cost"). NVRTC reads the files when it compiles, once per process and
-    kernel. MLX passes an input's shape, strides or ndim only where its source names
-    them, so the names the text uses are listed in a comment of the source it sees. Where
-    no file can be written, the texts stay inline."""
+    "... what a launch costs the host"). NVRTC reads the files when it compiles, once per
+    process and kernel. MLX passes an input's shape, strides or ndim only where its source
+    names them, so the names the text uses are listed in a comment of the source it sees.
+    Where no file can be written, the texts stay inline."""
     try:
         header_file, source_file = _kernel_file(header), _kernel_file(source)
     except OSError:
@@ -446,9 +446,8 @@ class SpectralKernels:
         block-tiled one (the codes in splits, then a merge with the exact tokens)."""
         launch = self._warp_launch
         if (launch is not None and WARP_DECODE and exact is not None
-                and exact[2] <= WARP_MAX_EXACT and launch[0] == (
-                    queries.shape, queries.dtype, coded, id(parts[0]), pos0, scale,
-                    WARP_STAMPS is not None and self.backend == "cuda")):
+                and exact[2] <= WARP_MAX_EXACT
+                and launch[0] == self._warp_key(queries, scale, parts, coded, pos0)):
             # A decode step between batched appends: the launch prepared for this query
             # shape and these codes is still the one (``warp_decode`` and ``whole_tiles``
             # held when it was prepared, and depend on nothing else).
@@ -532,15 +531,20 @@ class SpectralKernels:
         tokens is fixed between batched appends, so the launch is prepared once per
         coded length (``_warp_launch``): a decode step's host work is small next to the
         kernel's few microseconds."""
-        stamps = WARP_STAMPS is not None and self.backend == "cuda"
-        # The code buffers are written in place; new ones (growth, a restored state) are
-        # new arrays, and the prepared launch keeps the old ones alive, so ids differ.
-        key = (queries.shape, queries.dtype, coded, id(parts[0]), pos0, scale, stamps)
+        key = self._warp_key(queries, scale, parts, coded, pos0)
         launch = self._warp_launch
         if launch is None or launch[0] != key:
             launch = self._warp_launch = (key, *self._prepare_warp(queries, scale, parts,
-                                                                    coded, pos0, stamps))
+                                                                    coded, pos0, key[-1]))
         return self._launch_warp(launch, queries, exact)
+
+    def _warp_key(self, queries, scale, parts, coded, pos0) -> tuple:
+        """What a prepared warp-tiled launch holds for: the query's shape and dtype, the
+        codes and their layout, the scale, and whether it is the timestamping build (last).
+        The code buffers are written in place; new ones (growth, a restored state) are new
+        arrays, and the prepared launch keeps the old ones alive, so ids differ."""
+        return (queries.shape, queries.dtype, coded, id(parts[0]), pos0, scale,
+                WARP_STAMPS is not None and self.backend == "cuda")
 
     def _launch_warp(self, launch, queries, exact):
         """One launch of a prepared warp-tiled kernel (``_attend_warp``)."""
