@@ -33,6 +33,11 @@ VARIANTS = {
     # The split choice before kernels.warp_splits aimed at one wave (1,024 blocks).
     "blocks1024": {"WARP_TARGET_BLOCKS": 1024, "WARP_WAVE_BLOCKS": 0},
     "tiles1": {"WARP_MIN_TILES": 1},
+    # More blocks where the KV heads are many (one wave at three blocks per SM is 396).
+    "blocks384": {"WARP_TARGET_BLOCKS": 384},
+    "blocks512": {"WARP_TARGET_BLOCKS": 512},
+    # Four blocks per SM: registers capped at 128 (spills where the kernel needs more).
+    "mb4-blocks512": {"WARP_TARGET_BLOCKS": 512, "WARP_MIN_BLOCKS": 4},
     # Scores as FMAs in registers (the choice before scores on tensor cores).
     "fma-scores": {"WARP_QMMA": False},
 }
@@ -57,6 +62,7 @@ def main() -> None:
                 for variant in args.variants.split(","):
                     for name, value in {**defaults, **VARIANTS[variant]}.items():
                         setattr(kernels, name, value)
+                    kernels._kernel.cache_clear()  # WARP_MIN_BLOCKS is in the kernel's text
                     try:
                         r = measure(shape, tokens, 10, args.reps)
                         row = dict(shape=shape, tokens=tokens, variant=variant,
@@ -68,6 +74,7 @@ def main() -> None:
                     finally:
                         for name, value in defaults.items():
                             setattr(kernels, name, value)
+                        kernels._kernel.cache_clear()
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     mx.clear_cache()

@@ -88,6 +88,33 @@ inline unsigned int vx_pack_half2(float lo, float hi) {
   __builtin_memcpy(&ub, &b, 2);
   return (unsigned int)ua | ((unsigned int)ub << 16);
 }
+inline unsigned int vx_byte_perm(unsigned int x, unsigned int y, unsigned int sel) {
+  const unsigned long long both = ((unsigned long long)y << 32) | x;
+  unsigned int r = 0;
+  for (int i = 0; i < 4; i++) {
+    r |= (unsigned int)((both >> (8 * ((sel >> (4 * i)) & 7))) & 255u) << (8 * i);
+  }
+  return r;
+}
+inline float vx_half_bits(unsigned int bits) {
+  const unsigned short u = (unsigned short)bits;
+  _Float16 h;
+  __builtin_memcpy(&h, &u, 2);
+  return (float)h;
+}
+// (codes - magic) * scale + bias per fp16 half: exact difference, one fused rounding (in
+// fp32 then to fp16 here: a GPU's HFMA2 rounds once, so the two may differ by an fp16 ulp).
+inline unsigned int vx_dequant_pair(unsigned int codes, unsigned int magic, unsigned int scale,
+                                    unsigned int bias) {
+  float v[2];
+  for (int i = 0; i < 2; i++) {
+    const float c = vx_half_bits(codes >> (16 * i)) - vx_half_bits(magic >> (16 * i));
+    v[i] = std::fma(c, vx_half_bits(scale >> (16 * i)), vx_half_bits(bias >> (16 * i)));
+  }
+  return vx_pack_half2(v[0], v[1]);
+}
+inline float __expf(float x) { return std::exp(x); }
+struct uint2 { unsigned int x, y; };
 inline float __ldcg(const float* p) { return *p; }
 inline float4 __ldcg(const float4* p) { return *p; }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }

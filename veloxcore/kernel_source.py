@@ -45,6 +45,9 @@ CUDA_HEADER = r"""
 #define VX_RINT(x) rintf(x)
 #define VX_DIV_RN(a, b) __fdiv_rn((a), (b))
 __device__ inline float vx_exp(float x) { return expf(x); }
+// The hardware's 2^x of x·log2(e) (two instructions; expf takes eight): for the warp-tiled
+// kernel's tile probabilities, which are rounded to fp16 anyway.
+__device__ inline float vx_exp_fast(float x) { return __expf(x); }
 __device__ inline float2 vx_sincos(float x) {
   float s, c;
   sincosf(x, &s, &c);
@@ -137,6 +140,21 @@ __device__ inline unsigned int vx_pack_half2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const unsigned int*>(&h);
 }
+// Bytes of x (0-3) and y (4-7) picked by the selector's nibbles (PRMT).
+__device__ inline unsigned int vx_byte_perm(unsigned int x, unsigned int y, unsigned int sel) {
+  return __byte_perm(x, y, sel);
+}
+// A pair of 4-bit codes dequantised: codes holds each as the mantissa of an fp16 that
+// magic's exponent makes code + magic (1024 + c, or 64 + c for a nibble four bits up),
+// so (codes - magic) · scale + bias is two fp16 pair instructions (one rounding, fused).
+__device__ inline unsigned int vx_dequant_pair(unsigned int codes, unsigned int magic,
+                                               unsigned int scale, unsigned int bias) {
+  const __half2 c = __hsub2(*reinterpret_cast<const __half2*>(&codes),
+                            *reinterpret_cast<const __half2*>(&magic));
+  const __half2 v = __hfma2(c, *reinterpret_cast<const __half2*>(&scale),
+                            *reinterpret_cast<const __half2*>(&bias));
+  return *reinterpret_cast<const unsigned int*>(&v);
+}
 """
 
 CUDA_KEYS = r"""
@@ -196,13 +214,13 @@ __device__ inline float vx_softmax_tile(float a, float b, float& m_run, float& l
   top = max(top, VX_SHFL_XOR(top, 8));
   top = max(top, VX_SHFL_XOR(top, 16));
   const float m_new = max(m_run, top);
-  pa = VX_ROUND_HALF(vx_exp(a - m_new));
-  pb = VX_ROUND_HALF(vx_exp(b - m_new));
+  pa = VX_ROUND_HALF(vx_exp_fast(a - m_new));
+  pb = VX_ROUND_HALF(vx_exp_fast(b - m_new));
   float sum = pa + pb;
   sum += VX_SHFL_XOR(sum, 4);
   sum += VX_SHFL_XOR(sum, 8);
   sum += VX_SHFL_XOR(sum, 16);
-  const float r = vx_exp(m_run - m_new);
+  const float r = vx_exp_fast(m_run - m_new);
   l_run = l_run * r + sum;
   m_run = m_new;
   return r;
@@ -222,47 +240,54 @@ __device__ inline int vx_key_column(int bits, int shift) {
   return bits > 0 ? shift | ((1 << bits) - 1) << 12 | ((1 << bits) - 2) << 20 : 0;
 }
 // Start copying one warp's 16-token tile of codes into shared memory (wait before
-// reading). Counts in 32-bit words per token: wk key, vwn value; sbw scale (and bias)
-// words per 16 tokens; 8 words of fp16 per-token key scales when kts. Tiles start at
-// multiples of 16 tokens, so every run is a whole number of 16-byte chunks at 16-byte
-// offsets: with a16 (every buffer's address 16-byte aligned) they move as 16-byte copies,
-// a quarter of the instructions of 4-byte ones.
+// reading). Counts in 32-bit words per token: WK key, VWN value; SB scale (and bias)
+// words per 16 tokens; 8 words of fp16 per-token key scales WITH_KTS. The counts are
+// compile-time, so each loop unrolls into a few predicated copies per lane (as run-time
+// arguments, the copies' loops took 139 of a tile's 1,315 instructions: 1B shape,
+// H200 SASS profile). Tiles
+// start at multiples of 16 tokens, so every run is a whole number of 16-byte chunks at
+// 16-byte offsets: with a16 (every buffer's address 16-byte aligned) they move as
+// 16-byte copies, a quarter of the instructions of 4-byte ones.
+template <int WK, int VWN, int SB, bool WITH_KTS>
 __device__ inline void vx_stage_tile(unsigned int* kw, unsigned int* vw, unsigned int* vsc,
                                      unsigned int* vbi, unsigned int* kts,
                                      const unsigned int* kwords, const unsigned int* vwords,
                                      const VX_HALF_T* vscales, const VX_HALF_T* vbiases,
-                                     const VX_HALF_T* ktok, int row0, int wk, int vwn, int sbw,
-                                     bool with_kts, bool a16, int lane) {
-  const unsigned int* vs = reinterpret_cast<const unsigned int*>(vscales) + row0 / 16 * sbw;
-  const unsigned int* vb = reinterpret_cast<const unsigned int*>(vbiases) + row0 / 16 * sbw;
+                                     const VX_HALF_T* ktok, int row0, bool a16, int lane) {
+  const unsigned int* vs = reinterpret_cast<const unsigned int*>(vscales) + row0 / 16 * SB;
+  const unsigned int* vb = reinterpret_cast<const unsigned int*>(vbiases) + row0 / 16 * SB;
   const unsigned int* kt = reinterpret_cast<const unsigned int*>(ktok) + row0 / 2;
+  const unsigned int* ks = kwords + row0 * WK;
+  const unsigned int* vsrc = vwords + row0 * VWN;
   if (a16) {
-    for (int i = lane; i < 4 * wk; i += 32) {
-      vx_cp_async16(kw + 4 * i, kwords + row0 * wk + 4 * i);
+#pragma unroll
+    for (int i = lane; i < 4 * WK; i += 32) {
+      vx_cp_async16(kw + 4 * i, ks + 4 * i);
     }
-    for (int i = lane; i < 4 * vwn; i += 32) {
-      vx_cp_async16(vw + 4 * i, vwords + row0 * vwn + 4 * i);
+#pragma unroll
+    for (int i = lane; i < 4 * VWN; i += 32) {
+      vx_cp_async16(vw + 4 * i, vsrc + 4 * i);
     }
-    if (lane < sbw / 4) {
+    if (lane < SB / 4) {
       vx_cp_async16(vsc + 4 * lane, vs + 4 * lane);
       vx_cp_async16(vbi + 4 * lane, vb + 4 * lane);
     }
-    if (with_kts && lane < 2) {
+    if (WITH_KTS && lane < 2) {
       vx_cp_async16(kts + 4 * lane, kt + 4 * lane);
     }
     return;
   }
-  for (int i = lane; i < 16 * wk; i += 32) {
-    vx_cp_async4(kw + i, kwords + row0 * wk + i);
+  for (int i = lane; i < 16 * WK; i += 32) {
+    vx_cp_async4(kw + i, ks + i);
   }
-  for (int i = lane; i < 16 * vwn; i += 32) {
-    vx_cp_async4(vw + i, vwords + row0 * vwn + i);
+  for (int i = lane; i < 16 * VWN; i += 32) {
+    vx_cp_async4(vw + i, vsrc + i);
   }
-  for (int i = lane; i < sbw; i += 32) {
+  for (int i = lane; i < SB; i += 32) {
     vx_cp_async4(vsc + i, vs + i);
     vx_cp_async4(vbi + i, vb + i);
   }
-  if (with_kts && lane < 8) {
+  if (WITH_KTS && lane < 8) {
     vx_cp_async4(kts + lane, kt + lane);
   }
 }
@@ -685,7 +710,7 @@ DECODE_WARP_BODY = r"""
   constexpr int VW = D * VB / 32;
   constexpr int NG = D / VG;
   const int per_split = ((total + n_splits - 1) / n_splits + STEP - 1) / STEP * STEP;
-  const int wk = layout[1];
+  constexpr int wk = WKS;  // = layout[1]
   const int pos0 = layout[4];
   const int start = split * per_split;
   const int stop = min(start + per_split, total);
@@ -694,7 +719,8 @@ DECODE_WARP_BODY = r"""
   const int gid = lane >> 2;
   const int tig = lane & 3;
   static_assert(G <= 8, "query heads are rows 0-7 of the probabilities' mma fragment");
-  static_assert(!QMMA || NTD % 2 == 0, "QMMA pairs the 8-dim slices");
+  static_assert(NTD % 2 == 0, "P·V and QMMA take 16 dims at a time");
+  static_assert(VG % 16 == 0, "a 16-dim slice of the values is in one group (mlx: 32-128)");
   static_assert(D <= NT, "the merge gives each output dim a thread");
 
   constexpr int RS = D / 2 + 4;  // row stride of rot_s (float2): no bank conflicts
@@ -707,10 +733,9 @@ DECODE_WARP_BODY = r"""
   VX_SHARED int kcol[RKMAX];
   VX_SHARED int perm_s[D];  // RoPE pair order -> dims (the exact keys' order)
   // RoPE by position P = P0 + r (P0 the tile's first token, r < 16): the query turns by
-  // -P0·θ once per tile (per warp, into fin_o), the keys by r·θ from a table — rows 0-7
-  // (cos, sin) and the step of 8 rows — instead of two sin/cos per pair and token.
-  VX_ALIGN16 VX_SHARED float2 rot_s[8 * RS];
-  VX_SHARED float2 rot8_s[D / 2];
+  // -P0·θ once per tile (per warp, into fin_o), the keys by r·θ from a table of rows
+  // 0-15 (cos, sin) instead of two sin/cos per pair and token.
+  VX_ALIGN16 VX_SHARED float2 rot_s[16 * RS];
   VX_SHARED float2 mean_s[D / 2];  // the key mean, RoPE pair order
   // Per warp, two buffers of a tile's codes (double-buffered: one loads, one is read).
   // fp16 arrays travel as 32-bit words (16 tokens: whole words, 16-byte aligned); spare
@@ -764,9 +789,10 @@ DECODE_WARP_BODY = r"""
   vx_cp_commit();
   int buf = 0;
   if (start + warp * 16 < stop) {
-    vx_stage_tile(kw_s + warp * 2 * KWT, vw_s + warp * 2 * VWT, vsc_s[warp][0],
-                  vbi_s[warp][0], kts_s[warp][0], kwords, vwords, vscales, vbiases, ktok,
-                  bh * cap + start + warp * 16, wk, VW, SBW, KTS, a16, lane);
+    vx_stage_tile<WKS, VW, SBW, KTS>(kw_s + warp * 2 * KWT, vw_s + warp * 2 * VWT,
+                                     vsc_s[warp][0], vbi_s[warp][0], kts_s[warp][0], kwords,
+                                     vwords, vscales, vbiases, ktok,
+                                     bh * cap + start + warp * 16, a16, lane);
   }
   vx_cp_commit();
   // Set-up: every global load at once (no load waits on another), then one shuffle in
@@ -778,14 +804,12 @@ DECODE_WARP_BODY = r"""
   for (int i = tid; i < RKMAX; i += NT) {
     kcol[i] = vx_key_column(kbits[h * RKMAX + i], kshift[h * RKMAX + i]);
   }
-  for (int i = tid; i < 8 * (D / 2); i += NT) {
+  for (int i = tid; i < 16 * (D / 2); i += NT) {
     const int r = i / (D / 2);
     const int p = i - r * (D / 2);
     const float2 u = vx_sincos((float)r * rope[p]);
     rot_s[r * RS + p] = make_float2(u.y, u.x);
     if (r == 0) {
-      const float2 u8 = vx_sincos(8.0f * rope[p]);
-      rot8_s[p] = make_float2(u8.y, u8.x);
       mean_s[p] = make_float2(key_mean[h * D + 2 * p], key_mean[h * D + 2 * p + 1]);
     }
   }
@@ -824,7 +848,9 @@ DECODE_WARP_BODY = r"""
     qth[k] = rope[p];
     qamp[k] = rope[D / 2 + p];
   }
-  float vacc[NTD][2];  // P·V: this lane's C fragment (head gid, dims 8 nt + 2 tig, +1)
+  // (P·V)^T: this lane's C fragments, per 16-dim slice s: dims 16 s + gid and + 8 of
+  // query heads 2 tig and 2 tig + 1.
+  float vacc[NTD / 2][4];
   // Running max and sum per query head g (QMMA: of this lane's heads 2 tig and 2 tig + 1).
   constexpr int GR = G > 2 ? G : 2;
   float m_run[GR];
@@ -833,19 +859,20 @@ DECODE_WARP_BODY = r"""
     m_run[g] = -1e30f;
     l_run[g] = 0.0f;
   }
-  for (int nt = 0; nt < NTD; nt++) {
-    vacc[nt][0] = 0.0f;
-    vacc[nt][1] = 0.0f;
+  for (int sl = 0; sl < NTD / 2; sl++) {
+    for (int e = 0; e < 4; e++) {
+      vacc[sl][e] = 0.0f;
+    }
   }
   // Whole 16-token tiles are copied (the buffers' capacity is a multiple of 16; rows past
   // the last token are masked below).
   for (int t0 = start + warp * 16; t0 < stop; t0 += STEP) {
     const int n = min(16, stop - t0);
     if (t0 + STEP < stop) {
-      vx_stage_tile(kw_s + (warp * 2 + (buf ^ 1)) * KWT, vw_s + (warp * 2 + (buf ^ 1)) * VWT,
-                    vsc_s[warp][buf ^ 1],
-                    vbi_s[warp][buf ^ 1], kts_s[warp][buf ^ 1], kwords, vwords, vscales,
-                    vbiases, ktok, bh * cap + t0 + STEP, wk, VW, SBW, KTS, a16, lane);
+      vx_stage_tile<WKS, VW, SBW, KTS>(
+          kw_s + (warp * 2 + (buf ^ 1)) * KWT, vw_s + (warp * 2 + (buf ^ 1)) * VWT,
+          vsc_s[warp][buf ^ 1], vbi_s[warp][buf ^ 1], kts_s[warp][buf ^ 1], kwords, vwords,
+          vscales, vbiases, ktok, bh * cap + t0 + STEP, a16, lane);
     }
     vx_cp_commit();
     vx_cp_wait_prior();
@@ -917,8 +944,7 @@ DECODE_WARP_BODY = r"""
       const int p = nt * 4 + tig;  // columns (2p, 2p + 1) are a RoPE pair
       const float2 m = mean_s[p];
       const float2 u0 = rot_s[gid * RS + p];  // (cos, sin) of gid·θ
-      const float2 u8 = rot8_s[p];
-      const float2 u1 = make_float2(u0.x * u8.x - u0.y * u8.y, u0.x * u8.y + u0.y * u8.x);
+      const float2 u1 = rot_s[(gid + 8) * RS + p];  // of (gid + 8)·θ
       const float a0 = c0 * ts0 + m.x, b0 = c1 * ts0 + m.y;
       const float a1 = c2 * ts1 + m.x, b1 = c3 * ts1 + m.y;
       const float k0a = a0 * u0.x - b0 * u0.y;
@@ -948,13 +974,13 @@ DECODE_WARP_BODY = r"""
     // (vx_softmax_tile: probabilities rounded to fp16 before they are summed).
     const bool ok0 = gid < n;
     const bool ok1 = gid + 8 < n;
-    float r_mine = 1.0f;  // the rescale of this lane's row (query head gid)
+    // The rescales of query heads 2 tig and 2 tig + 1: this lane's columns of (P·V)^T.
+    float r_pair[2] = {1.0f, 1.0f};
     VX_HALF_T* ph = reinterpret_cast<VX_HALF_T*>(ph_s[warp]);
     if (QMMA) {
       // Lane (gid, tig) holds the scores of tokens gid and gid + 8 for query heads 2 tig
       // and 2 tig + 1: each lane runs the softmax of its two heads (columns past G are
       // zero scores, never written), maxima and sums over the 8 lanes of a column.
-      float r_pair[2];
       for (int e = 0; e < 2; e++) {
         const int hd = 2 * tig + e;
         float pa, pb;
@@ -965,10 +991,6 @@ DECODE_WARP_BODY = r"""
           ph[hd * 16 + gid + 8] = VX_TO_HALF(pb);
         }
       }
-      // This lane's P·V row is query head gid, whose rescale lane (gid, gid / 2) holds.
-      const float r0 = VX_SHFL(r_pair[0], 4 * gid + (gid >> 1));
-      const float r1 = VX_SHFL(r_pair[1], 4 * gid + (gid >> 1));
-      r_mine = (gid & 1) ? r1 : r0;
     }
     for (int g = 0; g < (QMMA ? 0 : G); g++) {
       float a = s0[g];
@@ -980,39 +1002,71 @@ DECODE_WARP_BODY = r"""
       float pa, pb;
       const float r = vx_softmax_tile(ok0 ? a : -1e30f, ok1 ? b : -1e30f, m_run[g], l_run[g],
                                       pa, pb);
-      r_mine = g == gid ? r : r_mine;
+      r_pair[0] = g == 2 * tig ? r : r_pair[0];
+      r_pair[1] = g == 2 * tig + 1 ? r : r_pair[1];
       if (tig == 0) {
         ph[g * 16 + gid] = VX_TO_HALF(pa);
         ph[g * 16 + gid + 8] = VX_TO_HALF(pb);
       }
     }
     __syncwarp();
-    // 6. Values: P (rows = query heads) · V (16 tokens x 8 dims) per 8-dim slice on
-    // tensor cores. Lane (gid, tig) dequantises dim 8 nt + gid of tokens 2 tig, +1, +8, +9
-    // (mx.quantize's little-endian bit stream) into its B fragment.
-    const unsigned int pa0 = ph_s[warp][gid * 8 + tig];
-    const unsigned int pa2 = ph_s[warp][gid * 8 + 4 + tig];
-    float zero2 = 0.0f, zero3 = 0.0f;  // rows 8-15 of P are zero
+    // 6. Values: (P·V)^T (16 dims x 8 query heads) += V^T (16 dims x 16 tokens) · P^T
+    // per 16-dim slice on tensor cores: P^T is the B fragment (column g = query head g;
+    // columns past G are zero), and lane (gid, tig) dequantises dims 16 s + gid and + 8
+    // of tokens 2 tig, +1, +8, +9 (mx.quantize's little-endian bit stream) into its A
+    // fragment: as rows of P · V, rows 8-15 of the product would be wasted and a lane's
+    // row would be a head whose rescale another lane holds.
+    const unsigned int pb0 = ph_s[warp][gid * 8 + tig];
+    const unsigned int pb1 = ph_s[warp][gid * 8 + 4 + tig];
+    // 4-bit codes: a token's dims 16 s + gid and + 8 are nibble gid of its words 2 s and
+    // 2 s + 1; one PRMT puts two tokens' bytes gid / 2 side by side, and the nibble
+    // (low or high by gid's parity) becomes the mantissa of 1024 + c or 64 + c.
+    const unsigned int nib_sel = (gid >> 1) | ((4 + (gid >> 1)) << 8);
+    const unsigned int nib_mask = (gid & 1) ? 0x00F000F0u : 0x000F000Fu;
+    const unsigned int nib_magic = (gid & 1) ? 0x54005400u : 0x64006400u;
+    const unsigned short* vsc16 = reinterpret_cast<const unsigned short*>(vsc);
+    const unsigned short* vbi16 = reinterpret_cast<const unsigned short*>(vbi);
 #pragma unroll UNROLL_NT
-    for (int nt = 0; nt < NTD; nt++) {
-      const int d = nt * 8 + gid;
-      const int gi = (nt * 8) / VG;  // VG is a multiple of 8: one group per slice
-      const int bit = d * VB;
-      float v[4];
-      for (int u = 0; u < 4; u++) {
-        const int t = 2 * tig + (u & 1) + (u >> 1) * 8;
-        const int w = t * VW + (bit >> 5);
-        unsigned int code = vw[w] >> (bit & 31);
-        if ((VB & (VB - 1)) != 0) {  // 3/5/6-bit codes may straddle two words
-          code = (unsigned int)((((unsigned long long)vw[w + 1] << 32) | vw[w]) >> (bit & 31));
+    for (int sl = 0; sl < NTD / 2; sl++) {
+      const int gi = (sl * 16) / VG;  // one group per slice
+      unsigned int va[4];
+      for (int o = 0; o < 2; o++) {  // tokens 2 tig + 8 o and the next
+        const int t = 2 * tig + 8 * o;
+        const int i0 = t * NG + gi;
+        const int i1 = i0 + NG;  // token t + 1
+        const unsigned int scale = vsc16[i0] | ((unsigned int)vsc16[i1] << 16);
+        const unsigned int bias = vbi16[i0] | ((unsigned int)vbi16[i1] << 16);
+        if (VB == 4) {
+          const uint2 wa = *reinterpret_cast<const uint2*>(vw + t * VW + 2 * sl);
+          const uint2 wb = *reinterpret_cast<const uint2*>(vw + (t + 1) * VW + 2 * sl);
+          va[2 * o] = vx_dequant_pair(
+              (vx_byte_perm(wa.x, wb.x, nib_sel) & nib_mask) | nib_magic, nib_magic, scale, bias);
+          va[2 * o + 1] = vx_dequant_pair(
+              (vx_byte_perm(wa.y, wb.y, nib_sel) & nib_mask) | nib_magic, nib_magic, scale, bias);
+        } else {
+          float v[4];  // (dim 16 s + gid, + 8) x (token t, t + 1)
+          for (int u = 0; u < 4; u++) {
+            const int tt = t + (u & 1);
+            const int bit = (sl * 16 + gid + 8 * (u >> 1)) * VB;
+            const int w = tt * VW + (bit >> 5);
+            unsigned int code = vw[w] >> (bit & 31);
+            if ((VB & (VB - 1)) != 0) {  // 3/5/6-bit codes may straddle two words
+              code = (unsigned int)((((unsigned long long)vw[w + 1] << 32) | vw[w]) >>
+                                    (bit & 31));
+            }
+            code &= (1u << VB) - 1u;
+            v[u] = (float)code * VX_HALF(vsc[tt * NG + gi]) + VX_HALF(vbi[tt * NG + gi]);
+          }
+          va[2 * o] = vx_pack_half2(v[0], v[1]);
+          va[2 * o + 1] = vx_pack_half2(v[2], v[3]);
         }
-        code &= (1u << VB) - 1u;
-        v[u] = (float)code * VX_HALF(vsc[t * NG + gi]) + VX_HALF(vbi[t * NG + gi]);
       }
-      vacc[nt][0] *= r_mine;
-      vacc[nt][1] *= r_mine;
-      vx_mma_16816(vacc[nt][0], vacc[nt][1], zero2, zero3, pa0, 0u, pa2, 0u,
-                   vx_pack_half2(v[0], v[1]), vx_pack_half2(v[2], v[3]));
+      vacc[sl][0] *= r_pair[0];
+      vacc[sl][1] *= r_pair[1];
+      vacc[sl][2] *= r_pair[0];
+      vacc[sl][3] *= r_pair[1];
+      vx_mma_16816(vacc[sl][0], vacc[sl][1], vacc[sl][2], vacc[sl][3], va[0], va[1], va[2],
+                   va[3], pb0, pb1);
     }
     __syncwarp();
     buf ^= 1;
@@ -1026,10 +1080,13 @@ DECODE_WARP_BODY = r"""
       fin_l[warp][g] = l_run[QMMA ? g % 2 : g];
     }
   }
-  if (gid < G) {
-    for (int nt = 0; nt < NTD; nt++) {
-      fin_o[warp][gid * D + nt * 8 + 2 * tig] = vacc[nt][0];
-      fin_o[warp][gid * D + nt * 8 + 2 * tig + 1] = vacc[nt][1];
+  for (int e = 0; e < 2; e++) {
+    const int hd = 2 * tig + e;
+    if (hd < G) {
+      for (int sl = 0; sl < NTD / 2; sl++) {
+        fin_o[warp][hd * D + sl * 16 + gid] = vacc[sl][e];
+        fin_o[warp][hd * D + sl * 16 + gid + 8] = vacc[sl][2 + e];
+      }
     }
   }
   VX_BARRIER();
