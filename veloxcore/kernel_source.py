@@ -677,8 +677,8 @@ DECODE_BODY = r"""
 # tokens (gid, gid + 8) are decoded straight into mma A fragments (fp16), keys = basis ·
 # coefficients come out of mma.m16n8k16 as C fragments whose column pairs are RoPE pairs,
 # so the mean, RoPE and the scores against the G query heads are applied in registers;
-# the probabilities (fp16, a row per query head) times the values (dequantised straight
-# into B fragments) are a second mma per 8 dims, accumulated in C fragments.
+# the values (dequantised straight into A fragments) times the probabilities (fp16, a
+# column per query head) are a second mma per 16 dims, (P·V)^T accumulated in C fragments.
 # The last block of each KV head to finish merges the splits with the exact tokens.
 # Template constants: T, D, G, HKV, NW (warps), NT (= 32 NW), RKMAX (coefficient columns,
 # a multiple of 16), KTS (per-token key scale), VB, VG (affine value bits, group), MAXE
@@ -718,7 +718,7 @@ DECODE_WARP_BODY = r"""
   const int lane = tid - warp * 32;
   const int gid = lane >> 2;
   const int tig = lane & 3;
-  static_assert(G <= 8, "query heads are rows 0-7 of the probabilities' mma fragment");
+  static_assert(G <= 8, "query heads are columns 0-7 of the probabilities' mma fragment");
   static_assert(NTD % 2 == 0, "P·V and QMMA take 16 dims at a time");
   static_assert(VG % 16 == 0, "a 16-dim slice of the values is in one group (mlx: 32-128)");
   static_assert(D <= NT, "the merge gives each output dim a thread");
@@ -749,7 +749,7 @@ DECODE_WARP_BODY = r"""
   VX_ALIGN16 VX_SHARED unsigned int vsc_s[NW][2][SBW];
   VX_ALIGN16 VX_SHARED unsigned int vbi_s[NW][2][SBW];
   VX_ALIGN16 VX_SHARED unsigned int kts_s[NW][2][8];
-  // A tile's probabilities, fp16, row g = query head, 16 tokens: the A fragment of P·V.
+  // A tile's probabilities, fp16, row g = query head, 16 tokens: the B fragment of (P·V)^T.
   VX_SHARED unsigned int ph_s[NW][8 * 8];
   VX_SHARED float fin_m[NW][G];
   VX_SHARED float fin_l[NW][G];

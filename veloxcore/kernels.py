@@ -40,7 +40,7 @@ CHUNK_ELEMENTS = 1024  # basis rows per shared chunk × head_dim
 TARGET_THREADGROUPS = 1024  # a few per SM on an H100/H200 (132 SMs), more on M-series
 MAX_EXACT = 256  # exact tokens (sinks + recent window) the merge kernel takes
 WARPS = 4  # warps per threadgroup of the warp-tiled decode kernel (16 tokens per warp-tile)
-MAX_WARP_GROUP = 8  # query heads per KV head: rows 0-7 of the warp-tiled kernel's P·V mma
+MAX_WARP_GROUP = 8  # query heads per KV head: columns 0-7 of the warp-tiled kernel's P·V mma
 # Exact tokens the warp-tiled kernel merges: sinks, a 64-token recent window and up to 31
 # waiting tokens (append_batch 32) fit.
 WARP_MAX_EXACT = 100
