@@ -733,9 +733,13 @@ DECODE_WARP_BODY = r"""
   VX_SHARED int kcol[RKMAX];
   VX_SHARED int perm_s[D];  // RoPE pair order -> dims (the exact keys' order)
   // RoPE by position P = P0 + r (P0 the tile's first token, r < 16): the query turns by
-  // -P0·θ once per tile (per warp, into fin_o), the keys by r·θ from a table of rows
-  // 0-15 (cos, sin) instead of two sin/cos per pair and token.
-  VX_ALIGN16 VX_SHARED float2 rot_s[16 * RS];
+  // -P0·θ once per tile (per warp, into fin_o), the keys by r·θ from a table of (cos,
+  // sin) instead of two sin/cos per pair and token: rows 0-15 up to head_dim 64; beyond,
+  // rows 0-7 and the 8-row step (a complex product per pair and tile), since rows 8-15
+  // would take 3.8 KB of the 48 KiB of static shared memory at head_dim 128.
+  constexpr int ROT_ROWS = D <= 64 ? 16 : 8;
+  VX_ALIGN16 VX_SHARED float2 rot_s[ROT_ROWS * RS];
+  VX_SHARED float2 rot8_s[ROT_ROWS == 16 ? 1 : D / 2];
   VX_SHARED float2 mean_s[D / 2];  // the key mean, RoPE pair order
   // Per warp, two buffers of a tile's codes (double-buffered: one loads, one is read).
   // fp16 arrays travel as 32-bit words (16 tokens: whole words, 16-byte aligned); spare
@@ -804,12 +808,16 @@ DECODE_WARP_BODY = r"""
   for (int i = tid; i < RKMAX; i += NT) {
     kcol[i] = vx_key_column(kbits[h * RKMAX + i], kshift[h * RKMAX + i]);
   }
-  for (int i = tid; i < 16 * (D / 2); i += NT) {
+  for (int i = tid; i < ROT_ROWS * (D / 2); i += NT) {
     const int r = i / (D / 2);
     const int p = i - r * (D / 2);
     const float2 u = vx_sincos((float)r * rope[p]);
     rot_s[r * RS + p] = make_float2(u.y, u.x);
     if (r == 0) {
+      if (ROT_ROWS == 8) {
+        const float2 u8 = vx_sincos(8.0f * rope[p]);
+        rot8_s[p] = make_float2(u8.y, u8.x);
+      }
       mean_s[p] = make_float2(key_mean[h * D + 2 * p], key_mean[h * D + 2 * p + 1]);
     }
   }
@@ -944,7 +952,13 @@ DECODE_WARP_BODY = r"""
       const int p = nt * 4 + tig;  // columns (2p, 2p + 1) are a RoPE pair
       const float2 m = mean_s[p];
       const float2 u0 = rot_s[gid * RS + p];  // (cos, sin) of gid·θ
-      const float2 u1 = rot_s[(gid + 8) * RS + p];  // of (gid + 8)·θ
+      float2 u1;  // of (gid + 8)·θ
+      if (ROT_ROWS == 16) {
+        u1 = rot_s[(gid + 8) * RS + p];
+      } else {
+        const float2 u8 = rot8_s[p];
+        u1 = make_float2(u0.x * u8.x - u0.y * u8.y, u0.x * u8.y + u0.y * u8.x);
+      }
       const float a0 = c0 * ts0 + m.x, b0 = c1 * ts0 + m.y;
       const float a1 = c2 * ts1 + m.x, b1 = c3 * ts1 + m.y;
       const float k0a = a0 * u0.x - b0 * u0.y;

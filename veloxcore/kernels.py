@@ -831,7 +831,8 @@ def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_wor
     key_tiles = WARPS * 2 * (16 * key_words + 4)
     merge = G * WARP_MAX_EXACT + G * WARP_MAX_SPLITS + G
     words = (510 + G * D + 2 * D  # codebook table, query, key columns (RKMAX <= D), perm
-             + 16 * (D + 8) + D  # RoPE rows 0-15, the key mean
+             + (16 * (D + 8) if D <= 64 else 8 * (D + 8) + D)  # RoPE rows (and step)
+             + D  # the key mean
              + (_warp_tile_words(D, value_bits, key_words) if tiles else 2)  # word buffers
              + WARPS * 2 * (2 * sbw + 8)  # staged value scales, biases, key token scales
              + WARPS * 64 + 2 * WARPS * G + WARPS * G * D  # P, warp max/sum/output
