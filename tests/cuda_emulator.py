@@ -115,6 +115,8 @@ inline unsigned int vx_dequant_pair(unsigned int codes, unsigned int magic, unsi
 }
 inline float __expf(float x) { return std::exp(x); }
 struct uint2 { unsigned int x, y; };
+struct int4 { int x, y, z, w; };
+inline int4 make_int4(int a, int b, int c, int d) { return {a, b, c, d}; }
 inline float __ldcg(const float* p) { return *p; }
 inline float4 __ldcg(const float4* p) { return *p; }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }

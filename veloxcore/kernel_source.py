@@ -239,6 +239,17 @@ __device__ inline float vx_level_col(const unsigned int* words, int base, int co
 __device__ inline int vx_key_column(int bits, int shift) {
   return bits > 0 ? shift | ((1 << bits) - 1) << 12 | ((1 << bits) - 2) << 20 : 0;
 }
+// The same with the column unpacked once per block as (word, bit offset in it, mask,
+// table base), so that a tile's decode extracts no fields (one 16-byte shared load a
+// column, 16 bytes of shared memory instead of 4): w is the token's first word.
+__device__ inline float vx_level_col4(const unsigned int* w, int4 col, const float* table) {
+  const unsigned int code = __funnelshift_r(w[col.x], w[col.x + 1], col.y) & (unsigned int)col.z;
+  return table[col.w + (int)code];
+}
+__device__ inline int4 vx_key_column4(int bits, int shift) {
+  return bits > 0 ? make_int4(shift >> 5, shift & 31, (1 << bits) - 1, (1 << bits) - 2)
+                  : make_int4(0, 0, 0, 0);
+}
 // Start copying one warp's 16-token tile of codes into shared memory (wait before
 // reading). Counts in 32-bit words per token: WK key, VWN value; SB scale (and bias)
 // words per 16 tokens; 8 words of fp16 per-token key scales WITH_KTS. The counts are
@@ -728,9 +739,13 @@ DECODE_WARP_BODY = r"""
   VX_SHARED float table[510];
   VX_ALIGN16 VX_SHARED float qs[G * D];
   // Per compacted key column: bit offset | mask << 12 | codebook base << 20
-  // (vx_key_column; a padding column reads code 0, and its basis column is zero). The
-  // columns' scales are folded into the basis fragments (bfrag) on the host.
-  VX_SHARED int kcol[RKMAX];
+  // (vx_key_column; a padding column reads code 0, and its basis column is zero), or
+  // up to head_dim 64, where shared memory is plentiful, the four unpacked (KCOL4:
+  // vx_key_column4, two to four instructions fewer per coefficient). The columns'
+  // scales are folded into the basis fragments (bfrag) on the host.
+  constexpr bool KCOL4 = D <= 64;
+  VX_SHARED int kcol[KCOL4 ? 1 : RKMAX];
+  VX_ALIGN16 VX_SHARED int4 kcol4[KCOL4 ? RKMAX : 1];
   VX_SHARED int perm_s[D];  // RoPE pair order -> dims (the exact keys' order)
   // RoPE by position P = P0 + r (P0 the tile's first token, r < 16): the query turns by
   // -P0·θ once per tile (per warp, into fin_o), the keys by r·θ from a table of (cos,
@@ -806,7 +821,11 @@ DECODE_WARP_BODY = r"""
     table[i] = codebook[i];
   }
   for (int i = tid; i < RKMAX; i += NT) {
-    kcol[i] = vx_key_column(kbits[h * RKMAX + i], kshift[h * RKMAX + i]);
+    if (KCOL4) {
+      kcol4[i] = vx_key_column4(kbits[h * RKMAX + i], kshift[h * RKMAX + i]);
+    } else {
+      kcol[i] = vx_key_column(kbits[h * RKMAX + i], kshift[h * RKMAX + i]);
+    }
   }
   for (int i = tid; i < ROT_ROWS * (D / 2); i += NT) {
     const int r = i / (D / 2);
@@ -914,9 +933,16 @@ DECODE_WARP_BODY = r"""
     for (int ks = 0; ks < KS; ks++) {
       float c[8];
       for (int e = 0; e < 4; e++) {
-        const int col = kcol[ks * 16 + 2 * tig + (e & 1) + (e >> 1) * 8];
-        c[e] = vx_level_col(kw, gid * wk, col, table);
-        c[4 + e] = vx_level_col(kw, (gid + 8) * wk, col, table);
+        const int ci = ks * 16 + 2 * tig + (e & 1) + (e >> 1) * 8;
+        if (KCOL4) {
+          const int4 col = kcol4[ci];
+          c[e] = vx_level_col4(kw + gid * wk, col, table);
+          c[4 + e] = vx_level_col4(kw + (gid + 8) * wk, col, table);
+        } else {
+          const int col = kcol[ci];
+          c[e] = vx_level_col(kw, gid * wk, col, table);
+          c[4 + e] = vx_level_col(kw, (gid + 8) * wk, col, table);
+        }
       }
       afrag[ks][0] = vx_pack_half2(c[0], c[1]);
       afrag[ks][1] = vx_pack_half2(c[4], c[5]);

@@ -830,7 +830,8 @@ def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_wor
     sbw = 16 * (D // value_group) // 2
     key_tiles = WARPS * 2 * (16 * key_words + 4)
     merge = G * WARP_MAX_EXACT + G * WARP_MAX_SPLITS + G
-    words = (510 + G * D + 2 * D  # codebook table, query, key columns (RKMAX <= D), perm
+    words = (510 + G * D + D  # codebook table, query, perm
+             + (4 * D if D <= 64 else D)  # key columns (RKMAX <= D; unpacked up to 64)
              + (16 * (D + 8) if D <= 64 else 8 * (D + 8) + D)  # RoPE rows (and step)
              + D  # the key mean
              + (_warp_tile_words(D, value_bits, key_words) if tiles else 2)  # word buffers
