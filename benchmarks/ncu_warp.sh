@@ -17,7 +17,9 @@ site=${PYTHONPATH:-}
 
 run() {  # TAG ROOT SHAPE TOKENS [VAR=VALUE ...]
   local tag=$1 root=$2 s=$3 t=$4; shift 4
-  env "$@" PYTHONPATH="$site:$root:$root/benchmarks" "$NCU" --clock-control none \
+  # The tree first: a PYTHONPATH that already names this checkout must not make the BASE
+  # run profile this tree's kernel (it did once: both rows were the new kernel).
+  env "$@" PYTHONPATH="$root:$root/benchmarks:$site" "$NCU" --clock-control none \
     --kernel-name regex:velox_decode_warp --launch-skip 2 --launch-count 1 \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
     --section SchedulerStats --section InstructionStats --print-summary none \
@@ -38,7 +40,7 @@ for st in ${@:-smollm2:65536 1b:65536 8b:65536 smollm2:4096}; do
   fi
 done
 if [ "${NO_SASS:-0}" != 1 ]; then
-  PYTHONPATH="$site:$PWD:$PWD/benchmarks" "$NCU" --clock-control none \
+  PYTHONPATH="$PWD:$PWD/benchmarks:$site" "$NCU" --clock-control none \
     --kernel-name regex:velox_decode_warp --launch-skip 2 --launch-count 1 \
     --section SourceCounters --section WarpStateStats --import-source no --page source \
     --print-source sass --csv \
