@@ -197,9 +197,8 @@ __device__ inline void vx_mma_keys(const __half* ch, int chs, const unsigned int
 }
 """
 
-# Start copying one warp's 16-token tile of codes into shared memory (vx_cp_async4; wait
-# before reading). Counts in 32-bit words per token: wk key, vwn value; sbw scale (and
-# bias) words per 16 tokens; 8 words of fp16 per-token key scales when kts.
+# The warp-tiled kernel's helpers (CUDA only): a tile's softmax step, a key column's
+# level, the copy of a tile's codes into shared memory.
 CUDA_STAGE = r"""
 // One 16-token tile's step of a query head's online softmax (warp-tiled kernel): a and b
 // are this lane's scores of tokens gid and gid + 8 (-1e30 past the last token); the 8
@@ -254,11 +253,10 @@ __device__ inline int4 vx_key_column4(int bits, int shift) {
 // reading). Counts in 32-bit words per token: WK key, VWN value; SB scale (and bias)
 // words per 16 tokens; 8 words of fp16 per-token key scales WITH_KTS. The counts are
 // compile-time, so each loop unrolls into a few predicated copies per lane (as run-time
-// arguments, the copies' loops took 139 of a tile's 1,315 instructions: 1B shape,
-// H200 SASS profile). Tiles
-// start at multiples of 16 tokens, so every run is a whole number of 16-byte chunks at
-// 16-byte offsets: with a16 (every buffer's address 16-byte aligned) they move as
-// 16-byte copies, a quarter of the instructions of 4-byte ones.
+// arguments, the copies' loops took 139 of a tile's 1,315 instructions: 1B shape, H200
+// SASS profile). Tiles start at multiples of 16 tokens, so every run is a whole number
+// of 16-byte chunks at 16-byte offsets: with a16 (every buffer's address 16-byte
+// aligned) they move as 16-byte copies, a quarter of the instructions of 4-byte ones.
 template <int WK, int VWN, int SB, bool WITH_KTS>
 __device__ inline void vx_stage_tile(unsigned int* kw, unsigned int* vw, unsigned int* vsc,
                                      unsigned int* vbi, unsigned int* kts,
@@ -1072,11 +1070,11 @@ DECODE_WARP_BODY = r"""
       unsigned int va[4];
       for (int o = 0; o < 2; o++) {  // tokens 2 tig + 8 o and the next
         const int t = 2 * tig + 8 * o;
-        const int i0 = t * NG + gi;
-        const int i1 = i0 + NG;  // token t + 1
-        const unsigned int scale = vsc16[i0] | ((unsigned int)vsc16[i1] << 16);
-        const unsigned int bias = vbi16[i0] | ((unsigned int)vbi16[i1] << 16);
         if (VB == 4) {
+          const int i0 = t * NG + gi;
+          const int i1 = i0 + NG;  // token t + 1
+          const unsigned int scale = vsc16[i0] | ((unsigned int)vsc16[i1] << 16);
+          const unsigned int bias = vbi16[i0] | ((unsigned int)vbi16[i1] << 16);
           const uint2 wa = *reinterpret_cast<const uint2*>(vw + t * VW + 2 * sl);
           const uint2 wb = *reinterpret_cast<const uint2*>(vw + (t + 1) * VW + 2 * sl);
           va[2 * o] = vx_dequant_pair(
