@@ -709,10 +709,14 @@ DECODE_WARP_BODY = r"""
   const int n_splits = grid_x;
   // The splits' partials share one output (each output of a launch costs host time in
   // MLX's call): per (KV head, split, query head) the unnormalised output, then all
-  // their maxima, then all their sums.
+  // their maxima, then all their sums; then the same for the exact tokens (one partial
+  // per KV head and query head).
   float* out = partials;
   float* out_max = partials + gridDim.y * n_splits * G * D;
   float* out_sum = out_max + gridDim.y * n_splits * G;
+  float* ex_out = out_sum + gridDim.y * n_splits * G;
+  float* ex_max = ex_out + gridDim.y * G * D;
+  float* ex_sum = ex_max + gridDim.y * G;
   constexpr int STEP = 16 * NW;
   constexpr int KS = RKMAX / 16;
   constexpr int NTD = D / 8;
@@ -1149,64 +1153,124 @@ DECODE_WARP_BODY = r"""
       out_sum[slot] = l;
     }
   }
-  // 8. The last split of this KV head to finish merges all splits with the exact tokens
-  // (sinks, the uncoded tail) and normalises: one launch per decode step. ``counter`` is
-  // zero before and after every launch (the last block resets it).
+  // 8. The exact tokens (sinks, the uncoded tail) are one more partial, computed by the
+  // first block of this KV head to finish its tiles (off the critical path while the
+  // others still run); the last to arrive merges every split with it and normalises: one
+  // launch per decode step. ``counter`` counts n_splits + 1 arrivals (the first block
+  // arrives again once its exact partial is written) and is zero before and after every
+  // launch (the last block resets it).
+  VX_SHARED int is_first;
   VX_SHARED int is_last;
   VX_STAMP(3);
   vx_threadfence();
   VX_BARRIER();
   if (tid == 0) {
-    is_last = atomicAdd(const_cast<int*>(counter) + bh, 1) == n_splits - 1;
+    const int arrived = atomicAdd(const_cast<int*>(counter) + bh, 1);
+    is_first = arrived == 0;
+    is_last = arrived == n_splits;
   }
   VX_BARRIER();
-  if (!is_last) {
-    return;
-  }
-  VX_STAMP(4);
-  vx_threadfence();
   const int E = cmeta[0];
   const int EC = cmeta[1];  // the exact buffers' capacity (tokens per head)
   // The merge's scratch lives in the key tile buffers (dead by now) where it fits.
-  constexpr int MERGE_WORDS = G * MAXE + G * MAXS + G;
+  constexpr int MERGE_WORDS = G * MAXE + G * MAXS + 2 * G;
   constexpr bool MERGE_IN_TILES = MERGE_WORDS <= NW * 2 * KWT;
   VX_SHARED float merge_s[MERGE_IN_TILES ? 1 : MERGE_WORDS];
   float* pexact = MERGE_IN_TILES ? reinterpret_cast<float*>(kw_s) : merge_s;
   float* wsplit = pexact + G * MAXE;
   float* head_total = wsplit + G * MAXS;
-  // Exact tokens' scores: a thread per (head, token), all of its loads at once (the
-  // query, scaled, from shared memory in pair order; the key's dims in that order).
-  for (int i = tid; i < G * E; i += NT) {
-    const int g = i / E;
-    const int e = i - g * E;
-    const T* ke = ek + (bh * EC + e) * D;
-    float sc = 0.0f;
+  float* wexact = head_total + G;
+  if (is_first) {
+    // Exact tokens' scores: a thread per (head, token), all of its loads at once (the
+    // query, scaled, from shared memory in pair order; the key's dims in that order).
+    for (int i = tid; i < G * E; i += NT) {
+      const int g = i / E;
+      const int e = i - g * E;
+      const T* ke = ek + (bh * EC + e) * D;
+      float sc = 0.0f;
 #pragma unroll
-    for (int j = 0; j < D; j++) {
-      sc += qs[g * D + j] * static_cast<float>(ke[perm_s[j]]);
+      for (int j = 0; j < D; j++) {
+        sc += qs[g * D + j] * static_cast<float>(ke[perm_s[j]]);
+      }
+      pexact[g * MAXE + e] = sc;
     }
-    pexact[g * MAXE + e] = sc;
+    VX_BARRIER();
+    // Per head (a warp each): the largest exact score, each token's weight relative to
+    // it, and their sum.
+    for (int g = warp; g < G; g += NW) {
+      float pe[(MAXE + 31) / 32];
+      float top = -1e30f;
+      for (int k = 0; k < (MAXE + 31) / 32; k++) {
+        const int e = lane + 32 * k;
+        pe[k] = e < E ? pexact[g * MAXE + e] : -1e30f;
+        top = max(top, pe[k]);
+      }
+      for (int off = 16; off > 0; off >>= 1) {
+        top = max(top, VX_SHFL_XOR(top, off));
+      }
+      float sum = 0.0f;
+      for (int k = 0; k < (MAXE + 31) / 32; k++) {
+        const int e = lane + 32 * k;
+        const float w = vx_exp(pe[k] - top);
+        if (e < E) {
+          pexact[g * MAXE + e] = w;
+          sum += w;
+        }
+      }
+      for (int off = 16; off > 0; off >>= 1) {
+        sum += VX_SHFL_XOR(sum, off);
+      }
+      if (lane == 0) {
+        ex_max[bh * G + g] = top;
+        ex_sum[bh * G + g] = sum;
+      }
+    }
+    VX_BARRIER();
+    // Their values (thread d, every head at once).
+    if (tid < D) {
+      float ex[G];
+      for (int g = 0; g < G; g++) {
+        ex[g] = 0.0f;
+      }
+      const T* vd = ev + bh * EC * D + tid;
+#pragma unroll 8
+      for (int e = 0; e < E; e++) {
+        const float v = static_cast<float>(vd[e * D]);
+        for (int g = 0; g < G; g++) {
+          ex[g] += pexact[g * MAXE + e] * v;
+        }
+      }
+      for (int g = 0; g < G; g++) {
+        ex_out[(bh * G + g) * D + tid] = ex[g];
+      }
+    }
+    vx_threadfence();
+    VX_BARRIER();
+    if (tid == 0) {
+      is_last = atomicAdd(const_cast<int*>(counter) + bh, 1) == n_splits;
+    }
+    VX_BARRIER();
   }
-  VX_BARRIER();
-  VX_STAMP(5);
-  // Per head (a warp each): the largest score, then every split's and exact token's
-  // weight relative to it, and their sums — every load issued at once.
+  if (!is_last) {
+    return;
+  }
+  VX_STAMP(4);
+  vx_threadfence();
+  VX_STAMP(5);  // (the exact tokens' scores were here before they moved to the first block)
+  // Per head (a warp each): the largest maximum, then every split's and the exact
+  // tokens' weight relative to it, and their sums — every load issued at once.
   for (int g = warp; g < G; g += NW) {
     const int base = bh * n_splits * G + g;
     float ms[MAXS / 32];
     float ls[MAXS / 32];
-    float pe[(MAXE + 31) / 32];
-    float top = -1e30f;
+    const float me = vx_ld_cg(ex_max + bh * G + g);
+    const float le = vx_ld_cg(ex_sum + bh * G + g);
+    float top = me;
     for (int k = 0; k < MAXS / 32; k++) {
       const int s = lane + 32 * k;
       ms[k] = s < n_splits ? vx_ld_cg(out_max + base + s * G) : -1e30f;
       ls[k] = s < n_splits ? vx_ld_cg(out_sum + base + s * G) : 0.0f;
       top = max(top, ms[k]);
-    }
-    for (int k = 0; k < (MAXE + 31) / 32; k++) {
-      const int e = lane + 32 * k;
-      pe[k] = e < E ? pexact[g * MAXE + e] : -1e30f;
-      top = max(top, pe[k]);
     }
     for (int off = 16; off > 0; off >>= 1) {
       top = max(top, VX_SHFL_XOR(top, off));
@@ -1220,40 +1284,17 @@ DECODE_WARP_BODY = r"""
         wsplit[g * MAXS + s] = w;
       }
     }
-    float exact_sum = 0.0f;
-    for (int k = 0; k < (MAXE + 31) / 32; k++) {
-      const int e = lane + 32 * k;
-      const float w = vx_exp(pe[k] - top);
-      if (e < E) {
-        pexact[g * MAXE + e] = w;
-        exact_sum += w;
-      }
-    }
     for (int off = 16; off > 0; off >>= 1) {
       coded_sum += VX_SHFL_XOR(coded_sum, off);
-      exact_sum += VX_SHFL_XOR(exact_sum, off);
     }
     if (lane == 0) {
-      head_total[g] = coded_sum + exact_sum;
+      const float we = vx_exp(me - top);
+      wexact[g] = we;
+      head_total[g] = coded_sum + we * le;
     }
   }
   VX_BARRIER();
   VX_STAMP(6);
-  // The exact tokens' values (thread d, every head at once; kept in registers).
-  float ex[G];
-  for (int g = 0; g < G; g++) {
-    ex[g] = 0.0f;
-  }
-  if (tid < D) {
-    const T* vd = ev + bh * EC * D + tid;
-#pragma unroll 8
-    for (int e = 0; e < E; e++) {
-      const float v = static_cast<float>(vd[e * D]);
-      for (int g = 0; g < G; g++) {
-        ex[g] += pexact[g * MAXE + e] * v;
-      }
-    }
-  }
   // The coded tokens' output: every split's partial weighted and summed, four dims per
   // load; with few output chunks, PH threads share a chunk's splits (summed below).
   constexpr int CH = G * D / 4;
@@ -1329,7 +1370,8 @@ DECODE_WARP_BODY = r"""
   if (tid < D) {
     const float back = VHAD ? 1.0f / sqrtf((float)D) : 1.0f;
     for (int g = 0; g < G; g++) {
-      const float o = merged[g * D + tid] * back + ex[g];
+      const float o = merged[g * D + tid] * back
+                      + wexact[g] * vx_ld_cg(ex_out + (bh * G + g) * D + tid);
       result[(bh * G + g) * D + tid] = static_cast<T>(o / head_total[g]);
     }
   }

@@ -607,8 +607,9 @@ class SpectralKernels:
                     ("BREG", breg), ("SBASIS", sbasis), ("QMMA", WARP_QMMA and D % 16 == 0)]
         call = dict(
             grid=(32 * WARPS * splits, B * H, 1), threadgroup=(32 * WARPS, 1, 1),
-            # The splits' partials in one buffer (kernel_source.DECODE_WARP_BODY).
-            output_shapes=[(B * H * splits * G * (D + 2),), (B, Hq, 1, D)]
+            # The splits' partials and the exact tokens' in one buffer
+            # (kernel_source.DECODE_WARP_BODY).
+            output_shapes=[(B * H * (splits + 1) * G * (D + 2),), (B, Hq, 1, D)]
             + [(B * H * splits, 32)] * stamps,
             output_dtypes=[mx.float32, dtype] + [mx.uint32] * stamps)
         if stamps:
@@ -829,7 +830,7 @@ def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_wor
     (``tiles=False``) where they sit in dynamic shared memory (SBASIS launches)."""
     sbw = 16 * (D // value_group) // 2
     key_tiles = WARPS * 2 * (16 * key_words + 4)
-    merge = G * WARP_MAX_EXACT + G * WARP_MAX_SPLITS + G
+    merge = G * WARP_MAX_EXACT + G * WARP_MAX_SPLITS + 2 * G
     words = (510 + G * D + D  # codebook table, query, perm
              + (4 * D if D <= 64 else D)  # key columns (RKMAX <= D; unpacked up to 64)
              + (16 * (D + 8) if D <= 64 else 8 * (D + 8) + D)  # RoPE rows (and step)
