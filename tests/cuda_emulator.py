@@ -5,7 +5,8 @@ Metal kernels are built from) is compiled by the host C++ compiler with a small
 emulation of CUDA's execution model: one std::thread per CUDA thread of a block,
 ``__syncthreads`` as a std::barrier over the block, warp shuffles through a
 per-warp exchange buffer with a barrier over the warp's 32 lanes, ``__shared__``
-as storage shared by the block's threads. Blocks run one after another, the KV
+as storage shared by the block's threads. Blocks run one after another (in order
+of blockIdx.x, or reversed: REVERSE_BLOCKS), the KV
 heads' blocks interleaved (a block finds shared memory as another head's block left
 it). ``cp.async`` copies land when the thread waits for their commit group (or at the
 block's end), 16-byte ones abort when misaligned and are counted (``COPIES_16``);
@@ -261,7 +262,8 @@ def _source(which, dtypes, out_dtypes, template) -> str:
             + "  std::vector<std::thread> threads;\n"
             + "  for (int t = 0; t < nt; t++) threads.emplace_back([=, &block] {\n"
             + "    threadIdx.x = t;\n"
-            + "    for (int bx = 0; bx < gx; bx++) for (int by = 0; by < gy; by++) {\n"
+            + "    for (int i = 0; i < gx; i++) for (int by = 0; by < gy; by++) {\n"
+            + f"      const int bx = {'gx - 1 - i' if REVERSE_BLOCKS else 'i'};\n"
             + "      blockIdx.x = bx; blockIdx.y = by;\n"
             + "      kernel(" + ", ".join(casts) + ");\n"
             + "      for (auto& g : cp_groups) cp_run(g); cp_groups.clear(); cp_run(cp_open);\n"
@@ -279,6 +281,9 @@ def _constant(name, value) -> str:
     return f"  constexpr int {name} = {value};\n"
 
 
+# Blocks run in reverse order of blockIdx.x (the last split first): a kernel must not
+# depend on which of a head's blocks finishes first or last.
+REVERSE_BLOCKS = False
 # Inputs 4 bytes past a 16-byte boundary: the warp-tiled kernel must then take its 4-byte
 # copies (a 16-byte cp.async aborts the emulator, as it faults on a GPU).
 # True: every input; a set of input names: those only.

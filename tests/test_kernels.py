@@ -461,6 +461,29 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "reversed"])
+def test_warp_kernel_result_does_not_depend_on_which_block_finishes_first(monkeypatch,
+                                                                         reverse):
+    """The first block of a KV head to finish computes the exact tokens' partial and
+    arrives twice; the last arrival merges. With the emulator's blocks run last split
+    first, other blocks take both roles, and the attention is the reference's."""
+    import cuda_emulator
+
+    if compiler() is None:
+        pytest.skip("no C++ compiler for the kernel emulator")
+    use_emulator(monkeypatch)
+    monkeypatch.setattr(cuda_emulator, "REVERSE_BLOCKS", reverse)
+    rng = np.random.default_rng(13)
+    cache = filled(make_cache(rng, 2, 64, "pre", "affine-rotated", True), rng, 600)
+    q = mx.array(rng.normal(size=(1, 6, 1, 64)).astype(np.float16))
+    expected = reference_attend(cache, q, 0.125)
+    cache.use_kernels("emulated")
+    assert cache.kernels.warp_decode(q) and cache.num_exact > 0
+    assert kernels.warp_splits(cache.coded, 2)[0] > 2
+    got = np.array(cache.attend(q, 0.125).astype(mx.float32))
+    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+
+
 def record_launches(monkeypatch) -> list:
     """Every kernel launch from here on, as (kernel, dynamic shared memory, template
     arguments, blocks)."""
