@@ -722,8 +722,8 @@ def test_decode_steps_match_reference_through_batched_appends(backend, values):
 def test_warp_kernel_only_where_its_shared_memory_fits(dim, group, value_bits, warp):
     """CUDA refuses more than 48 KiB of static shared memory; larger query groups, head
     dims or value widths take the block-tiled kernel (warp_shared_bytes, key tiles sized
-    by the layout's key words — 9 per token here: 34,176 B at head_dim 128 / 4 query
-    heads, 44,852 B at 6, 51,868 B at 8; before the tensor-core P·V rewrite the formula
+    by the layout's key words — 9 per token here: 34,208 B at head_dim 128 / 4 query
+    heads, 44,908 B at 6, 51,932 B at 8; before the tensor-core P·V rewrite the formula
     matched ptxas, sm_90, within 16 B)."""
     cache = make_cache(np.random.default_rng(0), 2, dim)
     cache.value_affine = (value_bits, 64)

@@ -470,6 +470,8 @@ class SpectralKernels:
             self._warp_fits[G] = (
                 self.mma and self.value_affine is not None and G <= MAX_WARP_GROUP
                 and self.dims <= 32 * WARPS
+                # (the kernel's P·V takes 16 dims, and one value group, at a time)
+                and self.dims % 16 == 0 and self.value_affine[1] % 16 == 0
                 and (self.value_back is None or self.value_hadamard)
                 and warp_shared_bytes(self.dims, G, *self.value_affine, self.key_words)
                 <= WARP_SHARED_LIMIT)
@@ -832,14 +834,17 @@ def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_wor
     key_tiles = WARPS * 2 * (16 * key_words + 4)
     merge = G * WARP_MAX_EXACT + G * WARP_MAX_SPLITS + 2 * G
     words = (510 + G * D + D  # codebook table, query, perm
-             + (4 * D if D <= 64 else D)  # key columns (RKMAX <= D; unpacked up to 64)
-             + (16 * (D + 8) if D <= 64 else 8 * (D + 8) + D)  # RoPE rows (and step)
+             # key columns (RKMAX <= D; unpacked up to 64), with the unused layout's
+             # one-element array (an int4 may be padded to 16 bytes)
+             + (4 * D + 1 if D <= 64 else D + 7)
+             # RoPE rows 0-15 (and the unused step's one float2), or rows 0-7 and the step
+             + (16 * (D + 8) + 2 if D <= 64 else 8 * (D + 8) + D)
              + D  # the key mean
              + (_warp_tile_words(D, value_bits, key_words) if tiles else 2)  # word buffers
              + WARPS * 2 * (2 * sbw + 8)  # staged value scales, biases, key token scales
              + WARPS * 64 + 2 * WARPS * G + WARPS * G * D  # P, warp max/sum/output
              + (1 if merge <= key_tiles else merge)  # merge scratch (in the key tiles)
-             + 1)  # is_last
+             + 2)  # is_first, is_last
     return 4 * words
 
 
