@@ -10,8 +10,10 @@ block's thread 0 stamps %globaltimer (ns) after a barrier at each phase:
 
   0 entry · 1 set-up done (codebook, query, key columns) · 2 the block's tiles done ·
   3 its partial written · (the last block of each KV head only:) 4 it knows it is last ·
-  5 exact tokens' scores · 6 per-head max and weights · 7 exact tokens' values and the
-  splits' outputs merged · 8 values rotated back, result written.
+  5 (empty: the exact tokens' scores were here before the first block took them) ·
+  6 per-head max and weights · 7 the splits' outputs merged · 8 values rotated back,
+  result written · (the first block of each KV head only:) 9 the exact tokens' partial
+  written.
 
 Reports, over ``--reps`` launches (medians): the kernel's span (first entry to last
 end), when blocks start and finish their tiles relative to the first entry, and the
@@ -57,6 +59,10 @@ def launch_phases(stamps: np.ndarray) -> dict:
         row[f"last_{PHASES[k - 1].replace(' ', '_').replace('?', '')}_us"] = float(
             np.median(rel[last, k] - rel[last, k - 1]))
     row["merge_us"] = float(np.median(rel[last, 8] - rel[last, 3]))
+    first = stamps[:, 9] != 0
+    if first.any():  # the exact tokens' partial (off the critical path if before the
+        # last block's tiles are done)
+        row["exact_partial_done_us"] = float(rel[first, 9].max())
     return row
 
 

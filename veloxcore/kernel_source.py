@@ -1246,6 +1246,7 @@ DECODE_WARP_BODY = r"""
     }
     vx_threadfence();
     VX_BARRIER();
+    VX_STAMP(9);
     if (tid == 0) {
       is_last = atomicAdd(const_cast<int*>(counter) + bh, 1) == n_splits;
     }
