@@ -692,7 +692,8 @@ DECODE_BODY = r"""
 # Template constants: T, D, G, HKV, NW (warps), NT (= 32 NW), RKMAX (coefficient columns,
 # a multiple of 16), KTS (per-token key scale), VB, VG (affine value bits, group), MAXE
 # (exact tokens), MAXS (splits), VHAD (values were coded Hadamard-rotated: the output is
-# turned back by a fast Walsh-Hadamard transform), UNROLL_NT (unrolling of the loop over
+# turned back by a fast Walsh-Hadamard transform), ML (float4 loads in flight per thread in
+# the last block's merge of the splits), UNROLL_NT (unrolling of the loop over
 # 8-dim slices: fewer registers when small), BREG (the basis fragments held in registers),
 # SBASIS (else in dynamic shared memory, 2 · D · RKMAX bytes; neither: read from bfrag),
 # QMMA (the scores against the query heads on tensor cores too; else in registers, FMA by
@@ -1297,7 +1298,8 @@ DECODE_WARP_BODY = r"""
   VX_BARRIER();
   VX_STAMP(6);
   // The coded tokens' output: every split's partial weighted and summed, four dims per
-  // load; with few output chunks, PH threads share a chunk's splits (summed below).
+  // load, ML loads in flight per thread; with few output chunks, PH threads share a
+  // chunk's splits (summed below).
   constexpr int CH = G * D / 4;
   constexpr int PH = NT / CH >= 4 ? 4 : (NT / CH >= 1 ? NT / CH : 1);
   float* merged = &fin_o[0][0];  // PH x G x D (the warps' partials are dead)
@@ -1306,13 +1308,13 @@ DECODE_WARP_BODY = r"""
     const int ph_ = i / CH;
     const int g = 4 * c / D;
     const float4* src = reinterpret_cast<const float4*>(out + bh * n_splits * G * D) + c;
-    float4 acc4[8];
-    for (int u = 0; u < 8; u++) {
+    float4 acc4[ML];
+    for (int u = 0; u < ML; u++) {
       acc4[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
     int s = ph_;
-    for (; s + 7 * PH < n_splits; s += 8 * PH) {
-      for (int u = 0; u < 8; u++) {
+    for (; s + (ML - 1) * PH < n_splits; s += ML * PH) {
+      for (int u = 0; u < ML; u++) {
         const float w = wsplit[g * MAXS + s + u * PH];
         const float4 x = vx_ld_cg4(src + (s + u * PH) * CH);
         acc4[u].x += w * x.x;
@@ -1329,7 +1331,7 @@ DECODE_WARP_BODY = r"""
       acc4[0].z += w * x.z;
       acc4[0].w += w * x.w;
     }
-    for (int u = 1; u < 8; u++) {
+    for (int u = 1; u < ML; u++) {
       acc4[0].x += acc4[u].x;
       acc4[0].y += acc4[u].y;
       acc4[0].z += acc4[u].z;

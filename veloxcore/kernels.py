@@ -45,6 +45,10 @@ MAX_WARP_GROUP = 8  # query heads per KV head: columns 0-7 of the warp-tiled ker
 # waiting tokens (append_batch 32) fit.
 WARP_MAX_EXACT = 100
 WARP_MAX_SPLITS = 128  # splits per KV head the warp-tiled kernel's last block merges
+# float4 loads in flight per thread when that block merges the splits' outputs (the merge
+# waits on L2 round trips: 128 splits of 3 query heads at head_dim 64 are 96 KB).
+# Tunable for profiling.
+WARP_MERGE_LOADS = int(os.environ.get("VELOX_WARP_MERGE_LOADS", "8"))
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
 WARP_SHARED_LIMIT = 48 * 1024 - 256
 # The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
@@ -604,7 +608,7 @@ class SpectralKernels:
                     ("NT", 32 * WARPS), ("RKMAX", self.key_rank), ("WKS", self.key_words),
                     ("KTS", self.key_token_scale), ("VB", vb), ("VG", vg),
                     ("MAXE", WARP_MAX_EXACT), ("MAXS", WARP_MAX_SPLITS),
-                    ("VHAD", self.value_back is not None),
+                    ("ML", WARP_MERGE_LOADS), ("VHAD", self.value_back is not None),
                     ("UNROLL_NT", WARP_UNROLL or (D // 8 if D <= 64 else 4)),
                     ("BREG", breg), ("SBASIS", sbasis), ("QMMA", WARP_QMMA and D % 16 == 0)]
         call = dict(
