@@ -40,6 +40,7 @@ VARIANTS = {
     "mb4-blocks512": {"WARP_TARGET_BLOCKS": 512, "WARP_MIN_BLOCKS": 4},
     # More float4 loads in flight in the last block's merge of the splits.
     "merge-loads16": {"WARP_MERGE_LOADS": 16},
+    "merge-loads32": {"WARP_MERGE_LOADS": 32},
     # Scores as FMAs in registers (the choice before scores on tensor cores).
     "fma-scores": {"WARP_QMMA": False},
 }
