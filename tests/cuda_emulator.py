@@ -97,7 +97,8 @@ inline unsigned int vx_byte_perm(unsigned int x, unsigned int y, unsigned int se
   }
   return r;
 }
-inline float vx_half_bits(unsigned int bits) {
+// The fp16 in the low half of a word, as a float.
+inline float h2f(unsigned int bits) {
   const unsigned short u = (unsigned short)bits;
   _Float16 h;
   __builtin_memcpy(&h, &u, 2);
@@ -109,8 +110,8 @@ inline unsigned int vx_dequant_pair(unsigned int codes, unsigned int magic, unsi
                                     unsigned int bias) {
   float v[2];
   for (int i = 0; i < 2; i++) {
-    const float c = vx_half_bits(codes >> (16 * i)) - vx_half_bits(magic >> (16 * i));
-    v[i] = std::fma(c, vx_half_bits(scale >> (16 * i)), vx_half_bits(bias >> (16 * i)));
+    const float c = h2f(codes >> (16 * i)) - h2f(magic >> (16 * i));
+    v[i] = std::fma(c, h2f(scale >> (16 * i)), h2f(bias >> (16 * i)));
   }
   return vx_pack_half2(v[0], v[1]);
 }
@@ -157,12 +158,6 @@ inline void __syncwarp() { warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 // layout documented in kernel_source.CUDA_MMA.
 static unsigned int mma_a[1024][4];
 static unsigned int mma_b[1024][2];
-inline float h2f(unsigned int bits) {
-  const unsigned short u = (unsigned short)bits;
-  _Float16 h;
-  __builtin_memcpy(&h, &u, 2);
-  return (float)h;
-}
 inline void vx_mma_16816(float& c0, float& c1, float& c2, float& c3, unsigned int a0,
                          unsigned int a1, unsigned int a2, unsigned int a3, unsigned int b0,
                          unsigned int b1) {
