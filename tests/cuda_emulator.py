@@ -72,14 +72,6 @@ inline float __shfl_xor_sync(unsigned, float v, int m) {
   warp_barriers[w]->arrive_and_wait();
   return r;
 }
-inline float __shfl_sync(unsigned, float v, int src) {
-  const int t = threadIdx.x, w = t / 32;
-  exchange[t] = v;
-  warp_barriers[w]->arrive_and_wait();
-  const float r = exchange[w * 32 + (src & 31)];
-  warp_barriers[w]->arrive_and_wait();
-  return r;
-}
 #define __device__
 inline void __sincosf(float x, float* s, float* c) { *s = std::sin(x); *c = std::cos(x); }
 inline unsigned int vx_pack_half2(float lo, float hi) {

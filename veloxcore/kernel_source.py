@@ -38,7 +38,6 @@ CUDA_HEADER = r"""
 #define VX_HALF_T __half
 #define VX_BARRIER() __syncthreads()
 #define VX_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
-#define VX_SHFL(v, src) __shfl_sync(0xffffffffu, (v), (src))
 #define VX_HALF(x) __half2float(x)
 #define VX_TO_HALF(x) __float2half(x)
 #define VX_ROUND_HALF(x) __half2float(__float2half(x))
@@ -316,7 +315,6 @@ METAL_HEADER = r"""
 #define VX_HALF_T half
 #define VX_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define VX_SHFL_XOR(v, m) simd_shuffle_xor((v), (ushort)(m))
-#define VX_SHFL(v, src) simd_shuffle((v), (ushort)(src))
 #define VX_HALF(x) float(x)
 #define VX_TO_HALF(x) half(x)
 #define VX_ROUND_HALF(x) float(half(x))
