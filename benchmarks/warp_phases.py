@@ -9,11 +9,10 @@ with N random tokens plus ``--tail`` decoded tokens waiting in the exact buffer.
 block's thread 0 stamps %globaltimer (ns) after a barrier at each phase:
 
   0 entry · 1 set-up done (codebook, query, key columns) · 2 the block's tiles done ·
-  3 its partial written · (the last block of each KV head only:) 4 it knows it is last ·
-  5 (empty: the exact tokens' scores were here before the first block took them) ·
-  6 per-head max and weights · 7 the splits' outputs merged · 8 values rotated back,
-  result written · (the first block of each KV head only:) 9 the exact tokens' partial
-  written.
+  3 its partial written (block 0 of each KV head: the exact tokens' partial) · (the last
+  block of each KV head only:) 4 it knows it is last · 5 (empty: the exact tokens'
+  scores were here before block 0 took them) · 6 per-head max and weights · 7 the splits'
+  outputs merged · 8 values rotated back, result written.
 
 Reports, over ``--reps`` launches (medians): the kernel's span (first entry to last
 end), when blocks start and finish their tiles relative to the first entry, and the
@@ -41,28 +40,29 @@ PHASES = ["set-up", "tiles", "partial", "last?", "exact scores", "head sums",
           "coded merge", "result"]
 
 
-def launch_phases(stamps: np.ndarray) -> dict:
-    """Phase times (µs) of one launch from its (blocks, 32) stamps."""
+def launch_phases(stamps: np.ndarray, heads: int) -> dict:
+    """Phase times (µs) of one launch from its (blocks, 32) stamps, ``heads`` (batch x
+    KV) rows of blocks, each led by its exact tokens' block."""
     t = stamps[:, :16].astype(np.int64)
     t0 = t[:, 0].min()
     rel = ((t - t0) % (1 << 32)) / 1e3  # globaltimer low words, relative, µs
     last = stamps[:, 8] != 0
+    exact = np.arange(len(stamps)) % (len(stamps) // heads) == 0
+    coded_rel = rel[~exact]
     row = dict(blocks=int(len(stamps)), span_us=float(rel[last, 8].max()),
                start_last_us=float(rel[:, 0].max()),
-               tiles_done_median_us=float(np.median(rel[:, 2])),
-               tiles_done_last_us=float(rel[:, 2].max()),
-               partials_done_us=float(rel[:, 3].max()),
-               block_tiles_us=float(np.median(rel[:, 2] - rel[:, 1])),
-               block_setup_us=float(np.median(rel[:, 1] - rel[:, 0])),
+               tiles_done_median_us=float(np.median(coded_rel[:, 2])),
+               tiles_done_last_us=float(coded_rel[:, 2].max()),
+               partials_done_us=float(coded_rel[:, 3].max()),
+               block_tiles_us=float(np.median(coded_rel[:, 2] - coded_rel[:, 1])),
+               block_setup_us=float(np.median(coded_rel[:, 1] - coded_rel[:, 0])),
                sms=int(len(np.unique(stamps[:, 31]))))
     for k in range(4, 9):
         row[f"last_{PHASES[k - 1].replace(' ', '_').replace('?', '')}_us"] = float(
             np.median(rel[last, k] - rel[last, k - 1]))
     row["merge_us"] = float(np.median(rel[last, 8] - rel[last, 3]))
-    first = stamps[:, 9] != 0
-    if first.any():  # the exact tokens' partial (off the critical path if before the
-        # last block's tiles are done)
-        row["exact_partial_done_us"] = float(rel[first, 9].max())
+    # The exact tokens' partial (off the critical path if done before the coded partials).
+    row["exact_partial_done_us"] = float(rel[exact, 3].max())
     return row
 
 
@@ -80,7 +80,7 @@ def measure(shape: str, tokens: int, tail: int, reps: int) -> dict:
     try:
         for _ in range(reps + 3):
             mx.eval(cache.attend(q, D**-0.5))
-        launches = [launch_phases(np.array(s)) for s in kernels.WARP_STAMPS[3:]]
+        launches = [launch_phases(np.array(s), H) for s in kernels.WARP_STAMPS[3:]]
     finally:
         kernels.WARP_STAMPS = None
     row = {k: statistics.median(r[k] for r in launches) for k in launches[0]}

@@ -38,7 +38,8 @@ VARIANTS = {
     "blocks512": {"WARP_TARGET_BLOCKS": 512},
     # Four blocks per SM: registers capped at 128 (spills where the kernel needs more).
     "mb4-blocks512": {"WARP_TARGET_BLOCKS": 512, "WARP_MIN_BLOCKS": 4},
-    # More float4 loads in flight in the last block's merge of the splits.
+    # Float4 loads in flight in the last block's merge of the splits (default 16).
+    "merge-loads8": {"WARP_MERGE_LOADS": 8},
     "merge-loads16": {"WARP_MERGE_LOADS": 16},
     "merge-loads32": {"WARP_MERGE_LOADS": 32},
     # Scores as FMAs in registers (the choice before scores on tensor cores).

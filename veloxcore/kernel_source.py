@@ -700,12 +700,16 @@ DECODE_BODY = r"""
 # RKMAX/16 + k-step) · 64 + reg · 32 + lane; kbits/kshift: per compacted column (H, RKMAX);
 # key_mean, rope in RoPE pair order.
 DECODE_WARP_BODY = r"""
-  const int split = blk_x;
+  // Block 0 of each KV head computes the exact tokens' partial (sinks, the uncoded tail)
+  // from the start, alongside the others' tiles and off the critical path; blocks 1 to
+  // n_splits walk the coded tokens' splits.
+  const bool exact_block = blk_x == 0;
+  const int split = blk_x - 1;
   const int bh = blk_y;
   const int h = bh % HKV;
   const int total = coded_shape[0];
   const int cap = kwords_shape[2];
-  const int n_splits = grid_x;
+  const int n_splits = grid_x - 1;
   // The splits' partials share one output (each output of a launch costs host time in
   // MLX's call): per (KV head, split, query head) the unnormalised output, then all
   // their maxima, then all their sums; then the same for the exact tokens (one partial
@@ -724,7 +728,7 @@ DECODE_WARP_BODY = r"""
   const int per_split = ((total + n_splits - 1) / n_splits + STEP - 1) / STEP * STEP;
   constexpr int wk = WKS;  // = layout[1]
   const int pos0 = layout[4];
-  const int start = split * per_split;
+  const int start = exact_block ? total : split * per_split;  // (no tiles for block 0)
   const int stop = min(start + per_split, total);
   const int warp = tid / 32;
   const int lane = tid - warp * 32;
@@ -794,7 +798,7 @@ DECODE_WARP_BODY = r"""
   VX_STAMP(0);
   // 1. The basis (SBASIS), then the first tile's codes start loading before the set-up's
   // loads (independent); two groups, so the basis can be waited for alone.
-  if (SBASIS) {
+  if (SBASIS && !exact_block) {
     const unsigned int* bsrc = bfrag + h * BFW;
     if ((reinterpret_cast<unsigned long long>(bfrag) & 15ull) == 0) {
       for (int i = 4 * tid; i < BFW; i += 4 * NT) {
@@ -860,7 +864,7 @@ DECODE_WARP_BODY = r"""
   // BREG: the key basis's B fragments stay in this lane's registers for the whole split
   // (2 · D/8 · RKMAX/16 words: 64 at head_dim 64) instead of two loads per mma.
   unsigned int breg[BREG ? NTD : 1][BREG ? KS : 1][2];
-  if (BREG) {
+  if (BREG && !exact_block) {
     for (int nt = 0; nt < (BREG ? NTD : 1); nt++) {
       for (int ks = 0; ks < (BREG ? KS : 1); ks++) {
         const int fb = ((h * NTD + nt) * KS + ks) * 64 + lane;
@@ -1113,62 +1117,52 @@ DECODE_WARP_BODY = r"""
     buf ^= 1;
   }
   VX_STAMP(2);
-  // 7. Merge the warps' partials into the split's.
-  for (int g = 0; g < G; g++) {
-    // (QMMA: head g's running max and sum are lane (0, g / 2)'s, entry g % 2.)
-    if (QMMA ? lane == g / 2 : lane == 0) {
-      fin_m[warp][g] = m_run[QMMA ? g % 2 : g];
-      fin_l[warp][g] = l_run[QMMA ? g % 2 : g];
+  // 7. Merge the warps' partials into the split's (block 0 has none).
+  if (!exact_block) {
+    for (int g = 0; g < G; g++) {
+      // (QMMA: head g's running max and sum are lane (0, g / 2)'s, entry g % 2.)
+      if (QMMA ? lane == g / 2 : lane == 0) {
+        fin_m[warp][g] = m_run[QMMA ? g % 2 : g];
+        fin_l[warp][g] = l_run[QMMA ? g % 2 : g];
+      }
     }
-  }
-  for (int e = 0; e < 2; e++) {
-    const int hd = 2 * tig + e;
-    if (hd < G) {
-      for (int sl = 0; sl < NTD / 2; sl++) {
-        fin_o[warp][hd * D + sl * 16 + gid] = vacc[sl][e];
-        fin_o[warp][hd * D + sl * 16 + gid + 8] = vacc[sl][2 + e];
+    for (int e = 0; e < 2; e++) {
+      const int hd = 2 * tig + e;
+      if (hd < G) {
+        for (int sl = 0; sl < NTD / 2; sl++) {
+          fin_o[warp][hd * D + sl * 16 + gid] = vacc[sl][e];
+          fin_o[warp][hd * D + sl * 16 + gid + 8] = vacc[sl][2 + e];
+        }
+      }
+    }
+    VX_BARRIER();
+    for (int i = tid; i < G * D; i += NT) {
+      const int g = i / D;
+      const int d = i - g * D;
+      float top = -1e30f;
+      for (int w = 0; w < NW; w++) {
+        top = max(top, fin_m[w][g]);
+      }
+      float o = 0.0f;
+      float l = 0.0f;
+      for (int w = 0; w < NW; w++) {
+        const float f = vx_exp(fin_m[w][g] - top);
+        o += f * fin_o[w][i];
+        l += f * fin_l[w][g];
+      }
+      const int slot = (bh * n_splits + split) * G + g;
+      out[slot * D + d] = o;
+      if (d == 0) {
+        out_max[slot] = top;
+        out_sum[slot] = l;
       }
     }
   }
-  VX_BARRIER();
-  for (int i = tid; i < G * D; i += NT) {
-    const int g = i / D;
-    const int d = i - g * D;
-    float top = -1e30f;
-    for (int w = 0; w < NW; w++) {
-      top = max(top, fin_m[w][g]);
-    }
-    float o = 0.0f;
-    float l = 0.0f;
-    for (int w = 0; w < NW; w++) {
-      const float f = vx_exp(fin_m[w][g] - top);
-      o += f * fin_o[w][i];
-      l += f * fin_l[w][g];
-    }
-    const int slot = (bh * n_splits + split) * G + g;
-    out[slot * D + d] = o;
-    if (d == 0) {
-      out_max[slot] = top;
-      out_sum[slot] = l;
-    }
-  }
-  // 8. The exact tokens (sinks, the uncoded tail) are one more partial, computed by the
-  // first block of this KV head to finish its tiles (off the critical path while the
-  // others still run); the last to arrive merges every split with it and normalises: one
-  // launch per decode step. ``counter`` counts n_splits + 1 arrivals (the first block
-  // arrives again once its exact partial is written) and is zero before and after every
-  // launch (the last block resets it).
-  VX_SHARED int is_first;
-  VX_SHARED int is_last;
-  VX_STAMP(3);
-  vx_threadfence();
-  VX_BARRIER();
-  if (tid == 0) {
-    const int arrived = atomicAdd(const_cast<int*>(counter) + bh, 1);
-    is_first = arrived == 0;
-    is_last = arrived == n_splits;
-  }
-  VX_BARRIER();
+  // 8. The exact tokens (sinks, the uncoded tail) are one more partial, block 0's
+  // (computed while the others walk their tiles); the last of the n_splits + 1 blocks to
+  // arrive merges every split with it and normalises: one launch per decode step.
+  // ``counter`` counts the arrivals and is zero before and after every launch (the last
+  // block resets it).
   const int E = cmeta[0];
   const int EC = cmeta[1];  // the exact buffers' capacity (tokens per head)
   // The merge's scratch lives in the key tile buffers (dead by now) where it fits.
@@ -1179,7 +1173,7 @@ DECODE_WARP_BODY = r"""
   float* wsplit = pexact + G * MAXE;
   float* head_total = wsplit + G * MAXS;
   float* wexact = head_total + G;
-  if (is_first) {
+  if (exact_block) {
     // Exact tokens' scores: a thread per (head, token), all of its loads at once (the
     // query, scaled, from shared memory in pair order; the key's dims in that order).
     for (int i = tid; i < G * E; i += NT) {
@@ -1243,20 +1237,21 @@ DECODE_WARP_BODY = r"""
         ex_out[(bh * G + g) * D + tid] = ex[g];
       }
     }
-    vx_threadfence();
-    VX_BARRIER();
-    VX_STAMP(9);
-    if (tid == 0) {
-      is_last = atomicAdd(const_cast<int*>(counter) + bh, 1) == n_splits;
-    }
-    VX_BARRIER();
   }
+  VX_SHARED int is_last;
+  VX_STAMP(3);
+  vx_threadfence();
+  VX_BARRIER();
+  if (tid == 0) {
+    is_last = atomicAdd(const_cast<int*>(counter) + bh, 1) == n_splits;
+  }
+  VX_BARRIER();
   if (!is_last) {
     return;
   }
   VX_STAMP(4);
   vx_threadfence();
-  VX_STAMP(5);  // (the exact tokens' scores were here before they moved to the first block)
+  VX_STAMP(5);  // (the exact tokens' scores were here before they moved to block 0)
   // Per head (a warp each): the largest maximum, then every split's and the exact
   // tokens' weight relative to it, and their sums — every load issued at once.
   for (int g = warp; g < G; g += NW) {
@@ -1352,28 +1347,51 @@ DECODE_WARP_BODY = r"""
     VX_BARRIER();
   }
   VX_STAMP(7);
-  if (VHAD) {
-    // Values were coded as v·H/sqrt(D) (Sylvester Hadamard): turn the output back with
-    // an in-place fast Walsh-Hadamard transform per head; 1/sqrt(D) is applied below.
-    for (int len = 1; len < D; len <<= 1) {
-      for (int i = tid; i < G * D / 2; i += NT) {
-        const int g = i / (D / 2);
-        const int k = i - g * (D / 2);
-        const int lo = g * D + (k / len) * 2 * len + (k % len);
-        const float a = merged[lo];
-        const float b = merged[lo + len];
-        merged[lo] = a + b;
-        merged[lo + len] = a - b;
-      }
-      VX_BARRIER();
+  // The output, a warp per query head (lane: dims lane, lane + 32, ...), in registers and
+  // without block barriers: +vh values were coded as v·H/sqrt(D) (Sylvester Hadamard), so
+  // the merged output turns back by a fast Walsh-Hadamard transform (butterflies of
+  // stride below 32 across lanes by shuffles, the rest between a lane's own dims);
+  // 1/sqrt(D) goes with the normalisation, and the exact partial, never rotated, is added
+  // after it.
+  constexpr int DL = (D + 31) / 32;
+  for (int g = warp; g < G; g += NW) {
+    float x[DL];
+#pragma unroll
+    for (int j = 0; j < DL; j++) {
+      const int d = lane + 32 * j;
+      x[j] = d < D ? merged[g * D + d] : 0.0f;
     }
-  }
-  if (tid < D) {
+    if (VHAD) {
+#pragma unroll
+      for (int len = 1; len < D && len < 32; len <<= 1) {
+#pragma unroll
+        for (int j = 0; j < DL; j++) {
+          const float y = VX_SHFL_XOR(x[j], len);
+          x[j] = (lane & len) ? y - x[j] : x[j] + y;
+        }
+      }
+#pragma unroll
+      for (int m = 1; m < DL; m <<= 1) {
+#pragma unroll
+        for (int j = 0; j < DL; j++) {
+          if ((j & m) == 0 && j + m < DL) {
+            const float a = x[j];
+            x[j] = a + x[j + m];
+            x[j + m] = a - x[j + m];
+          }
+        }
+      }
+    }
     const float back = VHAD ? 1.0f / sqrtf((float)D) : 1.0f;
-    for (int g = 0; g < G; g++) {
-      const float o = merged[g * D + tid] * back
-                      + wexact[g] * vx_ld_cg(ex_out + (bh * G + g) * D + tid);
-      result[(bh * G + g) * D + tid] = static_cast<T>(o / head_total[g]);
+    const float we = wexact[g];
+    const float total_g = head_total[g];
+#pragma unroll
+    for (int j = 0; j < DL; j++) {
+      const int d = lane + 32 * j;
+      if (d < D) {
+        const float o = x[j] * back + we * vx_ld_cg(ex_out + (bh * G + g) * D + d);
+        result[(bh * G + g) * D + d] = static_cast<T>(o / total_g);
+      }
     }
   }
   if (tid == 0) {

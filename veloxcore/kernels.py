@@ -46,9 +46,11 @@ MAX_WARP_GROUP = 8  # query heads per KV head: columns 0-7 of the warp-tiled ker
 WARP_MAX_EXACT = 100
 WARP_MAX_SPLITS = 128  # splits per KV head the warp-tiled kernel's last block merges
 # float4 loads in flight per thread when that block merges the splits' outputs (the merge
-# waits on L2 round trips: 128 splits of 3 query heads at head_dim 64 are 96 KB).
+# waits on L2 round trips: 128 splits of 3 query heads at head_dim 64 are 96 KB). H200,
+# kernel span by timestamps, 8 / 16 / 32: default-model shape at 16k 18.4 / 17.7 / 19.7
+# µs, at 64k 33.0 / 32.3 / 34.1; 8B shape at 16k 60.3 / 59.6 / 60.9 (BENCHMARKS.md).
 # Tunable for profiling.
-WARP_MERGE_LOADS = int(os.environ.get("VELOX_WARP_MERGE_LOADS", "8"))
+WARP_MERGE_LOADS = int(os.environ.get("VELOX_WARP_MERGE_LOADS", "16"))
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
 WARP_SHARED_LIMIT = 48 * 1024 - 256
 # The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
@@ -612,11 +614,12 @@ class SpectralKernels:
                     ("UNROLL_NT", WARP_UNROLL or (D // 8 if D <= 64 else 4)),
                     ("BREG", breg), ("SBASIS", sbasis), ("QMMA", WARP_QMMA and D % 16 == 0)]
         call = dict(
-            grid=(32 * WARPS * splits, B * H, 1), threadgroup=(32 * WARPS, 1, 1),
+            # Block 0 of each KV head takes the exact tokens, blocks 1 to splits the codes.
+            grid=(32 * WARPS * (splits + 1), B * H, 1), threadgroup=(32 * WARPS, 1, 1),
             # The splits' partials and the exact tokens' in one buffer
             # (kernel_source.DECODE_WARP_BODY).
             output_shapes=[(B * H * (splits + 1) * G * (D + 2),), (B, Hq, 1, D)]
-            + [(B * H * splits, 32)] * stamps,
+            + [(B * H * (splits + 1), 32)] * stamps,
             output_dtypes=[mx.float32, dtype] + [mx.uint32] * stamps)
         if stamps:
             call["init_value"] = 0
@@ -848,7 +851,7 @@ def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_wor
              + WARPS * 2 * (2 * sbw + 8)  # staged value scales, biases, key token scales
              + WARPS * 64 + 2 * WARPS * G + WARPS * G * D  # P, warp max/sum/output
              + (1 if merge <= key_tiles else merge)  # merge scratch (in the key tiles)
-             + 2)  # is_first, is_last
+             + 1)  # is_last
     return 4 * words
 
 
