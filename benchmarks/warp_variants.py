@@ -44,6 +44,8 @@ VARIANTS = {
     "merge-loads32": {"WARP_MERGE_LOADS": 32},
     # Scores as FMAs in registers (the choice before scores on tensor cores).
     "fma-scores": {"WARP_QMMA": False},
+    # Every key column decoded on its own (no key pair table).
+    "no-key-pairs": {"WARP_KEY_PAIRS": 0},
 }
 
 

@@ -461,6 +461,69 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
+def test_key_pair_tables_decode_a_pair_of_columns_as_their_two_levels():
+    """A pair's code (the two columns' adjacent bits, low column first) indexes an fp16
+    pair of the two unit levels; pairs past the capacity (widest last) decode column by
+    column (base -1)."""
+    rng = np.random.default_rng(5)
+    H, r = 2, 16
+    bits = rng.integers(1, 9, size=(H, r))
+    bits[:, -3:] = 0  # padding columns, as _compact leaves them
+    shift = np.concatenate([np.zeros((H, 1), np.int64), np.cumsum(bits, 1)[:, :-1]], 1)
+    shift[bits == 0] = 0
+    codes = rng.integers(0, 1 << 8, size=(H, r)) & ((1 << bits) - 1)
+    words = np.zeros((H, 6), dtype=np.uint64)  # a token's bits, low first, one spare word
+    for h in range(H):
+        for c in range(r):
+            w, o = divmod(int(shift[h, c]), 32)
+            both = int(codes[h, c]) << o
+            words[h, w] |= np.uint64(both & 0xFFFFFFFF)
+            words[h, w + 1] |= np.uint64(both >> 32)
+    kpair, table = kernels.key_pair_tables(bits, shift, capacity=4096)
+    assert table.size <= 4096 and (kpair[..., 3] == -1).any() and (kpair[..., 3] >= 0).any()
+    levels = kernels.unit_codebook()
+    for h in range(H):
+        for i in range(r // 2):
+            word, offset, mask, base = kpair[h, i]
+            if base < 0:
+                assert bits[h, 2 * i] + bits[h, 2 * i + 1] > 8
+                continue
+            both = (int(words[h, word]) | int(words[h, word + 1]) << 32) >> int(offset)
+            pair = np.array([table[base + (both & int(mask))]], np.uint32).view(np.float16)
+            for k, c in enumerate((2 * i, 2 * i + 1)):
+                want = (levels[(1 << bits[h, c]) - 2 + codes[h, c]] if bits[h, c] else 0.0)
+                assert pair[k] == np.float16(want)
+    assert kernels.key_pair_tables(np.full((1, 2), 8), np.array([[0, 8]]), 1000) is None
+
+
+@pytest.mark.parametrize("where", ["emulated"] + (["cuda"] if BACKEND == "cuda" else []))
+@pytest.mark.parametrize("capacity", [0, 64, 2048])
+def test_warp_kernel_decodes_key_pairs_from_the_table_or_column_by_column(monkeypatch,
+                                                                        capacity, where):
+    """The warp-tiled kernel's key pairs: none (column by column), a few narrow pairs from
+    the table and the rest column by column, or all from the table; the attention is the
+    reference's either way."""
+    if where == "emulated":
+        if compiler() is None:
+            pytest.skip("no C++ compiler for the kernel emulator")
+        use_emulator(monkeypatch)
+    monkeypatch.setattr(kernels, "WARP_KEY_PAIRS", capacity)
+    rng = np.random.default_rng(21)
+    cache = filled(make_cache(rng, 2, 64, "pre", "affine-rotated", True), rng, 300)
+    q = mx.array(rng.normal(size=(1, 6, 1, 64)).astype(np.float16))
+    expected = reference_attend(cache, q, 0.125)
+    cache.use_kernels(where)
+    assert cache.kernels.warp_decode(q)
+    words, bases = cache.kernels.key_pair_words, np.array(cache.kernels.kpair)
+    if capacity == 0:
+        assert words == 0
+    else:
+        assert 0 < words <= capacity and (bases.ndim == 3) and (bases[..., 3] >= 0).any()
+        assert (bases[..., 3] == -1).any() == (capacity == 64)
+    got = np.array(cache.attend(q, 0.125).astype(mx.float32))
+    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "reversed"])
 def test_warp_kernel_result_does_not_depend_on_which_block_finishes_first(monkeypatch,
                                                                          reverse):
@@ -668,7 +731,8 @@ def test_warp_kernel_reads_its_basis_from_registers_shared_memory_or_memory(
     key_words = cache.kernels.key_words
     basis = 2 * dim * cache.kernels.key_rank
     dynamic = basis + 4 * 4 * 2 * (16 * key_words + 4 + 16 * dim * 4 // 32 + 4)
-    static = kernels.warp_shared_bytes(dim, 3, 4, 64, key_words, tiles=False)
+    static = kernels.warp_shared_bytes(dim, 3, 4, 64, key_words, tiles=False,
+                                       pair_words=cache.kernels.key_pair_words)
     if place != "shared":
         assert shared_memory == 0
     elif static + dynamic > 48 * 1024 - 256:  # MLX raises the limit past 48,000 B only

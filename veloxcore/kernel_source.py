@@ -240,9 +240,11 @@ __device__ inline int vx_key_column(int bits, int shift) {
 // The same with the column unpacked once per block as (word, bit offset in it, mask,
 // table base), so that a tile's decode extracts no fields (one 16-byte shared load a
 // column, 16 bytes of shared memory instead of 4): w is the token's first word.
+__device__ inline unsigned int vx_code4(const unsigned int* w, int4 col) {
+  return __funnelshift_r(w[col.x], w[col.x + 1], col.y) & (unsigned int)col.z;
+}
 __device__ inline float vx_level_col4(const unsigned int* w, int4 col, const float* table) {
-  const unsigned int code = __funnelshift_r(w[col.x], w[col.x + 1], col.y) & (unsigned int)col.z;
-  return table[col.w + (int)code];
+  return table[col.w + (int)vx_code4(w, col)];
 }
 __device__ inline int4 vx_key_column4(int bits, int shift) {
   return bits > 0 ? make_int4(shift >> 5, shift & 31, (1 << bits) - 1, (1 << bits) - 2)
@@ -695,10 +697,13 @@ DECODE_BODY = r"""
 # 8-dim slices: fewer registers when small), BREG (the basis fragments held in registers),
 # SBASIS (else in dynamic shared memory, 2 · D · RKMAX bytes; neither: read from bfrag),
 # QMMA (the scores against the query heads on tensor cores too; else in registers, FMA by
-# FMA).
+# FMA), KPAIR (words of the key pair table, ptab: 0, none).
 # bfrag: the basis, each column times its scale, as B fragments, ((h · D/8 + n-tile) ·
 # RKMAX/16 + k-step) · 64 + reg · 32 + lane; kbits/kshift: per compacted column (H, RKMAX);
-# key_mean, rope in RoPE pair order.
+# key_mean, rope in RoPE pair order. kpair (H, RKMAX/2, 4): per pair of compacted key
+# columns (2i, 2i + 1), adjacent in a token's bits, their codes' word, bit offset, mask and
+# base in ptab, a table of the pair's levels as fp16 pairs (an mma A register), or base -1
+# where the pair's table did not fit (kernels.key_pair_tables).
 DECODE_WARP_BODY = r"""
   // Block 0 of each KV head computes the exact tokens' partial (sinks, the uncoded tail)
   // from the start, alongside the others' tiles and off the critical path; blocks 1 to
@@ -749,8 +754,13 @@ DECODE_WARP_BODY = r"""
   // vx_key_column4, two to four instructions fewer per coefficient). The columns'
   // scales are folded into the basis fragments (bfrag) on the host.
   constexpr bool KCOL4 = D <= 64;
+  static_assert(!KPAIR || KCOL4, "a pair too wide for the table decodes from kcol4");
   VX_SHARED int kcol[KCOL4 ? 1 : RKMAX];
   VX_ALIGN16 VX_SHARED int4 kcol4[KCOL4 ? RKMAX : 1];
+  // KPAIR: each pair of key columns decodes with one lookup into a table of fp16 pairs
+  // (both levels, packed as the A fragment wants them) instead of two levels and a pack.
+  VX_SHARED unsigned int ptab_s[KPAIR ? KPAIR : 1];
+  VX_ALIGN16 VX_SHARED int4 kpair4[KPAIR ? RKMAX / 2 : 1];
   VX_SHARED int perm_s[D];  // RoPE pair order -> dims (the exact keys' order)
   // RoPE by position P = P0 + r (P0 the tile's first token, r < 16): the query turns by
   // -P0·θ once per tile (per warp, into fin_o), the keys by r·θ from a table of (cos,
@@ -810,6 +820,11 @@ DECODE_WARP_BODY = r"""
       }
     }
   }
+  if (KPAIR && !exact_block) {
+    for (int i = tid; i < KPAIR; i += NT) {
+      vx_cp_async4(ptab_s + i, ptab + i);
+    }
+  }
   vx_cp_commit();
   int buf = 0;
   if (start + warp * 16 < stop) {
@@ -831,6 +846,10 @@ DECODE_WARP_BODY = r"""
     } else {
       kcol[i] = vx_key_column(kbits[h * RKMAX + i], kshift[h * RKMAX + i]);
     }
+  }
+  for (int i = tid; i < (KPAIR ? RKMAX / 2 : 0); i += NT) {
+    const int* kp = kpair + (h * (RKMAX / 2) + i) * 4;
+    kpair4[i] = make_int4(kp[0], kp[1], kp[2], kp[3]);
   }
   for (int i = tid; i < ROT_ROWS * (D / 2); i += NT) {
     const int r = i / (D / 2);
@@ -936,6 +955,27 @@ DECODE_WARP_BODY = r"""
     const float ts1 = KTS ? VX_HALF(kts[gid + 8]) : 1.0f;
     unsigned int afrag[KS][4];
     for (int ks = 0; ks < KS; ks++) {
+      if (KPAIR) {
+        // Registers 0 / 1: columns (2 tig, +1) of the step for tokens gid / gid + 8 (pair
+        // 8 ks + tig); registers 2 / 3 the same for columns + 8 (pair + 4).
+        for (int half = 0; half < 2; half++) {
+          const int pi = ks * 8 + half * 4 + tig;
+          const int4 pr = kpair4[pi];
+          if (pr.w >= 0) {
+            afrag[ks][2 * half] = ptab_s[pr.w + (int)vx_code4(kw + gid * wk, pr)];
+            afrag[ks][2 * half + 1] = ptab_s[pr.w + (int)vx_code4(kw + (gid + 8) * wk, pr)];
+          } else {  // a pair too wide for the table: two levels, as without KPAIR
+            const int4 ca = kcol4[2 * pi];
+            const int4 cb = kcol4[2 * pi + 1];
+            afrag[ks][2 * half] = vx_pack_half2(vx_level_col4(kw + gid * wk, ca, table),
+                                                vx_level_col4(kw + gid * wk, cb, table));
+            afrag[ks][2 * half + 1] =
+                vx_pack_half2(vx_level_col4(kw + (gid + 8) * wk, ca, table),
+                              vx_level_col4(kw + (gid + 8) * wk, cb, table));
+          }
+        }
+        continue;
+      }
       float c[8];
       for (int e = 0; e < 4; e++) {
         const int ci = ks * 16 + 2 * tig + (e & 1) + (e >> 1) * 8;
@@ -1670,7 +1710,8 @@ DECODE_INPUTS = ["q", "perm", "params", "coded", "layout", "basis_mma", "kwords"
 DECODE_OUTPUTS = ["out", "out_max", "out_sum"]
 DECODE_WARP_INPUTS = ["q", "perm", "params", "coded", "layout", "bfrag", "kwords", "ktok",
                       "kbits", "kshift", "key_mean", "rope", "vwords", "vscales",
-                      "vbiases", "codebook", "ek", "ev", "cmeta", "counter", "after"]
+                      "vbiases", "codebook", "kpair", "ptab", "ek", "ev", "cmeta", "counter",
+                      "after"]
 DECODE_WARP_OUTPUTS = ["partials", "result"]
 COMBINE_INPUTS = ["q", "out", "out_max", "out_sum", "ek", "ev", "vback", "vmean", "params",
                   "cmeta"]

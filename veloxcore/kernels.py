@@ -51,6 +51,11 @@ WARP_MAX_SPLITS = 128  # splits per KV head the warp-tiled kernel's last block m
 # µs, at 64k 33.0 / 32.3 / 34.1; 8B shape at 16k 60.3 / 59.6 / 60.9 (BENCHMARKS.md).
 # Tunable for profiling.
 WARP_MERGE_LOADS = int(os.environ.get("VELOX_WARP_MERGE_LOADS", "16"))
+# Entries (fp16 pairs, 4 bytes each) of the warp-tiled kernel's key pair table: each pair
+# of adjacent key columns decodes with one shared-memory lookup instead of two lookups and
+# a pack; the narrowest pairs' widths fit first, wider ones decode column by column. Up to
+# head_dim 64 only (beyond, shared memory is spoken for). 0: off (comparisons).
+WARP_KEY_PAIRS = int(os.environ.get("VELOX_WARP_KEY_PAIRS", "2048"))
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
 WARP_SHARED_LIMIT = 48 * 1024 - 256
 # The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
@@ -325,6 +330,40 @@ def _coder_arrays(coder, columns, valid):
             as_mx(scale.astype(np.float32)))
 
 
+def key_pair_tables(bits: np.ndarray, shift: np.ndarray, capacity: int):
+    """The warp-tiled kernel's key decode by pairs of compacted columns (2i, 2i + 1), whose
+    codes are adjacent in a token's bits (low bits first): per width pair (a, b), a table
+    of 2^(a+b) fp16 pairs (level of the low code, level of the high one: unit codebook
+    levels, 0 for a padding column), the narrowest widths first while ``capacity`` entries
+    last. Returns (kpair (H, r/2, 4) int32: word, bit offset, mask, table base or -1 where
+    the pair decodes column by column; table (n,) uint32), or None where no table fits."""
+    lo_bits, hi_bits = bits[:, 0::2], bits[:, 1::2]
+    widths = sorted({(int(a), int(b)) for a, b in zip(lo_bits.ravel(), hi_bits.ravel(),
+                                                      strict=True)},
+                    key=lambda ab: (ab[0] + ab[1], ab))
+    levels = unit_codebook()
+    base: dict[tuple[int, int], int] = {}
+    tables = []
+    size = 0
+    for a, b in widths:
+        n = 1 << (a + b)
+        if size + n > capacity:
+            break
+        codes = np.arange(n)
+        low = levels[(1 << a) - 2 + (codes & ((1 << a) - 1))] if a else np.zeros(n)
+        high = levels[(1 << b) - 2 + (codes >> a)] if b else np.zeros(n)
+        tables.append(np.stack([low, high], axis=-1).astype(np.float16).view(np.uint32)[:, 0])
+        base[(a, b)] = size
+        size += n
+    if not base:
+        return None
+    offset = shift[:, 0::2]
+    kpair = np.stack([offset >> 5, offset & 31, (1 << (lo_bits + hi_bits)) - 1,
+                      np.vectorize(lambda a, b: base.get((int(a), int(b)), -1),
+                                   otypes=[np.int64])(lo_bits, hi_bits)], axis=-1)
+    return kpair.astype(np.int32), np.concatenate(tables)
+
+
 class SpectralKernels:
     """Kernel-ready layout of one SpectralKVCache layer (see kernel_source)."""
 
@@ -344,6 +383,12 @@ class SpectralKernels:
         self.mma = self.pre and self.backend in ("cuda", "emulated")
         self.kbits, self.kshift, self.kscale = _coder_arrays(coder, columns, valid)
         self.key_words = coder.words
+        # The warp-tiled kernel's key pair table (kernel_source.DECODE_WARP_BODY, KPAIR).
+        pairs = (key_pair_tables(np.array(self.kbits), np.array(self.kshift), WARP_KEY_PAIRS)
+                 if D <= 64 and WARP_KEY_PAIRS > 0 else None)
+        self.key_pair_words = 0 if pairs is None else pairs[1].size
+        self.kpair = kernel_input([0], mx.int32) if pairs is None else as_mx(pairs[0])
+        self.ptab = kernel_input([0], mx.uint32) if pairs is None else as_mx(pairs[1])
         basis = np.array(cache.key_basis)  # (H, D, D): original dims x coefficients
         decoder = np.array(cache.key_decoder)  # the same unless metric-weighted
         mean = np.array(cache.key_mean).reshape(H, D)
@@ -479,7 +524,8 @@ class SpectralKernels:
                 # (the kernel's P·V takes 16 dims, and one value group, at a time)
                 and self.dims % 16 == 0 and self.value_affine[1] % 16 == 0
                 and (self.value_back is None or self.value_hadamard)
-                and warp_shared_bytes(self.dims, G, *self.value_affine, self.key_words)
+                and warp_shared_bytes(self.dims, G, *self.value_affine, self.key_words,
+                                      pair_words=self.key_pair_words)
                 <= WARP_SHARED_LIMIT)
         return WARP_DECODE and self._warp_fits[G]
 
@@ -605,14 +651,16 @@ class SpectralKernels:
                                 self.value_words, pos0)
         fixed = [self.perm_mx, self._constant(mx.float32, scale), self._length(coded), layout,
                  self.bfrag, parts[0], ktok, self.kbits, self.kshift,
-                 self.key_mean_pairs, self.rope, *vparts, self.codebook]
+                 self.key_mean_pairs, self.rope, *vparts, self.codebook, self.kpair,
+                 self.ptab]
         template = [("T", dtype), ("D", D), ("G", G), ("HKV", H), ("NW", WARPS),
                     ("NT", 32 * WARPS), ("RKMAX", self.key_rank), ("WKS", self.key_words),
                     ("KTS", self.key_token_scale), ("VB", vb), ("VG", vg),
                     ("MAXE", WARP_MAX_EXACT), ("MAXS", WARP_MAX_SPLITS),
                     ("ML", WARP_MERGE_LOADS), ("VHAD", self.value_back is not None),
                     ("UNROLL_NT", WARP_UNROLL or (D // 8 if D <= 64 else 4)),
-                    ("BREG", breg), ("SBASIS", sbasis), ("QMMA", WARP_QMMA and D % 16 == 0)]
+                    ("BREG", breg), ("SBASIS", sbasis), ("QMMA", WARP_QMMA and D % 16 == 0),
+                    ("KPAIR", self.key_pair_words)]
         call = dict(
             # Block 0 of each KV head takes the exact tokens, blocks 1 to splits the codes.
             grid=(32 * WARPS * (splits + 1), B * H, 1), threadgroup=(32 * WARPS, 1, 1),
@@ -625,7 +673,8 @@ class SpectralKernels:
             call["init_value"] = 0
         kernel = _launcher(self.backend, "decode_warp_stamps" if stamps else "decode_warp",
                            template,
-                           warp_dynamic_bytes(D, G, vb, vg, self.key_rank, self.key_words)
+                           warp_dynamic_bytes(D, G, vb, vg, self.key_rank, self.key_words,
+                                              self.key_pair_words)
                            if sbasis else 0)
         # The whole input list; _launch_warp fills the query (first), the exact tokens and
         # their count (fifth to third from the end) and the previous launch (last).
@@ -833,10 +882,11 @@ def _warp_tile_words(D: int, value_bits: int, key_words: int) -> int:
 
 
 def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_words: int,
-                      tiles: bool = True) -> int:
+                      tiles: bool = True, pair_words: int = 0) -> int:
     """Static shared memory of the warp-tiled kernel (the VX_SHARED arrays of
     kernel_source.DECODE_WARP_BODY, in their order); without the word buffers
-    (``tiles=False``) where they sit in dynamic shared memory (SBASIS launches)."""
+    (``tiles=False``) where they sit in dynamic shared memory (SBASIS launches);
+    ``pair_words``: the key pair table's entries (KPAIR)."""
     sbw = 16 * (D // value_group) // 2
     key_tiles = WARPS * 2 * (16 * key_words + 4)
     merge = G * WARP_MAX_EXACT + G * WARP_MAX_SPLITS + 2 * G
@@ -844,6 +894,8 @@ def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_wor
              # key columns (RKMAX <= D; unpacked up to 64), with the unused layout's
              # one-element array (an int4 may be padded to 16 bytes)
              + (4 * D + 1 if D <= 64 else D + 7)
+             # the key pair table and its pairs' int4s (RKMAX / 2 <= D / 2), or one of each
+             + (pair_words + 2 * D if pair_words else 5)
              # RoPE rows 0-15 (and the unused step's one float2), or rows 0-7 and the step
              + (16 * (D + 8) + 2 if D <= 64 else 8 * (D + 8) + D)
              + D  # the key mean
@@ -856,7 +908,7 @@ def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_wor
 
 
 def warp_dynamic_bytes(D: int, G: int, value_bits: int, value_group: int, rank: int,
-                       key_words: int) -> int:
+                       key_words: int, pair_words: int = 0) -> int:
     """Dynamic shared memory of a warp-tiled launch with the basis in shared memory
     (SBASIS): the basis (2 · D · rank bytes) and the staged key and value words. A block
     may use more than 48 KiB in all only once the kernel's limit is raised, which MLX
@@ -865,9 +917,11 @@ def warp_dynamic_bytes(D: int, G: int, value_bits: int, value_group: int, rank: 
     H200: 21.14 kB static; the static estimate is within WARP_SHARED_LIMIT's margin of the
     compiler's) the request is padded to that. MLX sets the limit when it
     first loads a kernel, keyed by name and template arguments: the request must depend on
-    nothing else (here D, G, value bits and group, RKMAX and the key words)."""
+    nothing else (here D, G, value bits and group, RKMAX, the key words and the pair
+    table's entries, all template arguments)."""
     dynamic = 2 * D * rank + 4 * _warp_tile_words(D, value_bits, key_words)
-    static = warp_shared_bytes(D, G, value_bits, value_group, key_words, tiles=False)
+    static = warp_shared_bytes(D, G, value_bits, value_group, key_words, tiles=False,
+                               pair_words=pair_words)
     if static + dynamic <= WARP_SHARED_LIMIT:
         return dynamic
     return max(dynamic, 48016)
