@@ -44,8 +44,9 @@ VARIANTS = {
     "merge-loads32": {"WARP_MERGE_LOADS": 32},
     # Scores as FMAs in registers (the choice before scores on tensor cores).
     "fma-scores": {"WARP_QMMA": False},
-    # Every key column decoded on its own (no key pair table).
-    "no-key-pairs": {"WARP_KEY_PAIRS": 0},
+    # Key column pairs decoded from a table (off by default).
+    "key-pairs2048": {"WARP_KEY_PAIRS": 2048},
+    "key-pairs512": {"WARP_KEY_PAIRS": 512},
 }
 
 

@@ -54,8 +54,12 @@ WARP_MERGE_LOADS = int(os.environ.get("VELOX_WARP_MERGE_LOADS", "16"))
 # Entries (fp16 pairs, 4 bytes each) of the warp-tiled kernel's key pair table: each pair
 # of adjacent key columns decodes with one shared-memory lookup instead of two lookups and
 # a pack; the narrowest pairs' widths fit first, wider ones decode column by column. Up to
-# head_dim 64 only (beyond, shared memory is spoken for). 0: off (comparisons).
-WARP_KEY_PAIRS = int(os.environ.get("VELOX_WARP_KEY_PAIRS", "2048"))
+# head_dim 64 only (beyond, shared memory is spoken for). Off (0) by default: with 2,048
+# entries the kernel ran 13% fewer instructions but no faster (H200, kernel alone: 1B
+# shape at 64k 83.0 -> 83.8 µs, default-model shape at 16k 18.1 -> 19.1; its warps wait
+# on dependent shared-memory loads with ~2 warps a scheduler, and every block copies the
+# table; BENCHMARKS.md, "Key pairs from a table").
+WARP_KEY_PAIRS = int(os.environ.get("VELOX_WARP_KEY_PAIRS", "0"))
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
 WARP_SHARED_LIMIT = 48 * 1024 - 256
 # The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
