@@ -461,6 +461,15 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
+def warp_case(rng, tokens):
+    """A cache the warp-tiled kernel takes (2 KV heads at head_dim 64, 3 query heads
+    each, +vh values, per-token key scales) filled with ``tokens``, a query, and the
+    reference's attention (scale 1/8)."""
+    cache = filled(make_cache(rng, 2, 64, "pre", "affine-rotated", True), rng, tokens)
+    q = mx.array(rng.normal(size=(1, 6, 1, 64)).astype(np.float16))
+    return cache, q, reference_attend(cache, q, 0.125)
+
+
 def test_key_pair_tables_decode_a_pair_of_columns_as_their_two_levels():
     """A pair's code (the two columns' adjacent bits, low column first) indexes an fp16
     pair of the two unit levels; pairs past the capacity (widest last) decode column by
@@ -508,10 +517,7 @@ def test_warp_kernel_decodes_key_pairs_from_the_table_or_column_by_column(monkey
             pytest.skip("no C++ compiler for the kernel emulator")
         use_emulator(monkeypatch)
     monkeypatch.setattr(kernels, "WARP_KEY_PAIRS", capacity)
-    rng = np.random.default_rng(21)
-    cache = filled(make_cache(rng, 2, 64, "pre", "affine-rotated", True), rng, 300)
-    q = mx.array(rng.normal(size=(1, 6, 1, 64)).astype(np.float16))
-    expected = reference_attend(cache, q, 0.125)
+    cache, q, expected = warp_case(np.random.default_rng(21), 300)
     cache.use_kernels(where)
     assert cache.kernels.warp_decode(q)
     words, bases = cache.kernels.key_pair_words, np.array(cache.kernels.kpair)
@@ -537,10 +543,7 @@ def test_warp_kernel_result_does_not_depend_on_which_block_finishes_first(monkey
         pytest.skip("no C++ compiler for the kernel emulator")
     use_emulator(monkeypatch)
     monkeypatch.setattr(cuda_emulator, "REVERSE_BLOCKS", reverse)
-    rng = np.random.default_rng(13)
-    cache = filled(make_cache(rng, 2, 64, "pre", "affine-rotated", True), rng, 600)
-    q = mx.array(rng.normal(size=(1, 6, 1, 64)).astype(np.float16))
-    expected = reference_attend(cache, q, 0.125)
+    cache, q, expected = warp_case(np.random.default_rng(13), 600)
     cache.use_kernels("emulated")
     assert cache.kernels.warp_decode(q) and cache.num_exact > 0
     assert kernels.warp_splits(cache.coded, 2)[0] > 2
