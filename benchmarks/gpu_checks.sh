@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in the order they matter (run on the lent H100/H200 after
 # staging MLX CUDA and the default model: ../shared/device/prepare-mlx-cuda.sh --with-model).
-#   bash benchmarks/gpu_checks.sh OUT_DIR [smoke|tests|decode|e2e|phases|scores|hostcost|kernel-ab|quality]...
+#   bash benchmarks/gpu_checks.sh OUT_DIR [smoke|tests|decode|e2e|phases|scores|hostcost|kernel-ab|variants|quality]...
 #   (default: tests, decode, quality)
 # smoke:   seconds: the kernel self-test and 70 fused decode steps against the reference
 # tests:   the fused kernels against the pure-MLX reference (tests/test_kernels.py)
@@ -19,6 +19,9 @@
 # kernel-ab: Nsight Compute of the warp-tiled kernel alone, this tree against BASE (a folder
 #          holding another commit's veloxcore/ and benchmarks/, e.g. `git archive C
 #          veloxcore benchmarks assets/bundles | tar -x -C DIR`), in one lease
+# variants: the warp-tiled kernel's reordered tile loops and key pair table against the
+#          default, by timestamps (warp_variants.py; default-model, 1B and 8B shapes at 16k
+#          and 64k)
 # quality: the 8k sweep of the default configuration and its neighbours at <= 3.5 bits
 #          (QUALITY_METHODS overrides the list)
 set -euo pipefail
@@ -69,6 +72,10 @@ for part in $parts; do
       NO_SASS=1 BASE=${BASE:?kernel-ab needs BASE=DIR} bash benchmarks/ncu_warp.sh "$out/ab" \
         smollm2:16384 smollm2:65536 1b:65536 8b:16384 \
         | grep -E "^==|Duration|Executed Instructions  |Registers Per" ;;
+    variants)
+      python3 benchmarks/warp_variants.py --shapes smollm2,1b,8b --contexts 16384,65536 \
+        --variants base,values-early,keys-early,both-early,key-pairs2048 --rounds 2 \
+        --out "$out/variants" | grep -v '^{' ;;
     quality)
       python3 benchmarks/quality.py --model /root/models/SmolLM2-135M-Instruct.Q4_1.gguf \
         --bundle assets/bundles/smollm2-135m-instruct-pre --ctx 8192 --decode-tokens 16 \

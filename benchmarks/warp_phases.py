@@ -36,8 +36,8 @@ from veloxcore.kernels import kernel_backend
 mx = __import__("mlx.core").core  # after veloxcore (OpenBLAS preload on Linux)
 from mlx_lm.models import llama  # noqa: E402
 
-PHASES = ["set-up", "tiles", "partial", "last?", "exact scores", "head sums",
-          "coded merge", "result"]
+PHASES = ["set-up", "tiles", "partial", "last?", "fence", "head sums", "coded merge",
+          "result"]
 
 
 def launch_phases(stamps: np.ndarray, heads: int) -> dict:

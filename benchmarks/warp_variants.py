@@ -47,6 +47,11 @@ VARIANTS = {
     # Key column pairs decoded from a table (off by default).
     "key-pairs2048": {"WARP_KEY_PAIRS": 2048},
     "key-pairs512": {"WARP_KEY_PAIRS": 512},
+    # A tile's values dequantised before its softmax (off by default).
+    "values-early": {"WARP_VALUES_EARLY": True},
+    # The next tile's keys decoded after a tile's scores (off by default), and both.
+    "keys-early": {"WARP_KEYS_EARLY": True},
+    "both-early": {"WARP_VALUES_EARLY": True, "WARP_KEYS_EARLY": True},
 }
 
 
@@ -89,6 +94,24 @@ def main() -> None:
     (args.out / "warp_variants.json").write_text(json.dumps(
         dict(device=device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              rows=rows), indent=1))
+    print(summary(rows))
+
+
+def summary(rows: list[dict]) -> str:
+    """A Markdown table: per shape and context, each variant's spans (µs, every round)."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    cases = list(dict.fromkeys((r["shape"], r["tokens"]) for r in rows))
+    lines = ["| shape | tokens | " + " | ".join(variants) + " |",
+             "| --- | ---: |" + " ---: |" * len(variants)]
+    for shape, tokens in cases:
+        cells = []
+        for v in variants:
+            spans = [f"{r['span_us']:.1f}" for r in rows if (r["shape"], r["tokens"],
+                                                             r["variant"]) == (shape, tokens, v)
+                     and "span_us" in r]
+            cells.append(" / ".join(spans) or "n/a")
+        lines.append(f"| {shape} | {tokens} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,12 @@ inline void vx_cp_wait_prior() {
   // cp.async.wait_group 1: every group but the newest has landed (this thread's copies).
   while (cp_groups.size() > 1) { cp_run(cp_groups.front()); cp_groups.erase(cp_groups.begin()); }
 }
+inline void vx_cp_wait_all() {
+  // cp.async.wait_all: every group has landed (this thread's copies).
+  for (auto& g : cp_groups) cp_run(g);
+  cp_groups.clear();
+  cp_run(cp_open);
+}
 inline void __syncwarp() { warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 // mma.sync.m16n8k16 (.row.col, f16 x f16 -> f32) across a warp, from the fragment
 // layout documented in kernel_source.CUDA_MMA.

@@ -461,11 +461,11 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
-def warp_case(rng, tokens):
+def warp_case(rng, tokens, values="affine-rotated"):
     """A cache the warp-tiled kernel takes (2 KV heads at head_dim 64, 3 query heads
     each, +vh values, per-token key scales) filled with ``tokens``, a query, and the
     reference's attention (scale 1/8)."""
-    cache = filled(make_cache(rng, 2, 64, "pre", "affine-rotated", True), rng, tokens)
+    cache = filled(make_cache(rng, 2, 64, "pre", values, True), rng, tokens)
     q = mx.array(rng.normal(size=(1, 6, 1, 64)).astype(np.float16))
     return cache, q, reference_attend(cache, q, 0.125)
 
@@ -495,14 +495,19 @@ def test_key_pair_tables_decode_a_pair_of_columns_as_their_two_levels():
         for i in range(r // 2):
             word, offset, mask, base = kpair[h, i]
             if base < 0:
-                assert bits[h, 2 * i] + bits[h, 2 * i + 1] > 8
                 continue
             both = (int(words[h, word]) | int(words[h, word + 1]) << 32) >> int(offset)
             pair = np.array([table[base + (both & int(mask))]], np.uint32).view(np.float16)
             for k, c in enumerate((2 * i, 2 * i + 1)):
                 want = (levels[(1 << bits[h, c]) - 2 + codes[h, c]] if bits[h, c] else 0.0)
                 assert pair[k] == np.float16(want)
+    # The narrowest width pairs got tables; the pairs left column by column are wider.
+    width = bits[:, 0::2] + bits[:, 1::2]
+    assert width[kpair[..., 3] >= 0].max() <= width[kpair[..., 3] == -1].min()
     assert kernels.key_pair_tables(np.full((1, 2), 8), np.array([[0, 8]]), 1000) is None
+    # Codes that are not adjacent (another layout) are never read as one.
+    apart = kernels.key_pair_tables(np.array([[2, 2]]), np.array([[0, 5]]), 1000)[0]
+    assert apart[0, 0, 3] == -1
 
 
 @pytest.mark.parametrize("where", ["emulated"] + (["cuda"] if BACKEND == "cuda" else []))
@@ -527,6 +532,52 @@ def test_warp_kernel_decodes_key_pairs_from_the_table_or_column_by_column(monkey
         assert 0 < words <= capacity and (bases.ndim == 3) and (bases[..., 3] >= 0).any()
         assert (bases[..., 3] == -1).any() == (capacity == 64)
     got = np.array(cache.attend(q, 0.125).astype(mx.float32))
+    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+
+
+def test_warp_kernel_drops_a_key_pair_table_that_does_not_fit(monkeypatch):
+    """Where the pair table would take the block past its shared memory, the warp-tiled
+    kernel still runs, decoding column by column (KPAIR 0), not the block-tiled one."""
+    if compiler() is None:
+        pytest.skip("no C++ compiler for the kernel emulator")
+    use_emulator(monkeypatch)
+    monkeypatch.setattr(kernels, "WARP_KEY_PAIRS", 2048)
+    cache, q, expected = warp_case(np.random.default_rng(4), 200)
+    cache.use_kernels("emulated")
+    layout = cache.kernels
+    assert layout.key_pair_words > 0
+    monkeypatch.setattr(kernels, "WARP_SHARED_LIMIT", kernels.warp_shared_bytes(
+        64, 3, *layout.value_affine, layout.key_words))  # room for all but the table
+    launches = record_launches(monkeypatch)
+    got = np.array(cache.attend(q, 0.125).astype(mx.float32))
+    assert [t["KPAIR"] for which, _, t, _ in launches if which == "decode_warp"] == [0]
+    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("where", ["emulated"] + (["cuda"] if BACKEND == "cuda" else []))
+@pytest.mark.parametrize("values", ["affine-rotated", "affine3-rotated"])
+@pytest.mark.parametrize("early", ["values", "keys", "both"])
+def test_warp_kernel_reordered_tile_loops_match_the_reference(monkeypatch, early, values,
+                                                              where):
+    """VEARLY: a tile's values dequantised before its softmax (4-bit codes by fp16 pairs,
+    3-bit ones value by value); KEARLY: the next tile's keys decoded after a tile's
+    scores (two tiles a warp and a partial last one here, so the next tile's codes must
+    have landed). Either, or both, give the reference's attention."""
+    if where == "emulated":
+        if compiler() is None:
+            pytest.skip("no C++ compiler for the kernel emulator")
+        use_emulator(monkeypatch)
+    monkeypatch.setattr(kernels, "WARP_VALUES_EARLY", early in ("values", "both"))
+    monkeypatch.setattr(kernels, "WARP_KEYS_EARLY", early in ("keys", "both"))
+    cache, q, expected = warp_case(np.random.default_rng(8), 300, values)
+    launches = record_launches(monkeypatch)
+    cache.use_kernels(where)
+    assert cache.kernels.warp_decode(q)
+    assert kernels.warp_splits(cache.coded, 2)[1] >= 2 * 16 * kernels.WARPS
+    assert cache.coded % 16
+    got = np.array(cache.attend(q, 0.125).astype(mx.float32))
+    (template,) = [t for which, _, t, _ in launches if which == "decode_warp"]
+    assert (template["VEARLY"], template["KEARLY"]) == (early != "keys", early != "values")
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 

@@ -134,6 +134,7 @@ __device__ inline void vx_cp_async16(void* smem, const void* gmem) {
 }
 __device__ inline void vx_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ inline void vx_cp_wait_prior() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ inline void vx_cp_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
 // Two floats as fp16 in one register, the first in the low half (an mma fragment pair).
 __device__ inline unsigned int vx_pack_half2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
@@ -249,6 +250,99 @@ __device__ inline float vx_level_col4(const unsigned int* w, int4 col, const flo
 __device__ inline int4 vx_key_column4(int bits, int shift) {
   return bits > 0 ? make_int4(shift >> 5, shift & 31, (1 << bits) - 1, (1 << bits) - 2)
                   : make_int4(0, 0, 0, 0);
+}
+// Step 3 of the warp-tiled kernel: lane (gid, tig)'s A fragments of a tile's key
+// coefficients (unit levels: the columns' scales are in the basis), tokens gid and gid + 8,
+// from the tile's key words kw (wk a token): by pairs from the pair table where KPAIR,
+// else column by column from kcol4 (KCOL4) or kcol.
+template <int KS, bool KPAIR, bool KCOL4>
+__device__ inline void vx_key_fragments(unsigned int (&af)[KS][4], const unsigned int* kw,
+                                        int wk, const int4* kcol4, const int* kcol,
+                                        const int4* kpair4, const unsigned int* ptab_s,
+                                        const float* table, int gid, int tig) {
+  for (int ks = 0; ks < KS; ks++) {
+    if (KPAIR) {
+      // Registers 0 / 1: columns (2 tig, +1) of the step for tokens gid / gid + 8 (pair
+      // 8 ks + tig); registers 2 / 3 the same for columns + 8 (pair + 4).
+      for (int half = 0; half < 2; half++) {
+        const int pi = ks * 8 + half * 4 + tig;
+        const int4 pr = kpair4[pi];
+        if (pr.w >= 0) {
+          af[ks][2 * half] = ptab_s[pr.w + (int)vx_code4(kw + gid * wk, pr)];
+          af[ks][2 * half + 1] = ptab_s[pr.w + (int)vx_code4(kw + (gid + 8) * wk, pr)];
+        } else {  // a pair too wide for the table: two levels, as without KPAIR
+          const int4 ca = kcol4[2 * pi];
+          const int4 cb = kcol4[2 * pi + 1];
+          af[ks][2 * half] = vx_pack_half2(vx_level_col4(kw + gid * wk, ca, table),
+                                              vx_level_col4(kw + gid * wk, cb, table));
+          af[ks][2 * half + 1] =
+              vx_pack_half2(vx_level_col4(kw + (gid + 8) * wk, ca, table),
+                            vx_level_col4(kw + (gid + 8) * wk, cb, table));
+        }
+      }
+      continue;
+    }
+    float c[8];
+    for (int e = 0; e < 4; e++) {
+      const int ci = ks * 16 + 2 * tig + (e & 1) + (e >> 1) * 8;
+      if (KCOL4) {
+        const int4 col = kcol4[ci];
+        c[e] = vx_level_col4(kw + gid * wk, col, table);
+        c[4 + e] = vx_level_col4(kw + (gid + 8) * wk, col, table);
+      } else {
+        const int col = kcol[ci];
+        c[e] = vx_level_col(kw, gid * wk, col, table);
+        c[4 + e] = vx_level_col(kw, (gid + 8) * wk, col, table);
+      }
+    }
+    af[ks][0] = vx_pack_half2(c[0], c[1]);
+    af[ks][1] = vx_pack_half2(c[4], c[5]);
+    af[ks][2] = vx_pack_half2(c[2], c[3]);
+    af[ks][3] = vx_pack_half2(c[6], c[7]);
+  }
+}
+// Lane (gid, tig)'s A fragment of (P·V)^T for the tile's 16-dim slice sl: dims 16 sl + gid
+// and + 8 of tokens 2 tig, +1, +8, +9, dequantised to fp16 (VB bits, VW words a token, NG
+// groups of VG dims; 4-bit codes by nib_sel / nib_mask / nib_magic, see the tile loop).
+template <int VB, int VW, int NG, int VG>
+__device__ inline void vx_value_slice(unsigned int va[4], int sl, const unsigned int* vw,
+                                      const VX_HALF_T* vsc, const VX_HALF_T* vbi, int gid,
+                                      int tig, unsigned int nib_sel, unsigned int nib_mask,
+                                      unsigned int nib_magic) {
+  const unsigned short* vsc16 = reinterpret_cast<const unsigned short*>(vsc);
+  const unsigned short* vbi16 = reinterpret_cast<const unsigned short*>(vbi);
+  const int gi = (sl * 16) / VG;  // one group per slice
+  for (int o = 0; o < 2; o++) {  // tokens 2 tig + 8 o and the next
+    const int t = 2 * tig + 8 * o;
+    if (VB == 4) {
+      const int i0 = t * NG + gi;
+      const int i1 = i0 + NG;  // token t + 1
+      const unsigned int scale = vsc16[i0] | ((unsigned int)vsc16[i1] << 16);
+      const unsigned int bias = vbi16[i0] | ((unsigned int)vbi16[i1] << 16);
+      const uint2 wa = *reinterpret_cast<const uint2*>(vw + t * VW + 2 * sl);
+      const uint2 wb = *reinterpret_cast<const uint2*>(vw + (t + 1) * VW + 2 * sl);
+      va[2 * o] = vx_dequant_pair(
+          (vx_byte_perm(wa.x, wb.x, nib_sel) & nib_mask) | nib_magic, nib_magic, scale, bias);
+      va[2 * o + 1] = vx_dequant_pair(
+          (vx_byte_perm(wa.y, wb.y, nib_sel) & nib_mask) | nib_magic, nib_magic, scale, bias);
+    } else {
+      float v[4];  // (dim 16 s + gid, + 8) x (token t, t + 1)
+      for (int u = 0; u < 4; u++) {
+        const int tt = t + (u & 1);
+        const int bit = (sl * 16 + gid + 8 * (u >> 1)) * VB;
+        const int w = tt * VW + (bit >> 5);
+        unsigned int code = vw[w] >> (bit & 31);
+        if ((VB & (VB - 1)) != 0) {  // 3/5/6-bit codes may straddle two words
+          code = (unsigned int)((((unsigned long long)vw[w + 1] << 32) | vw[w]) >>
+                                (bit & 31));
+        }
+        code &= (1u << VB) - 1u;
+        v[u] = (float)code * VX_HALF(vsc[tt * NG + gi]) + VX_HALF(vbi[tt * NG + gi]);
+      }
+      va[2 * o] = vx_pack_half2(v[0], v[1]);
+      va[2 * o + 1] = vx_pack_half2(v[2], v[3]);
+    }
+  }
 }
 // Start copying one warp's 16-token tile of codes into shared memory (wait before
 // reading). Counts in 32-bit words per token: WK key, VWN value; SB scale (and bias)
@@ -697,7 +791,9 @@ DECODE_BODY = r"""
 # 8-dim slices: fewer registers when small), BREG (the basis fragments held in registers),
 # SBASIS (else in dynamic shared memory, 2 · D · RKMAX bytes; neither: read from bfrag),
 # QMMA (the scores against the query heads on tensor cores too; else in registers, FMA by
-# FMA), KPAIR (words of the key pair table, ptab: 0, none).
+# FMA), KPAIR (words of the key pair table, ptab: 0, none), VEARLY (the values' A
+# fragments dequantised before the tile's softmax rather than after; full unrolling only),
+# KEARLY (the next tile's key fragments decoded after this tile's scores).
 # bfrag: the basis, each column times its scale, as B fragments, ((h · D/8 + n-tile) ·
 # RKMAX/16 + k-step) · 64 + reg · 32 + lane; kbits/kshift: per compacted column (H, RKMAX);
 # key_mean, rope in RoPE pair order. kpair (H, RKMAX/2, 4): per pair of compacted key
@@ -742,7 +838,7 @@ DECODE_WARP_BODY = r"""
   static_assert(G <= 8, "query heads are columns 0-7 of the probabilities' mma fragment");
   static_assert(NTD % 2 == 0, "P·V and QMMA take 16 dims at a time");
   static_assert(VG % 16 == 0, "a 16-dim slice of the values is in one group (mlx: 32-128)");
-  static_assert(D <= NT, "the merge gives each output dim a thread");
+  static_assert(D <= NT, "the exact tokens' values give each output dim a thread");
 
   constexpr int RS = D / 2 + 4;  // row stride of rot_s (float2): no bank conflicts
   constexpr int QP = (D / 2 + 31) / 32;  // RoPE pairs per lane in the query's rotation
@@ -755,6 +851,7 @@ DECODE_WARP_BODY = r"""
   // scales are folded into the basis fragments (bfrag) on the host.
   constexpr bool KCOL4 = D <= 64;
   static_assert(!KPAIR || KCOL4, "a pair too wide for the table decodes from kcol4");
+  static_assert(!VEARLY || UNROLL_NT >= NTD / 2, "early values are indexed by constants");
   VX_SHARED int kcol[KCOL4 ? 1 : RKMAX];
   VX_ALIGN16 VX_SHARED int4 kcol4[KCOL4 ? RKMAX : 1];
   // KPAIR: each pair of key columns decodes with one lookup into a table of fp16 pairs
@@ -915,6 +1012,21 @@ DECODE_WARP_BODY = r"""
       vacc[sl][e] = 0.0f;
     }
   }
+  // The tile's key A fragments and per-token key scales (step 3). KEARLY: the next
+  // tile's are decoded once this tile's scores are done, so that their shared-memory
+  // load chains overlap the softmax and the values instead of starting the next tile.
+  unsigned int afrag[KS][4];
+  float ts0 = 1.0f;
+  float ts1 = 1.0f;
+  if (KEARLY && start + warp * 16 < stop) {
+    vx_cp_wait_all();  // the first tile's codes
+    __syncwarp();
+    const VX_HALF_T* kts = reinterpret_cast<const VX_HALF_T*>(kts_s[warp][buf]);
+    ts0 = KTS ? VX_HALF(kts[gid]) : 1.0f;
+    ts1 = KTS ? VX_HALF(kts[gid + 8]) : 1.0f;
+    vx_key_fragments<KS, KPAIR != 0, KCOL4>(afrag, kw_s + (warp * 2 + buf) * KWT, wk, kcol4,
+                                             kcol, kpair4, ptab_s, table, gid, tig);
+  }
   // Whole 16-token tiles are copied (the buffers' capacity is a multiple of 16; rows past
   // the last token are masked below).
   for (int t0 = start + warp * 16; t0 < stop; t0 += STEP) {
@@ -949,50 +1061,13 @@ DECODE_WARP_BODY = r"""
         }
       }
     }
-    // 3. Key coefficients (unit levels: the columns' scales are in the basis) of tokens
-    // gid and gid + 8 -> A fragments (fp16).
-    const float ts0 = KTS ? VX_HALF(kts[gid]) : 1.0f;
-    const float ts1 = KTS ? VX_HALF(kts[gid + 8]) : 1.0f;
-    unsigned int afrag[KS][4];
-    for (int ks = 0; ks < KS; ks++) {
-      if (KPAIR) {
-        // Registers 0 / 1: columns (2 tig, +1) of the step for tokens gid / gid + 8 (pair
-        // 8 ks + tig); registers 2 / 3 the same for columns + 8 (pair + 4).
-        for (int half = 0; half < 2; half++) {
-          const int pi = ks * 8 + half * 4 + tig;
-          const int4 pr = kpair4[pi];
-          if (pr.w >= 0) {
-            afrag[ks][2 * half] = ptab_s[pr.w + (int)vx_code4(kw + gid * wk, pr)];
-            afrag[ks][2 * half + 1] = ptab_s[pr.w + (int)vx_code4(kw + (gid + 8) * wk, pr)];
-          } else {  // a pair too wide for the table: two levels, as without KPAIR
-            const int4 ca = kcol4[2 * pi];
-            const int4 cb = kcol4[2 * pi + 1];
-            afrag[ks][2 * half] = vx_pack_half2(vx_level_col4(kw + gid * wk, ca, table),
-                                                vx_level_col4(kw + gid * wk, cb, table));
-            afrag[ks][2 * half + 1] =
-                vx_pack_half2(vx_level_col4(kw + (gid + 8) * wk, ca, table),
-                              vx_level_col4(kw + (gid + 8) * wk, cb, table));
-          }
-        }
-        continue;
-      }
-      float c[8];
-      for (int e = 0; e < 4; e++) {
-        const int ci = ks * 16 + 2 * tig + (e & 1) + (e >> 1) * 8;
-        if (KCOL4) {
-          const int4 col = kcol4[ci];
-          c[e] = vx_level_col4(kw + gid * wk, col, table);
-          c[4 + e] = vx_level_col4(kw + (gid + 8) * wk, col, table);
-        } else {
-          const int col = kcol[ci];
-          c[e] = vx_level_col(kw, gid * wk, col, table);
-          c[4 + e] = vx_level_col(kw, (gid + 8) * wk, col, table);
-        }
-      }
-      afrag[ks][0] = vx_pack_half2(c[0], c[1]);
-      afrag[ks][1] = vx_pack_half2(c[4], c[5]);
-      afrag[ks][2] = vx_pack_half2(c[2], c[3]);
-      afrag[ks][3] = vx_pack_half2(c[6], c[7]);
+    // 3. Key coefficients of tokens gid and gid + 8 -> A fragments (fp16), with their
+    // per-token scales (KEARLY: decoded in the previous tile's iteration).
+    if (!KEARLY) {
+      ts0 = KTS ? VX_HALF(kts[gid]) : 1.0f;
+      ts1 = KTS ? VX_HALF(kts[gid + 8]) : 1.0f;
+      vx_key_fragments<KS, KPAIR != 0, KCOL4>(afrag, kw, wk, kcol4, kcol, kpair4, ptab_s,
+                                               table, gid, tig);
     }
     __syncwarp();  // the turned query is read across the warp
     // 4. Keys of 8 dims at a time on tensor cores; token scale, mean, RoPE by r·θ and
@@ -1055,6 +1130,32 @@ DECODE_WARP_BODY = r"""
         }
       }
     }
+    // The values' A fragments (step 6), dequantised here with VEARLY: independent of the
+    // softmax's shuffle and exp chains below, so the warp has work while those wait (held
+    // in registers across them). 4-bit codes: a token's dims 16 s + gid and + 8 are nibble
+    // gid of its words 2 s and 2 s + 1; one PRMT puts two tokens' bytes gid / 2 side by
+    // side, and the nibble (low or high by gid's parity) becomes the mantissa of 1024 + c
+    // or 64 + c.
+    const unsigned int nib_sel = (gid >> 1) | ((4 + (gid >> 1)) << 8);
+    const unsigned int nib_mask = (gid & 1) ? 0x00F000F0u : 0x000F000Fu;
+    const unsigned int nib_magic = (gid & 1) ? 0x54005400u : 0x64006400u;
+    unsigned int va_early[VEARLY ? NTD / 2 : 1][4];
+    if (VEARLY) {
+#pragma unroll
+      for (int sl = 0; sl < (VEARLY ? NTD / 2 : 1); sl++) {
+        vx_value_slice<VB, VW, NG, VG>(va_early[sl], sl, vw, vsc, vbi, gid, tig, nib_sel,
+                                       nib_mask, nib_magic);
+      }
+    }
+    if (KEARLY && t0 + STEP < stop) {  // the next tile's keys (its codes: buffer buf ^ 1)
+      vx_cp_wait_all();
+      __syncwarp();
+      const VX_HALF_T* kts_next = reinterpret_cast<const VX_HALF_T*>(kts_s[warp][buf ^ 1]);
+      ts0 = KTS ? VX_HALF(kts_next[gid]) : 1.0f;
+      ts1 = KTS ? VX_HALF(kts_next[gid + 8]) : 1.0f;
+      vx_key_fragments<KS, KPAIR != 0, KCOL4>(afrag, kw_s + (warp * 2 + (buf ^ 1)) * KWT, wk,
+                                               kcol4, kcol, kpair4, ptab_s, table, gid, tig);
+    }
     // 5. Scores summed over the quad, masked past n; online softmax per query head
     // (vx_softmax_tile: probabilities rounded to fp16 before they are summed).
     const bool ok0 = gid < n;
@@ -1103,48 +1204,16 @@ DECODE_WARP_BODY = r"""
     // row would be a head whose rescale another lane holds.
     const unsigned int pb0 = ph_s[warp][gid * 8 + tig];
     const unsigned int pb1 = ph_s[warp][gid * 8 + 4 + tig];
-    // 4-bit codes: a token's dims 16 s + gid and + 8 are nibble gid of its words 2 s and
-    // 2 s + 1; one PRMT puts two tokens' bytes gid / 2 side by side, and the nibble
-    // (low or high by gid's parity) becomes the mantissa of 1024 + c or 64 + c.
-    const unsigned int nib_sel = (gid >> 1) | ((4 + (gid >> 1)) << 8);
-    const unsigned int nib_mask = (gid & 1) ? 0x00F000F0u : 0x000F000Fu;
-    const unsigned int nib_magic = (gid & 1) ? 0x54005400u : 0x64006400u;
-    const unsigned short* vsc16 = reinterpret_cast<const unsigned short*>(vsc);
-    const unsigned short* vbi16 = reinterpret_cast<const unsigned short*>(vbi);
 #pragma unroll UNROLL_NT
     for (int sl = 0; sl < NTD / 2; sl++) {
-      const int gi = (sl * 16) / VG;  // one group per slice
       unsigned int va[4];
-      for (int o = 0; o < 2; o++) {  // tokens 2 tig + 8 o and the next
-        const int t = 2 * tig + 8 * o;
-        if (VB == 4) {
-          const int i0 = t * NG + gi;
-          const int i1 = i0 + NG;  // token t + 1
-          const unsigned int scale = vsc16[i0] | ((unsigned int)vsc16[i1] << 16);
-          const unsigned int bias = vbi16[i0] | ((unsigned int)vbi16[i1] << 16);
-          const uint2 wa = *reinterpret_cast<const uint2*>(vw + t * VW + 2 * sl);
-          const uint2 wb = *reinterpret_cast<const uint2*>(vw + (t + 1) * VW + 2 * sl);
-          va[2 * o] = vx_dequant_pair(
-              (vx_byte_perm(wa.x, wb.x, nib_sel) & nib_mask) | nib_magic, nib_magic, scale, bias);
-          va[2 * o + 1] = vx_dequant_pair(
-              (vx_byte_perm(wa.y, wb.y, nib_sel) & nib_mask) | nib_magic, nib_magic, scale, bias);
-        } else {
-          float v[4];  // (dim 16 s + gid, + 8) x (token t, t + 1)
-          for (int u = 0; u < 4; u++) {
-            const int tt = t + (u & 1);
-            const int bit = (sl * 16 + gid + 8 * (u >> 1)) * VB;
-            const int w = tt * VW + (bit >> 5);
-            unsigned int code = vw[w] >> (bit & 31);
-            if ((VB & (VB - 1)) != 0) {  // 3/5/6-bit codes may straddle two words
-              code = (unsigned int)((((unsigned long long)vw[w + 1] << 32) | vw[w]) >>
-                                    (bit & 31));
-            }
-            code &= (1u << VB) - 1u;
-            v[u] = (float)code * VX_HALF(vsc[tt * NG + gi]) + VX_HALF(vbi[tt * NG + gi]);
-          }
-          va[2 * o] = vx_pack_half2(v[0], v[1]);
-          va[2 * o + 1] = vx_pack_half2(v[2], v[3]);
+      if (VEARLY) {
+        for (int u = 0; u < 4; u++) {
+          va[u] = va_early[VEARLY ? sl : 0][u];
         }
+      } else {
+        vx_value_slice<VB, VW, NG, VG>(va, sl, vw, vsc, vbi, gid, tig, nib_sel, nib_mask,
+                                       nib_magic);
       }
       vacc[sl][0] *= r_pair[0];
       vacc[sl][1] *= r_pair[1];

@@ -60,6 +60,14 @@ WARP_MERGE_LOADS = int(os.environ.get("VELOX_WARP_MERGE_LOADS", "16"))
 # on dependent shared-memory loads with ~2 warps a scheduler, and every block copies the
 # table; BENCHMARKS.md, "Key pairs from a table").
 WARP_KEY_PAIRS = int(os.environ.get("VELOX_WARP_KEY_PAIRS", "0"))
+# The warp-tiled kernel dequantises a tile's values before its softmax rather than after
+# (more independent work while the softmax's shuffles wait; 16 more registers at head_dim
+# 64), up to head_dim 64 (fully unrolled). Not yet timed on a GPU: off by default.
+WARP_VALUES_EARLY = os.environ.get("VELOX_WARP_VALUES_EARLY", "0") != "0"
+# The warp-tiled kernel decodes the next tile's key coefficients once a tile's scores are
+# done (their shared-memory load chains then overlap the softmax and the values; 16 more
+# registers live across them at rank 64). Not yet timed on a GPU: off by default.
+WARP_KEYS_EARLY = os.environ.get("VELOX_WARP_KEYS_EARLY", "0") != "0"
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
 WARP_SHARED_LIMIT = 48 * 1024 - 256
 # The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
@@ -362,9 +370,12 @@ def key_pair_tables(bits: np.ndarray, shift: np.ndarray, capacity: int):
     if not base:
         return None
     offset = shift[:, 0::2]
+    table_base = np.vectorize(lambda a, b: base.get((int(a), int(b)), -1),
+                              otypes=[np.int64])(lo_bits, hi_bits)
+    # (Only a pair whose high code starts where the low one ends reads as one code.)
+    adjacent = (hi_bits == 0) | (shift[:, 1::2] == offset + lo_bits)
     kpair = np.stack([offset >> 5, offset & 31, (1 << (lo_bits + hi_bits)) - 1,
-                      np.vectorize(lambda a, b: base.get((int(a), int(b)), -1),
-                                   otypes=[np.int64])(lo_bits, hi_bits)], axis=-1)
+                      np.where(adjacent, table_base, -1)], axis=-1)
     return kpair.astype(np.int32), np.concatenate(tables)
 
 
@@ -528,10 +539,16 @@ class SpectralKernels:
                 # (the kernel's P·V takes 16 dims, and one value group, at a time)
                 and self.dims % 16 == 0 and self.value_affine[1] % 16 == 0
                 and (self.value_back is None or self.value_hadamard)
-                and warp_shared_bytes(self.dims, G, *self.value_affine, self.key_words,
-                                      pair_words=self.key_pair_words)
+                and warp_shared_bytes(self.dims, G, *self.value_affine, self.key_words)
                 <= WARP_SHARED_LIMIT)
         return WARP_DECODE and self._warp_fits[G]
+
+    def _pair_words(self, G: int) -> int:
+        """The key pair table's entries in a warp-tiled launch for G query heads per KV
+        head: the table where it fits in shared memory beside the rest, else none."""
+        fits = (warp_shared_bytes(self.dims, G, *self.value_affine, self.key_words,
+                                  pair_words=self.key_pair_words) <= WARP_SHARED_LIMIT)
+        return self.key_pair_words if fits else 0
 
     @staticmethod
     def whole_tiles(parts) -> bool:
@@ -664,7 +681,9 @@ class SpectralKernels:
                     ("ML", WARP_MERGE_LOADS), ("VHAD", self.value_back is not None),
                     ("UNROLL_NT", WARP_UNROLL or (D // 8 if D <= 64 else 4)),
                     ("BREG", breg), ("SBASIS", sbasis), ("QMMA", WARP_QMMA and D % 16 == 0),
-                    ("KPAIR", self.key_pair_words)]
+                    ("KPAIR", self._pair_words(G)),
+                    ("VEARLY", WARP_VALUES_EARLY and D <= 64 and not WARP_UNROLL),
+                    ("KEARLY", WARP_KEYS_EARLY)]
         call = dict(
             # Block 0 of each KV head takes the exact tokens, blocks 1 to splits the codes.
             grid=(32 * WARPS * (splits + 1), B * H, 1), threadgroup=(32 * WARPS, 1, 1),
@@ -678,7 +697,7 @@ class SpectralKernels:
         kernel = _launcher(self.backend, "decode_warp_stamps" if stamps else "decode_warp",
                            template,
                            warp_dynamic_bytes(D, G, vb, vg, self.key_rank, self.key_words,
-                                              self.key_pair_words)
+                                              self._pair_words(G))
                            if sbasis else 0)
         # The whole input list; _launch_warp fills the query (first), the exact tokens and
         # their count (fifth to third from the end) and the previous launch (last).
