@@ -74,7 +74,8 @@ for part in $parts; do
         | grep -E "^==|Duration|Executed Instructions  |Registers Per" ;;
     variants)
       python3 benchmarks/warp_variants.py --shapes smollm2,1b,8b --contexts 16384,65536 \
-        --variants base,values-early,keys-early,both-early,key-pairs2048 --rounds 2 \
+        --variants base,values-early,keys-early,both-early,key-pairs2048,blocks384 \
+        --rounds 2 \
         --out "$out/variants" | grep -v '^{' ;;
     quality)
       python3 benchmarks/quality.py --model /root/models/SmolLM2-135M-Instruct.Q4_1.gguf \
