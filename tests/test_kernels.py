@@ -461,13 +461,13 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
-def warp_case(rng, tokens, values="affine-rotated"):
+def warp_case(rng, tokens, values="affine-rotated", dim=64):
     """A cache the warp-tiled kernel takes (2 KV heads at head_dim 64, 3 query heads
     each, +vh values, per-token key scales) filled with ``tokens``, a query, and the
-    reference's attention (scale 1/8)."""
-    cache = filled(make_cache(rng, 2, 64, "pre", values, True), rng, tokens)
-    q = mx.array(rng.normal(size=(1, 6, 1, 64)).astype(np.float16))
-    return cache, q, reference_attend(cache, q, 0.125)
+    reference's attention (scale dim^-1/2)."""
+    cache = filled(make_cache(rng, 2, dim, "pre", values, True), rng, tokens)
+    q = mx.array(rng.normal(size=(1, 6, 1, dim)).astype(np.float16))
+    return cache, q, reference_attend(cache, q, dim**-0.5)
 
 
 def test_key_pair_tables_decode_a_pair_of_columns_as_their_two_levels():
@@ -555,29 +555,32 @@ def test_warp_kernel_drops_a_key_pair_table_that_does_not_fit(monkeypatch):
 
 
 @pytest.mark.parametrize("where", ["emulated"] + (["cuda"] if BACKEND == "cuda" else []))
-@pytest.mark.parametrize("values", ["affine-rotated", "affine3-rotated"])
-@pytest.mark.parametrize("early", ["values", "keys", "both"])
+@pytest.mark.parametrize("values,dim,early", [
+    (values, 64, early) for values in ("affine-rotated", "affine3-rotated")
+    for early in ("values", "keys", "both")] + [("affine-rotated", 128, "keys")])
 def test_warp_kernel_reordered_tile_loops_match_the_reference(monkeypatch, early, values,
-                                                              where):
+                                                              dim, where):
     """VEARLY: a tile's values dequantised before its softmax (4-bit codes by fp16 pairs,
-    3-bit ones value by value); KEARLY: the next tile's keys decoded after a tile's
-    scores (two tiles a warp and a partial last one here, so the next tile's codes must
-    have landed). Either, or both, give the reference's attention."""
+    3-bit ones value by value; head_dim 64); KEARLY: the next tile's keys decoded after
+    a tile's scores (two tiles a warp and a partial last one here, so the next tile's
+    codes must have landed; head_dim 128 reads its basis from shared memory). Either, or
+    both, give the reference's attention."""
     if where == "emulated":
         if compiler() is None:
             pytest.skip("no C++ compiler for the kernel emulator")
         use_emulator(monkeypatch)
     monkeypatch.setattr(kernels, "WARP_VALUES_EARLY", early in ("values", "both"))
     monkeypatch.setattr(kernels, "WARP_KEYS_EARLY", early in ("keys", "both"))
-    cache, q, expected = warp_case(np.random.default_rng(8), 300, values)
+    cache, q, expected = warp_case(np.random.default_rng(8), 300, values, dim)
     launches = record_launches(monkeypatch)
     cache.use_kernels(where)
     assert cache.kernels.warp_decode(q)
     assert kernels.warp_splits(cache.coded, 2)[1] >= 2 * 16 * kernels.WARPS
     assert cache.coded % 16
-    got = np.array(cache.attend(q, 0.125).astype(mx.float32))
+    got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
     (template,) = [t for which, _, t, _ in launches if which == "decode_warp"]
     assert (template["VEARLY"], template["KEARLY"]) == (early != "keys", early != "values")
+    assert template["SBASIS"] == (dim == 128)
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
