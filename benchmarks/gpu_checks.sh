@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in the order they matter (run on the lent H100/H200 after
 # staging MLX CUDA and the default model: ../shared/device/prepare-mlx-cuda.sh --with-model).
-#   bash benchmarks/gpu_checks.sh OUT_DIR [smoke|tests|decode|e2e|phases|scores|hostcost|kernel-ab|variants|quality]...
+#   bash benchmarks/gpu_checks.sh OUT_DIR [smoke|tests|decode|e2e|phases|scores|hostcost|kernel-ab|variants|stalls|quality]...
 #   (default: tests, decode, quality)
 # smoke:   seconds: the kernel self-test and 70 fused decode steps against the reference
 # tests:   the fused kernels against the pure-MLX reference (tests/test_kernels.py)
@@ -22,6 +22,8 @@
 # variants: the warp-tiled kernel's reordered tile loops and key pair table against the
 #          default, by timestamps (warp_variants.py; default-model, 1B and 8B shapes at 16k
 #          and 64k)
+# stalls:  where the 1B shape's kernel at 64k waits: Nsight Compute SASS counters and warp
+#          stall reasons (ncu_warp.sh SASS_SHAPE=1b:65536, then sass_summary.py)
 # quality: the 8k sweep of the default configuration and its neighbours at <= 3.5 bits
 #          (QUALITY_METHODS overrides the list)
 set -euo pipefail
@@ -77,6 +79,10 @@ for part in $parts; do
         --variants base,values-early,keys-early,both-early,key-pairs2048,blocks384 \
         --rounds 2 \
         --out "$out/variants" | grep -v '^{' ;;
+    stalls)
+      SASS_SHAPE=1b:65536 bash benchmarks/ncu_warp.sh "$out/stalls" 1b:65536
+      python3 benchmarks/sass_summary.py "$out/stalls/sass-1b-65536.csv" --tiles 32768 \
+        | tee "$out/stalls/summary.txt" | head -60 ;;
     quality)
       python3 benchmarks/quality.py --model /root/models/SmolLM2-135M-Instruct.Q4_1.gguf \
         --bundle assets/bundles/smollm2-135m-instruct-pre --ctx 8192 --decode-tokens 16 \

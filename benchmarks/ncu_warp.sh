@@ -5,9 +5,11 @@
 #   BASE=DIR bash benchmarks/ncu_warp.sh OUT_DIR ...  # also the tree in DIR (e.g. a `git
 #                                                    # archive` of an earlier commit), A/B
 #   VARIANT="NAME VAR=VALUE ..." ...                 # also this tree with those variables
+#   SASS_SHAPE=1b:65536 ...  # the SASS counters (and stall reasons) of another shape
 # Needs MLX CUDA on the path (the lent H100/H200). Writes ncu-TAG-SHAPE-TOKENS.txt (launch,
 # occupancy, warp stalls, scheduler, instruction counts; TAG new, base or NAME) and, unless
-# NO_SASS=1, sass-smollm2-65536.csv (summarise it: python benchmarks/sass_summary.py CSV).
+# NO_SASS=1, sass-SHAPE-TOKENS.csv for SASS_SHAPE (default smollm2:65536; summarise it:
+# python benchmarks/sass_summary.py CSV).
 set -u
 out=${1:?output folder}; shift
 mkdir -p "$out"
@@ -40,10 +42,11 @@ for st in ${@:-smollm2:65536 1b:65536 8b:65536 smollm2:4096}; do
   fi
 done
 if [ "${NO_SASS:-0}" != 1 ]; then
+  sass=${SASS_SHAPE:-smollm2:65536}
   PYTHONPATH="$PWD:$PWD/benchmarks:$site" "$NCU" --clock-control none \
     --kernel-name regex:velox_decode_warp --launch-skip 2 --launch-count 1 \
     --section SourceCounters --section WarpStateStats --import-source no --page source \
     --print-source sass --csv \
-    python3 benchmarks/profile_decode.py --shape smollm2 --tokens 65536 --reps 3 \
-    > "$out/sass-smollm2-65536.csv" 2>&1
+    python3 benchmarks/profile_decode.py --shape "${sass%%:*}" --tokens "${sass##*:}" --reps 3 \
+    > "$out/sass-${sass%%:*}-${sass##*:}.csv" 2>&1
 fi
