@@ -76,7 +76,7 @@ for part in $parts; do
         | grep -E "^==|Duration|Executed Instructions  |Registers Per" ;;
     variants)
       python3 benchmarks/warp_variants.py --shapes smollm2,1b,8b --contexts 16384,65536 \
-        --variants base,values-early,keys-early,both-early,key-pairs2048,blocks384 \
+        --variants base,values-early,keys-early,both-early,lazy-max,lazy-both-early,key-pairs2048,blocks384 \
         --rounds 2 \
         --out "$out/variants" | grep -v '^{' ;;
     stalls)

@@ -52,6 +52,10 @@ VARIANTS = {
     # The next tile's keys decoded after a tile's scores (off by default), and both.
     "keys-early": {"WARP_KEYS_EARLY": True},
     "both-early": {"WARP_VALUES_EARLY": True, "WARP_KEYS_EARLY": True},
+    # The tile softmax with per-lane sums and lazily moved maxima (off by default).
+    "lazy-max": {"WARP_LAZY_MAX": True},
+    "lazy-both-early": {"WARP_LAZY_MAX": True, "WARP_VALUES_EARLY": True,
+                        "WARP_KEYS_EARLY": True},
 }
 
 

@@ -72,6 +72,16 @@ inline float __shfl_xor_sync(unsigned, float v, int m) {
   warp_barriers[w]->arrive_and_wait();
   return r;
 }
+static int votes[1024];
+inline bool __any_sync(unsigned, bool p) {
+  const int t = threadIdx.x, w = t / 32;
+  votes[t] = p;
+  warp_barriers[w]->arrive_and_wait();
+  bool any = false;
+  for (int l = 0; l < 32; l++) any = any || votes[32 * w + l];
+  warp_barriers[w]->arrive_and_wait();
+  return any;
+}
 #define __device__
 inline void __sincosf(float x, float* s, float* c) { *s = std::sin(x); *c = std::cos(x); }
 inline unsigned int vx_pack_half2(float lo, float hi) {

@@ -555,6 +555,33 @@ def test_warp_kernel_drops_a_key_pair_table_that_does_not_fit(monkeypatch):
 
 
 @pytest.mark.parametrize("where", ["emulated"] + (["cuda"] if BACKEND == "cuda" else []))
+@pytest.mark.parametrize("sharpness", [1.0, 8.0])
+def test_warp_kernel_lazy_softmax_matches_the_reference(monkeypatch, sharpness, where):
+    """LAZY: per-lane sums and maxima moved only past a margin. With the query 8x as
+    sharp and the keys growing along the sequence, scores climb far past the margin
+    within a split, so maxima move mid-split and earlier tiles are rescaled; either way
+    the attention is the reference's."""
+    if where == "emulated":
+        if compiler() is None:
+            pytest.skip("no C++ compiler for the kernel emulator")
+        use_emulator(monkeypatch)
+    monkeypatch.setattr(kernels, "WARP_LAZY_MAX", True)
+    rng = np.random.default_rng(17)
+    cache = make_cache(rng, 2, 64, "pre", "affine-rotated", True)
+    keys, values = random_kv(rng, cache, 600)
+    ramp = 0.2 + (sharpness - 1.0) / 3.5 * np.linspace(0.0, 1.0, 600)[:, None]
+    cache.update_and_fetch((keys * mx.array(ramp.astype(np.float16))).astype(mx.float16),
+                           values)
+    q = mx.array((sharpness * rng.normal(size=(1, 6, 1, 64))).astype(np.float16))
+    expected = reference_attend(cache, q, 0.125)
+    launches = record_launches(monkeypatch)
+    cache.use_kernels(where)
+    got = np.array(cache.attend(q, 0.125).astype(mx.float32))
+    assert [t["LAZY"] for which, _, t, _ in launches if which == "decode_warp"] == [True]
+    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("where", ["emulated"] + (["cuda"] if BACKEND == "cuda" else []))
 @pytest.mark.parametrize("values,dim,early", [
     (values, 64, early) for values in ("affine-rotated", "affine3-rotated")
     for early in ("values", "keys", "both")] + [("affine-rotated", 128, "keys")])

@@ -38,6 +38,7 @@ CUDA_HEADER = r"""
 #define VX_HALF_T __half
 #define VX_BARRIER() __syncthreads()
 #define VX_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
+#define VX_ANY(p) __any_sync(0xffffffffu, (p))
 #define VX_HALF(x) __half2float(x)
 #define VX_TO_HALF(x) __float2half(x)
 #define VX_ROUND_HALF(x) __half2float(__float2half(x))
@@ -221,6 +222,30 @@ __device__ inline float vx_softmax_tile(float a, float b, float& m_run, float& l
   sum += VX_SHFL_XOR(sum, 16);
   const float r = vx_exp_fast(m_run - m_new);
   l_run = l_run * r + sum;
+  m_run = m_new;
+  return r;
+}
+// The same step with the head's sum kept per lane (summed over the column's 8 lanes once,
+// after the last tile) and, LAZY, its maximum raised only when a score passes it by more
+// than VX_LAZY_MARGIN: below that the probabilities exp(s - m) stay below e^8 (fp16
+// holds them; numerator and denominator share m, so the softmax is unchanged) and the
+// tile needs no shuffle at all. grow: whether any lane of the warp has such a score (the
+// same for the whole warp, so the shuffles run in every lane or none).
+#define VX_LAZY_MARGIN 8.0f
+__device__ inline float vx_softmax_tile_lane(float a, float b, bool grow, float& m_run,
+                                             float& l_lane, float& pa, float& pb) {
+  float m_new = m_run;
+  if (grow) {
+    float top = max(a, b);
+    top = max(top, VX_SHFL_XOR(top, 4));
+    top = max(top, VX_SHFL_XOR(top, 8));
+    top = max(top, VX_SHFL_XOR(top, 16));
+    m_new = max(m_run, top);
+  }
+  pa = VX_ROUND_HALF(vx_exp_fast(a - m_new));
+  pb = VX_ROUND_HALF(vx_exp_fast(b - m_new));
+  const float r = grow ? vx_exp_fast(m_run - m_new) : 1.0f;
+  l_lane = l_lane * r + (pa + pb);
   m_run = m_new;
   return r;
 }
@@ -793,7 +818,8 @@ DECODE_BODY = r"""
 # QMMA (the scores against the query heads on tensor cores too; else in registers, FMA by
 # FMA), KPAIR (words of the key pair table, ptab: 0, none), VEARLY (the values' A
 # fragments dequantised before the tile's softmax rather than after; full unrolling only),
-# KEARLY (the next tile's key fragments decoded after this tile's scores).
+# KEARLY (the next tile's key fragments decoded after this tile's scores), LAZY (QMMA's
+# softmax keeps its sums per lane and moves a head's maximum only past a margin).
 # bfrag: the basis, each column times its scale, as B fragments, ((h · D/8 + n-tile) ·
 # RKMAX/16 + k-step) · 64 + reg · 32 + lane; kbits/kshift: per compacted column (H, RKMAX);
 # key_mean, rope in RoPE pair order. kpair (H, RKMAX/2, 4): per pair of compacted key
@@ -852,6 +878,7 @@ DECODE_WARP_BODY = r"""
   constexpr bool KCOL4 = D <= 64;
   static_assert(!KPAIR || KCOL4, "a pair too wide for the table decodes from kcol4");
   static_assert(!VEARLY || UNROLL_NT >= NTD / 2, "early values are indexed by constants");
+  static_assert(!LAZY || QMMA, "the lazy softmax is QMMA's (a lane's two heads)");
   VX_SHARED int kcol[KCOL4 ? 1 : RKMAX];
   VX_ALIGN16 VX_SHARED int4 kcol4[KCOL4 ? RKMAX : 1];
   // KPAIR: each pair of key columns decodes with one lookup into a table of fp16 pairs
@@ -1167,11 +1194,19 @@ DECODE_WARP_BODY = r"""
       // Lane (gid, tig) holds the scores of tokens gid and gid + 8 for query heads 2 tig
       // and 2 tig + 1: each lane runs the softmax of its two heads (columns past G are
       // zero scores, never written), maxima and sums over the 8 lanes of a column.
+      // LAZY: the sums stay per lane (see vx_softmax_tile_lane), and the maxima move only
+      // when a score of the warp passes its head's by the margin (the first tile's do).
+      const bool grow = !LAZY || VX_ANY(max(ok0 ? sc0 : -1e30f, ok1 ? sc2 : -1e30f) >
+                                            m_run[0] + VX_LAZY_MARGIN ||
+                                        max(ok0 ? sc1 : -1e30f, ok1 ? sc3 : -1e30f) >
+                                            m_run[1] + VX_LAZY_MARGIN);
       for (int e = 0; e < 2; e++) {
         const int hd = 2 * tig + e;
         float pa, pb;
-        r_pair[e] = vx_softmax_tile(ok0 ? (e ? sc1 : sc0) : -1e30f,
-                                    ok1 ? (e ? sc3 : sc2) : -1e30f, m_run[e], l_run[e], pa, pb);
+        const float a = ok0 ? (e ? sc1 : sc0) : -1e30f;
+        const float b = ok1 ? (e ? sc3 : sc2) : -1e30f;
+        r_pair[e] = LAZY ? vx_softmax_tile_lane(a, b, grow, m_run[e], l_run[e], pa, pb)
+                         : vx_softmax_tile(a, b, m_run[e], l_run[e], pa, pb);
         if (hd < G) {
           ph[hd * 16 + gid] = VX_TO_HALF(pa);
           ph[hd * 16 + gid + 8] = VX_TO_HALF(pb);
@@ -1228,6 +1263,13 @@ DECODE_WARP_BODY = r"""
   VX_STAMP(2);
   // 7. Merge the warps' partials into the split's (block 0 has none).
   if (!exact_block) {
+    if (LAZY) {  // the heads' sums over their columns' 8 lanes
+      for (int e = 0; e < 2; e++) {
+        l_run[e] += VX_SHFL_XOR(l_run[e], 4);
+        l_run[e] += VX_SHFL_XOR(l_run[e], 8);
+        l_run[e] += VX_SHFL_XOR(l_run[e], 16);
+      }
+    }
     for (int g = 0; g < G; g++) {
       // (QMMA: head g's running max and sum are lane (0, g / 2)'s, entry g % 2.)
       if (QMMA ? lane == g / 2 : lane == 0) {

@@ -68,6 +68,11 @@ WARP_VALUES_EARLY = os.environ.get("VELOX_WARP_VALUES_EARLY", "0") != "0"
 # done (their shared-memory load chains then overlap the softmax and the values; 16 more
 # registers live across them at rank 64). Not yet timed on a GPU: off by default.
 WARP_KEYS_EARLY = os.environ.get("VELOX_WARP_KEYS_EARLY", "0") != "0"
+# The warp-tiled kernel's tile softmax (scores on tensor cores) keeps each head's sum per
+# lane, summed once after the last tile, and moves a head's maximum only when a score
+# passes it by a margin (e^8): most tiles then need no shuffle, where each took six
+# dependent ones. Not yet timed on a GPU: off by default.
+WARP_LAZY_MAX = os.environ.get("VELOX_WARP_LAZY_MAX", "0") != "0"
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
 WARP_SHARED_LIMIT = 48 * 1024 - 256
 # The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
@@ -683,7 +688,8 @@ class SpectralKernels:
                     ("BREG", breg), ("SBASIS", sbasis), ("QMMA", WARP_QMMA and D % 16 == 0),
                     ("KPAIR", self._pair_words(G)),
                     ("VEARLY", WARP_VALUES_EARLY and D <= 64 and not WARP_UNROLL),
-                    ("KEARLY", WARP_KEYS_EARLY)]
+                    ("KEARLY", WARP_KEYS_EARLY),
+                    ("LAZY", WARP_LAZY_MAX and WARP_QMMA and D % 16 == 0)]
         call = dict(
             # Block 0 of each KV head takes the exact tokens, blocks 1 to splits the codes.
             grid=(32 * WARPS * (splits + 1), B * H, 1), threadgroup=(32 * WARPS, 1, 1),
