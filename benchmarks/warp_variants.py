@@ -44,6 +44,9 @@ VARIANTS = {
     "merge-loads32": {"WARP_MERGE_LOADS": 32},
     # Scores as FMAs in registers (the choice before scores on tensor cores).
     "fma-scores": {"WARP_QMMA": False},
+    # The values' loop 4-fold unrolled (the choice before; head_dim 128's accumulators
+    # then live in local memory).
+    "values-unroll4": {"WARP_VALUE_UNROLL": 4},
     # Key column pairs decoded from a table (off by default).
     "key-pairs2048": {"WARP_KEY_PAIRS": 2048},
     "key-pairs512": {"WARP_KEY_PAIRS": 512},

@@ -813,7 +813,8 @@ DECODE_BODY = r"""
 # (exact tokens), MAXS (splits), VHAD (values were coded Hadamard-rotated: the output is
 # turned back by a fast Walsh-Hadamard transform), ML (float4 loads in flight per thread in
 # the last block's merge of the splits), UNROLL_NT (unrolling of the loop over
-# 8-dim slices: fewer registers when small), BREG (the basis fragments held in registers),
+# 8-dim slices: fewer registers when small), UNROLL_V (of the values' loop over 16-dim
+# slices: whole, the accumulators stay in registers), BREG (the basis fragments held in registers),
 # SBASIS (else in dynamic shared memory, 2 · D · RKMAX bytes; neither: read from bfrag),
 # QMMA (the scores against the query heads on tensor cores too; else in registers, FMA by
 # FMA), KPAIR (words of the key pair table, ptab: 0, none), VEARLY (the values' A
@@ -877,7 +878,7 @@ DECODE_WARP_BODY = r"""
   // scales are folded into the basis fragments (bfrag) on the host.
   constexpr bool KCOL4 = D <= 64;
   static_assert(!KPAIR || KCOL4, "a pair too wide for the table decodes from kcol4");
-  static_assert(!VEARLY || UNROLL_NT >= NTD / 2, "early values are indexed by constants");
+  static_assert(!VEARLY || UNROLL_V >= NTD / 2, "early values are indexed by constants");
   static_assert(!LAZY || QMMA, "the lazy softmax is QMMA's (a lane's two heads)");
   VX_SHARED int kcol[KCOL4 ? 1 : RKMAX];
   VX_ALIGN16 VX_SHARED int4 kcol4[KCOL4 ? RKMAX : 1];
@@ -1239,7 +1240,7 @@ DECODE_WARP_BODY = r"""
     // row would be a head whose rescale another lane holds.
     const unsigned int pb0 = ph_s[warp][gid * 8 + tig];
     const unsigned int pb1 = ph_s[warp][gid * 8 + 4 + tig];
-#pragma unroll UNROLL_NT
+#pragma unroll UNROLL_V
     for (int sl = 0; sl < NTD / 2; sl++) {
       unsigned int va[4];
       if (VEARLY) {

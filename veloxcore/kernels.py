@@ -82,6 +82,12 @@ WARP_DECODE = os.environ.get("VELOX_WARP_DECODE", "1") != "0"
 # beyond: head_dim 128 fully unrolled took 229 registers, 4-fold 168, which lets three
 # blocks share an SM; H200, 8B shape at 64k: 284-290 -> 264 µs with two).
 WARP_UNROLL = int(os.environ.get("VELOX_WARP_UNROLL", "0"))
+# Unrolling of its values' loop over 16-dim slices (0: whole). Partly unrolled, the
+# (P·V)^T accumulators are indexed at run time and live in local memory: head_dim 128
+# with the loop 4-fold (as WARP_UNROLL) had a 160-byte stack frame and a local load and
+# store around every mma; whole, 32 bytes and the same 168 registers (ptxas, sm_90:
+# benchmarks/ptxas_warp.py). Not yet timed on a GPU. Tunable for profiling.
+WARP_VALUE_UNROLL = int(os.environ.get("VELOX_WARP_VALUE_UNROLL", "0"))
 # Key basis fragments in registers for a whole split, up to this head_dim (their count
 # grows as head_dim², 64 words per lane at 64), in launches of at most
 # WARP_BASIS_REGISTER_BLOCKS blocks: the registers cut a block's tiles by 20-45% but
@@ -685,9 +691,11 @@ class SpectralKernels:
                     ("MAXE", WARP_MAX_EXACT), ("MAXS", WARP_MAX_SPLITS),
                     ("ML", WARP_MERGE_LOADS), ("VHAD", self.value_back is not None),
                     ("UNROLL_NT", WARP_UNROLL or (D // 8 if D <= 64 else 4)),
+                    ("UNROLL_V", WARP_VALUE_UNROLL or D // 16),
                     ("BREG", breg), ("SBASIS", sbasis), ("QMMA", WARP_QMMA and D % 16 == 0),
                     ("KPAIR", self._pair_words(G)),
-                    ("VEARLY", WARP_VALUES_EARLY and D <= 64 and not WARP_UNROLL),
+                    ("VEARLY", WARP_VALUES_EARLY and D <= 64
+                     and (WARP_VALUE_UNROLL or D // 16) >= D // 16),
                     ("KEARLY", WARP_KEYS_EARLY),
                     ("LAZY", WARP_LAZY_MAX and WARP_QMMA and D % 16 == 0)]
         call = dict(
