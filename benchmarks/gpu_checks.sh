@@ -78,7 +78,7 @@ for part in $parts; do
       VELOX_WARP_VALUES_EARLY=1 VELOX_WARP_KEYS_EARLY=1 VELOX_WARP_LAZY_MAX=1 \
         VELOX_WARP_KEY_PAIRS=2048 python3 benchmarks/gpu_smoke.py | tee "$out/smoke-flags.txt"
       python3 benchmarks/warp_variants.py --shapes smollm2,1b,8b --contexts 16384,65536 \
-        --variants base,values-unroll4,values-early,keys-early,both-early,lazy-max,lazy-both-early,key-pairs2048,blocks384 \
+        --variants base,values-unroll4,values-early,keys-early,both-early,lazy-max,lazy-both-early,key-pairs2048,blocks384,mb2 \
         --rounds 2 \
         --out "$out/variants" | grep -v '^{' ;;
     stalls)

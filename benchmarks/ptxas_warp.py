@@ -82,6 +82,9 @@ def cuda_text(launch: dict) -> str:
     """The kernel as MLX's CUDA backend compiles it (its signature: inputs, their shapes
     where the body reads them, outputs; the template's constants first in the body)."""
     header, body = src.kernel_text("cuda", src.DECODE_WARP_BODY)
+    if kernels.WARP_MIN_BLOCKS:  # as kernels._kernel builds it
+        header, body = src.with_launch_bounds(header, body, 32 * kernels.WARPS,
+                                              kernels.WARP_MIN_BLOCKS)
     params = []
     for name, array in zip(src.DECODE_WARP_INPUTS, launch["inputs"], strict=True):
         params.append(f"const {kernels.CUDA_TYPES[array.dtype]}* __restrict__ {name}")

@@ -38,6 +38,10 @@ VARIANTS = {
     "blocks512": {"WARP_TARGET_BLOCKS": 512},
     # Four blocks per SM: registers capped at 128 (spills where the kernel needs more).
     "mb4-blocks512": {"WARP_TARGET_BLOCKS": 512, "WARP_MIN_BLOCKS": 4},
+    # Registers for two or three blocks an SM (__launch_bounds__): nvcc's default caps
+    # this kernel at 168, where it would take 224 (ptxas_warp.py).
+    "mb2": {"WARP_MIN_BLOCKS": 2},
+    "mb3": {"WARP_MIN_BLOCKS": 3},
     # Float4 loads in flight in the last block's merge of the splits (default 16).
     "merge-loads8": {"WARP_MERGE_LOADS": 8},
     "merge-loads16": {"WARP_MERGE_LOADS": 16},
