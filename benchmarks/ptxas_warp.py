@@ -27,17 +27,10 @@ import numpy as np
 from decode import SHAPES, fill, spectral_cache
 from warp_variants import VARIANTS
 
-from veloxcore import kernel_source as src
 from veloxcore import kernels
 
 mx = __import__("mlx.core").core  # after veloxcore (OpenBLAS preload on Linux)
 from mlx_lm.models import llama  # noqa: E402
-
-PRELUDE = """#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <cstdint>
-struct VxShape { int32_t v[10]; __device__ int32_t operator[](int i) const { return v[i]; } };
-"""
 
 
 class _Captured(Exception):
@@ -78,25 +71,6 @@ def capture(shape: str, tokens: int) -> dict:
     return seen
 
 
-def cuda_text(launch: dict) -> str:
-    """The kernel as MLX's CUDA backend compiles it (its signature: inputs, their shapes
-    where the body reads them, outputs; the template's constants first in the body)."""
-    header, body = src.kernel_text("cuda", src.DECODE_WARP_BODY)
-    if kernels.WARP_MIN_BLOCKS:  # as kernels._kernel builds it
-        header, body = src.with_launch_bounds(header, body, 32 * kernels.WARPS,
-                                              kernels.WARP_MIN_BLOCKS)
-    params = []
-    for name, array in zip(src.DECODE_WARP_INPUTS, launch["inputs"], strict=True):
-        params.append(f"const {kernels.CUDA_TYPES[array.dtype]}* __restrict__ {name}")
-        if f"{name}_shape" in body:
-            params.append(f"const __grid_constant__ VxShape {name}_shape")
-    for name, dtype in zip(src.DECODE_WARP_OUTPUTS, launch["output_dtypes"], strict=True):
-        params.append(f"{kernels.CUDA_TYPES[dtype]}* __restrict__ {name}")
-    return (PRELUDE + header + 'extern "C" __global__ void velox_decode_warp('
-            + ", ".join(params) + ") {\n" + kernels.template_text(launch["template"])
-            + body + "\n}\n")
-
-
 def ptxas(text: str, nvcc: str) -> dict:
     """ptxas's report on ``text`` for sm_90: registers, stack, spills, shared bytes."""
     with tempfile.TemporaryDirectory() as folder:
@@ -134,7 +108,10 @@ def main() -> None:
             for name, value in {**defaults, **VARIANTS[variant]}.items():
                 setattr(kernels, name, value)
             try:
-                r = ptxas(cuda_text(capture(shape, args.tokens)), nvcc)
+                launch = capture(shape, args.tokens)
+                r = ptxas(kernels.cuda_kernel_text("decode_warp", launch["inputs"],
+                                                   launch["output_dtypes"],
+                                                   launch["template"]), nvcc)
             finally:
                 for name, value in defaults.items():
                     setattr(kernels, name, value)

@@ -6,6 +6,9 @@ backend (docs/kernels.md, "Tests": ``python -m pytest tests/test_kernels.py -k "
 emulated"``) and on Apple silicon in .github/workflows/macos.yml.
 """
 
+import shutil
+import subprocess
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -533,6 +536,47 @@ def test_warp_kernel_decodes_key_pairs_from_the_table_or_column_by_column(monkey
         assert (bases[..., 3] == -1).any() == (capacity == 64)
     got = np.array(cache.attend(q, 0.125).astype(mx.float32))
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+
+
+class LaunchCaptured(Exception):
+    """A stand-in kernel's signal that it has recorded its launch."""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc)")
+@pytest.mark.parametrize("flags", [
+    {}, {"WARP_VALUES_EARLY": True, "WARP_KEYS_EARLY": True, "WARP_LAZY_MAX": True,
+         "WARP_KEY_PAIRS": 2048, "WARP_MIN_BLOCKS": 2}], ids=["default", "every-flag"])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_warp_kernel_cuda_text_compiles_for_hopper_without_spills(monkeypatch, tmp_path,
+                                                                  dim, flags):
+    """The warp-tiled launch's whole CUDA text (what MLX compiles: kernels.
+    cuda_kernel_text) builds for sm_90 with nvcc where the toolkit is installed, with no
+    register spills — CUDA syntax, inline PTX and register pressure the CPU emulator
+    cannot see."""
+    for name, value in flags.items():
+        monkeypatch.setattr(kernels, name, value)
+    cache, q, _ = warp_case(np.random.default_rng(3), 300, dim=dim)
+    seen = {}
+
+    def stand_in(backend, which, shared_memory=0):
+        def call(**kwargs):
+            seen[which] = kwargs
+            raise LaunchCaptured  # nothing runs
+        return call
+
+    monkeypatch.setattr(kernels, "_kernel", stand_in)
+    cache.use_kernels("emulated")
+    with pytest.raises(LaunchCaptured):
+        cache.attend(q, dim**-0.5)
+    launch = seen["decode_warp"]
+    source = tmp_path / "kernel.cu"
+    source.write_text(kernels.cuda_kernel_text("decode_warp", launch["inputs"],
+                                               launch["output_dtypes"], launch["template"]))
+    run = subprocess.run([shutil.which("nvcc"), "-arch=sm_90", "-cubin", "-O3", "-std=c++17",
+                          "-Xptxas", "-v", "-o", str(tmp_path / "kernel.cubin"), str(source)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "0 bytes spill stores" in run.stderr, run.stderr[-2000:]
 
 
 def test_warp_kernel_drops_a_key_pair_table_that_does_not_fit(monkeypatch):

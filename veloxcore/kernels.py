@@ -154,8 +154,8 @@ def unit_codebook() -> np.ndarray:
     return np.concatenate([lloyd_max_gaussian(b)[0] for b in range(1, 9)]).astype(np.float32)
 
 
-@cache
-def _kernel(backend: str, which: str, shared_memory: int = 0):
+def _kernel_parts(backend: str, which: str) -> tuple[list, list, str, str]:
+    """(input names, output names, header, source) of kernel ``which`` for ``backend``."""
     body, inputs, outputs = {
         "decode": (src.DECODE_BODY, src.DECODE_INPUTS, src.DECODE_OUTPUTS),
         "decode_warp": (src.DECODE_WARP_BODY, src.DECODE_WARP_INPUTS,
@@ -174,6 +174,12 @@ def _kernel(backend: str, which: str, shared_memory: int = 0):
         header = src.CUDA_STAMPS + header
     if backend == "cuda" and which.startswith("decode_warp") and WARP_MIN_BLOCKS:
         header, source = src.with_launch_bounds(header, source, 32 * WARPS, WARP_MIN_BLOCKS)
+    return inputs, outputs, header, source
+
+
+@cache
+def _kernel(backend: str, which: str, shared_memory: int = 0):
+    inputs, outputs, header, source = _kernel_parts(backend, which)
     if backend == "cuda":
         return _CudaKernel(f"velox_{which}", inputs, outputs, _compact_source(source),
                            _compact_source(header), shared_memory)
@@ -186,6 +192,28 @@ def _kernel(backend: str, which: str, shared_memory: int = 0):
 # MLX's text for a CUDA kernel's template arguments (custom_kernel.cpp, build_kernel).
 CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float",
               mx.int32: "int32_t", mx.uint32: "uint32_t", mx.uint8: "uint8_t"}
+
+
+def cuda_kernel_text(which: str, inputs, output_dtypes, template) -> str:
+    """The whole text of a CUDA launch of kernel ``which`` with ``inputs`` (arrays),
+    outputs of ``output_dtypes`` and ``template``, to compile without MLX (nvcc: the
+    tests' and benchmarks/ptxas_warp.py's checks): a stand-in for MLX's prelude (the
+    fp16 and bf16 headers, a struct for an input's shape), then as MLX writes it the
+    header, the signature (each input, its shape where the body reads it, the outputs)
+    and the template's constants ahead of the body."""
+    names, outputs, header, source = _kernel_parts("cuda", which)
+    params = []
+    for name, array in zip(names, inputs, strict=True):
+        params.append(f"const {CUDA_TYPES[array.dtype]}* __restrict__ {name}")
+        if f"{name}_shape" in source:
+            params.append(f"const __grid_constant__ VxShape {name}_shape")
+    params += [f"{CUDA_TYPES[dtype]}* __restrict__ {name}"
+               for name, dtype in zip(outputs, output_dtypes, strict=True)]
+    prelude = ("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include <cstdint>\n"
+               "struct VxShape { int32_t v[10]; "
+               "__device__ int32_t operator[](int i) const { return v[i]; } };\n")
+    return (prelude + header + f'extern "C" __global__ void velox_{which}('
+            + ", ".join(params) + ") {\n" + template_text(template) + source + "\n}\n")
 
 
 def template_text(template) -> str:
