@@ -465,9 +465,9 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
 
 
 def warp_case(rng, tokens, values="affine-rotated", dim=64):
-    """A cache the warp-tiled kernel takes (2 KV heads at head_dim 64, 3 query heads
-    each, +vh values, per-token key scales) filled with ``tokens``, a query, and the
-    reference's attention (scale dim^-1/2)."""
+    """A cache the warp-tiled kernel takes (2 KV heads at head_dim ``dim``, 3 query
+    heads each, +vh values, per-token key scales) filled with ``tokens``, a query, and
+    the reference's attention (scale dim^-1/2)."""
     cache = filled(make_cache(rng, 2, dim, "pre", values, True), rng, tokens)
     q = mx.array(rng.normal(size=(1, 6, 1, dim)).astype(np.float16))
     return cache, q, reference_attend(cache, q, dim**-0.5)
