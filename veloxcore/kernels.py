@@ -61,12 +61,13 @@ WARP_MERGE_LOADS = int(os.environ.get("VELOX_WARP_MERGE_LOADS", "16"))
 # table; BENCHMARKS.md, "Key pairs from a table").
 WARP_KEY_PAIRS = int(os.environ.get("VELOX_WARP_KEY_PAIRS", "0"))
 # The warp-tiled kernel dequantises a tile's values before its softmax rather than after
-# (more independent work while the softmax's shuffles wait; 16 more registers at head_dim
-# 64), up to head_dim 64 (fully unrolled). Not yet timed on a GPU: off by default.
+# (more independent work while the softmax's shuffles wait), up to head_dim 64 (fully
+# unrolled). ptxas (sm_90): 168 registers, as without; 174 with WARP_KEYS_EARLY too, past
+# the 170 that three blocks an SM allow. Not yet timed on a GPU: off by default.
 WARP_VALUES_EARLY = os.environ.get("VELOX_WARP_VALUES_EARLY", "0") != "0"
 # The warp-tiled kernel decodes the next tile's key coefficients once a tile's scores are
-# done (their shared-memory load chains then overlap the softmax and the values; 16 more
-# registers live across them at rank 64). Not yet timed on a GPU: off by default.
+# done (their shared-memory load chains then overlap the softmax and the values; ptxas:
+# 168 registers, as without). Not yet timed on a GPU: off by default.
 WARP_KEYS_EARLY = os.environ.get("VELOX_WARP_KEYS_EARLY", "0") != "0"
 # The warp-tiled kernel's tile softmax (scores on tensor cores) keeps each head's sum per
 # lane, summed once after the last tile, and moves a head's maximum only when a score
