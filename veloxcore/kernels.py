@@ -710,6 +710,8 @@ class SpectralKernels:
         sbasis = not breg and WARP_BASIS_SHARED
         layout = self._constant(mx.int32, self.key_rank, self.key_words, self.value_rank,
                                 self.value_words, pos0)
+        unroll_v = WARP_VALUE_UNROLL or D // 16
+        pair_words = self._pair_words(G)
         fixed = [self.perm_mx, self._constant(mx.float32, scale), self._length(coded), layout,
                  self.bfrag, parts[0], ktok, self.kbits, self.kshift,
                  self.key_mean_pairs, self.rope, *vparts, self.codebook, self.kpair,
@@ -720,11 +722,10 @@ class SpectralKernels:
                     ("MAXE", WARP_MAX_EXACT), ("MAXS", WARP_MAX_SPLITS),
                     ("ML", WARP_MERGE_LOADS), ("VHAD", self.value_back is not None),
                     ("UNROLL_NT", WARP_UNROLL or (D // 8 if D <= 64 else 4)),
-                    ("UNROLL_V", WARP_VALUE_UNROLL or D // 16),
+                    ("UNROLL_V", unroll_v),
                     ("BREG", breg), ("SBASIS", sbasis), ("QMMA", WARP_QMMA and D % 16 == 0),
-                    ("KPAIR", self._pair_words(G)),
-                    ("VEARLY", WARP_VALUES_EARLY and D <= 64
-                     and (WARP_VALUE_UNROLL or D // 16) >= D // 16),
+                    ("KPAIR", pair_words),
+                    ("VEARLY", WARP_VALUES_EARLY and D <= 64 and unroll_v >= D // 16),
                     ("KEARLY", WARP_KEYS_EARLY),
                     ("LAZY", WARP_LAZY_MAX and WARP_QMMA and D % 16 == 0)]
         call = dict(
@@ -740,7 +741,7 @@ class SpectralKernels:
         kernel = _launcher(self.backend, "decode_warp_stamps" if stamps else "decode_warp",
                            template,
                            warp_dynamic_bytes(D, G, vb, vg, self.key_rank, self.key_words,
-                                              self._pair_words(G))
+                                              pair_words)
                            if sbasis else 0)
         # The whole input list; _launch_warp fills the query (first), the exact tokens and
         # their count (fifth to third from the end) and the previous launch (last).
