@@ -285,10 +285,12 @@ __device__ inline void vx_key_fragments(unsigned int (&af)[KS][4], const unsigne
                                         int wk, const int4* kcol4, const int* kcol,
                                         const int4* kpair4, const unsigned int* ptab_s,
                                         const float* table, int gid, int tig) {
+#pragma unroll
   for (int ks = 0; ks < KS; ks++) {
     if (KPAIR) {
       // Registers 0 / 1: columns (2 tig, +1) of the step for tokens gid / gid + 8 (pair
       // 8 ks + tig); registers 2 / 3 the same for columns + 8 (pair + 4).
+#pragma unroll
       for (int half = 0; half < 2; half++) {
         const int pi = ks * 8 + half * 4 + tig;
         const int4 pr = kpair4[pi];
@@ -308,6 +310,7 @@ __device__ inline void vx_key_fragments(unsigned int (&af)[KS][4], const unsigne
       continue;
     }
     float c[8];
+#pragma unroll
     for (int e = 0; e < 4; e++) {
       const int ci = ks * 16 + 2 * tig + (e & 1) + (e >> 1) * 8;
       if (KCOL4) {
@@ -337,6 +340,7 @@ __device__ inline void vx_value_slice(unsigned int va[4], int sl, const unsigned
   const unsigned short* vsc16 = reinterpret_cast<const unsigned short*>(vsc);
   const unsigned short* vbi16 = reinterpret_cast<const unsigned short*>(vbi);
   const int gi = (sl * 16) / VG;  // one group per slice
+#pragma unroll
   for (int o = 0; o < 2; o++) {  // tokens 2 tig + 8 o and the next
     const int t = 2 * tig + 8 * o;
     if (VB == 4) {
@@ -352,6 +356,7 @@ __device__ inline void vx_value_slice(unsigned int va[4], int sl, const unsigned
           (vx_byte_perm(wa.y, wb.y, nib_sel) & nib_mask) | nib_magic, nib_magic, scale, bias);
     } else {
       float v[4];  // (dim 16 s + gid, + 8) x (token t, t + 1)
+#pragma unroll
       for (int u = 0; u < 4; u++) {
         const int tt = t + (u & 1);
         const int bit = (sl * 16 + gid + 8 * (u >> 1)) * VB;
