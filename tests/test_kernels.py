@@ -545,17 +545,19 @@ class LaunchCaptured(Exception):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc)")
 @pytest.mark.parametrize("flags", [
     {}, {"WARP_VALUES_EARLY": True, "WARP_KEYS_EARLY": True, "WARP_LAZY_MAX": True,
-         "WARP_KEY_PAIRS": 2048, "WARP_MIN_BLOCKS": 2}], ids=["default", "every-flag"])
+         "WARP_KEY_PAIRS": 2048, "WARP_MIN_BLOCKS": 2}, {"WARP_STAMPS": []}],
+    ids=["default", "every-flag", "timestamps"])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_warp_kernel_cuda_text_compiles_for_hopper_without_spills(monkeypatch, tmp_path,
                                                                   dim, flags):
-    """The warp-tiled launch's whole CUDA text (what MLX compiles: kernels.
-    cuda_kernel_text) builds for sm_90 with nvcc where the toolkit is installed, with no
-    register spills — CUDA syntax, inline PTX and register pressure the CPU emulator
-    cannot see."""
+    """A decode step's warp-tiled launch and an append's encode launch: their whole CUDA
+    texts (what MLX compiles: kernels.cuda_kernel_text) build for sm_90 with nvcc where
+    the toolkit is installed, with no register spills — CUDA syntax, inline PTX and
+    register pressure the CPU emulator cannot see."""
     for name, value in flags.items():
         monkeypatch.setattr(kernels, name, value)
-    cache, q, _ = warp_case(np.random.default_rng(3), 300, dim=dim)
+    rng = np.random.default_rng(3)
+    cache, q, _ = warp_case(rng, 300, dim=dim)
     seen = {}
 
     def stand_in(backend, which, shared_memory=0):
@@ -565,18 +567,24 @@ def test_warp_kernel_cuda_text_compiles_for_hopper_without_spills(monkeypatch, t
         return call
 
     monkeypatch.setattr(kernels, "_kernel", stand_in)
-    cache.use_kernels("emulated")
+    cache.use_kernels("cuda")  # (only its launches' arguments are built: nothing runs)
     with pytest.raises(LaunchCaptured):
         cache.attend(q, dim**-0.5)
-    launch = seen["decode_warp"]
-    source = tmp_path / "kernel.cu"
-    source.write_text(kernels.cuda_kernel_text("decode_warp", launch["inputs"],
-                                               launch["output_dtypes"], launch["template"]))
-    run = subprocess.run([shutil.which("nvcc"), "-arch=sm_90", "-cubin", "-O3", "-std=c++17",
-                          "-Xptxas", "-v", "-o", str(tmp_path / "kernel.cubin"), str(source)],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "0 bytes spill stores" in run.stderr, run.stderr[-2000:]
+    kv = mx.array(rng.normal(size=(1, 2, cache.append_batch, dim)).astype(np.float16))
+    with pytest.raises(LaunchCaptured):
+        cache.update_and_fetch(kv, kv)  # a whole batch to code
+    warp = "decode_warp_stamps" if "WARP_STAMPS" in flags else "decode_warp"
+    assert set(seen) == {warp, "encode"}
+    for which, launch in seen.items():
+        source = tmp_path / f"{which}.cu"
+        source.write_text(kernels.cuda_kernel_text(which, launch["inputs"],
+                                                   launch["output_dtypes"], launch["template"]))
+        run = subprocess.run([shutil.which("nvcc"), "-arch=sm_90", "-cubin", "-O3",
+                              "-std=c++17", "-Xptxas", "-v", "-o",
+                              str(tmp_path / f"{which}.cubin"), str(source)],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, f"{which}: {run.stderr[-2000:]}"
+        assert "0 bytes spill stores" in run.stderr, f"{which}: {run.stderr[-2000:]}"
 
 
 def test_warp_kernel_drops_a_key_pair_table_that_does_not_fit(monkeypatch):
