@@ -201,6 +201,30 @@ __device__ inline void vx_mma_keys(const __half* ch, int chs, const unsigned int
 # The warp-tiled kernel's helpers (CUDA only): a tile's softmax step, a key column's
 # level, the copy of a tile's codes into shared memory.
 CUDA_STAGE = r"""
+// Reductions over the 8 lanes of an mma fragment column (lane xor 4, 8, 16: one query
+// head's scores in the warp-tiled kernel), and over a whole warp.
+__device__ inline float vx_column_max(float x) {
+  x = max(x, VX_SHFL_XOR(x, 4));
+  x = max(x, VX_SHFL_XOR(x, 8));
+  return max(x, VX_SHFL_XOR(x, 16));
+}
+__device__ inline float vx_column_sum(float x) {
+  x += VX_SHFL_XOR(x, 4);
+  x += VX_SHFL_XOR(x, 8);
+  return x + VX_SHFL_XOR(x, 16);
+}
+__device__ inline float vx_warp_max(float x) {
+  for (int off = 16; off > 0; off >>= 1) {
+    x = max(x, VX_SHFL_XOR(x, off));
+  }
+  return x;
+}
+__device__ inline float vx_warp_sum(float x) {
+  for (int off = 16; off > 0; off >>= 1) {
+    x += VX_SHFL_XOR(x, off);
+  }
+  return x;
+}
 // One 16-token tile's step of a query head's online softmax (warp-tiled kernel): a and b
 // are this lane's scores of tokens gid and gid + 8 (-1e30 past the last token); the 8
 // lanes of a fragment column (lane xor 4, 8, 16) share the head. The probabilities come
@@ -209,17 +233,10 @@ CUDA_STAGE = r"""
 // earlier partials.
 __device__ inline float vx_softmax_tile(float a, float b, float& m_run, float& l_run,
                                         float& pa, float& pb) {
-  float top = max(a, b);
-  top = max(top, VX_SHFL_XOR(top, 4));
-  top = max(top, VX_SHFL_XOR(top, 8));
-  top = max(top, VX_SHFL_XOR(top, 16));
-  const float m_new = max(m_run, top);
+  const float m_new = max(m_run, vx_column_max(max(a, b)));
   pa = VX_ROUND_HALF(vx_exp_fast(a - m_new));
   pb = VX_ROUND_HALF(vx_exp_fast(b - m_new));
-  float sum = pa + pb;
-  sum += VX_SHFL_XOR(sum, 4);
-  sum += VX_SHFL_XOR(sum, 8);
-  sum += VX_SHFL_XOR(sum, 16);
+  const float sum = vx_column_sum(pa + pb);
   const float r = vx_exp_fast(m_run - m_new);
   l_run = l_run * r + sum;
   m_run = m_new;
@@ -234,14 +251,7 @@ __device__ inline float vx_softmax_tile(float a, float b, float& m_run, float& l
 #define VX_LAZY_MARGIN 8.0f
 __device__ inline float vx_softmax_tile_lane(float a, float b, bool grow, float& m_run,
                                              float& l_lane, float& pa, float& pb) {
-  float m_new = m_run;
-  if (grow) {
-    float top = max(a, b);
-    top = max(top, VX_SHFL_XOR(top, 4));
-    top = max(top, VX_SHFL_XOR(top, 8));
-    top = max(top, VX_SHFL_XOR(top, 16));
-    m_new = max(m_run, top);
-  }
+  const float m_new = grow ? max(m_run, vx_column_max(max(a, b))) : m_run;
   pa = VX_ROUND_HALF(vx_exp_fast(a - m_new));
   pb = VX_ROUND_HALF(vx_exp_fast(b - m_new));
   const float r = grow ? vx_exp_fast(m_run - m_new) : 1.0f;
@@ -1271,9 +1281,7 @@ DECODE_WARP_BODY = r"""
   if (!exact_block) {
     if (LAZY) {  // the heads' sums over their columns' 8 lanes
       for (int e = 0; e < 2; e++) {
-        l_run[e] += VX_SHFL_XOR(l_run[e], 4);
-        l_run[e] += VX_SHFL_XOR(l_run[e], 8);
-        l_run[e] += VX_SHFL_XOR(l_run[e], 16);
+        l_run[e] = vx_column_sum(l_run[e]);
       }
     }
     for (int g = 0; g < G; g++) {
@@ -1355,9 +1363,7 @@ DECODE_WARP_BODY = r"""
         pe[k] = e < E ? pexact[g * MAXE + e] : -1e30f;
         top = max(top, pe[k]);
       }
-      for (int off = 16; off > 0; off >>= 1) {
-        top = max(top, VX_SHFL_XOR(top, off));
-      }
+      top = vx_warp_max(top);
       float sum = 0.0f;
       for (int k = 0; k < (MAXE + 31) / 32; k++) {
         const int e = lane + 32 * k;
@@ -1367,9 +1373,7 @@ DECODE_WARP_BODY = r"""
           sum += w;
         }
       }
-      for (int off = 16; off > 0; off >>= 1) {
-        sum += VX_SHFL_XOR(sum, off);
-      }
+      sum = vx_warp_sum(sum);
       if (lane == 0) {
         ex_max[bh * G + g] = top;
         ex_sum[bh * G + g] = sum;
@@ -1424,9 +1428,7 @@ DECODE_WARP_BODY = r"""
       ls[k] = s < n_splits ? vx_ld_cg(out_sum + base + s * G) : 0.0f;
       top = max(top, ms[k]);
     }
-    for (int off = 16; off > 0; off >>= 1) {
-      top = max(top, VX_SHFL_XOR(top, off));
-    }
+    top = vx_warp_max(top);
     float coded_sum = 0.0f;
     for (int k = 0; k < MAXS / 32; k++) {
       const int s = lane + 32 * k;
@@ -1436,9 +1438,7 @@ DECODE_WARP_BODY = r"""
         wsplit[g * MAXS + s] = w;
       }
     }
-    for (int off = 16; off > 0; off >>= 1) {
-      coded_sum += VX_SHFL_XOR(coded_sum, off);
-    }
+    coded_sum = vx_warp_sum(coded_sum);
     if (lane == 0) {
       const float we = vx_exp(me - top);
       wexact[g] = we;
