@@ -35,6 +35,8 @@ VARIANTS = {
     "tiles1": {"WARP_MIN_TILES": 1},
     # More blocks where the KV heads are many (one wave at three blocks per SM is 396).
     "blocks384": {"WARP_TARGET_BLOCKS": 384},
+    # 256 blocks at head_dim 64 too (the choice before WARP_WAVE_DIM).
+    "blocks256": {"WARP_WAVE_DIM": 0},
     "blocks512": {"WARP_TARGET_BLOCKS": 512},
     # Four blocks per SM: registers capped at 128 (spills where the kernel needs more).
     "mb4-blocks512": {"WARP_TARGET_BLOCKS": 512, "WARP_MIN_BLOCKS": 4},
@@ -63,6 +65,11 @@ VARIANTS = {
     "lazy-max": {"WARP_LAZY_MAX": True},
     "lazy-both-early": {"WARP_LAZY_MAX": True, "WARP_VALUES_EARLY": True,
                         "WARP_KEYS_EARLY": True},
+    # Combinations of the first session these ran on the GPU (2026-11-29): the key pair
+    # table with each of the tile-loop changes that helped alone.
+    "key-pairs-keys-early": {"WARP_KEY_PAIRS": 2048, "WARP_KEYS_EARLY": True},
+    "key-pairs-values-early": {"WARP_KEY_PAIRS": 2048, "WARP_VALUES_EARLY": True},
+    "key-pairs-lazy-max": {"WARP_KEY_PAIRS": 2048, "WARP_LAZY_MAX": True},
 }
 
 

@@ -397,11 +397,12 @@ def test_decode_kernel_matches_reference(backend, monkeypatch, heads, group, dim
 
 @pytest.mark.parametrize("heads", [1, 2, 3, 8, 32, 200])
 @pytest.mark.parametrize("coded", [1, 63, 64, 127, 129, 4099, 16384, 65536, 131071])
-def test_warp_splits_cover_the_codes_in_whole_steps(heads, coded):
+@pytest.mark.parametrize("dim", [64, 128])
+def test_warp_splits_cover_the_codes_in_whole_steps(heads, coded, dim):
     """Splits are whole 4-warp steps of 16-token tiles that cover every coded token once,
     as the kernel recomputes them from its grid; at most WARP_MAX_SPLITS a head (the
     merge's capacity) and within the launch's target blocks."""
-    splits, per_split = kernels.warp_splits(coded, heads)
+    splits, per_split = kernels.warp_splits(coded, heads, dim)
     step = 16 * kernels.WARPS
     assert per_split % step == 0
     assert (splits - 1) * per_split < coded <= splits * per_split
@@ -409,22 +410,29 @@ def test_warp_splits_cover_the_codes_in_whole_steps(heads, coded):
     # The kernel's own split length (DECODE_WARP_BODY: per_split from total and grid).
     assert ((coded + splits - 1) // splits + step - 1) // step * step == per_split
     assert per_split >= min(coded, kernels.WARP_MIN_TILES * step) or splits == 1
-    assert heads * splits <= max(kernels.WARP_WAVE_BLOCKS, kernels.WARP_TARGET_BLOCKS + heads)
+    target = max(kernels.WARP_WAVE_BLOCKS, kernels.WARP_TARGET_BLOCKS)
+    assert heads * splits <= target + heads
 
 
 def test_warp_splits_fill_one_wave(monkeypatch):
-    """The measured choices (H200, BENCHMARKS.md "Fewer, longer splits"): the default
-    model's 3 KV heads keep 128 splits each (384 blocks, one wave at three a SM); 8 KV
-    heads take 32 (256 blocks) at 16k and 64k; short contexts keep two tiles a warp."""
+    """The measured choices (H200, BENCHMARKS.md "Fewer, longer splits" and "Tile-loop
+    variants on the GPU"): the default model's 3 KV heads keep 128 splits each (384
+    blocks, one wave at three a SM); 8 KV heads take up to 48 at head_dim 64 (<= 392 blocks, one
+    wave) and 32 at 128 (264 blocks) at 16k and 64k; short contexts keep two tiles a
+    warp."""
     for name, default in (("WARP_TARGET_BLOCKS", 256), ("WARP_WAVE_BLOCKS", 384),
+                          ("WARP_WAVE_DIM", 64),
                           ("WARP_MIN_TILES", 2)):  # whatever the profiling variables say
         monkeypatch.setattr(kernels, name, default)
-    assert kernels.warp_splits(16384, 3) == (128, 128)
-    assert kernels.warp_splits(65536, 3) == (128, 512)
-    assert kernels.warp_splits(16384, 8) == (32, 512)
-    assert kernels.warp_splits(65536, 8) == (32, 2048)
-    assert kernels.warp_splits(4096, 8) == (32, 128)
-    assert kernels.warp_splits(4096, 3) == (32, 128)
+    assert kernels.warp_splits(16384, 3, 64) == (128, 128)
+    assert kernels.warp_splits(65536, 3, 64) == (128, 512)
+    assert kernels.warp_splits(16384, 8, 128) == (32, 512)
+    assert kernels.warp_splits(65536, 8, 128) == (32, 2048)
+    assert kernels.warp_splits(16384, 8, 64) == (43, 384)  # 48 whole steps round up
+    assert kernels.warp_splits(65536, 8, 64) == (47, 1408)
+    assert kernels.warp_splits(4096, 8, 64) == (32, 128)
+    assert kernels.warp_splits(4096, 3, 64) == (32, 128)
+    assert 8 * (48 + 1) <= 3 * 132  # the exact tokens' blocks too: one wave on 132 SMs
 
 
 @pytest.mark.parametrize("misaligned", [False, True, {"kwords"}, {"ktok"}, {"vscales"},
@@ -545,8 +553,9 @@ class LaunchCaptured(Exception):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc)")
 @pytest.mark.parametrize("flags", [
     {}, {"WARP_VALUES_EARLY": True, "WARP_KEYS_EARLY": True, "WARP_LAZY_MAX": True,
-         "WARP_KEY_PAIRS": 2048, "WARP_MIN_BLOCKS": 2}, {"WARP_STAMPS": []}],
-    ids=["default", "every-flag", "timestamps"])
+         "WARP_KEY_PAIRS": 2048, "WARP_MIN_BLOCKS": 2}, {"WARP_STAMPS": []},
+    {"WARP_KEY_PAIRS": 0, "WARP_LAZY_MAX": False}],
+    ids=["default", "every-flag", "timestamps", "no-pairs-exact-max"])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_warp_kernel_cuda_text_compiles_for_hopper_without_spills(monkeypatch, tmp_path,
                                                                   dim, flags):
@@ -608,16 +617,17 @@ def test_warp_kernel_drops_a_key_pair_table_that_does_not_fit(monkeypatch):
 
 @pytest.mark.parametrize("where", ["emulated"] + (["cuda"] if BACKEND == "cuda" else []))
 @pytest.mark.parametrize("sharpness", [1.0, 8.0])
-def test_warp_kernel_lazy_softmax_matches_the_reference(monkeypatch, sharpness, where):
-    """LAZY: per-lane sums and maxima moved only past a margin. With the query 8x as
-    sharp and the keys growing along the sequence, scores climb far past the margin
-    within a split, so maxima move mid-split and earlier tiles are rescaled; either way
-    the attention is the reference's."""
+@pytest.mark.parametrize("lazy", [True, False])
+def test_warp_kernel_lazy_softmax_matches_the_reference(monkeypatch, sharpness, lazy, where):
+    """LAZY (the default): per-lane sums and maxima moved only past a margin. With the
+    query 8x as sharp and the keys growing along the sequence, scores climb far past the
+    margin within a split, so maxima move mid-split and earlier tiles are rescaled; either
+    way, and with the exact running maximum, the attention is the reference's."""
     if where == "emulated":
         if compiler() is None:
             pytest.skip("no C++ compiler for the kernel emulator")
         use_emulator(monkeypatch)
-    monkeypatch.setattr(kernels, "WARP_LAZY_MAX", True)
+    monkeypatch.setattr(kernels, "WARP_LAZY_MAX", lazy)
     rng = np.random.default_rng(17)
     cache = make_cache(rng, 2, 64, "pre", "affine-rotated", True)
     keys, values = random_kv(rng, cache, 600)
@@ -629,7 +639,7 @@ def test_warp_kernel_lazy_softmax_matches_the_reference(monkeypatch, sharpness, 
     launches = record_launches(monkeypatch)
     cache.use_kernels(where)
     got = np.array(cache.attend(q, 0.125).astype(mx.float32))
-    assert [t["LAZY"] for which, _, t, _ in launches if which == "decode_warp"] == [True]
+    assert [t["LAZY"] for which, _, t, _ in launches if which == "decode_warp"] == [lazy]
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 

@@ -54,26 +54,29 @@ WARP_MERGE_LOADS = int(os.environ.get("VELOX_WARP_MERGE_LOADS", "16"))
 # Entries (fp16 pairs, 4 bytes each) of the warp-tiled kernel's key pair table: each pair
 # of adjacent key columns decodes with one shared-memory lookup instead of two lookups and
 # a pack; the narrowest pairs' widths fit first, wider ones decode column by column. Up to
-# head_dim 64 only (beyond, shared memory is spoken for). Off (0) by default: with 2,048
-# entries the kernel ran 13% fewer instructions but no faster (H200, kernel alone: 1B
-# shape at 64k 83.0 -> 83.8 µs, default-model shape at 16k 18.1 -> 19.1; its warps wait
-# on dependent shared-memory loads with ~2 warps a scheduler, and every block copies the
-# table; BENCHMARKS.md, "Key pairs from a table").
-WARP_KEY_PAIRS = int(os.environ.get("VELOX_WARP_KEY_PAIRS", "0"))
+# head_dim 64 only (beyond, shared memory is spoken for). Under Nsight Compute (clocks
+# locked) 2,048 entries ran 13% fewer instructions but no faster (1B shape at 64k 83.0 ->
+# 83.8 µs); by timestamps at the card's own clocks, with WARP_LAZY_MAX, the span is
+# shorter (H200, 1B shape at 64k 72.4 -> 66.0 µs, at 16k 26.0 -> 24.6; default-model
+# shape at 64k 31.5 -> 29.9; BENCHMARKS.md, "Tile-loop variants on the GPU"). 0: off.
+WARP_KEY_PAIRS = int(os.environ.get("VELOX_WARP_KEY_PAIRS", "2048"))
 # The warp-tiled kernel dequantises a tile's values before its softmax rather than after
 # (more independent work while the softmax's shuffles wait), up to head_dim 64 (fully
 # unrolled). ptxas (sm_90): 168 registers, as without; 174 with WARP_KEYS_EARLY too, past
-# the 170 that three blocks an SM allow. Not yet timed on a GPU: off by default.
+# the 170 that three blocks an SM allow. Within ±1% alone on an H200 and erratic with
+# key pairs (1B shape at 16k 24.7 -> 40.7 µs): off by default.
 WARP_VALUES_EARLY = os.environ.get("VELOX_WARP_VALUES_EARLY", "0") != "0"
 # The warp-tiled kernel decodes the next tile's key coefficients once a tile's scores are
 # done (their shared-memory load chains then overlap the softmax and the values; ptxas:
-# 168 registers, as without). Not yet timed on a GPU: off by default.
+# 168 registers, as without). Within ±1% on an H200, slower with key pairs (1B shape at
+# 64k 66.0 -> 68.5 µs with lazy maxima): off by default.
 WARP_KEYS_EARLY = os.environ.get("VELOX_WARP_KEYS_EARLY", "0") != "0"
 # The warp-tiled kernel's tile softmax (scores on tensor cores) keeps each head's sum per
 # lane, summed once after the last tile, and moves a head's maximum only when a score
 # passes it by a margin (e^8): most tiles then need no shuffle, where each took six
-# dependent ones. Not yet timed on a GPU: off by default.
-WARP_LAZY_MAX = os.environ.get("VELOX_WARP_LAZY_MAX", "0") != "0"
+# dependent ones. On by default (H200, timestamps: 8B shape at 64k 177.4 -> 173.3 µs;
+# with key pairs, above). 0: the exact running maximum.
+WARP_LAZY_MAX = os.environ.get("VELOX_WARP_LAZY_MAX", "1") != "0"
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
 WARP_SHARED_LIMIT = 48 * 1024 - 256
 # The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
@@ -116,6 +119,13 @@ WARP_MIN_TILES = int(os.environ.get("VELOX_WARP_MIN_TILES", "2"))
 # (VELOX_WARP_BLOCKS=1024 VELOX_WARP_WAVE_BLOCKS=0: the choice before).
 WARP_WAVE_BLOCKS = int(os.environ.get("VELOX_WARP_WAVE_BLOCKS", "384"))
 WARP_TARGET_BLOCKS = int(os.environ.get("VELOX_WARP_BLOCKS", "256"))
+# Head dims up to which a launch whose KV heads cannot all take WARP_MAX_SPLITS still aims
+# for one wave at three blocks an SM (WARP_WAVE_BLOCKS) rather than WARP_TARGET_BLOCKS.
+# At head_dim 64 the blocks' set-up is small (an 8 KiB basis) and more splits pay (H200,
+# timestamps, 1B shape, 8 KV heads, 264 -> 392 blocks: span 26.7 -> 26.0 µs at 16k and
+# 82.0 -> 73.0 at 64k); at 128 they do not (8B shape at 16k: 52.7 -> 58.1; BENCHMARKS.md,
+# "Tile-loop variants on the GPU"). VELOX_WARP_WAVE_DIM=0: the choice before.
+WARP_WAVE_DIM = int(os.environ.get("VELOX_WARP_WAVE_DIM", "64"))
 # Blocks per SM the warp-tiled kernel is compiled to fit (``__launch_bounds__``: the
 # compiler caps registers at 64K / (128 · N), spilling past that); 0 leaves registers to
 # the compiler. Tunable for profiling.
@@ -704,7 +714,7 @@ class SpectralKernels:
             # (At least 16 bytes: one or two KV heads' counters would sit in host memory,
             # see arrays.kernel_input, and the atomics would cross the bus.)
             self._counter_bh = kernel_input([0] * (B * H), mx.int32)
-        splits, _ = warp_splits(coded, B * H)
+        splits, _ = warp_splits(coded, B * H, D)
         vb, vg = self.value_affine
         breg = D <= WARP_BASIS_REGISTERS and B * H * splits <= WARP_BASIS_REGISTER_BLOCKS
         sbasis = not breg and WARP_BASIS_SHARED
@@ -1042,9 +1052,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def warp_splits(coded: int, heads: int) -> tuple[int, int]:
+def warp_splits(coded: int, heads: int, dim: int = 128) -> tuple[int, int]:
     """(splits per KV head, tokens per split) of a warp-tiled launch over ``coded`` tokens
-    of ``heads`` (batch x KV) heads: splits of whole 4-warp steps of 16-token tiles, at
+    of ``heads`` (batch x KV) heads of ``dim``: splits of whole 4-warp steps of 16-token tiles, at
     least WARP_MIN_TILES (2) tiles per warp — fewer, longer splits cost less to start and
     merge than they lose in parallelism (H200, default-model shape, 4k: 1 / 2 / 4 tiles
     54 / 49 / 55 µs) — and at most WARP_MAX_SPLITS per head, within the blocks above."""
@@ -1052,7 +1062,8 @@ def warp_splits(coded: int, heads: int) -> tuple[int, int]:
     if heads * WARP_MAX_SPLITS <= WARP_WAVE_BLOCKS:
         most = WARP_MAX_SPLITS
     else:
-        most = min(WARP_MAX_SPLITS, _cdiv(WARP_TARGET_BLOCKS, heads))
+        target = WARP_WAVE_BLOCKS if dim <= WARP_WAVE_DIM else WARP_TARGET_BLOCKS
+        most = min(WARP_MAX_SPLITS, _cdiv(target, heads))
     splits = max(1, min(_cdiv(coded, WARP_MIN_TILES * step), most))
     per_split = _cdiv(_cdiv(coded, splits), step) * step
     return _cdiv(coded, per_split), per_split
