@@ -56,6 +56,8 @@ VARIANTS = {
     # Key column pairs decoded from a table (off by default).
     "key-pairs2048": {"WARP_KEY_PAIRS": 2048},
     "key-pairs512": {"WARP_KEY_PAIRS": 512},
+    # The pair table at head_dim 128 too (two blocks an SM by shared memory).
+    "key-pairs128": {"WARP_KEY_PAIRS_DIM": 128},
     # A tile's values dequantised before its softmax (off by default).
     "values-early": {"WARP_VALUES_EARLY": True},
     # The next tile's keys decoded after a tile's scores (off by default), and both.

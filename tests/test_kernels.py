@@ -522,18 +522,21 @@ def test_key_pair_tables_decode_a_pair_of_columns_as_their_two_levels():
 
 
 @pytest.mark.parametrize("where", ["emulated"] + (["cuda"] if BACKEND == "cuda" else []))
-@pytest.mark.parametrize("capacity", [0, 64, 2048])
+@pytest.mark.parametrize("capacity,dim", [(0, 64), (64, 64), (2048, 64), (64, 128),
+                                          (2048, 128)])
 def test_warp_kernel_decodes_key_pairs_from_the_table_or_column_by_column(monkeypatch,
-                                                                        capacity, where):
+                                                                        capacity, dim,
+                                                                        where):
     """The warp-tiled kernel's key pairs: none (column by column), a few narrow pairs from
-    the table and the rest column by column, or all from the table; the attention is the
-    reference's either way."""
+    the table and the rest column by column, or all from the table, at head_dim 64 and
+    (VELOX_WARP_KEY_PAIRS_DIM=128) 128; the attention is the reference's either way."""
     if where == "emulated":
         if compiler() is None:
             pytest.skip("no C++ compiler for the kernel emulator")
         use_emulator(monkeypatch)
     monkeypatch.setattr(kernels, "WARP_KEY_PAIRS", capacity)
-    cache, q, expected = warp_case(np.random.default_rng(21), 300)
+    monkeypatch.setattr(kernels, "WARP_KEY_PAIRS_DIM", 128)
+    cache, q, expected = warp_case(np.random.default_rng(21), 300, dim=dim)
     cache.use_kernels(where)
     assert cache.kernels.warp_decode(q)
     words, bases = cache.kernels.key_pair_words, np.array(cache.kernels.kpair)
@@ -542,7 +545,7 @@ def test_warp_kernel_decodes_key_pairs_from_the_table_or_column_by_column(monkey
     else:
         assert 0 < words <= capacity and (bases.ndim == 3) and (bases[..., 3] >= 0).any()
         assert (bases[..., 3] == -1).any() == (capacity == 64)
-    got = np.array(cache.attend(q, 0.125).astype(mx.float32))
+    got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
@@ -553,7 +556,8 @@ class LaunchCaptured(Exception):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc)")
 @pytest.mark.parametrize("flags", [
     {}, {"WARP_VALUES_EARLY": True, "WARP_KEYS_EARLY": True, "WARP_LAZY_MAX": True,
-         "WARP_KEY_PAIRS": 2048, "WARP_MIN_BLOCKS": 2}, {"WARP_STAMPS": []},
+         "WARP_KEY_PAIRS": 2048, "WARP_KEY_PAIRS_DIM": 128, "WARP_MIN_BLOCKS": 2},
+    {"WARP_STAMPS": []},
     {"WARP_KEY_PAIRS": 0, "WARP_LAZY_MAX": False}],
     ids=["default", "every-flag", "timestamps", "no-pairs-exact-max"])
 @pytest.mark.parametrize("dim", [64, 128])

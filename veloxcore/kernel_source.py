@@ -888,10 +888,11 @@ DECODE_WARP_BODY = r"""
   VX_ALIGN16 VX_SHARED float qs[G * D];
   // Per compacted key column: bit offset | mask << 12 | codebook base << 20
   // (vx_key_column; a padding column reads code 0, and its basis column is zero), or
-  // up to head_dim 64, where shared memory is plentiful, the four unpacked (KCOL4:
-  // vx_key_column4, two to four instructions fewer per coefficient). The columns'
-  // scales are folded into the basis fragments (bfrag) on the host.
-  constexpr bool KCOL4 = D <= 64;
+  // up to head_dim 64, where shared memory is plentiful, and with the pair table (its
+  // too-wide pairs decode from them), the four unpacked (KCOL4: vx_key_column4, two to
+  // four instructions fewer per coefficient). The columns' scales are folded into the
+  // basis fragments (bfrag) on the host.
+  constexpr bool KCOL4 = D <= 64 || KPAIR != 0;
   static_assert(!KPAIR || KCOL4, "a pair too wide for the table decodes from kcol4");
   static_assert(!VEARLY || UNROLL_V >= NTD / 2, "early values are indexed by constants");
   static_assert(!LAZY || QMMA, "the lazy softmax is QMMA's (a lane's two heads)");

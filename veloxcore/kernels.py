@@ -60,6 +60,10 @@ WARP_MERGE_LOADS = int(os.environ.get("VELOX_WARP_MERGE_LOADS", "16"))
 # shorter (H200, 1B shape at 64k 72.4 -> 66.0 µs, at 16k 26.0 -> 24.6; default-model
 # shape at 64k 31.5 -> 29.9; BENCHMARKS.md, "Tile-loop variants on the GPU"). 0: off.
 WARP_KEY_PAIRS = int(os.environ.get("VELOX_WARP_KEY_PAIRS", "2048"))
+# Head dims up to which the key pair table is used. At 128 it takes the block's shared
+# memory from ~68 to ~79 KiB (three blocks an SM no longer fit; the 8B shape's 264-block
+# launches run two a SM anyway). Emulator-tested at 128, not yet timed on a GPU: 64.
+WARP_KEY_PAIRS_DIM = int(os.environ.get("VELOX_WARP_KEY_PAIRS_DIM", "64"))
 # The warp-tiled kernel dequantises a tile's values before its softmax rather than after
 # (more independent work while the softmax's shuffles wait), up to head_dim 64 (fully
 # unrolled). ptxas (sm_90): 168 registers, as without; 174 with WARP_KEYS_EARLY too, past
@@ -450,7 +454,7 @@ class SpectralKernels:
         self.key_words = coder.words
         # The warp-tiled kernel's key pair table (kernel_source.DECODE_WARP_BODY, KPAIR).
         pairs = (key_pair_tables(np.array(self.kbits), np.array(self.kshift), WARP_KEY_PAIRS)
-                 if D <= 64 and WARP_KEY_PAIRS > 0 else None)
+                 if D <= WARP_KEY_PAIRS_DIM and WARP_KEY_PAIRS > 0 else None)
         self.key_pair_words = 0 if pairs is None else pairs[1].size
         self.kpair = kernel_input([0], mx.int32) if pairs is None else as_mx(pairs[0])
         self.ptab = kernel_input([0], mx.uint32) if pairs is None else as_mx(pairs[1])
@@ -968,9 +972,9 @@ def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_wor
     key_tiles = WARPS * 2 * (16 * key_words + 4)
     merge = G * WARP_MAX_EXACT + G * WARP_MAX_SPLITS + 2 * G
     words = (510 + G * D + D  # codebook table, query, perm
-             # key columns (RKMAX <= D; unpacked up to 64), with the unused layout's
-             # one-element array (an int4 may be padded to 16 bytes)
-             + (4 * D + 1 if D <= 64 else D + 7)
+             # key columns (RKMAX <= D; unpacked up to 64 and with the pair table), with
+             # the unused layout's one-element array (an int4 may be padded to 16 bytes)
+             + (4 * D + 1 if D <= 64 or pair_words else D + 7)
              # the key pair table and its pairs' int4s (RKMAX / 2 <= D / 2), or one of each
              + (pair_words + 2 * D if pair_words else 5)
              # RoPE rows 0-15 (and the unused step's one float2), or rows 0-7 and the step
