@@ -19,9 +19,11 @@
 # kernel-ab: Nsight Compute of the warp-tiled kernel alone, this tree against BASE (a folder
 #          holding another commit's veloxcore/ and benchmarks/, e.g. `git archive C
 #          veloxcore benchmarks assets/bundles | tar -x -C DIR`), in one lease
-# variants: the warp-tiled kernel's reordered tile loops, lazy softmax and key pair table
-#          against the default: gpu_smoke.py with them all on, then their spans by
-#          timestamps (warp_variants.py; default-model, 1B and 8B shapes at 16k and 64k)
+# variants: the warp-tiled kernel's off-by-default builds (key pairs at head_dim 128, key
+#          pairs in registers) and the defaults turned off, against the default:
+#          gpu_smoke.py with the new flags on, then their spans by timestamps
+#          (warp_variants.py; default-model, 1B and 8B shapes at 16k and 64k; VARIANTS=a,b
+#          picks others)
 # stalls:  where the 1B shape's kernel at 64k waits: Nsight Compute SASS counters and warp
 #          stall reasons (ncu_warp.sh SASS_SHAPE=1b:65536, then sass_summary.py)
 # quality: the 8k sweep of the default configuration and its neighbours at <= 3.5 bits
@@ -74,11 +76,11 @@ for part in $parts; do
       NO_SASS=1 BASE=${BASE:?kernel-ab needs BASE=DIR} bash benchmarks/ncu_warp.sh "$out/ab" \
         smollm2:16384 smollm2:65536 1b:65536 8b:16384 \
         | grep -E "^==|Duration|Executed Instructions  |Registers Per" ;;
-    variants)  # (first the smoke check with every such flag on)
-      VELOX_WARP_VALUES_EARLY=1 VELOX_WARP_KEYS_EARLY=1 VELOX_WARP_LAZY_MAX=1 \
-        VELOX_WARP_KEY_PAIRS=2048 python3 benchmarks/gpu_smoke.py | tee "$out/smoke-flags.txt"
+    variants)  # (first the smoke check with the off-by-default flags on)
+      VELOX_WARP_KEY_PAIRS_DIM=128 VELOX_WARP_KEY_PAIR_REGISTERS=1 \
+        python3 benchmarks/gpu_smoke.py | tee "$out/smoke-flags.txt"
       python3 benchmarks/warp_variants.py --shapes smollm2,1b,8b --contexts 16384,65536 \
-        --variants base,values-unroll4,values-early,keys-early,both-early,lazy-max,lazy-both-early,key-pairs2048,blocks384,mb2 \
+        --variants ${VARIANTS:-base,key-pairs128,key-pair-registers,key-pair-registers-mb3,key-pair-registers128,exact-max,no-key-pairs} \
         --rounds 2 \
         --out "$out/variants" | grep -v '^{' ;;
     stalls)

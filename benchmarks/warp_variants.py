@@ -55,9 +55,15 @@ VARIANTS = {
     "values-unroll4": {"WARP_VALUE_UNROLL": 4},
     # Key column pairs decoded from a table (off by default).
     "key-pairs2048": {"WARP_KEY_PAIRS": 2048},
+    "no-key-pairs": {"WARP_KEY_PAIRS": 0},
     "key-pairs512": {"WARP_KEY_PAIRS": 512},
     # The pair table at head_dim 128 too (two blocks an SM by shared memory).
     "key-pairs128": {"WARP_KEY_PAIRS_DIM": 128},
+    # A lane's key pairs packed in registers once per split (off by default).
+    "key-pair-registers": {"WARP_KEY_PAIR_REGISTERS": True},
+    "key-pair-registers128": {"WARP_KEY_PAIR_REGISTERS": True, "WARP_KEY_PAIRS_DIM": 128},
+    # ... held to three blocks an SM (168 registers; 172 without at head_dim 64).
+    "key-pair-registers-mb3": {"WARP_KEY_PAIR_REGISTERS": True, "WARP_MIN_BLOCKS": 3},
     # A tile's values dequantised before its softmax (off by default).
     "values-early": {"WARP_VALUES_EARLY": True},
     # The next tile's keys decoded after a tile's scores (off by default), and both.
@@ -65,6 +71,7 @@ VARIANTS = {
     "both-early": {"WARP_VALUES_EARLY": True, "WARP_KEYS_EARLY": True},
     # The tile softmax with per-lane sums and lazily moved maxima (off by default).
     "lazy-max": {"WARP_LAZY_MAX": True},
+    "exact-max": {"WARP_LAZY_MAX": False},
     "lazy-both-early": {"WARP_LAZY_MAX": True, "WARP_VALUES_EARLY": True,
                         "WARP_KEYS_EARLY": True},
     # Combinations of the first session these ran on the GPU (2026-11-29): the key pair

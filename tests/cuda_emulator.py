@@ -147,6 +147,7 @@ inline void vx_cp_async16(void* dst, const void* src) {
   copies16.fetch_add(1, std::memory_order_relaxed);
 }
 extern "C" long copies_16() { return copies16.exchange(0); }
+inline int __popc(unsigned int x) { return __builtin_popcount(x); }
 inline unsigned int __funnelshift_r(unsigned int lo, unsigned int hi, int shift) {
   return (unsigned int)((((unsigned long long)hi << 32) | lo) >> (shift & 31));
 }

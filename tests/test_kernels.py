@@ -522,20 +522,24 @@ def test_key_pair_tables_decode_a_pair_of_columns_as_their_two_levels():
 
 
 @pytest.mark.parametrize("where", ["emulated"] + (["cuda"] if BACKEND == "cuda" else []))
-@pytest.mark.parametrize("capacity,dim", [(0, 64), (64, 64), (2048, 64), (64, 128),
-                                          (2048, 128)])
+@pytest.mark.parametrize("capacity,dim,registers", [
+    (0, 64, False), (64, 64, False), (2048, 64, False), (64, 64, True), (2048, 64, True),
+    (64, 128, False), (2048, 128, False), (64, 128, True)])
 def test_warp_kernel_decodes_key_pairs_from_the_table_or_column_by_column(monkeypatch,
                                                                         capacity, dim,
-                                                                        where):
+                                                                        registers, where):
     """The warp-tiled kernel's key pairs: none (column by column), a few narrow pairs from
     the table and the rest column by column, or all from the table, at head_dim 64 and
-    (VELOX_WARP_KEY_PAIRS_DIM=128) 128; the attention is the reference's either way."""
+    (VELOX_WARP_KEY_PAIRS_DIM=128) 128, read from shared memory every tile or packed in
+    registers (KPREG); the attention is the reference's either way."""
     if where == "emulated":
         if compiler() is None:
             pytest.skip("no C++ compiler for the kernel emulator")
         use_emulator(monkeypatch)
     monkeypatch.setattr(kernels, "WARP_KEY_PAIRS", capacity)
     monkeypatch.setattr(kernels, "WARP_KEY_PAIRS_DIM", 128)
+    monkeypatch.setattr(kernels, "WARP_KEY_PAIR_REGISTERS", registers)
+    launches = record_launches(monkeypatch)
     cache, q, expected = warp_case(np.random.default_rng(21), 300, dim=dim)
     cache.use_kernels(where)
     assert cache.kernels.warp_decode(q)
@@ -547,6 +551,8 @@ def test_warp_kernel_decodes_key_pairs_from_the_table_or_column_by_column(monkey
         assert (bases[..., 3] == -1).any() == (capacity == 64)
     got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+    assert ([t["KPREG"] for which, _, t, _ in launches if which == "decode_warp"]
+            == [registers])
 
 
 class LaunchCaptured(Exception):
@@ -556,7 +562,8 @@ class LaunchCaptured(Exception):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc)")
 @pytest.mark.parametrize("flags", [
     {}, {"WARP_VALUES_EARLY": True, "WARP_KEYS_EARLY": True, "WARP_LAZY_MAX": True,
-         "WARP_KEY_PAIRS": 2048, "WARP_KEY_PAIRS_DIM": 128, "WARP_MIN_BLOCKS": 2},
+         "WARP_KEY_PAIRS": 2048, "WARP_KEY_PAIRS_DIM": 128, "WARP_KEY_PAIR_REGISTERS": True,
+         "WARP_MIN_BLOCKS": 2},
     {"WARP_STAMPS": []},
     {"WARP_KEY_PAIRS": 0, "WARP_LAZY_MAX": False}],
     ids=["default", "every-flag", "timestamps", "no-pairs-exact-max"])

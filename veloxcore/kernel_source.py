@@ -286,15 +286,26 @@ __device__ inline int4 vx_key_column4(int bits, int shift) {
   return bits > 0 ? make_int4(shift >> 5, shift & 31, (1 << bits) - 1, (1 << bits) - 2)
                   : make_int4(0, 0, 0, 0);
 }
+// A key pair (kpair4's word, bit offset, mask, table base) packed in one register for
+// KPREG: base (15 bits) | offset << 15 | width << 20 | word << 25, or bit 31 where the
+// pair decodes column by column (base -1). The host keeps words < 64 and bases < 2^15.
+__device__ inline unsigned int vx_pack_pair(int4 pr) {
+  return pr.w < 0 ? 0x80000000u
+                  : (unsigned int)pr.w | (unsigned int)pr.y << 15 |
+                        (unsigned int)__popc((unsigned int)pr.z) << 20 |
+                        (unsigned int)pr.x << 25;
+}
 // Step 3 of the warp-tiled kernel: lane (gid, tig)'s A fragments of a tile's key
 // coefficients (unit levels: the columns' scales are in the basis), tokens gid and gid + 8,
 // from the tile's key words kw (wk a token): by pairs from the pair table where KPAIR,
-// else column by column from kcol4 (KCOL4) or kcol.
-template <int KS, bool KPAIR, bool KCOL4>
+// else column by column from kcol4 (KCOL4) or kcol. KPREG: the lane's pairs are read from
+// kpr, packed in registers once per split (vx_pack_pair), not from kpair4 every tile.
+template <int KS, bool KPAIR, bool KCOL4, bool KPREG>
 __device__ inline void vx_key_fragments(unsigned int (&af)[KS][4], const unsigned int* kw,
                                         int wk, const int4* kcol4, const int* kcol,
                                         const int4* kpair4, const unsigned int* ptab_s,
-                                        const float* table, int gid, int tig) {
+                                        const float* table, int gid, int tig,
+                                        const unsigned int (&kpr)[KPREG ? KS : 1][2]) {
 #pragma unroll
   for (int ks = 0; ks < KS; ks++) {
     if (KPAIR) {
@@ -303,8 +314,23 @@ __device__ inline void vx_key_fragments(unsigned int (&af)[KS][4], const unsigne
 #pragma unroll
       for (int half = 0; half < 2; half++) {
         const int pi = ks * 8 + half * 4 + tig;
+        if (KPREG) {
+          const unsigned int d = kpr[KPREG ? ks : 0][half];
+          if (!(d >> 31)) {  // from the table; else column by column below
+            const int word = (int)((d >> 25) & 63u);
+            const int shift = (int)((d >> 15) & 31u);
+            const unsigned int mask = (1u << ((d >> 20) & 31u)) - 1u;
+            const int base = (int)(d & 0x7FFFu);
+            const unsigned int* w0 = kw + gid * wk + word;
+            const unsigned int* w1 = kw + (gid + 8) * wk + word;
+            af[ks][2 * half] = ptab_s[base + (int)(__funnelshift_r(w0[0], w0[1], shift) & mask)];
+            af[ks][2 * half + 1] =
+                ptab_s[base + (int)(__funnelshift_r(w1[0], w1[1], shift) & mask)];
+            continue;
+          }
+        }
         const int4 pr = kpair4[pi];
-        if (pr.w >= 0) {
+        if (!KPREG && pr.w >= 0) {
           af[ks][2 * half] = ptab_s[pr.w + (int)vx_code4(kw + gid * wk, pr)];
           af[ks][2 * half + 1] = ptab_s[pr.w + (int)vx_code4(kw + (gid + 8) * wk, pr)];
         } else {  // a pair too wide for the table: two levels, as without KPAIR
@@ -835,7 +861,8 @@ DECODE_BODY = r"""
 # FMA), KPAIR (words of the key pair table, ptab: 0, none), VEARLY (the values' A
 # fragments dequantised before the tile's softmax rather than after; full unrolling only),
 # KEARLY (the next tile's key fragments decoded after this tile's scores), LAZY (QMMA's
-# softmax keeps its sums per lane and moves a head's maximum only past a margin).
+# softmax keeps its sums per lane and moves a head's maximum only past a margin), KPREG
+# (with KPAIR: a lane's key pairs packed in registers once per split).
 # bfrag: the basis, each column times its scale, as B fragments, ((h · D/8 + n-tile) ·
 # RKMAX/16 + k-step) · 64 + reg · 32 + lane; kbits/kshift: per compacted column (H, RKMAX);
 # key_mean, rope in RoPE pair order. kpair (H, RKMAX/2, 4): per pair of compacted key
@@ -896,6 +923,7 @@ DECODE_WARP_BODY = r"""
   static_assert(!KPAIR || KCOL4, "a pair too wide for the table decodes from kcol4");
   static_assert(!VEARLY || UNROLL_V >= NTD / 2, "early values are indexed by constants");
   static_assert(!LAZY || QMMA, "the lazy softmax is QMMA's (a lane's two heads)");
+  static_assert(!KPREG || (KPAIR && KPAIR <= 32768 && WKS < 64), "vx_pack_pair's fields");
   VX_SHARED int kcol[KCOL4 ? 1 : RKMAX];
   VX_ALIGN16 VX_SHARED int4 kcol4[KCOL4 ? RKMAX : 1];
   // KPAIR: each pair of key columns decodes with one lookup into a table of fp16 pairs
@@ -1033,6 +1061,16 @@ DECODE_WARP_BODY = r"""
       }
     }
   }
+  // KPREG: this lane's key pairs (8 ks + tig, + 4) packed in registers for the split, so
+  // that a tile's lookups wait on no load of kpair4 (Nsight Compute: the pairs' base test
+  // was the kernel's most-sampled stall).
+  unsigned int kpr[KPREG ? KS : 1][2];
+  if (KPREG) {
+    for (int ks = 0; ks < (KPREG ? KS : 1); ks++) {
+      kpr[ks][0] = vx_pack_pair(kpair4[ks * 8 + tig]);
+      kpr[ks][1] = vx_pack_pair(kpair4[ks * 8 + 4 + tig]);
+    }
+  }
   float qth[QP];  // θ and amplitude of this lane's RoPE pairs (lane, lane + 32, ...)
   float qamp[QP];
   for (int k = 0; k < QP; k++) {
@@ -1068,8 +1106,9 @@ DECODE_WARP_BODY = r"""
     const VX_HALF_T* kts = reinterpret_cast<const VX_HALF_T*>(kts_s[warp][buf]);
     ts0 = KTS ? VX_HALF(kts[gid]) : 1.0f;
     ts1 = KTS ? VX_HALF(kts[gid + 8]) : 1.0f;
-    vx_key_fragments<KS, KPAIR != 0, KCOL4>(afrag, kw_s + (warp * 2 + buf) * KWT, wk, kcol4,
-                                             kcol, kpair4, ptab_s, table, gid, tig);
+    vx_key_fragments<KS, KPAIR != 0, KCOL4, KPREG>(afrag, kw_s + (warp * 2 + buf) * KWT, wk,
+                                                    kcol4, kcol, kpair4, ptab_s, table, gid,
+                                                    tig, kpr);
   }
   // Whole 16-token tiles are copied (the buffers' capacity is a multiple of 16; rows past
   // the last token are masked below).
@@ -1110,8 +1149,8 @@ DECODE_WARP_BODY = r"""
     if (!KEARLY) {
       ts0 = KTS ? VX_HALF(kts[gid]) : 1.0f;
       ts1 = KTS ? VX_HALF(kts[gid + 8]) : 1.0f;
-      vx_key_fragments<KS, KPAIR != 0, KCOL4>(afrag, kw, wk, kcol4, kcol, kpair4, ptab_s,
-                                               table, gid, tig);
+      vx_key_fragments<KS, KPAIR != 0, KCOL4, KPREG>(afrag, kw, wk, kcol4, kcol, kpair4,
+                                                      ptab_s, table, gid, tig, kpr);
     }
     __syncwarp();  // the turned query is read across the warp
     // 4. Keys of 8 dims at a time on tensor cores; token scale, mean, RoPE by r·θ and
@@ -1197,8 +1236,10 @@ DECODE_WARP_BODY = r"""
       const VX_HALF_T* kts_next = reinterpret_cast<const VX_HALF_T*>(kts_s[warp][buf ^ 1]);
       ts0 = KTS ? VX_HALF(kts_next[gid]) : 1.0f;
       ts1 = KTS ? VX_HALF(kts_next[gid + 8]) : 1.0f;
-      vx_key_fragments<KS, KPAIR != 0, KCOL4>(afrag, kw_s + (warp * 2 + (buf ^ 1)) * KWT, wk,
-                                               kcol4, kcol, kpair4, ptab_s, table, gid, tig);
+      vx_key_fragments<KS, KPAIR != 0, KCOL4, KPREG>(afrag,
+                                                      kw_s + (warp * 2 + (buf ^ 1)) * KWT, wk,
+                                                      kcol4, kcol, kpair4, ptab_s, table, gid,
+                                                      tig, kpr);
     }
     // 5. Scores summed over the quad, masked past n; online softmax per query head
     // (vx_softmax_tile: probabilities rounded to fp16 before they are summed).

@@ -60,6 +60,11 @@ WARP_MERGE_LOADS = int(os.environ.get("VELOX_WARP_MERGE_LOADS", "16"))
 # shorter (H200, 1B shape at 64k 72.4 -> 66.0 µs, at 16k 26.0 -> 24.6; default-model
 # shape at 64k 31.5 -> 29.9; BENCHMARKS.md, "Tile-loop variants on the GPU"). 0: off.
 WARP_KEY_PAIRS = int(os.environ.get("VELOX_WARP_KEY_PAIRS", "2048"))
+# The warp-tiled kernel keeps a lane's key pairs (word, bit offset, width, table base)
+# packed in registers for the split (KPREG) rather than loading them from shared memory
+# for every tile (Nsight Compute, 1B shape at 64k: the test of a loaded pair's base was
+# the most-sampled stall). ptxas and emulator only, not yet timed on a GPU: off.
+WARP_KEY_PAIR_REGISTERS = os.environ.get("VELOX_WARP_KEY_PAIR_REGISTERS", "0") != "0"
 # Head dims up to which the key pair table is used. At 128 it takes the block's shared
 # memory from ~68 to ~79 KiB (three blocks an SM no longer fit; the 8B shape's 264-block
 # launches run two a SM anyway). Emulator-tested at 128, not yet timed on a GPU: 64.
@@ -741,7 +746,9 @@ class SpectralKernels:
                     ("KPAIR", pair_words),
                     ("VEARLY", WARP_VALUES_EARLY and D <= 64 and unroll_v >= D // 16),
                     ("KEARLY", WARP_KEYS_EARLY),
-                    ("LAZY", WARP_LAZY_MAX and WARP_QMMA and D % 16 == 0)]
+                    ("LAZY", WARP_LAZY_MAX and WARP_QMMA and D % 16 == 0),
+                    ("KPREG", WARP_KEY_PAIR_REGISTERS and 0 < pair_words <= 32768
+                     and self.key_words < 64)]
         call = dict(
             # Block 0 of each KV head takes the exact tokens, blocks 1 to splits the codes.
             grid=(32 * WARPS * (splits + 1), B * H, 1), threadgroup=(32 * WARPS, 1, 1),
