@@ -84,7 +84,10 @@ for part in $parts; do
         --rounds 2 \
         --out "$out/variants" | grep -v '^{' ;;
     stalls)
-      SASS_SHAPE=1b:65536 bash benchmarks/ncu_warp.sh "$out/stalls" 1b:65536
+      # (shared-memory loads and their bank conflicts: the tile's codebook and pair-table
+      # lookups are data-dependent addresses)
+      NCU_METRICS=l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,sass__inst_executed_shared_loads.sum \
+        SASS_SHAPE=1b:65536 bash benchmarks/ncu_warp.sh "$out/stalls" 1b:65536
       python3 benchmarks/sass_summary.py "$out/stalls/sass-1b-65536.csv" --tiles 32768 \
         | tee "$out/stalls/summary.txt" | head -60 ;;
     quality)

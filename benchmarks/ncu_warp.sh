@@ -6,6 +6,7 @@
 #                                                    # archive` of an earlier commit), A/B
 #   VARIANT="NAME VAR=VALUE ..." ...                 # also this tree with those variables
 #   SASS_SHAPE=1b:65536 ...  # the SASS counters (and stall reasons) of another shape
+#   NCU_METRICS=a.sum,b.sum ...  # also these metrics (e.g. shared-memory bank conflicts)
 # Needs MLX CUDA on the path (the lent H100/H200). Writes ncu-TAG-SHAPE-TOKENS.txt (launch,
 # occupancy, warp stalls, scheduler, instruction counts; TAG new, base or NAME) and, unless
 # NO_SASS=1, sass-SHAPE-TOKENS.csv for SASS_SHAPE (default smollm2:65536; summarise it:
@@ -25,11 +26,12 @@ run() {  # TAG ROOT SHAPE TOKENS [VAR=VALUE ...]
     --kernel-name regex:velox_decode_warp --launch-skip 2 --launch-count 1 \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
     --section SchedulerStats --section InstructionStats --print-summary none \
+    ${NCU_METRICS:+--metrics "$NCU_METRICS"} \
     python3 "$root/benchmarks/profile_decode.py" --shape "$s" --tokens "$t" --reps 3 \
     > "$out/ncu-$tag-$s-$t.txt" 2>&1
   echo "== $tag $s $t $*"
-  grep -E "^    Duration|Registers Per|Theoretical Occupancy|Achieved Occupancy|Executed Ipc Active|Issue Slots Busy|No Eligible|Executed Instructions  |Block Limit Registers|Block Limit Shared|Dynamic Shared" \
-    "$out/ncu-$tag-$s-$t.txt" | head -16
+  grep -E "^    Duration|Registers Per|Theoretical Occupancy|Achieved Occupancy|Executed Ipc Active|Issue Slots Busy|No Eligible|Executed Instructions  |Block Limit Registers|Block Limit Shared|Dynamic Shared|bank_conflicts|wavefronts_mem_shared|shared_loads" \
+    "$out/ncu-$tag-$s-$t.txt" | head -20
 }
 
 for st in ${@:-smollm2:65536 1b:65536 8b:65536 smollm2:4096}; do

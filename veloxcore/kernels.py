@@ -54,8 +54,8 @@ WARP_MERGE_LOADS = int(os.environ.get("VELOX_WARP_MERGE_LOADS", "16"))
 # Entries (fp16 pairs, 4 bytes each) of the warp-tiled kernel's key pair table: each pair
 # of adjacent key columns decodes with one shared-memory lookup instead of two lookups and
 # a pack; the narrowest pairs' widths fit first, wider ones decode column by column. Up to
-# head_dim 64 only (beyond, shared memory is spoken for). Under Nsight Compute (clocks
-# locked) 2,048 entries ran 13% fewer instructions but no faster (1B shape at 64k 83.0 ->
+# head_dim 64 by default (WARP_KEY_PAIRS_DIM). Under Nsight Compute (caches flushed
+# before the launch) 2,048 entries ran 13% fewer instructions but no faster (1B shape at 64k 83.0 ->
 # 83.8 µs); by timestamps at the card's own clocks, with WARP_LAZY_MAX, the span is
 # shorter (H200, 1B shape at 64k 72.4 -> 66.0 µs, at 16k 26.0 -> 24.6; default-model
 # shape at 64k 31.5 -> 29.9; BENCHMARKS.md, "Tile-loop variants on the GPU"). 0: off.
@@ -63,7 +63,9 @@ WARP_KEY_PAIRS = int(os.environ.get("VELOX_WARP_KEY_PAIRS", "2048"))
 # The warp-tiled kernel keeps a lane's key pairs (word, bit offset, width, table base)
 # packed in registers for the split (KPREG) rather than loading them from shared memory
 # for every tile (Nsight Compute, 1B shape at 64k: the test of a loaded pair's base was
-# the most-sampled stall). ptxas and emulator only, not yet timed on a GPU: off.
+# the most-sampled stall). ptxas: 172 registers at head_dim 64 (two blocks an SM; 168 with
+# 4 bytes spilled under VELOX_WARP_MIN_BLOCKS=3), 168 at 128. Emulator-tested, not yet
+# timed on a GPU: off.
 WARP_KEY_PAIR_REGISTERS = os.environ.get("VELOX_WARP_KEY_PAIR_REGISTERS", "0") != "0"
 # Head dims up to which the key pair table is used. At 128 it takes the block's shared
 # memory from ~68 to ~79 KiB (three blocks an SM no longer fit; the 8B shape's 264-block
@@ -71,9 +73,10 @@ WARP_KEY_PAIR_REGISTERS = os.environ.get("VELOX_WARP_KEY_PAIR_REGISTERS", "0") !
 WARP_KEY_PAIRS_DIM = int(os.environ.get("VELOX_WARP_KEY_PAIRS_DIM", "64"))
 # The warp-tiled kernel dequantises a tile's values before its softmax rather than after
 # (more independent work while the softmax's shuffles wait), up to head_dim 64 (fully
-# unrolled). ptxas (sm_90): 168 registers, as without; 174 with WARP_KEYS_EARLY too, past
-# the 170 that three blocks an SM allow. Within ±1% alone on an H200 and erratic with
-# key pairs (1B shape at 16k 24.7 -> 40.7 µs): off by default.
+# unrolled). ptxas (sm_90): 168 registers, as without; 174 with WARP_KEYS_EARLY too (before
+# key pairs), past the 168 that three blocks an SM allow (a warp's registers come in steps
+# of 256). Within ±1% alone on an H200 and erratic with key pairs (1B shape at 16k 24.7 ->
+# 40.7 µs): off by default.
 WARP_VALUES_EARLY = os.environ.get("VELOX_WARP_VALUES_EARLY", "0") != "0"
 # The warp-tiled kernel decodes the next tile's key coefficients once a tile's scores are
 # done (their shared-memory load chains then overlap the softmax and the values; ptxas:
