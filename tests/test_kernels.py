@@ -433,6 +433,9 @@ def test_warp_splits_fill_one_wave(monkeypatch):
     assert kernels.warp_splits(4096, 8, 64) == (32, 128)
     assert kernels.warp_splits(4096, 3, 64) == (32, 128)
     assert 8 * (48 + 1) <= 3 * 132  # the exact tokens' blocks too: one wave on 132 SMs
+    monkeypatch.setattr(kernels, "WARP_WAVE_BLOCKS", 0)  # the choice before one wave
+    monkeypatch.setattr(kernels, "WARP_TARGET_BLOCKS", 1024)
+    assert kernels.warp_splits(65536, 8, 64) == (128, 512)
 
 
 @pytest.mark.parametrize("misaligned", [False, True, {"kwords"}, {"ktok"}, {"vscales"},
@@ -524,7 +527,7 @@ def test_key_pair_tables_decode_a_pair_of_columns_as_their_two_levels():
 @pytest.mark.parametrize("where", ["emulated"] + (["cuda"] if BACKEND == "cuda" else []))
 @pytest.mark.parametrize("capacity,dim,registers", [
     (0, 64, False), (64, 64, False), (2048, 64, False), (64, 64, True), (2048, 64, True),
-    (64, 128, False), (2048, 128, False), (64, 128, True)])
+    (64, 128, False), (2048, 128, False), (64, 128, True), (2048, 128, True)])
 def test_warp_kernel_decodes_key_pairs_from_the_table_or_column_by_column(monkeypatch,
                                                                         capacity, dim,
                                                                         registers, where):
@@ -675,7 +678,8 @@ def test_warp_kernel_reordered_tile_loops_match_the_reference(monkeypatch, early
     launches = record_launches(monkeypatch)
     cache.use_kernels(where)
     assert cache.kernels.warp_decode(q)
-    assert kernels.warp_splits(cache.coded, 2)[1] >= 2 * 16 * kernels.WARPS
+    dims = cache.key_coder.dims
+    assert kernels.warp_splits(cache.coded, 2, dims)[1] >= 2 * 16 * kernels.WARPS
     assert cache.coded % 16
     got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
     (template,) = [t for which, _, t, _ in launches if which == "decode_warp"]
@@ -700,7 +704,7 @@ def test_warp_kernel_result_does_not_depend_on_which_block_finishes_first(monkey
     cache, q, expected = warp_case(np.random.default_rng(13), 600)
     cache.use_kernels("emulated")
     assert cache.kernels.warp_decode(q) and cache.num_exact > 0
-    assert kernels.warp_splits(cache.coded, 2)[0] > 2
+    assert kernels.warp_splits(cache.coded, 2, cache.key_coder.dims)[0] > 2
     got = np.array(cache.attend(q, 0.125).astype(mx.float32))
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 

@@ -1066,7 +1066,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def warp_splits(coded: int, heads: int, dim: int = 128) -> tuple[int, int]:
+def warp_splits(coded: int, heads: int, dim: int) -> tuple[int, int]:
     """(splits per KV head, tokens per split) of a warp-tiled launch over ``coded`` tokens
     of ``heads`` (batch x KV) heads of ``dim``: splits of whole 4-warp steps of 16-token tiles, at
     least WARP_MIN_TILES (2) tiles per warp — fewer, longer splits cost less to start and
@@ -1076,7 +1076,9 @@ def warp_splits(coded: int, heads: int, dim: int = 128) -> tuple[int, int]:
     if heads * WARP_MAX_SPLITS <= WARP_WAVE_BLOCKS:
         most = WARP_MAX_SPLITS
     else:
-        target = WARP_WAVE_BLOCKS if dim <= WARP_WAVE_DIM else WARP_TARGET_BLOCKS
+        # (WARP_WAVE_BLOCKS=0, the choice before one wave, aims at WARP_TARGET_BLOCKS)
+        wave = dim <= WARP_WAVE_DIM and WARP_WAVE_BLOCKS > 0
+        target = WARP_WAVE_BLOCKS if wave else WARP_TARGET_BLOCKS
         most = min(WARP_MAX_SPLITS, _cdiv(target, heads))
     splits = max(1, min(_cdiv(coded, WARP_MIN_TILES * step), most))
     per_split = _cdiv(_cdiv(coded, splits), step) * step
