@@ -71,14 +71,17 @@ def capture(shape: str, tokens: int) -> dict:
     return seen
 
 
-def ptxas(text: str, nvcc: str) -> dict:
-    """ptxas's report on ``text`` for sm_90: registers, stack, spills, shared bytes."""
+def ptxas(text: str, nvcc: str, nvdisasm: str | None = None) -> dict:
+    """ptxas's report on ``text`` for sm_90: registers, stack, spills, shared bytes; with
+    ``nvdisasm``, also the SASS's static instruction counts by opcode (``sass``)."""
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "kernel.cu"
         source.write_text(text)
+        cubin = Path(folder) / "kernel.cubin"
         run = subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-O3", "-std=c++17",
-                              "-Xptxas", "-v", "-o", str(Path(folder) / "kernel.cubin"),
-                              str(source)], capture_output=True, text=True)
+                              "-Xptxas", "-v", "-o", str(cubin), str(source)],
+                             capture_output=True, text=True)
+        sass = sass_counts(cubin, nvdisasm) if nvdisasm and not run.returncode else {}
     if run.returncode:
         raise SystemExit(f"nvcc failed:\n{run.stderr[-3000:]}")
     report = run.stderr
@@ -87,7 +90,21 @@ def ptxas(text: str, nvcc: str) -> dict:
                 stack=number(r"(\d+) bytes stack frame"),
                 spill_stores=number(r"(\d+) bytes spill stores"),
                 spill_loads=number(r"(\d+) bytes spill loads"),
-                shared=number(r"(\d+) bytes smem"))
+                shared=number(r"(\d+) bytes smem"), sass=sass)
+
+
+def sass_counts(cubin: Path, nvdisasm: str) -> dict:
+    """Static SASS instruction counts of a cubin by opcode (its first word, without
+    predicates and modifiers: LDS.64 counts as LDS), and their total."""
+    run = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True,
+                         check=True)
+    counts: dict = {}
+    for line in run.stdout.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    counts["total"] = sum(counts.values())
+    return counts
 
 
 def main() -> None:
@@ -95,14 +112,18 @@ def main() -> None:
     parser.add_argument("--shapes", default="smollm2,1b,8b")
     parser.add_argument("--variants", default="base,values-early,keys-early,lazy-max")
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--nvdisasm", default=shutil.which("nvdisasm"),
+                        help="nvdisasm (e.g. from pip's nvidia-cuda-nvdisasm): also static "
+                             "SASS counts (all, LDS, HMMA, LDG)")
     args = parser.parse_args()
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         raise SystemExit("ptxas_warp.py needs nvcc (the CUDA toolkit) on the path")
     defaults = {name: getattr(kernels, name) for v in VARIANTS.values() for name in v}
+    opcodes = ["total", "LDS", "HMMA", "LDG"] if args.nvdisasm else []
     print("| shape | variant | registers | stack B | spill stores B | spill loads B "
-          "| static shared B |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+          "| static shared B |" + "".join(f" SASS {op} |" for op in opcodes))
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(opcodes))
     for shape in args.shapes.split(","):
         for variant in args.variants.split(","):
             for name, value in {**defaults, **VARIANTS[variant]}.items():
@@ -111,12 +132,13 @@ def main() -> None:
                 launch = capture(shape, args.tokens)
                 r = ptxas(kernels.cuda_kernel_text("decode_warp", launch["inputs"],
                                                    launch["output_dtypes"],
-                                                   launch["template"]), nvcc)
+                                                   launch["template"]), nvcc, args.nvdisasm)
             finally:
                 for name, value in defaults.items():
                     setattr(kernels, name, value)
             print(f"| {shape} | {variant} | {r['registers']} | {r['stack']} | "
-                  f"{r['spill_stores']} | {r['spill_loads']} | {r['shared']} |", flush=True)
+                  f"{r['spill_stores']} | {r['spill_loads']} | {r['shared']} |"
+                  + "".join(f" {r['sass'].get(op, 0)} |" for op in opcodes), flush=True)
 
 
 if __name__ == "__main__":

@@ -864,7 +864,8 @@ DECODE_BODY = r"""
 # softmax keeps its sums per lane and moves a head's maximum only past a margin), KPREG
 # (with KPAIR: a lane's key pairs packed in registers once per split).
 # bfrag: the basis, each column times its scale, as B fragments, ((h · D/8 + n-tile) ·
-# RKMAX/16 + k-step) · 64 + reg · 32 + lane; kbits/kshift: per compacted column (H, RKMAX);
+# RKMAX/16 + k-step) · 64 + lane · 2 + reg (a lane's two registers side by side: one
+# 8-byte shared-memory load an mma under SBASIS); kbits/kshift: per compacted column (H, RKMAX);
 # key_mean, rope in RoPE pair order. kpair (H, RKMAX/2, 4): per pair of compacted key
 # columns (2i, 2i + 1), adjacent in a token's bits, their codes' word, bit offset, mask and
 # base in ptab, a table of the pair's levels as fp16 pairs (an mma A register), or base -1
@@ -1055,9 +1056,9 @@ DECODE_WARP_BODY = r"""
   if (BREG && !exact_block) {
     for (int nt = 0; nt < (BREG ? NTD : 1); nt++) {
       for (int ks = 0; ks < (BREG ? KS : 1); ks++) {
-        const int fb = ((h * NTD + nt) * KS + ks) * 64 + lane;
+        const int fb = ((h * NTD + nt) * KS + ks) * 64 + 2 * lane;
         breg[nt][ks][0] = bfrag[fb];
-        breg[nt][ks][1] = bfrag[fb + 32];
+        breg[nt][ks][1] = bfrag[fb + 1];
       }
     }
   }
@@ -1170,11 +1171,19 @@ DECODE_WARP_BODY = r"""
     for (int nt = 0; nt < NTD; nt++) {
       float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
       for (int ks = 0; ks < KS; ks++) {
-        const int fb = (nt * KS + ks) * 64 + lane;
-        const unsigned int b0 = BREG ? breg[BREG ? nt : 0][BREG ? ks : 0][0]
-                                     : (SBASIS ? bfrag_s[fb] : bfrag[h * BFW + fb]);
-        const unsigned int b1 = BREG ? breg[BREG ? nt : 0][BREG ? ks : 0][1]
-                                     : (SBASIS ? bfrag_s[fb + 32] : bfrag[h * BFW + fb + 32]);
+        const int fb = (nt * KS + ks) * 64 + 2 * lane;
+        unsigned int b0, b1;
+        if (BREG) {
+          b0 = breg[BREG ? nt : 0][BREG ? ks : 0][0];
+          b1 = breg[BREG ? nt : 0][BREG ? ks : 0][1];
+        } else if (SBASIS) {  // one 8-byte load (dyn_s is 16-byte aligned for cp.async)
+          const uint2 bs = *reinterpret_cast<const uint2*>(bfrag_s + fb);
+          b0 = bs.x;
+          b1 = bs.y;
+        } else {  // two 4-byte loads: bfrag's alignment is not checked here
+          b0 = bfrag[h * BFW + fb];
+          b1 = bfrag[h * BFW + fb + 1];
+        }
         vx_mma_16816(c0, c1, c2, c3, afrag[ks][0], afrag[ks][1], afrag[ks][2], afrag[ks][3],
                      b0, b1);
       }

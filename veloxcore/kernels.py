@@ -1023,10 +1023,10 @@ def _b_fragments(words: np.ndarray) -> np.ndarray:
     kernel loads them: ``words`` (H, D, RKMAX/2) holds fp16 pairs along the coefficient
     axis; fragment register r of lane 4·gid + tig for n-tile nt and k-step ks is the pair
     at (dim nt·8 + gid, coefficients ks·16 + 8r + 2tig, +1), laid out as
-    ((h, nt, ks, r), lane)."""
+    ((h, nt, ks), lane, r): a lane's two registers side by side, one 8-byte load."""
     H, D, half = words.shape
     frags = words.reshape(H, D // 8, 8, half // 8, 2, 4)  # h, nt, gid, ks, r, tig
-    return np.ascontiguousarray(frags.transpose(0, 1, 3, 4, 2, 5)).reshape(-1)
+    return np.ascontiguousarray(frags.transpose(0, 1, 3, 2, 5, 4)).reshape(-1)
 
 
 def _offsets(bits: np.ndarray) -> np.ndarray:
