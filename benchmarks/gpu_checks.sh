@@ -20,7 +20,8 @@
 #          holding another commit's veloxcore/ and benchmarks/, e.g. `git archive C
 #          veloxcore benchmarks assets/bundles | tar -x -C DIR`), in one lease
 # variants: the warp-tiled kernel's off-by-default builds (key pairs at head_dim 128, key
-#          pairs in registers) and the defaults turned off, against the default:
+#          pairs in registers, head_dim 128's slices unrolled further at two blocks an
+#          SM) and the defaults turned off, against the default:
 #          gpu_smoke.py with the new flags on, then their spans by timestamps
 #          (warp_variants.py; default-model, 1B and 8B shapes at 16k and 64k; VARIANTS=a,b
 #          picks others)
@@ -80,7 +81,7 @@ for part in $parts; do
       VELOX_WARP_KEY_PAIRS_DIM=128 VELOX_WARP_KEY_PAIR_REGISTERS=1 \
         python3 benchmarks/gpu_smoke.py | tee "$out/smoke-flags.txt"
       python3 benchmarks/warp_variants.py --shapes smollm2,1b,8b --contexts 16384,65536 \
-        --variants ${VARIANTS:-base,key-pairs128,key-pair-registers,key-pair-registers-mb3,key-pair-registers128,exact-max,no-key-pairs} \
+        --variants ${VARIANTS:-base,key-pairs128,key-pair-registers,key-pair-registers-mb3,key-pair-registers128,unroll8-mb2,unroll16-mb2,exact-max,no-key-pairs} \
         --rounds 2 \
         --out "$out/variants" | grep -v '^{' ;;
     stalls)

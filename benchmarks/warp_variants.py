@@ -44,6 +44,10 @@ VARIANTS = {
     # this kernel at 168, where it would take 224 (ptxas_warp.py).
     "mb2": {"WARP_MIN_BLOCKS": 2},
     "mb3": {"WARP_MIN_BLOCKS": 3},
+    # At head_dim 128 the 8B shape's 264 blocks run two an SM, so 255 registers cost no
+    # occupancy: the 8-dim slices' loop unrolled further (more independent mma chains).
+    "unroll8-mb2": {"WARP_UNROLL": 8, "WARP_MIN_BLOCKS": 2},
+    "unroll16-mb2": {"WARP_UNROLL": 16, "WARP_MIN_BLOCKS": 2},
     # Float4 loads in flight in the last block's merge of the splits (default 16).
     "merge-loads8": {"WARP_MERGE_LOADS": 8},
     "merge-loads16": {"WARP_MERGE_LOADS": 16},
