@@ -438,6 +438,39 @@ def test_warp_splits_fill_one_wave(monkeypatch):
     assert kernels.warp_splits(65536, 8, 64) == (128, 512)
 
 
+def test_warp_kernel_copies_the_pair_table_whatever_its_alignment(monkeypatch):
+    """Every split's block copies the key pair table (ptab) to shared memory in 16-byte
+    pieces when it starts on a 16-byte boundary and in 4-byte ones otherwise (a
+    misaligned 16-byte cp.async faults; the emulator aborts on one, and counts the ones
+    made): the aligned table's copies are the difference; both give the reference's
+    attention."""
+    import cuda_emulator
+
+    if compiler() is None:
+        pytest.skip("no C++ compiler for the kernel emulator")
+    original = kernels._kernel
+
+    def emulated(b, which, shared_memory=0):
+        return (emulated_kernel(which, shared_memory) if b == "emulated"
+                else original(b, which, shared_memory))
+
+    monkeypatch.setattr(kernels, "_kernel", emulated)
+    monkeypatch.setattr(kernels, "WARP_KEY_PAIRS", 2048)
+    cache, q, expected = warp_case(np.random.default_rng(12), 150)
+    cache.use_kernels("emulated")
+    words = cache.kernels.key_pair_words
+    assert words > 200
+    copies = {}
+    for misaligned in (False, True):
+        monkeypatch.setattr(cuda_emulator, "MISALIGN_INPUTS", {"ptab"} if misaligned else False)
+        monkeypatch.setattr(cuda_emulator, "COPIES_16", 0)
+        got = np.array(cache.attend(q, 0.125).astype(mx.float32))
+        np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+        copies[misaligned] = cuda_emulator.COPIES_16
+    blocks = 2 * kernels.warp_splits(cache.coded, 2, 64)[0]  # (the exact blocks copy none)
+    assert copies[False] - copies[True] == blocks * (words // 4)
+
+
 @pytest.mark.parametrize("misaligned", [False, True, {"kwords"}, {"ktok"}, {"vscales"},
                                         {"vbiases"}, {"vwords"}],
                          ids=["aligned", "all", "kwords", "ktok", "vscales", "vbiases",
@@ -460,6 +493,8 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
                 else original(b, which, shared_memory))
 
     monkeypatch.setattr(kernels, "_kernel", emulated)
+    # (the key pair table's copies have their own alignment test, below)
+    monkeypatch.setattr(kernels, "WARP_KEY_PAIRS", 0)
     monkeypatch.setattr(cuda_emulator, "MISALIGN_INPUTS", misaligned)
     monkeypatch.setattr(cuda_emulator, "COPIES_16", 0)
     rng = np.random.default_rng(11)

@@ -929,7 +929,7 @@ DECODE_WARP_BODY = r"""
   VX_ALIGN16 VX_SHARED int4 kcol4[KCOL4 ? RKMAX : 1];
   // KPAIR: each pair of key columns decodes with one lookup into a table of fp16 pairs
   // (both levels, packed as the A fragment wants them) instead of two levels and a pack.
-  VX_SHARED unsigned int ptab_s[KPAIR ? KPAIR : 1];
+  VX_ALIGN16 VX_SHARED unsigned int ptab_s[KPAIR ? KPAIR : 1];
   VX_ALIGN16 VX_SHARED int4 kpair4[KPAIR ? RKMAX / 2 : 1];
   VX_SHARED int perm_s[D];  // RoPE pair order -> dims (the exact keys' order)
   // RoPE by position P = P0 + r (P0 the tile's first token, r < 16): the query turns by
@@ -991,7 +991,15 @@ DECODE_WARP_BODY = r"""
     }
   }
   if (KPAIR && !exact_block) {
-    for (int i = tid; i < KPAIR; i += NT) {
+    // In 16-byte pieces where the table starts on a 16-byte boundary (a quarter of the
+    // copies: every block pays this, 387 of them for the default model at 16k), the
+    // last KPAIR % 4 words and a misaligned table in 4-byte ones.
+    constexpr int P16 = (KPAIR / 4) * 4;
+    const bool t16 = (reinterpret_cast<unsigned long long>(ptab) & 15ull) == 0;
+    for (int i = 4 * tid; t16 && i < P16; i += 4 * NT) {
+      vx_cp_async16(ptab_s + i, ptab + i);
+    }
+    for (int i = (t16 ? P16 : 0) + tid; i < KPAIR; i += NT) {
       vx_cp_async4(ptab_s + i, ptab + i);
     }
   }
