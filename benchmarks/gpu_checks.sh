@@ -81,7 +81,7 @@ for part in $parts; do
       VELOX_WARP_KEY_PAIRS_DIM=128 VELOX_WARP_KEY_PAIR_REGISTERS=1 \
         python3 benchmarks/gpu_smoke.py | tee "$out/smoke-flags.txt"
       python3 benchmarks/warp_variants.py --shapes smollm2,1b,8b --contexts 16384,65536 \
-        --variants ${VARIANTS:-base,key-pairs128,key-pair-registers,key-pair-registers-mb3,key-pair-registers128,unroll8-mb2,unroll16-mb2,exact-max,no-key-pairs} \
+        --variants ${VARIANTS:-base,no-kpall,key-pairs128,key-pair-registers,key-pair-registers-mb3,key-pair-registers128,unroll8-mb2,unroll16-mb2,exact-max,no-key-pairs} \
         --rounds 2 \
         --out "$out/variants" | grep -v '^{' ;;
     stalls)

@@ -60,6 +60,8 @@ VARIANTS = {
     # Key column pairs decoded from a table (off by default).
     "key-pairs2048": {"WARP_KEY_PAIRS": 2048},
     "no-key-pairs": {"WARP_KEY_PAIRS": 0},
+    # The per-pair test and column-by-column path kept where every pair fits the table.
+    "no-kpall": {"WARP_KEY_PAIRS_ALL": False},
     "key-pairs512": {"WARP_KEY_PAIRS": 512},
     # The pair table at head_dim 128 too (two blocks an SM by shared memory).
     "key-pairs128": {"WARP_KEY_PAIRS_DIM": 128},

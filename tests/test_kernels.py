@@ -567,7 +567,7 @@ def test_warp_kernel_decodes_key_pairs_from_the_table_or_column_by_column(monkey
                                                                         capacity, dim,
                                                                         registers, where):
     """The warp-tiled kernel's key pairs: none (column by column), a few narrow pairs from
-    the table and the rest column by column, or all from the table, at head_dim 64 and
+    the table and the rest column by column, or all from the table (KPALL), at head_dim 64 and
     (VELOX_WARP_KEY_PAIRS_DIM=128) 128, read from shared memory every tile or packed in
     registers (KPREG); the attention is the reference's either way."""
     if where == "emulated":
@@ -589,8 +589,10 @@ def test_warp_kernel_decodes_key_pairs_from_the_table_or_column_by_column(monkey
         assert (bases[..., 3] == -1).any() == (capacity == 64)
     got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
-    assert ([t["KPREG"] for which, _, t, _ in launches if which == "decode_warp"]
-            == [registers])
+    warp = [t for which, _, t, _ in launches if which == "decode_warp"]
+    assert [t["KPREG"] for t in warp] == [registers]
+    # (KPALL: every pair in the table, built without the column-by-column path)
+    assert [t["KPALL"] for t in warp] == [capacity == 2048]
 
 
 class LaunchCaptured(Exception):

@@ -300,7 +300,8 @@ __device__ inline unsigned int vx_pack_pair(int4 pr) {
 // from the tile's key words kw (wk a token): by pairs from the pair table where KPAIR,
 // else column by column from kcol4 (KCOL4) or kcol. KPREG: the lane's pairs are read from
 // kpr, packed in registers once per split (vx_pack_pair), not from kpair4 every tile.
-template <int KS, bool KPAIR, bool KCOL4, bool KPREG>
+// KPALL: every pair is in the table (no branch, no column-by-column path).
+template <int KS, bool KPAIR, bool KCOL4, bool KPREG, bool KPALL>
 __device__ inline void vx_key_fragments(unsigned int (&af)[KS][4], const unsigned int* kw,
                                         int wk, const int4* kcol4, const int* kcol,
                                         const int4* kpair4, const unsigned int* ptab_s,
@@ -316,7 +317,7 @@ __device__ inline void vx_key_fragments(unsigned int (&af)[KS][4], const unsigne
         const int pi = ks * 8 + half * 4 + tig;
         if (KPREG) {
           const unsigned int d = kpr[KPREG ? ks : 0][half];
-          if (!(d >> 31)) {  // from the table; else column by column below
+          if (KPALL || !(d >> 31)) {  // from the table; else column by column below
             const int word = (int)((d >> 25) & 63u);
             const int shift = (int)((d >> 15) & 31u);
             const unsigned int mask = (1u << ((d >> 20) & 31u)) - 1u;
@@ -330,7 +331,7 @@ __device__ inline void vx_key_fragments(unsigned int (&af)[KS][4], const unsigne
           }
         }
         const int4 pr = kpair4[pi];
-        if (!KPREG && pr.w >= 0) {
+        if (!KPREG && (KPALL || pr.w >= 0)) {
           af[ks][2 * half] = ptab_s[pr.w + (int)vx_code4(kw + gid * wk, pr)];
           af[ks][2 * half + 1] = ptab_s[pr.w + (int)vx_code4(kw + (gid + 8) * wk, pr)];
         } else {  // a pair too wide for the table: two levels, as without KPAIR
@@ -862,7 +863,8 @@ DECODE_BODY = r"""
 # fragments dequantised before the tile's softmax rather than after; full unrolling only),
 # KEARLY (the next tile's key fragments decoded after this tile's scores), LAZY (QMMA's
 # softmax keeps its sums per lane and moves a head's maximum only past a margin), KPREG
-# (with KPAIR: a lane's key pairs packed in registers once per split).
+# (with KPAIR: a lane's key pairs packed in registers once per split), KPALL (every key
+# pair is in the table: no per-pair branch).
 # bfrag: the basis, each column times its scale, as B fragments, ((h · D/8 + n-tile) ·
 # RKMAX/16 + k-step) · 64 + lane · 2 + reg (a lane's two registers side by side: one
 # 8-byte shared-memory load an mma under SBASIS); kbits/kshift: per compacted column (H, RKMAX);
@@ -925,6 +927,7 @@ DECODE_WARP_BODY = r"""
   static_assert(!VEARLY || UNROLL_V >= NTD / 2, "early values are indexed by constants");
   static_assert(!LAZY || QMMA, "the lazy softmax is QMMA's (a lane's two heads)");
   static_assert(!KPREG || (KPAIR && KPAIR <= 32768 && WKS < 64), "vx_pack_pair's fields");
+  static_assert(!KPALL || KPAIR, "KPALL: every pair in the table");
   VX_SHARED int kcol[KCOL4 ? 1 : RKMAX];
   VX_ALIGN16 VX_SHARED int4 kcol4[KCOL4 ? RKMAX : 1];
   // KPAIR: each pair of key columns decodes with one lookup into a table of fp16 pairs
@@ -1115,9 +1118,9 @@ DECODE_WARP_BODY = r"""
     const VX_HALF_T* kts = reinterpret_cast<const VX_HALF_T*>(kts_s[warp][buf]);
     ts0 = KTS ? VX_HALF(kts[gid]) : 1.0f;
     ts1 = KTS ? VX_HALF(kts[gid + 8]) : 1.0f;
-    vx_key_fragments<KS, KPAIR != 0, KCOL4, KPREG>(afrag, kw_s + (warp * 2 + buf) * KWT, wk,
-                                                    kcol4, kcol, kpair4, ptab_s, table, gid,
-                                                    tig, kpr);
+    vx_key_fragments<KS, KPAIR != 0, KCOL4, KPREG, KPALL>(
+        afrag, kw_s + (warp * 2 + buf) * KWT, wk, kcol4, kcol, kpair4, ptab_s, table, gid, tig,
+        kpr);
   }
   // Whole 16-token tiles are copied (the buffers' capacity is a multiple of 16; rows past
   // the last token are masked below).
@@ -1158,8 +1161,8 @@ DECODE_WARP_BODY = r"""
     if (!KEARLY) {
       ts0 = KTS ? VX_HALF(kts[gid]) : 1.0f;
       ts1 = KTS ? VX_HALF(kts[gid + 8]) : 1.0f;
-      vx_key_fragments<KS, KPAIR != 0, KCOL4, KPREG>(afrag, kw, wk, kcol4, kcol, kpair4,
-                                                      ptab_s, table, gid, tig, kpr);
+      vx_key_fragments<KS, KPAIR != 0, KCOL4, KPREG, KPALL>(afrag, kw, wk, kcol4, kcol, kpair4,
+                                                             ptab_s, table, gid, tig, kpr);
     }
     __syncwarp();  // the turned query is read across the warp
     // 4. Keys of 8 dims at a time on tensor cores; token scale, mean, RoPE by r·θ and
@@ -1253,10 +1256,9 @@ DECODE_WARP_BODY = r"""
       const VX_HALF_T* kts_next = reinterpret_cast<const VX_HALF_T*>(kts_s[warp][buf ^ 1]);
       ts0 = KTS ? VX_HALF(kts_next[gid]) : 1.0f;
       ts1 = KTS ? VX_HALF(kts_next[gid + 8]) : 1.0f;
-      vx_key_fragments<KS, KPAIR != 0, KCOL4, KPREG>(afrag,
-                                                      kw_s + (warp * 2 + (buf ^ 1)) * KWT, wk,
-                                                      kcol4, kcol, kpair4, ptab_s, table, gid,
-                                                      tig, kpr);
+      vx_key_fragments<KS, KPAIR != 0, KCOL4, KPREG, KPALL>(
+          afrag, kw_s + (warp * 2 + (buf ^ 1)) * KWT, wk, kcol4, kcol, kpair4, ptab_s, table,
+          gid, tig, kpr);
     }
     // 5. Scores summed over the quad, masked past n; online softmax per query head
     // (vx_softmax_tile: probabilities rounded to fp16 before they are summed).

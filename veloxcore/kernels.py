@@ -67,6 +67,10 @@ WARP_KEY_PAIRS = int(os.environ.get("VELOX_WARP_KEY_PAIRS", "2048"))
 # 4 bytes spilled under VELOX_WARP_MIN_BLOCKS=3), 168 at 128. Emulator-tested, not yet
 # timed on a GPU: off.
 WARP_KEY_PAIR_REGISTERS = os.environ.get("VELOX_WARP_KEY_PAIR_REGISTERS", "0") != "0"
+# Where every key pair of a layer fits the table, the warp-tiled kernel is built without
+# the per-pair test and the column-by-column path (KPALL). Not yet timed on a GPU:
+# VELOX_WARP_KEY_PAIRS_ALL=0 keeps them (the build measured before).
+WARP_KEY_PAIRS_ALL = os.environ.get("VELOX_WARP_KEY_PAIRS_ALL", "1") != "0"
 # Head dims up to which the key pair table is used. At 128 it takes the block's shared
 # memory from ~68 to ~79 KiB (three blocks an SM no longer fit; the 8B shape's 264-block
 # launches run two a SM anyway). Emulator-tested at 128, not yet timed on a GPU: 64.
@@ -465,6 +469,9 @@ class SpectralKernels:
                  if D <= WARP_KEY_PAIRS_DIM and WARP_KEY_PAIRS > 0 else None)
         self.key_pair_words = 0 if pairs is None else pairs[1].size
         self.kpair = kernel_input([0], mx.int32) if pairs is None else as_mx(pairs[0])
+        # Every pair in the table (none column by column): the kernel then has no
+        # per-pair branch nor the column-by-column path (KPALL).
+        self.key_pairs_all = pairs is not None and bool((pairs[0][..., 3] >= 0).all())
         self.ptab = kernel_input([0], mx.uint32) if pairs is None else as_mx(pairs[1])
         basis = np.array(cache.key_basis)  # (H, D, D): original dims x coefficients
         decoder = np.array(cache.key_decoder)  # the same unless metric-weighted
@@ -751,7 +758,8 @@ class SpectralKernels:
                     ("KEARLY", WARP_KEYS_EARLY),
                     ("LAZY", WARP_LAZY_MAX and WARP_QMMA and D % 16 == 0),
                     ("KPREG", WARP_KEY_PAIR_REGISTERS and 0 < pair_words <= 32768
-                     and self.key_words < 64)]
+                     and self.key_words < 64),
+                    ("KPALL", WARP_KEY_PAIRS_ALL and pair_words > 0 and self.key_pairs_all)]
         call = dict(
             # Block 0 of each KV head takes the exact tokens, blocks 1 to splits the codes.
             grid=(32 * WARPS * (splits + 1), B * H, 1), threadgroup=(32 * WARPS, 1, 1),
