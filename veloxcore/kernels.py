@@ -68,8 +68,11 @@ WARP_KEY_PAIRS = int(os.environ.get("VELOX_WARP_KEY_PAIRS", "2048"))
 # timed on a GPU: off.
 WARP_KEY_PAIR_REGISTERS = os.environ.get("VELOX_WARP_KEY_PAIR_REGISTERS", "0") != "0"
 # Where every key pair of a layer fits the table, the warp-tiled kernel is built without
-# the per-pair test and the column-by-column path (KPALL). Not yet timed on a GPU:
-# VELOX_WARP_KEY_PAIRS_ALL=0 keeps them (the build measured before).
+# the per-pair test and the column-by-column path (KPALL; static SASS of the 1B shape:
+# 5,304 -> 4,832 instructions, same registers). Every pair of decode.py's shapes fits
+# 2,048 entries; of the bundled default model's 30 layers (water-filled 3-bit keys) 16 do,
+# the rest having 1-13 of their 96 pairs too wide (4,096 entries: 24 layers). Not yet
+# timed on a GPU: VELOX_WARP_KEY_PAIRS_ALL=0 keeps them (the build measured before).
 WARP_KEY_PAIRS_ALL = os.environ.get("VELOX_WARP_KEY_PAIRS_ALL", "1") != "0"
 # Head dims up to which the key pair table is used. At 128 it takes the block's shared
 # memory from ~68 to ~79 KiB (three blocks an SM no longer fit; the 8B shape's 264-block
