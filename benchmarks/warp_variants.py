@@ -63,6 +63,9 @@ VARIANTS = {
     # The per-pair test and column-by-column path kept where every pair fits the table.
     "no-kpall": {"WARP_KEY_PAIRS_ALL": False},
     "key-pairs512": {"WARP_KEY_PAIRS": 512},
+    # (A bigger table: KPALL for 24 of the bundled default model's 30 layers, not 16; its
+    # cost, the copy every block makes, shows on these shapes, whose pairs all fit 2,048.)
+    "key-pairs4096": {"WARP_KEY_PAIRS": 4096},
     # The pair table at head_dim 128 too (two blocks an SM by shared memory).
     "key-pairs128": {"WARP_KEY_PAIRS_DIM": 128},
     # A lane's key pairs packed in registers once per split (off by default).
