@@ -605,8 +605,8 @@ class LaunchCaptured(Exception):
          "WARP_KEY_PAIRS": 2048, "WARP_KEY_PAIRS_DIM": 128, "WARP_KEY_PAIR_REGISTERS": True,
          "WARP_MIN_BLOCKS": 2},
     {"WARP_STAMPS": []},
-    {"WARP_KEY_PAIRS": 0, "WARP_LAZY_MAX": False}],
-    ids=["default", "every-flag", "timestamps", "no-pairs-exact-max"])
+    {"WARP_KEY_PAIRS": 0, "WARP_LAZY_MAX": False}, {"WARP_KEY_PAIRS": 64}],
+    ids=["default", "every-flag", "timestamps", "no-pairs-exact-max", "some-pairs-too-wide"])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_warp_kernel_cuda_text_compiles_for_hopper_without_spills(monkeypatch, tmp_path,
                                                                   dim, flags):
@@ -635,6 +635,9 @@ def test_warp_kernel_cuda_text_compiles_for_hopper_without_spills(monkeypatch, t
         cache.update_and_fetch(kv, kv)  # a whole batch to code
     warp = "decode_warp_stamps" if "WARP_STAMPS" in flags else "decode_warp"
     assert set(seen) == {warp, "encode"}
+    if flags.get("WARP_KEY_PAIRS") == 64:  # the table and the column-by-column path both
+        template = dict(seen[warp]["template"])
+        assert template["KPAIR"] > 0 and not template["KPALL"]
     for which, launch in seen.items():
         source = tmp_path / f"{which}.cu"
         source.write_text(kernels.cuda_kernel_text(which, launch["inputs"],
