@@ -605,7 +605,8 @@ class LaunchCaptured(Exception):
          "WARP_KEY_PAIRS": 2048, "WARP_KEY_PAIRS_DIM": 128, "WARP_KEY_PAIR_REGISTERS": True,
          "WARP_MIN_BLOCKS": 2},
     {"WARP_STAMPS": []},
-    {"WARP_KEY_PAIRS": 0, "WARP_LAZY_MAX": False}, {"WARP_KEY_PAIRS": 64}],
+    {"WARP_KEY_PAIRS": 0, "WARP_LAZY_MAX": False},
+    {"WARP_KEY_PAIRS": 64, "WARP_KEY_PAIRS_DIM": 128}],
     ids=["default", "every-flag", "timestamps", "no-pairs-exact-max", "some-pairs-too-wide"])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_warp_kernel_cuda_text_compiles_for_hopper_without_spills(monkeypatch, tmp_path,
