@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -116,10 +117,17 @@ def random_model(shape: str) -> llama.Model:
     return model
 
 
+# The default model's layer whose spectra the random-weight shapes take. Layer 10's keys
+# water-fill to at most 5 bits a dim, so every key pair fits the warp-tiled kernel's pair
+# table; layer 0's top dims take 8 (DECODE_SPECTRUM_LAYER=0: wide pairs, as 14 of the
+# model's 30 layers have some).
+SPECTRUM_LAYER = int(os.environ.get("DECODE_SPECTRUM_LAYER", "10"))
+
+
 def spectra(dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Key and value eigenvalue spectra of the default model (layer 10, head 0),
-    resampled to ``dim`` dims."""
-    rot = load_cached_rotations(BUNDLE)[10]
+    """Key and value eigenvalue spectra of the default model (layer SPECTRUM_LAYER, head
+    0), resampled to ``dim`` dims."""
+    rot = load_cached_rotations(BUNDLE)[SPECTRUM_LAYER]
     out = []
     for lam in (rot.key_eigenvalues[0], rot.value_eigenvalues[0]):
         x = np.linspace(0, 1, lam.size)
