@@ -295,6 +295,11 @@ __device__ inline unsigned int vx_pack_pair(int4 pr) {
                         (unsigned int)__popc((unsigned int)pr.z) << 20 |
                         (unsigned int)pr.x << 25;
 }
+// Back to kpair4's (word, bit offset, mask, table base) of a pair in the table.
+__device__ inline int4 vx_unpack_pair(unsigned int d) {
+  return make_int4((int)((d >> 25) & 63u), (int)((d >> 15) & 31u),
+                   (int)((1u << ((d >> 20) & 31u)) - 1u), (int)(d & 0x7FFFu));
+}
 // Step 3 of the warp-tiled kernel: lane (gid, tig)'s A fragments of a tile's key
 // coefficients (unit levels: the columns' scales are in the basis), tokens gid and gid + 8,
 // from the tile's key words kw (wk a token): by pairs from the pair table where KPAIR,
@@ -315,23 +320,9 @@ __device__ inline void vx_key_fragments(unsigned int (&af)[KS][4], const unsigne
 #pragma unroll
       for (int half = 0; half < 2; half++) {
         const int pi = ks * 8 + half * 4 + tig;
-        if (KPREG) {
-          const unsigned int d = kpr[KPREG ? ks : 0][half];
-          if (KPALL || !(d >> 31)) {  // from the table; else column by column below
-            const int word = (int)((d >> 25) & 63u);
-            const int shift = (int)((d >> 15) & 31u);
-            const unsigned int mask = (1u << ((d >> 20) & 31u)) - 1u;
-            const int base = (int)(d & 0x7FFFu);
-            const unsigned int* w0 = kw + gid * wk + word;
-            const unsigned int* w1 = kw + (gid + 8) * wk + word;
-            af[ks][2 * half] = ptab_s[base + (int)(__funnelshift_r(w0[0], w0[1], shift) & mask)];
-            af[ks][2 * half + 1] =
-                ptab_s[base + (int)(__funnelshift_r(w1[0], w1[1], shift) & mask)];
-            continue;
-          }
-        }
-        const int4 pr = kpair4[pi];
-        if (!KPREG && (KPALL || pr.w >= 0)) {
+        const unsigned int d = KPREG ? kpr[KPREG ? ks : 0][half] : 0u;
+        const int4 pr = KPREG ? vx_unpack_pair(d) : kpair4[pi];
+        if (KPALL || (KPREG ? !(d >> 31) : pr.w >= 0)) {
           af[ks][2 * half] = ptab_s[pr.w + (int)vx_code4(kw + gid * wk, pr)];
           af[ks][2 * half + 1] = ptab_s[pr.w + (int)vx_code4(kw + (gid + 8) * wk, pr)];
         } else {  // a pair too wide for the table: two levels, as without KPAIR
@@ -409,6 +400,20 @@ __device__ inline void vx_value_slice(unsigned int va[4], int sl, const unsigned
       va[2 * o] = vx_pack_half2(v[0], v[1]);
       va[2 * o + 1] = vx_pack_half2(v[2], v[3]);
     }
+  }
+}
+// Start copying N words into shared memory across a block's THREADS threads (wait before
+// reading): in 16-byte pieces where src starts on a 16-byte boundary (dst must), the last
+// N % 4 words and a misaligned src in 4-byte ones.
+template <int N, int THREADS>
+__device__ inline void vx_copy_words(unsigned int* dst, const unsigned int* src, int tid) {
+  constexpr int N16 = (N / 4) * 4;
+  const bool a16 = (reinterpret_cast<unsigned long long>(src) & 15ull) == 0;
+  for (int i = 4 * tid; a16 && i < N16; i += 4 * THREADS) {
+    vx_cp_async16(dst + i, src + i);
+  }
+  for (int i = (a16 ? N16 : 0) + tid; i < N; i += THREADS) {
+    vx_cp_async4(dst + i, src + i);
   }
 }
 // Start copying one warp's 16-token tile of codes into shared memory (wait before
@@ -982,29 +987,11 @@ DECODE_WARP_BODY = r"""
   // 1. The basis (SBASIS), then the first tile's codes start loading before the set-up's
   // loads (independent); two groups, so the basis can be waited for alone.
   if (SBASIS && !exact_block) {
-    const unsigned int* bsrc = bfrag + h * BFW;
-    if ((reinterpret_cast<unsigned long long>(bfrag) & 15ull) == 0) {
-      for (int i = 4 * tid; i < BFW; i += 4 * NT) {
-        vx_cp_async16(dyn_s + i, bsrc + i);
-      }
-    } else {
-      for (int i = tid; i < BFW; i += NT) {
-        vx_cp_async4(dyn_s + i, bsrc + i);
-      }
-    }
+    vx_copy_words<BFW, NT>(dyn_s, bfrag + h * BFW, tid);
   }
-  if (KPAIR && !exact_block) {
-    // In 16-byte pieces where the table starts on a 16-byte boundary (a quarter of the
-    // copies: every block pays this, 387 of them for the default model at 16k), the
-    // last KPAIR % 4 words and a misaligned table in 4-byte ones.
-    constexpr int P16 = (KPAIR / 4) * 4;
-    const bool t16 = (reinterpret_cast<unsigned long long>(ptab) & 15ull) == 0;
-    for (int i = 4 * tid; t16 && i < P16; i += 4 * NT) {
-      vx_cp_async16(ptab_s + i, ptab + i);
-    }
-    for (int i = (t16 ? P16 : 0) + tid; i < KPAIR; i += NT) {
-      vx_cp_async4(ptab_s + i, ptab + i);
-    }
+  if (KPAIR && !exact_block) {  // (every block copies the pair table: 387 of them for
+                                // the default model at 16k)
+    vx_copy_words<KPAIR, NT>(ptab_s, ptab, tid);
   }
   vx_cp_commit();
   int buf = 0;
@@ -1112,15 +1099,18 @@ DECODE_WARP_BODY = r"""
   unsigned int afrag[KS][4];
   float ts0 = 1.0f;
   float ts1 = 1.0f;
-  if (KEARLY && start + warp * 16 < stop) {
-    vx_cp_wait_all();  // the first tile's codes
-    __syncwarp();
-    const VX_HALF_T* kts = reinterpret_cast<const VX_HALF_T*>(kts_s[warp][buf]);
+  auto tile_keys = [&](int b) {  // from the codes in buffer b
+    const VX_HALF_T* kts = reinterpret_cast<const VX_HALF_T*>(kts_s[warp][b]);
     ts0 = KTS ? VX_HALF(kts[gid]) : 1.0f;
     ts1 = KTS ? VX_HALF(kts[gid + 8]) : 1.0f;
     vx_key_fragments<KS, KPAIR != 0, KCOL4, KPREG, KPALL>(
-        afrag, kw_s + (warp * 2 + buf) * KWT, wk, kcol4, kcol, kpair4, ptab_s, table, gid, tig,
+        afrag, kw_s + (warp * 2 + b) * KWT, wk, kcol4, kcol, kpair4, ptab_s, table, gid, tig,
         kpr);
+  };
+  if (KEARLY && start + warp * 16 < stop) {
+    vx_cp_wait_all();  // the first tile's codes
+    __syncwarp();
+    tile_keys(buf);
   }
   // Whole 16-token tiles are copied (the buffers' capacity is a multiple of 16; rows past
   // the last token are masked below).
@@ -1135,11 +1125,9 @@ DECODE_WARP_BODY = r"""
     vx_cp_commit();
     vx_cp_wait_prior();
     __syncwarp();
-    const unsigned int* kw = kw_s + (warp * 2 + buf) * KWT;
     const unsigned int* vw = vw_s + (warp * 2 + buf) * VWT;
     const VX_HALF_T* vsc = reinterpret_cast<const VX_HALF_T*>(vsc_s[warp][buf]);
     const VX_HALF_T* vbi = reinterpret_cast<const VX_HALF_T*>(vbi_s[warp][buf]);
-    const VX_HALF_T* kts = reinterpret_cast<const VX_HALF_T*>(kts_s[warp][buf]);
     // 2. The query turned by -P0·θ (and scaled by the RoPE amplitude), per warp.
     float* qw = fin_o[warp];
     const float p0 = (float)(pos0 + t0);
@@ -1159,10 +1147,7 @@ DECODE_WARP_BODY = r"""
     // 3. Key coefficients of tokens gid and gid + 8 -> A fragments (fp16), with their
     // per-token scales (KEARLY: decoded in the previous tile's iteration).
     if (!KEARLY) {
-      ts0 = KTS ? VX_HALF(kts[gid]) : 1.0f;
-      ts1 = KTS ? VX_HALF(kts[gid + 8]) : 1.0f;
-      vx_key_fragments<KS, KPAIR != 0, KCOL4, KPREG, KPALL>(afrag, kw, wk, kcol4, kcol, kpair4,
-                                                             ptab_s, table, gid, tig, kpr);
+      tile_keys(buf);
     }
     __syncwarp();  // the turned query is read across the warp
     // 4. Keys of 8 dims at a time on tensor cores; token scale, mean, RoPE by r·θ and
@@ -1253,12 +1238,7 @@ DECODE_WARP_BODY = r"""
     if (KEARLY && t0 + STEP < stop) {  // the next tile's keys (its codes: buffer buf ^ 1)
       vx_cp_wait_all();
       __syncwarp();
-      const VX_HALF_T* kts_next = reinterpret_cast<const VX_HALF_T*>(kts_s[warp][buf ^ 1]);
-      ts0 = KTS ? VX_HALF(kts_next[gid]) : 1.0f;
-      ts1 = KTS ? VX_HALF(kts_next[gid + 8]) : 1.0f;
-      vx_key_fragments<KS, KPAIR != 0, KCOL4, KPREG, KPALL>(
-          afrag, kw_s + (warp * 2 + (buf ^ 1)) * KWT, wk, kcol4, kcol, kpair4, ptab_s, table,
-          gid, tig, kpr);
+      tile_keys(buf ^ 1);
     }
     // 5. Scores summed over the quad, masked past n; online softmax per query head
     // (vx_softmax_tile: probabilities rounded to fp16 before they are summed).
