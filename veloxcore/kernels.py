@@ -55,17 +55,17 @@ WARP_MERGE_LOADS = int(os.environ.get("VELOX_WARP_MERGE_LOADS", "16"))
 # of adjacent key columns decodes with one shared-memory lookup instead of two lookups and
 # a pack; the narrowest pairs' widths fit first, wider ones decode column by column. Up to
 # head_dim 64 by default (WARP_KEY_PAIRS_DIM). Under Nsight Compute (caches flushed
-# before the launch) 2,048 entries ran 13% fewer instructions but no faster (1B shape at 64k 83.0 ->
-# 83.8 µs); by timestamps at the card's own clocks, with WARP_LAZY_MAX, the span is
-# shorter (H200, 1B shape at 64k 72.4 -> 66.0 µs, at 16k 26.0 -> 24.6; default-model
+# before the launch) 2,048 entries ran 13% fewer instructions but no faster (1B shape at
+# 64k 83.0 -> 83.8 µs); by timestamps at the card's own clocks, with WARP_LAZY_MAX, the
+# span is shorter (H200, 1B shape at 64k 72.4 -> 66.0 µs, at 16k 26.0 -> 24.6; default-model
 # shape at 64k 31.5 -> 29.9; BENCHMARKS.md, "Tile-loop variants on the GPU"). 0: off.
 WARP_KEY_PAIRS = int(os.environ.get("VELOX_WARP_KEY_PAIRS", "2048"))
 # The warp-tiled kernel keeps a lane's key pairs (word, bit offset, width, table base)
 # packed in registers for the split (KPREG) rather than loading them from shared memory
 # for every tile (Nsight Compute, 1B shape at 64k: the test of a loaded pair's base was
-# the most-sampled stall). ptxas: 172 registers at head_dim 64 (two blocks an SM; 168 with
-# 4 bytes spilled under VELOX_WARP_MIN_BLOCKS=3), 168 at 128. Emulator-tested, not yet
-# timed on a GPU: off.
+# the most-sampled stall). ptxas at head_dim 64: 199 registers with KPALL, 172 without (two
+# blocks an SM either way; 168 with 8 bytes spilled under VELOX_WARP_MIN_BLOCKS=3); 168
+# at 128, 249 with the pair table there. Emulator-tested, not yet timed on a GPU: off.
 WARP_KEY_PAIR_REGISTERS = os.environ.get("VELOX_WARP_KEY_PAIR_REGISTERS", "0") != "0"
 # Where every key pair of a layer fits the table, the warp-tiled kernel is built without
 # the per-pair test and the column-by-column path (KPALL; static SASS of the 1B shape:
@@ -109,7 +109,9 @@ WARP_UNROLL = int(os.environ.get("VELOX_WARP_UNROLL", "0"))
 # (P·V)^T accumulators are indexed at run time and live in local memory: head_dim 128
 # with the loop 4-fold (as WARP_UNROLL) had a 160-byte stack frame and a local load and
 # store around every mma; whole, 32 bytes and the same 168 registers (ptxas, sm_90:
-# benchmarks/ptxas_warp.py). Not yet timed on a GPU. Tunable for profiling.
+# benchmarks/ptxas_warp.py), and faster (H200, timestamps, 8B shape: 186.5 -> 177.3 µs at
+# 64k, 55.4 -> 52.7 at 16k; BENCHMARKS.md, "Tile-loop variants on the GPU"). Tunable
+# for profiling.
 WARP_VALUE_UNROLL = int(os.environ.get("VELOX_WARP_VALUE_UNROLL", "0"))
 # Key basis fragments in registers for a whole split, up to this head_dim (their count
 # grows as head_dim², 64 words per lane at 64), in launches of at most
@@ -1079,10 +1081,11 @@ def _cdiv(a: int, b: int) -> int:
 
 def warp_splits(coded: int, heads: int, dim: int) -> tuple[int, int]:
     """(splits per KV head, tokens per split) of a warp-tiled launch over ``coded`` tokens
-    of ``heads`` (batch x KV) heads of ``dim``: splits of whole 4-warp steps of 16-token tiles, at
-    least WARP_MIN_TILES (2) tiles per warp — fewer, longer splits cost less to start and
-    merge than they lose in parallelism (H200, default-model shape, 4k: 1 / 2 / 4 tiles
-    54 / 49 / 55 µs) — and at most WARP_MAX_SPLITS per head, within the blocks above."""
+    of ``heads`` (batch x KV) heads of ``dim``: splits of whole 4-warp steps of 16-token
+    tiles, at least WARP_MIN_TILES (2) tiles per warp — fewer, longer splits cost less to
+    start and merge than they lose in parallelism (H200, default-model shape, 4k: 1 / 2 /
+    4 tiles 54 / 49 / 55 µs) — and at most WARP_MAX_SPLITS per head, within the blocks
+    above (WARP_WAVE_BLOCKS up to head_dim WARP_WAVE_DIM, else WARP_TARGET_BLOCKS)."""
     step = 16 * WARPS
     if heads * WARP_MAX_SPLITS <= WARP_WAVE_BLOCKS:
         most = WARP_MAX_SPLITS
