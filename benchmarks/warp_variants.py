@@ -57,7 +57,7 @@ VARIANTS = {
     # The values' loop 4-fold unrolled (the choice before; head_dim 128's accumulators
     # then live in local memory).
     "values-unroll4": {"WARP_VALUE_UNROLL": 4},
-    # Key column pairs decoded from a table (off by default).
+    # Key column pairs decoded from a table (2,048 entries: the default since 2026-11-29).
     "key-pairs2048": {"WARP_KEY_PAIRS": 2048},
     "no-key-pairs": {"WARP_KEY_PAIRS": 0},
     # The per-pair test and column-by-column path kept where every pair fits the table.
@@ -71,14 +71,15 @@ VARIANTS = {
     # A lane's key pairs packed in registers once per split (off by default).
     "key-pair-registers": {"WARP_KEY_PAIR_REGISTERS": True},
     "key-pair-registers128": {"WARP_KEY_PAIR_REGISTERS": True, "WARP_KEY_PAIRS_DIM": 128},
-    # ... held to three blocks an SM (168 registers; 172 without at head_dim 64).
+    # ... held to three blocks an SM (168 registers; 199 without at head_dim 64).
     "key-pair-registers-mb3": {"WARP_KEY_PAIR_REGISTERS": True, "WARP_MIN_BLOCKS": 3},
     # A tile's values dequantised before its softmax (off by default).
     "values-early": {"WARP_VALUES_EARLY": True},
     # The next tile's keys decoded after a tile's scores (off by default), and both.
     "keys-early": {"WARP_KEYS_EARLY": True},
     "both-early": {"WARP_VALUES_EARLY": True, "WARP_KEYS_EARLY": True},
-    # The tile softmax with per-lane sums and lazily moved maxima (off by default).
+    # The tile softmax with per-lane sums and lazily moved maxima (the default since
+    # 2026-11-29; exact-max is the choice before).
     "lazy-max": {"WARP_LAZY_MAX": True},
     "exact-max": {"WARP_LAZY_MAX": False},
     "lazy-both-early": {"WARP_LAZY_MAX": True, "WARP_VALUES_EARLY": True,

@@ -448,13 +448,7 @@ def test_warp_kernel_copies_the_pair_table_whatever_its_alignment(monkeypatch):
 
     if compiler() is None:
         pytest.skip("no C++ compiler for the kernel emulator")
-    original = kernels._kernel
-
-    def emulated(b, which, shared_memory=0):
-        return (emulated_kernel(which, shared_memory) if b == "emulated"
-                else original(b, which, shared_memory))
-
-    monkeypatch.setattr(kernels, "_kernel", emulated)
+    use_emulator(monkeypatch)
     monkeypatch.setattr(kernels, "WARP_KEY_PAIRS", 2048)
     cache, q, expected = warp_case(np.random.default_rng(12), 150)
     cache.use_kernels("emulated")
