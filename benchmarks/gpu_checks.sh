@@ -19,10 +19,11 @@
 # kernel-ab: Nsight Compute of the warp-tiled kernel alone, this tree against BASE (a folder
 #          holding another commit's veloxcore/ and benchmarks/, e.g. `git archive C
 #          veloxcore benchmarks assets/bundles | tar -x -C DIR`), in one lease
-# variants: the warp-tiled kernel's off-by-default builds (key pairs at head_dim 128, key
-#          pairs in registers, head_dim 128's slices unrolled further at two blocks an
-#          SM) and the defaults turned off, against the default:
-#          gpu_smoke.py with the new flags on, then their spans by timestamps
+# variants: the warp-tiled kernel's defaults turned off or back (padded buffers, launch
+#          bounds for three blocks an SM, KPALL, 2,048 table entries, the table only up to
+#          head_dim 64, lazy maxima) and head_dim 128's slices unrolled further at two
+#          blocks an SM, against the default: gpu_smoke.py with key pairs in registers,
+#          then spans by timestamps
 #          (warp_variants.py; default-model, 1B and 8B shapes at 16k and 64k; VARIANTS=a,b
 #          picks others)
 # stalls:  where the 1B shape's kernel at 64k waits: Nsight Compute SASS counters and warp
@@ -78,10 +79,9 @@ for part in $parts; do
         smollm2:16384 smollm2:65536 1b:65536 8b:16384 \
         | grep -E "^==|Duration|Executed Instructions  |Registers Per" ;;
     variants)  # (first the smoke check with the off-by-default flags on)
-      VELOX_WARP_KEY_PAIRS_DIM=128 VELOX_WARP_KEY_PAIR_REGISTERS=1 \
-        python3 benchmarks/gpu_smoke.py | tee "$out/smoke-flags.txt"
+      VELOX_WARP_KEY_PAIR_REGISTERS=1 python3 benchmarks/gpu_smoke.py | tee "$out/smoke-flags.txt"
       python3 benchmarks/warp_variants.py --shapes smollm2,1b,8b --contexts 16384,65536 \
-        --variants ${VARIANTS:-base,no-kpall,key-pairs128,key-pair-registers,key-pair-registers-mb3,key-pair-registers128,unroll8-mb2,unroll16-mb2,exact-max,no-key-pairs} \
+        --variants ${VARIANTS:-base,no-pads,no-value-pad,no-query-pad,no-launch-bounds,no-kpall,key-pairs2048,key-pairs64,unroll8-mb2,exact-max} \
         --rounds 2 \
         --out "$out/variants" | grep -v '^{' ;;
     stalls)

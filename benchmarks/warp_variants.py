@@ -57,22 +57,22 @@ VARIANTS = {
     # The values' loop 4-fold unrolled (the choice before; head_dim 128's accumulators
     # then live in local memory).
     "values-unroll4": {"WARP_VALUE_UNROLL": 4},
-    # Key column pairs decoded from a table (2,048 entries: the default since 2026-11-29).
+    # Key column pairs decoded from a table (4,096 entries by default since 2026-11-29;
+    # 2,048 before: KPALL for 16 of the bundled default model's 30 layers, not 24).
     "key-pairs2048": {"WARP_KEY_PAIRS": 2048},
     "no-key-pairs": {"WARP_KEY_PAIRS": 0},
     # The per-pair test and column-by-column path kept where every pair fits the table.
     "no-kpall": {"WARP_KEY_PAIRS_ALL": False},
     "key-pairs512": {"WARP_KEY_PAIRS": 512},
-    # (A bigger table: KPALL for 24 of the bundled default model's 30 layers, not 16; its
-    # cost, the copy every block makes, shows on these shapes, whose pairs all fit 2,048.)
-    "key-pairs4096": {"WARP_KEY_PAIRS": 4096},
-    # The pair table at head_dim 128 too (two blocks an SM by shared memory).
-    "key-pairs128": {"WARP_KEY_PAIRS_DIM": 128},
+    # The pair table only up to head_dim 64 (the default before 2026-11-29: the 8B shape's
+    # keys column by column).
+    "key-pairs64": {"WARP_KEY_PAIRS_DIM": 64},
     # A lane's key pairs packed in registers once per split (off by default).
     "key-pair-registers": {"WARP_KEY_PAIR_REGISTERS": True},
-    "key-pair-registers128": {"WARP_KEY_PAIR_REGISTERS": True, "WARP_KEY_PAIRS_DIM": 128},
-    # ... held to three blocks an SM (168 registers; 199 without at head_dim 64).
-    "key-pair-registers-mb3": {"WARP_KEY_PAIR_REGISTERS": True, "WARP_MIN_BLOCKS": 3},
+    "key-pair-registers64": {"WARP_KEY_PAIR_REGISTERS": True, "WARP_KEY_PAIRS_DIM": 64},
+    # ... without launch bounds (three blocks an SM by default: 168 registers, spilling;
+    # 199 without at head_dim 64).
+    "key-pair-registers-mb0": {"WARP_KEY_PAIR_REGISTERS": True, "WARP_MIN_BLOCKS": 0},
     # A tile's values dequantised before its softmax (off by default).
     "values-early": {"WARP_VALUES_EARLY": True},
     # The next tile's keys decoded after a tile's scores (off by default), and both.
@@ -82,6 +82,13 @@ VARIANTS = {
     # 2026-11-29; exact-max is the choice before).
     "lazy-max": {"WARP_LAZY_MAX": True},
     "exact-max": {"WARP_LAZY_MAX": False},
+    # Staged value words and the turned query's rows unpadded (their loads' bank
+    # conflicts back), each alone and both; and the build without launch bounds (the
+    # default before 2026-11-29: head_dim 64 then takes 172 registers padded).
+    "no-value-pad": {"WARP_VALUE_PAD": False},
+    "no-query-pad": {"WARP_QUERY_PAD": False},
+    "no-pads": {"WARP_VALUE_PAD": False, "WARP_QUERY_PAD": False},
+    "no-launch-bounds": {"WARP_MIN_BLOCKS": 0},
     "lazy-both-early": {"WARP_LAZY_MAX": True, "WARP_VALUES_EARLY": True,
                         "WARP_KEYS_EARLY": True},
     # Combinations of the first session these ran on the GPU (2026-11-29): the key pair

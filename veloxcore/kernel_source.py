@@ -359,8 +359,9 @@ __device__ inline void vx_key_fragments(unsigned int (&af)[KS][4], const unsigne
 }
 // Lane (gid, tig)'s A fragment of (P·V)^T for the tile's 16-dim slice sl: dims 16 sl + gid
 // and + 8 of tokens 2 tig, +1, +8, +9, dequantised to fp16 (VB bits, VW words a token, NG
-// groups of VG dims; 4-bit codes by nib_sel / nib_mask / nib_magic, see the tile loop).
-template <int VB, int VW, int NG, int VG>
+// groups of VG dims, staged VWS words apart; 4-bit codes by nib_sel / nib_mask /
+// nib_magic, see the tile loop).
+template <int VB, int VW, int VWS, int NG, int VG>
 __device__ inline void vx_value_slice(unsigned int va[4], int sl, const unsigned int* vw,
                                       const VX_HALF_T* vsc, const VX_HALF_T* vbi, int gid,
                                       int tig, unsigned int nib_sel, unsigned int nib_mask,
@@ -376,8 +377,8 @@ __device__ inline void vx_value_slice(unsigned int va[4], int sl, const unsigned
       const int i1 = i0 + NG;  // token t + 1
       const unsigned int scale = vsc16[i0] | ((unsigned int)vsc16[i1] << 16);
       const unsigned int bias = vbi16[i0] | ((unsigned int)vbi16[i1] << 16);
-      const uint2 wa = *reinterpret_cast<const uint2*>(vw + t * VW + 2 * sl);
-      const uint2 wb = *reinterpret_cast<const uint2*>(vw + (t + 1) * VW + 2 * sl);
+      const uint2 wa = *reinterpret_cast<const uint2*>(vw + t * VWS + 2 * sl);
+      const uint2 wb = *reinterpret_cast<const uint2*>(vw + (t + 1) * VWS + 2 * sl);
       va[2 * o] = vx_dequant_pair(
           (vx_byte_perm(wa.x, wb.x, nib_sel) & nib_mask) | nib_magic, nib_magic, scale, bias);
       va[2 * o + 1] = vx_dequant_pair(
@@ -388,7 +389,7 @@ __device__ inline void vx_value_slice(unsigned int va[4], int sl, const unsigned
       for (int u = 0; u < 4; u++) {
         const int tt = t + (u & 1);
         const int bit = (sl * 16 + gid + 8 * (u >> 1)) * VB;
-        const int w = tt * VW + (bit >> 5);
+        const int w = tt * VWS + (bit >> 5);
         unsigned int code = vw[w] >> (bit & 31);
         if ((VB & (VB - 1)) != 0) {  // 3/5/6-bit codes may straddle two words
           code = (unsigned int)((((unsigned long long)vw[w + 1] << 32) | vw[w]) >>
@@ -424,7 +425,8 @@ __device__ inline void vx_copy_words(unsigned int* dst, const unsigned int* src,
 // SASS profile). Tiles start at multiples of 16 tokens, so every run is a whole number
 // of 16-byte chunks at 16-byte offsets: with a16 (every buffer's address 16-byte
 // aligned) they move as 16-byte copies, a quarter of the instructions of 4-byte ones.
-template <int WK, int VWN, int SB, bool WITH_KTS>
+// A token's value words land VWS words apart (VWS >= VWN, a multiple of 4 where a16).
+template <int WK, int VWN, int VWS, int SB, bool WITH_KTS>
 __device__ inline void vx_stage_tile(unsigned int* kw, unsigned int* vw, unsigned int* vsc,
                                      unsigned int* vbi, unsigned int* kts,
                                      const unsigned int* kwords, const unsigned int* vwords,
@@ -441,8 +443,8 @@ __device__ inline void vx_stage_tile(unsigned int* kw, unsigned int* vw, unsigne
       vx_cp_async16(kw + 4 * i, ks + 4 * i);
     }
 #pragma unroll
-    for (int i = lane; i < 4 * VWN; i += 32) {
-      vx_cp_async16(vw + 4 * i, vsrc + 4 * i);
+    for (int i = lane; i < 4 * VWN; i += 32) {  // (chunk i: token i / (VWN / 4))
+      vx_cp_async16(vw + 4 * i + (VWS - VWN) * (4 * i / VWN), vsrc + 4 * i);
     }
     if (lane < SB / 4) {
       vx_cp_async16(vsc + 4 * lane, vs + 4 * lane);
@@ -457,7 +459,7 @@ __device__ inline void vx_stage_tile(unsigned int* kw, unsigned int* vw, unsigne
     vx_cp_async4(kw + i, ks + i);
   }
   for (int i = lane; i < 16 * VWN; i += 32) {
-    vx_cp_async4(vw + i, vsrc + i);
+    vx_cp_async4(vw + i + (VWS - VWN) * (i / VWN), vsrc + i);
   }
   for (int i = lane; i < SB; i += 32) {
     vx_cp_async4(vsc + i, vs + i);
@@ -869,7 +871,8 @@ DECODE_BODY = r"""
 # KEARLY (the next tile's key fragments decoded after this tile's scores), LAZY (QMMA's
 # softmax keeps its sums per lane and moves a head's maximum only past a margin), KPREG
 # (with KPAIR: a lane's key pairs packed in registers once per split), KPALL (every key
-# pair is in the table: no per-pair branch).
+# pair is in the table: no per-pair branch), VPAD (a staged token's value words padded
+# against bank conflicts), QPAD (the same for the rows of a warp's turned query).
 # bfrag: the basis, each column times its scale, as B fragments, ((h · D/8 + n-tile) ·
 # RKMAX/16 + k-step) · 64 + lane · 2 + reg (a lane's two registers side by side: one
 # 8-byte shared-memory load an mma under SBASIS); kbits/kshift: per compacted column (H, RKMAX);
@@ -954,7 +957,12 @@ DECODE_WARP_BODY = r"""
   // words let a code straddling the last word read two words without a branch. WKS is
   // the layout's key words per token (layout[1]).
   constexpr int KWT = 16 * WKS + 4;  // one buffer of key words
-  constexpr int VWT = 16 * VW + 4;  // one buffer of value words
+  // A staged token's value words start VWS words apart: VPAD, 4 past VW where VW is a
+  // multiple of 8 words (4-bit values at head_dim 64 or 128), so that the P·V loads of
+  // lanes tig 0-3 (tokens 2 tig + 8 o: 64 or 128 bytes apart unpadded, the same banks)
+  // take one shared-memory wavefront, not two or four.
+  constexpr int VWS = VPAD && VW % 8 == 0 ? VW + 4 : VW;
+  constexpr int VWT = 16 * VWS + 4;  // one buffer of value words
   constexpr int SBW = 16 * NG / 2;
   VX_ALIGN16 VX_SHARED unsigned int kw_static[SBASIS ? 1 : NW * 2 * KWT];
   VX_ALIGN16 VX_SHARED unsigned int vw_static[SBASIS ? 1 : NW * 2 * VWT];
@@ -965,7 +973,11 @@ DECODE_WARP_BODY = r"""
   VX_SHARED unsigned int ph_s[NW][8 * 8];
   VX_SHARED float fin_m[NW][G];
   VX_SHARED float fin_l[NW][G];
-  VX_ALIGN16 VX_SHARED float fin_o[NW][G * D];
+  // A warp's turned query, rows of QWS floats: QPAD, 8 past D, so that the QMMA B
+  // fragment's loads of rows gid < G fall in different banks (D apart, they take up to G
+  // wavefronts instead of one). Later a warp's partial output (G x D).
+  constexpr int QWS = QPAD ? D + 8 : D;
+  VX_ALIGN16 VX_SHARED float fin_o[NW][G * QWS];
   // SBASIS: the head's key basis B fragments (bfrag's layout, 2 · D/8 · RKMAX/16 words
   // per lane) in dynamic shared memory, copied once per block, instead of two global
   // loads per mma (BREG keeps them in registers instead); the key and value word buffers
@@ -996,7 +1008,7 @@ DECODE_WARP_BODY = r"""
   vx_cp_commit();
   int buf = 0;
   if (start + warp * 16 < stop) {
-    vx_stage_tile<WKS, VW, SBW, KTS>(kw_s + warp * 2 * KWT, vw_s + warp * 2 * VWT,
+    vx_stage_tile<WKS, VW, VWS, SBW, KTS>(kw_s + warp * 2 * KWT, vw_s + warp * 2 * VWT,
                                      vsc_s[warp][0], vbi_s[warp][0], kts_s[warp][0], kwords,
                                      vwords, vscales, vbiases, ktok,
                                      bh * cap + start + warp * 16, a16, lane);
@@ -1117,7 +1129,7 @@ DECODE_WARP_BODY = r"""
   for (int t0 = start + warp * 16; t0 < stop; t0 += STEP) {
     const int n = min(16, stop - t0);
     if (t0 + STEP < stop) {
-      vx_stage_tile<WKS, VW, SBW, KTS>(
+      vx_stage_tile<WKS, VW, VWS, SBW, KTS>(
           kw_s + (warp * 2 + (buf ^ 1)) * KWT, vw_s + (warp * 2 + (buf ^ 1)) * VWT,
           vsc_s[warp][buf ^ 1], vbi_s[warp][buf ^ 1], kts_s[warp][buf ^ 1], kwords, vwords,
           vscales, vbiases, ktok, bh * cap + t0 + STEP, a16, lane);
@@ -1139,7 +1151,7 @@ DECODE_WARP_BODY = r"""
         const float sn = qamp[k] * u.x;
         for (int g = 0; g < G; g++) {
           const float2 qq = reinterpret_cast<const float2*>(qs)[(g * D) / 2 + p];
-          reinterpret_cast<float2*>(qw)[(g * D) / 2 + p] =
+          reinterpret_cast<float2*>(qw)[(g * QWS) / 2 + p] =
               make_float2(qq.x * cs + qq.y * sn, qq.y * cs - qq.x * sn);
         }
       }
@@ -1204,15 +1216,15 @@ DECODE_WARP_BODY = r"""
           ka0 = vx_pack_half2(k0a, k0b);
           ka1 = vx_pack_half2(k1a, k1b);
         } else {  // B: query head gid at pairs p - 4 (k rows 2 tig, +1) and p (+8, +9)
-          const float2 qa = gid < G ? qw2[(gid * D) / 2 + p - 4] : make_float2(0.0f, 0.0f);
-          const float2 qb = gid < G ? qw2[(gid * D) / 2 + p] : make_float2(0.0f, 0.0f);
+          const float2 qa = gid < G ? qw2[(gid * QWS) / 2 + p - 4] : make_float2(0.0f, 0.0f);
+          const float2 qb = gid < G ? qw2[(gid * QWS) / 2 + p] : make_float2(0.0f, 0.0f);
           vx_mma_16816(sc0, sc1, sc2, sc3, ka0, ka1, vx_pack_half2(k0a, k0b),
                        vx_pack_half2(k1a, k1b), vx_pack_half2(qa.x, qa.y),
                        vx_pack_half2(qb.x, qb.y));
         }
       } else {
         for (int g = 0; g < G; g++) {
-          const float2 qq = qw2[(g * D) / 2 + p];
+          const float2 qq = qw2[(g * QWS) / 2 + p];
           s0[g] += qq.x * k0a + qq.y * k0b;
           s1[g] += qq.x * k1a + qq.y * k1b;
         }
@@ -1231,7 +1243,7 @@ DECODE_WARP_BODY = r"""
     if (VEARLY) {
 #pragma unroll
       for (int sl = 0; sl < (VEARLY ? NTD / 2 : 1); sl++) {
-        vx_value_slice<VB, VW, NG, VG>(va_early[sl], sl, vw, vsc, vbi, gid, tig, nib_sel,
+        vx_value_slice<VB, VW, VWS, NG, VG>(va_early[sl], sl, vw, vsc, vbi, gid, tig, nib_sel,
                                        nib_mask, nib_magic);
       }
     }
@@ -1304,7 +1316,7 @@ DECODE_WARP_BODY = r"""
           va[u] = va_early[VEARLY ? sl : 0][u];
         }
       } else {
-        vx_value_slice<VB, VW, NG, VG>(va, sl, vw, vsc, vbi, gid, tig, nib_sel, nib_mask,
+        vx_value_slice<VB, VW, VWS, NG, VG>(va, sl, vw, vsc, vbi, gid, tig, nib_sel, nib_mask,
                                        nib_magic);
       }
       vacc[sl][0] *= r_pair[0];

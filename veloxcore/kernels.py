@@ -53,31 +53,38 @@ WARP_MAX_SPLITS = 128  # splits per KV head the warp-tiled kernel's last block m
 WARP_MERGE_LOADS = int(os.environ.get("VELOX_WARP_MERGE_LOADS", "16"))
 # Entries (fp16 pairs, 4 bytes each) of the warp-tiled kernel's key pair table: each pair
 # of adjacent key columns decodes with one shared-memory lookup instead of two lookups and
-# a pack; the narrowest pairs' widths fit first, wider ones decode column by column. Up to
-# head_dim 64 by default (WARP_KEY_PAIRS_DIM). Under Nsight Compute (caches flushed
-# before the launch) 2,048 entries ran 13% fewer instructions but no faster (1B shape at
-# 64k 83.0 -> 83.8 µs); by timestamps at the card's own clocks, with WARP_LAZY_MAX, the
-# span is shorter (H200, 1B shape at 64k 72.4 -> 66.0 µs, at 16k 26.0 -> 24.6; default-model
-# shape at 64k 31.5 -> 29.9; BENCHMARKS.md, "Tile-loop variants on the GPU"). 0: off.
-WARP_KEY_PAIRS = int(os.environ.get("VELOX_WARP_KEY_PAIRS", "2048"))
+# a pack; the narrowest pairs' widths fit first, wider ones decode column by column. By
+# timestamps on an H200, 2,048 entries with WARP_LAZY_MAX against none: 1B shape at 64k
+# 72.4 -> 66.0 µs, default-model shape at 64k 31.5 -> 29.9 (BENCHMARKS.md, "Tile-loop
+# variants on the GPU"). 4,096 against 2,048 (BENCHMARKS.md, "KPALL and key pairs at
+# head_dim 128, timed"): no cost where every pair fit 2,048 (within ±1% on every decode.py
+# shape at 16k and 64k), and on layer 0's spectrum, whose widest pairs miss both tables,
+# 1B shape at 64k 70.5 -> 68.3 µs, default-model shape 31.3 -> 30.6. It also gives KPALL
+# (below) to 24 of the default model's 30 layers instead of 16. 0: off.
+WARP_KEY_PAIRS = int(os.environ.get("VELOX_WARP_KEY_PAIRS", "4096"))
 # The warp-tiled kernel keeps a lane's key pairs (word, bit offset, width, table base)
 # packed in registers for the split (KPREG) rather than loading them from shared memory
 # for every tile (Nsight Compute, 1B shape at 64k: the test of a loaded pair's base was
 # the most-sampled stall). ptxas at head_dim 64: 199 registers with KPALL, 172 without (two
 # blocks an SM either way; 168 with 8 bytes spilled under VELOX_WARP_MIN_BLOCKS=3); 168
-# at 128, 249 with the pair table there. Emulator-tested, not yet timed on a GPU: off.
+# at 128, 249 with the pair table there. Slower on an H200 by timestamps (1B shape at 64k
+# 59.7 -> 90.8 µs; 65.1 at three blocks an SM; 8B shape at 64k 158.1 -> 161.2 with the
+# pair table): off.
 WARP_KEY_PAIR_REGISTERS = os.environ.get("VELOX_WARP_KEY_PAIR_REGISTERS", "0") != "0"
 # Where every key pair of a layer fits the table, the warp-tiled kernel is built without
 # the per-pair test and the column-by-column path (KPALL; static SASS of the 1B shape:
-# 5,304 -> 4,832 instructions, same registers). Every pair of decode.py's shapes fits
-# 2,048 entries; of the bundled default model's 30 layers (water-filled 3-bit keys) 16 do,
-# the rest having 1-13 of their 96 pairs too wide (4,096 entries: 24 layers). Not yet
-# timed on a GPU: VELOX_WARP_KEY_PAIRS_ALL=0 keeps them (the build measured before).
+# 5,304 -> 4,832 instructions, same registers). By timestamps on an H200: 1B shape at 64k
+# 67.0 -> 59.7 µs, at 16k 24.8 -> 22.6; default-model shape at 64k 30.0 -> 27.6. Every pair
+# of decode.py's shapes fits 2,048 entries; of the bundled default model's 30 layers
+# (water-filled 3-bit keys) 24 fit 4,096 (16 fit 2,048), the rest having a few of their 96
+# pairs too wide. VELOX_WARP_KEY_PAIRS_ALL=0 keeps the per-pair test everywhere.
 WARP_KEY_PAIRS_ALL = os.environ.get("VELOX_WARP_KEY_PAIRS_ALL", "1") != "0"
-# Head dims up to which the key pair table is used. At 128 it takes the block's shared
-# memory from ~68 to ~79 KiB (three blocks an SM no longer fit; the 8B shape's 264-block
-# launches run two a SM anyway). Emulator-tested at 128, not yet timed on a GPU: 64.
-WARP_KEY_PAIRS_DIM = int(os.environ.get("VELOX_WARP_KEY_PAIRS_DIM", "64"))
+# Head dims up to which the key pair table is used. At 128 (the 8B shape) the table costs
+# shared memory but no occupancy: Nsight Compute shows the 8B launch at three blocks an SM
+# by both registers and shared memory. By timestamps on an H200: 8B shape at 16k 50.4 ->
+# 46.3 µs, at 64k 168.9 -> 158.1 (BENCHMARKS.md, "KPALL and key pairs at head_dim 128,
+# timed").
+WARP_KEY_PAIRS_DIM = int(os.environ.get("VELOX_WARP_KEY_PAIRS_DIM", "128"))
 # The warp-tiled kernel dequantises a tile's values before its softmax rather than after
 # (more independent work while the softmax's shuffles wait), up to head_dim 64 (fully
 # unrolled). ptxas (sm_90): 168 registers, as without; 174 with WARP_KEYS_EARLY too (before
@@ -96,6 +103,20 @@ WARP_KEYS_EARLY = os.environ.get("VELOX_WARP_KEYS_EARLY", "0") != "0"
 # dependent ones. On by default (H200, timestamps: 8B shape at 64k 177.4 -> 173.3 µs;
 # with key pairs, above). 0: the exact running maximum.
 WARP_LAZY_MAX = os.environ.get("VELOX_WARP_LAZY_MAX", "1") != "0"
+# The warp-tiled kernel's staged value words: a token's padded by 4 words where they are a
+# multiple of 8 (4-bit values at head_dim 64 and 128), so that the P·V loads of a warp's
+# four token rows (tokens 2 tig + 8 o, 64 or 128 bytes apart unpadded) fall in different
+# banks: Nsight Compute, 8B shape at 64k, 192 of a tile's 971 shared-memory wavefronts
+# were their conflicts (4 wavefronts a load instead of 1). 2 KiB more shared memory a
+# block. VPAD. And the warp's turned query in rows D + 8 floats apart instead of D, so
+# that the QMMA B fragment's loads of rows gid < G fall in different banks (4 wavefronts
+# a load instead of 1 there, 48 of the 971). QPAD. With both, the 8B shape's bank
+# conflicts fell from 9.2M to 1.4M and its kernel from 156.8 to 135.8 µs (Nsight
+# Compute, 64k); by timestamps, unpadded -> padded (three blocks an SM, WARP_MIN_BLOCKS):
+# 8B shape at 64k 158.4 -> 135.0 µs (-15%), at 16k 46.7 -> 41.9; 1B shape at 64k 60.7 ->
+# 57.5, default-model shape at 64k 27.7 -> 26.6 (BENCHMARKS.md, "Padded buffers").
+WARP_VALUE_PAD = os.environ.get("VELOX_WARP_VALUE_PAD", "1") != "0"
+WARP_QUERY_PAD = os.environ.get("VELOX_WARP_QUERY_PAD", "1") != "0"
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
 WARP_SHARED_LIMIT = 48 * 1024 - 256
 # The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
@@ -148,9 +169,12 @@ WARP_TARGET_BLOCKS = int(os.environ.get("VELOX_WARP_BLOCKS", "256"))
 # "Tile-loop variants on the GPU"). VELOX_WARP_WAVE_DIM=0: the choice before.
 WARP_WAVE_DIM = int(os.environ.get("VELOX_WARP_WAVE_DIM", "64"))
 # Blocks per SM the warp-tiled kernel is compiled to fit (``__launch_bounds__``: the
-# compiler caps registers at 64K / (128 · N), spilling past that); 0 leaves registers to
-# the compiler. Tunable for profiling.
-WARP_MIN_BLOCKS = int(os.environ.get("VELOX_WARP_MIN_BLOCKS", "0"))
+# compiler caps registers at 64K / (128 · N), 168 for 3, spilling past that); 0 leaves
+# registers to the compiler. 3 by default since the padded buffers (WARP_VALUE_PAD) took
+# head_dim 64 to 172 registers, two blocks an SM: H200, timestamps, padded, without and
+# with the bounds: 1B shape at 64k 91.3 -> 57.5 µs, default-model shape at 16k 19.2 ->
+# 13.3; 8B shape (168 registers either way) 134.3 -> 135.0 at 64k, 41.1 -> 41.9 at 16k.
+WARP_MIN_BLOCKS = int(os.environ.get("VELOX_WARP_MIN_BLOCKS", "3"))
 # The warp-tiled kernel's scores against the query heads on tensor cores (one mma per
 # two 8-dim slices, fp16 keys and query) rather than FMAs in registers (2 · G per key
 # pair and lane): fewer instructions, and faster on an H200 (kernel alone: default-model
@@ -764,7 +788,8 @@ class SpectralKernels:
                     ("LAZY", WARP_LAZY_MAX and WARP_QMMA and D % 16 == 0),
                     ("KPREG", WARP_KEY_PAIR_REGISTERS and 0 < pair_words <= 32768
                      and self.key_words < 64),
-                    ("KPALL", WARP_KEY_PAIRS_ALL and pair_words > 0 and self.key_pairs_all)]
+                    ("KPALL", WARP_KEY_PAIRS_ALL and pair_words > 0 and self.key_pairs_all),
+                    ("VPAD", WARP_VALUE_PAD), ("QPAD", WARP_QUERY_PAD)]
         call = dict(
             # Block 0 of each KV head takes the exact tokens, blocks 1 to splits the codes.
             grid=(32 * WARPS * (splits + 1), B * H, 1), threadgroup=(32 * WARPS, 1, 1),
@@ -981,8 +1006,12 @@ def entropy_self_test(backend: str) -> str | None:
 
 
 def _warp_tile_words(D: int, value_bits: int, key_words: int) -> int:
-    """Words of the warp-tiled kernel's staged key and value word buffers (two per warp)."""
-    return WARPS * 2 * ((16 * key_words + 4) + (16 * (D * value_bits // 32) + 4))
+    """Words of the warp-tiled kernel's staged key and value word buffers (two per warp;
+    a token's value words padded by 4 where they are a multiple of 8: kernel_source's
+    VWS)."""
+    value_words = D * value_bits // 32
+    value_stride = value_words + 4 if WARP_VALUE_PAD and value_words % 8 == 0 else value_words
+    return WARPS * 2 * ((16 * key_words + 4) + (16 * value_stride + 4))
 
 
 def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_words: int,
@@ -1005,7 +1034,8 @@ def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_wor
              + D  # the key mean
              + (_warp_tile_words(D, value_bits, key_words) if tiles else 2)  # word buffers
              + WARPS * 2 * (2 * sbw + 8)  # staged value scales, biases, key token scales
-             + WARPS * 64 + 2 * WARPS * G + WARPS * G * D  # P, warp max/sum/output
+             # P, warp max/sum/output (QPAD: rows of the turned query D + 8 apart)
+             + WARPS * 64 + 2 * WARPS * G + WARPS * G * (D + 8 * WARP_QUERY_PAD)
              + (1 if merge <= key_tiles else merge)  # merge scratch (in the key tiles)
              + 1)  # is_last
     return 4 * words
