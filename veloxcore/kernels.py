@@ -502,6 +502,7 @@ class SpectralKernels:
         # per-pair branch nor the column-by-column path (KPALL).
         self.key_pairs_all = pairs is not None and bool((pairs[0][..., 3] >= 0).all())
         self.ptab = kernel_input([0], mx.uint32) if pairs is None else as_mx(pairs[1])
+        self._key_pairs_for: dict = {}  # per query heads a KV head (_key_pairs)
         basis = np.array(cache.key_basis)  # (H, D, D): original dims x coefficients
         decoder = np.array(cache.key_decoder)  # the same unless metric-weighted
         mean = np.array(cache.key_mean).reshape(H, D)
@@ -641,12 +642,29 @@ class SpectralKernels:
                 <= WARP_SHARED_LIMIT)
         return WARP_DECODE and self._warp_fits[G]
 
-    def _pair_words(self, G: int) -> int:
-        """The key pair table's entries in a warp-tiled launch for G query heads per KV
-        head: the table where it fits in shared memory beside the rest, else none."""
-        fits = (warp_shared_bytes(self.dims, G, *self.value_affine, self.key_words,
-                                  pair_words=self.key_pair_words) <= WARP_SHARED_LIMIT)
-        return self.key_pair_words if fits else 0
+    def _key_pairs(self, G: int) -> tuple:
+        """The key pair table of a warp-tiled launch for G query heads per KV head, as
+        (entries, kpair, ptab, every pair in it): the whole table where it fits in shared
+        memory beside the rest, else the largest of half, a quarter... of its entries
+        that does (the narrowest pairs: the larger table's first entries, the others
+        column by column), else none."""
+        key = (G, WARP_SHARED_LIMIT)  # (the limit: a test's monkeypatch)
+        if key not in self._key_pairs_for:
+            fits = lambda words: warp_shared_bytes(  # noqa: E731
+                self.dims, G, *self.value_affine, self.key_words,
+                pair_words=words) <= WARP_SHARED_LIMIT
+            choice = (0, self.kpair, self.ptab, False)
+            if self.key_pair_words and fits(self.key_pair_words):
+                choice = (self.key_pair_words, self.kpair, self.ptab, self.key_pairs_all)
+            capacity = self.key_pair_words // 2
+            while choice[0] == 0 and capacity > 0:
+                pairs = key_pair_tables(np.array(self.kbits), np.array(self.kshift), capacity)
+                if pairs is not None and fits(pairs[1].size):
+                    choice = (pairs[1].size, as_mx(pairs[0]), as_mx(pairs[1]),
+                              bool((pairs[0][..., 3] >= 0).all()))
+                capacity //= 2
+            self._key_pairs_for[key] = choice
+        return self._key_pairs_for[key]
 
     @staticmethod
     def whole_tiles(parts) -> bool:
@@ -769,11 +787,10 @@ class SpectralKernels:
         layout = self._constant(mx.int32, self.key_rank, self.key_words, self.value_rank,
                                 self.value_words, pos0)
         unroll_v = WARP_VALUE_UNROLL or D // 16
-        pair_words = self._pair_words(G)
+        pair_words, kpair, ptab, pairs_all = self._key_pairs(G)
         fixed = [self.perm_mx, self._constant(mx.float32, scale), self._length(coded), layout,
                  self.bfrag, parts[0], ktok, self.kbits, self.kshift,
-                 self.key_mean_pairs, self.rope, *vparts, self.codebook, self.kpair,
-                 self.ptab]
+                 self.key_mean_pairs, self.rope, *vparts, self.codebook, kpair, ptab]
         template = [("T", dtype), ("D", D), ("G", G), ("HKV", H), ("NW", WARPS),
                     ("NT", 32 * WARPS), ("RKMAX", self.key_rank), ("WKS", self.key_words),
                     ("KTS", self.key_token_scale), ("VB", vb), ("VG", vg),
@@ -788,7 +805,7 @@ class SpectralKernels:
                     ("LAZY", WARP_LAZY_MAX and WARP_QMMA and D % 16 == 0),
                     ("KPREG", WARP_KEY_PAIR_REGISTERS and 0 < pair_words <= 32768
                      and self.key_words < 64),
-                    ("KPALL", WARP_KEY_PAIRS_ALL and pair_words > 0 and self.key_pairs_all),
+                    ("KPALL", WARP_KEY_PAIRS_ALL and pair_words > 0 and pairs_all),
                     ("VPAD", WARP_VALUE_PAD), ("QPAD", WARP_QUERY_PAD)]
         call = dict(
             # Block 0 of each KV head takes the exact tokens, blocks 1 to splits the codes.
