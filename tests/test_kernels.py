@@ -646,7 +646,9 @@ def test_warp_kernel_cuda_text_compiles_for_hopper_without_spills(monkeypatch, t
                               str(tmp_path / f"{which}.cubin"), str(source)],
                              capture_output=True, text=True)
         assert run.returncode == 0, f"{which}: {run.stderr[-2000:]}"
-        spilled = int(re.search(r"(\d+) bytes spill stores", run.stderr).group(1))
+        spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", run.stderr)]
+        assert spills, f"{which}: no ptxas report: {run.stderr[-2000:]}"
+        spilled = max(spills)
         # (The timestamps build, for profiling, carries the stamps in registers too: held
         # to three blocks an SM at head_dim 64 it spills 4 bytes.)
         assert spilled <= (8 if which == "decode_warp_stamps" else 0), (
@@ -994,7 +996,7 @@ def test_warp_kernel_reads_its_basis_from_registers_shared_memory_or_memory(
     value_stride = value_words + 4 * (kernels.WARP_VALUE_PAD and value_words % 8 == 0)
     dynamic = basis + 4 * 4 * 2 * (16 * key_words + 4 + 16 * value_stride + 4)
     static = kernels.warp_shared_bytes(dim, 3, 4, 64, key_words, tiles=False,
-                                       pair_words=cache.kernels.key_pair_words)
+                                       pair_words=template["KPAIR"])
     if place != "shared":
         assert shared_memory == 0
     elif static + dynamic > 48 * 1024 - 256:  # MLX raises the limit past 48,000 B only

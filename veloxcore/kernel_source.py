@@ -425,7 +425,8 @@ __device__ inline void vx_copy_words(unsigned int* dst, const unsigned int* src,
 // SASS profile). Tiles start at multiples of 16 tokens, so every run is a whole number
 // of 16-byte chunks at 16-byte offsets: with a16 (every buffer's address 16-byte
 // aligned) they move as 16-byte copies, a quarter of the instructions of 4-byte ones.
-// A token's value words land VWS words apart (VWS >= VWN, a multiple of 4 where a16).
+// A token's value words land VWS words apart (VWS = VWN, or VWN padded where VWN is a
+// multiple of 4, so that a 16-byte chunk never spans two tokens).
 template <int WK, int VWN, int VWS, int SB, bool WITH_KTS>
 __device__ inline void vx_stage_tile(unsigned int* kw, unsigned int* vw, unsigned int* vsc,
                                      unsigned int* vbi, unsigned int* kts,
@@ -437,6 +438,7 @@ __device__ inline void vx_stage_tile(unsigned int* kw, unsigned int* vw, unsigne
   const unsigned int* kt = reinterpret_cast<const unsigned int*>(ktok) + row0 / 2;
   const unsigned int* ks = kwords + row0 * WK;
   const unsigned int* vsrc = vwords + row0 * VWN;
+  static_assert(VWS == VWN || VWN % 4 == 0, "a padded token's words are whole chunks");
   if (a16) {
 #pragma unroll
     for (int i = lane; i < 4 * WK; i += 32) {
@@ -958,9 +960,9 @@ DECODE_WARP_BODY = r"""
   // the layout's key words per token (layout[1]).
   constexpr int KWT = 16 * WKS + 4;  // one buffer of key words
   // A staged token's value words start VWS words apart: VPAD, 4 past VW where VW is a
-  // multiple of 8 words (4-bit values at head_dim 64 or 128), so that the P·V loads of
-  // lanes tig 0-3 (tokens 2 tig + 8 o: 64 or 128 bytes apart unpadded, the same banks)
-  // take one shared-memory wavefront, not two or four.
+  // multiple of 8 words (4-bit values at head_dim 64 or 128, 8-bit, ...), so that the
+  // P·V loads of lanes tig 0-3 (tokens 2 tig + 8 o: 64 or 128 bytes apart unpadded, the
+  // same banks) take one shared-memory wavefront, not two or four.
   constexpr int VWS = VPAD && VW % 8 == 0 ? VW + 4 : VW;
   constexpr int VWT = 16 * VWS + 4;  // one buffer of value words
   constexpr int SBW = 16 * NG / 2;

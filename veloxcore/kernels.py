@@ -103,18 +103,19 @@ WARP_KEYS_EARLY = os.environ.get("VELOX_WARP_KEYS_EARLY", "0") != "0"
 # dependent ones. On by default (H200, timestamps: 8B shape at 64k 177.4 -> 173.3 µs;
 # with key pairs, above). 0: the exact running maximum.
 WARP_LAZY_MAX = os.environ.get("VELOX_WARP_LAZY_MAX", "1") != "0"
-# The warp-tiled kernel's staged value words: a token's padded by 4 words where they are a
-# multiple of 8 (4-bit values at head_dim 64 and 128), so that the P·V loads of a warp's
-# four token rows (tokens 2 tig + 8 o, 64 or 128 bytes apart unpadded) fall in different
-# banks: Nsight Compute, 8B shape at 64k, 192 of a tile's 971 shared-memory wavefronts
-# were their conflicts (4 wavefronts a load instead of 1). 2 KiB more shared memory a
-# block. VPAD. And the warp's turned query in rows D + 8 floats apart instead of D, so
-# that the QMMA B fragment's loads of rows gid < G fall in different banks (4 wavefronts
-# a load instead of 1 there, 48 of the 971). QPAD. With both, the 8B shape's bank
-# conflicts fell from 9.2M to 1.4M and its kernel from 156.8 to 135.8 µs (Nsight
-# Compute, 64k); by timestamps, unpadded -> padded (three blocks an SM, WARP_MIN_BLOCKS):
-# 8B shape at 64k 158.4 -> 135.0 µs (-15%), at 16k 46.7 -> 41.9; 1B shape at 64k 60.7 ->
-# 57.5, default-model shape at 64k 27.7 -> 26.6 (BENCHMARKS.md, "Padded buffers").
+# The warp-tiled kernel's staged value words: a token's padded by 4 words where they are
+# a multiple of 8 (4-bit values at head_dim 64 and 128; also 8-bit, and 2- and 6-bit at
+# 128), so that the P·V loads of a warp's four token rows (tokens 2 tig + 8 o, 64 or 128
+# bytes apart unpadded) fall in different banks: Nsight Compute, 8B shape at 64k, 192 of
+# a tile's 971 shared-memory wavefronts were their conflicts (4 wavefronts a load
+# instead of 1). 2 KiB more shared memory a block. VPAD. And the warp's turned query in
+# rows D + 8 floats apart instead of D, so that the QMMA B fragment's loads of rows
+# gid < G fall in different banks (4 wavefronts a load instead of 1 there, 48 of the
+# 971). QPAD. With both, the 8B shape's bank conflicts fell from 9.2M to 1.4M and its
+# kernel from 156.8 to 135.8 µs (Nsight Compute, 64k); by timestamps, unpadded ->
+# padded (three blocks an SM, WARP_MIN_BLOCKS): 8B shape at 64k 158.4 -> 135.0 µs
+# (-15%), at 16k 46.7 -> 41.9; 1B shape at 64k 60.7 -> 57.5, default-model shape at 64k
+# 27.7 -> 26.6 (BENCHMARKS.md, "Padded buffers").
 WARP_VALUE_PAD = os.environ.get("VELOX_WARP_VALUE_PAD", "1") != "0"
 WARP_QUERY_PAD = os.environ.get("VELOX_WARP_QUERY_PAD", "1") != "0"
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
@@ -642,16 +643,18 @@ class SpectralKernels:
                 <= WARP_SHARED_LIMIT)
         return WARP_DECODE and self._warp_fits[G]
 
-    def _key_pairs(self, G: int) -> tuple:
+    def _key_pairs(self, G: int, tiles: bool) -> tuple:
         """The key pair table of a warp-tiled launch for G query heads per KV head, as
-        (entries, kpair, ptab, every pair in it): the whole table where it fits in shared
-        memory beside the rest, else the largest of half, a quarter... of its entries
-        that does (the narrowest pairs: the larger table's first entries, the others
-        column by column), else none."""
-        key = (G, WARP_SHARED_LIMIT)  # (the limit: a test's monkeypatch)
+        (entries, kpair, ptab, every pair in it): the whole table where it fits in static
+        shared memory beside the rest (``tiles``: the word buffers are static too, as
+        they are unless SBASIS puts them in dynamic shared memory), else the largest of
+        half, a quarter... of its entries that does (the narrowest pairs: the larger
+        table's first entries, the others column by column), else none."""
+        # (Everything warp_shared_bytes reads that a test or benchmark may change.)
+        key = (G, tiles, WARP_SHARED_LIMIT, WARP_VALUE_PAD, WARP_QUERY_PAD, WARPS)
         if key not in self._key_pairs_for:
             fits = lambda words: warp_shared_bytes(  # noqa: E731
-                self.dims, G, *self.value_affine, self.key_words,
+                self.dims, G, *self.value_affine, self.key_words, tiles=tiles,
                 pair_words=words) <= WARP_SHARED_LIMIT
             choice = (0, self.kpair, self.ptab, False)
             if self.key_pair_words and fits(self.key_pair_words):
@@ -787,7 +790,7 @@ class SpectralKernels:
         layout = self._constant(mx.int32, self.key_rank, self.key_words, self.value_rank,
                                 self.value_words, pos0)
         unroll_v = WARP_VALUE_UNROLL or D // 16
-        pair_words, kpair, ptab, pairs_all = self._key_pairs(G)
+        pair_words, kpair, ptab, pairs_all = self._key_pairs(G, tiles=not sbasis)
         fixed = [self.perm_mx, self._constant(mx.float32, scale), self._length(coded), layout,
                  self.bfrag, parts[0], ktok, self.kbits, self.kshift,
                  self.key_mean_pairs, self.rope, *vparts, self.codebook, kpair, ptab]
@@ -1063,10 +1066,11 @@ def warp_dynamic_bytes(D: int, G: int, value_bits: int, value_group: int, rank: 
     """Dynamic shared memory of a warp-tiled launch with the basis in shared memory
     (SBASIS): the basis (2 · D · rank bytes) and the staged key and value words. A block
     may use more than 48 KiB in all only once the kernel's limit is raised, which MLX
-    does only for a dynamic size above 48,000 bytes: past 48 KiB in all (head_dim 128,
-    4 query heads, rank 128, 12 key words: 21,128 static + 47,360 dynamic B — ncu on the
-    H200: 21.14 kB static; the static estimate is within WARP_SHARED_LIMIT's margin of the
-    compiler's) the request is padded to that. MLX sets the limit when it
+    does only for a dynamic size above 48,000 bytes: past 48 KiB in all the request is
+    padded to that (before the padded buffers, head_dim 128, 4 query heads, rank 128,
+    12 key words: 21,128 static + 47,360 dynamic B, padded; ncu on the H200: 21.14 kB
+    static, the static estimate within WARP_SHARED_LIMIT's margin of the compiler's;
+    padded, 21,688 + 49,408, above 48,000 already). MLX sets the limit when it
     first loads a kernel, keyed by name and template arguments: the request must depend on
     nothing else (here D, G, value bits and group, RKMAX, the key words and the pair
     table's entries, all template arguments)."""
