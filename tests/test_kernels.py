@@ -655,30 +655,13 @@ def test_warp_kernel_cuda_text_compiles_for_hopper_without_spills(monkeypatch, t
             f"{which}: {run.stderr[-2000:]}")
 
 
-def test_warp_kernel_drops_a_key_pair_table_that_does_not_fit(monkeypatch):
-    """Where the pair table would take the block past its shared memory, the warp-tiled
-    kernel still runs, decoding column by column (KPAIR 0), not the block-tiled one."""
-    if compiler() is None:
-        pytest.skip("no C++ compiler for the kernel emulator")
-    use_emulator(monkeypatch)
-    monkeypatch.setattr(kernels, "WARP_KEY_PAIRS", 2048)
-    cache, q, expected = warp_case(np.random.default_rng(4), 200)
-    cache.use_kernels("emulated")
-    layout = cache.kernels
-    assert layout.key_pair_words > 0
-    monkeypatch.setattr(kernels, "WARP_SHARED_LIMIT", kernels.warp_shared_bytes(
-        64, 3, *layout.value_affine, layout.key_words))  # room for all but the table
-    launches = record_launches(monkeypatch)
-    got = np.array(cache.attend(q, 0.125).astype(mx.float32))
-    assert [t["KPAIR"] for which, _, t, _ in launches if which == "decode_warp"] == [0]
-    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
-
-
-def test_warp_kernel_halves_a_key_pair_table_until_it_fits(monkeypatch):
-    """Where the whole pair table would take the block past its shared memory but a half
-    or a quarter of its entries fits, the launch takes that smaller table (the narrowest
-    pairs, a prefix of the whole one; the rest column by column) and gives the
-    reference's attention."""
+@pytest.mark.parametrize("room", ["none", "half"])
+def test_warp_kernel_takes_the_largest_key_pair_table_that_fits(monkeypatch, room):
+    """Where the whole pair table would take the block past its shared memory, a launch
+    takes the largest half, quarter... of its entries that fits (the narrowest pairs, a
+    prefix of the whole table; the rest column by column), or none (KPAIR 0: every
+    column on its own) — still the warp-tiled kernel, not the block-tiled one — and gives
+    the reference's attention either way."""
     if compiler() is None:
         pytest.skip("no C++ compiler for the kernel emulator")
     use_emulator(monkeypatch)
@@ -689,9 +672,9 @@ def test_warp_kernel_halves_a_key_pair_table_until_it_fits(monkeypatch):
     whole = layout.key_pair_words
     half = kernels.key_pair_tables(np.array(layout.kbits), np.array(layout.kshift), whole // 2)
     assert half is not None and 0 < half[1].size < whole, "the case needs a table that shrinks"
-    fitting = half[1].size
-    np.testing.assert_array_equal(half[1], np.array(layout.ptab)[:fitting])  # a prefix
+    np.testing.assert_array_equal(half[1], np.array(layout.ptab)[:half[1].size])  # a prefix
     assert (half[0][..., 3] == -1).sum() > (np.array(layout.kpair)[..., 3] == -1).sum()
+    fitting = half[1].size if room == "half" else 0
     monkeypatch.setattr(kernels, "WARP_SHARED_LIMIT", kernels.warp_shared_bytes(
         64, 3, *layout.value_affine, layout.key_words, pair_words=fitting))
     launches = record_launches(monkeypatch)
