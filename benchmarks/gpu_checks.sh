@@ -54,7 +54,7 @@ for part in $parts; do
       python3 benchmarks/decode.py --shapes smollm2,1b,8b --contexts 1024,4096,16384,65536 \
         --methods fp16,affine4,spectral --reps 30 --out "$out/decode" | grep -v '^{' ;;
     e2e)  # end to end, methods interleaved in 64-step blocks, paired against fp16
-      python3 benchmarks/decode.py --shapes smollm2,1b --contexts 8192,16384,65536 \
+      python3 benchmarks/decode.py --shapes smollm2,1b,8b --contexts 8192,16384,65536 \
         --methods fp16,spectral-vh,spectral-vh-ab64 --parts end_to_end --interleave 64 \
         --blocks 8 \
         --out "$out/e2e" | grep -v '^{' ;;
