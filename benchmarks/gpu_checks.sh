@@ -22,8 +22,8 @@
 # variants: the warp-tiled kernel's defaults turned off or back (padded buffers, launch
 #          bounds for three blocks an SM, KPALL, 2,048 table entries, the table only up to
 #          head_dim 64, lazy maxima) and head_dim 128's slices unrolled further at two
-#          blocks an SM, against the default: gpu_smoke.py with key pairs in registers,
-#          then spans by timestamps
+#          blocks an SM, and tile pairs (off by default), against the default:
+#          gpu_smoke.py with tile pairs, then spans by timestamps
 #          (warp_variants.py; default-model, 1B and 8B shapes at 16k and 64k; VARIANTS=a,b
 #          picks others)
 # stalls:  where the 1B shape's kernel at 64k waits: Nsight Compute SASS counters and warp
@@ -79,9 +79,9 @@ for part in $parts; do
         smollm2:16384 smollm2:65536 1b:65536 8b:16384 \
         | grep -E "^==|Duration|Executed Instructions  |Registers Per" ;;
     variants)  # (first the smoke check with the off-by-default flags on)
-      VELOX_WARP_KEY_PAIR_REGISTERS=1 python3 benchmarks/gpu_smoke.py | tee "$out/smoke-flags.txt"
+      VELOX_WARP_TILE_PAIRS=1 VELOX_WARP_MIN_BLOCKS=2 python3 benchmarks/gpu_smoke.py | tee "$out/smoke-flags.txt"
       python3 benchmarks/warp_variants.py --shapes smollm2,1b,8b --contexts 16384,65536 \
-        --variants ${VARIANTS:-base,no-pads,no-value-pad,no-query-pad,no-launch-bounds,no-kpall,key-pairs2048,key-pairs64,unroll8-mb2,exact-max} \
+        --variants ${VARIANTS:-base,tile-pairs,tile-pairs-mb2,no-pads,no-launch-bounds,no-kpall,key-pairs2048,key-pairs64,unroll8-mb2,exact-max} \
         --rounds 2 \
         --out "$out/variants" | grep -v '^{' ;;
     stalls)

@@ -602,9 +602,10 @@ class LaunchCaptured(Exception):
     {"WARP_STAMPS": []},
     {"WARP_KEY_PAIRS": 0, "WARP_LAZY_MAX": False, "WARP_VALUE_PAD": False,
      "WARP_QUERY_PAD": False},
-    {"WARP_KEY_PAIRS": 64, "WARP_KEY_PAIRS_DIM": 128}],
+    {"WARP_KEY_PAIRS": 64, "WARP_KEY_PAIRS_DIM": 128},
+    {"WARP_TILE_PAIRS": True, "WARP_MIN_BLOCKS": 2}],
     ids=["default", "every-flag", "timestamps", "no-pairs-exact-max-pads",
-         "some-pairs-too-wide"])
+         "some-pairs-too-wide", "tile-pairs"])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_warp_kernel_cuda_text_compiles_for_hopper_without_spills(monkeypatch, tmp_path,
                                                                   dim, flags):
@@ -938,6 +939,33 @@ def test_warp_kernel_padded_value_words_and_query_rows_match_the_reference(
     got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
     assert [(t["VPAD"], t["QPAD"]) for which, _, t, _ in launches
             if which == "decode_warp"] == [(value_pad, query_pad)]
+    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("tokens", [150, 600])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("tile_pairs", [False, True])
+def test_warp_kernel_tile_pairs_match_the_reference(backend, monkeypatch, tile_pairs, dim,
+                                                    tokens):
+    """TP 2 (VELOX_WARP_TILE_PAIRS=1): a warp takes two adjacent 16-token tiles an
+    iteration, each basis fragment feeding both tiles' mma and the second tile's keys
+    turned 16·θ further; splits then end inside a pair (its second tile partial or past
+    the split) — the same attention as one tile at a time and as the reference, 4 query
+    heads a KV head, with the basis in registers or shared memory."""
+    if backend not in ("emulated", "cuda"):
+        pytest.skip("the warp-tiled kernel is CUDA's")
+    monkeypatch.setattr(kernels, "WARP_TILE_PAIRS", tile_pairs)
+    launches = record_launches(monkeypatch)
+    rng = np.random.default_rng(dim + tokens)
+    cache = filled(make_cache(rng, 2, dim, "pre", "affine-rotated", True), rng, tokens)
+    q = mx.array(rng.normal(size=(1, 8, 1, dim)).astype(np.float16))
+    expected = reference_attend(cache, q, dim**-0.5)
+    cache.use_kernels(backend)
+    if not cache.kernels.warp_decode(q):
+        pytest.skip("this shape takes the block-tiled kernel")
+    got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
+    assert [t["TP"] for which, _, t, _ in launches if which == "decode_warp"] == [
+        2 if tile_pairs else 1]
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 

@@ -903,7 +903,9 @@ DECODE_WARP_BODY = r"""
   float* ex_out = out_sum + gridDim.y * n_splits * G;
   float* ex_max = ex_out + gridDim.y * G * D;
   float* ex_sum = ex_max + gridDim.y * G;
-  constexpr int STEP = 16 * NW;
+  // TP: a warp takes TP adjacent 16-token tiles an iteration (tile pairs: each basis
+  // fragment loaded once for both tiles' mma).
+  constexpr int STEP = 16 * NW * TP;
   constexpr int KS = RKMAX / 16;
   constexpr int NTD = D / 8;
   constexpr int VW = D * VB / 32;
@@ -912,6 +914,8 @@ DECODE_WARP_BODY = r"""
   constexpr int wk = WKS;  // = layout[1]
   const int pos0 = layout[4];
   const int start = exact_block ? total : split * per_split;  // (no tiles for block 0)
+  static_assert(TP == 1 || TP == 2, "one tile or a pair an iteration");
+  static_assert(TP == 1 || (QMMA && !KEARLY && !VEARLY), "tile pairs: QMMA, no reordering");
   const int stop = min(start + per_split, total);
   const int warp = tid / 32;
   const int lane = tid - warp * 32;
@@ -953,24 +957,25 @@ DECODE_WARP_BODY = r"""
   constexpr int ROT_ROWS = D <= 64 ? 16 : 8;
   VX_ALIGN16 VX_SHARED float2 rot_s[ROT_ROWS * RS];
   VX_SHARED float2 rot8_s[ROT_ROWS == 16 ? 1 : D / 2];
+  VX_SHARED float2 rot16_s[TP == 2 ? D / 2 : 1];  // TP 2: the second tile's 16-row step
   VX_SHARED float2 mean_s[D / 2];  // the key mean, RoPE pair order
   // Per warp, two buffers of a tile's codes (double-buffered: one loads, one is read).
   // fp16 arrays travel as 32-bit words (16 tokens: whole words, 16-byte aligned); spare
   // words let a code straddling the last word read two words without a branch. WKS is
   // the layout's key words per token (layout[1]).
-  constexpr int KWT = 16 * WKS + 4;  // one buffer of key words
+  constexpr int KWT = 16 * TP * WKS + 4;  // one buffer of key words (TP tiles)
   // A staged token's value words start VWS words apart: VPAD, 4 past VW where VW is a
   // multiple of 8 words (4-bit values at head_dim 64 or 128, 8-bit, ...), so that the
   // P·V loads of lanes tig 0-3 (tokens 2 tig + 8 o: 64 or 128 bytes apart unpadded, the
   // same banks) take one shared-memory wavefront, not two or four.
   constexpr int VWS = VPAD && VW % 8 == 0 ? VW + 4 : VW;
-  constexpr int VWT = 16 * VWS + 4;  // one buffer of value words
+  constexpr int VWT = 16 * TP * VWS + 4;  // one buffer of value words (TP tiles)
   constexpr int SBW = 16 * NG / 2;
   VX_ALIGN16 VX_SHARED unsigned int kw_static[SBASIS ? 1 : NW * 2 * KWT];
   VX_ALIGN16 VX_SHARED unsigned int vw_static[SBASIS ? 1 : NW * 2 * VWT];
-  VX_ALIGN16 VX_SHARED unsigned int vsc_s[NW][2][SBW];
-  VX_ALIGN16 VX_SHARED unsigned int vbi_s[NW][2][SBW];
-  VX_ALIGN16 VX_SHARED unsigned int kts_s[NW][2][8];
+  VX_ALIGN16 VX_SHARED unsigned int vsc_s[NW][2][TP * SBW];
+  VX_ALIGN16 VX_SHARED unsigned int vbi_s[NW][2][TP * SBW];
+  VX_ALIGN16 VX_SHARED unsigned int kts_s[NW][2][TP * 8];
   // A tile's probabilities, fp16, row g = query head, 16 tokens: the B fragment of (P·V)^T.
   VX_SHARED unsigned int ph_s[NW][8 * 8];
   VX_SHARED float fin_m[NW][G];
@@ -1009,11 +1014,19 @@ DECODE_WARP_BODY = r"""
   }
   vx_cp_commit();
   int buf = 0;
-  if (start + warp * 16 < stop) {
-    vx_stage_tile<WKS, VW, VWS, SBW, KTS>(kw_s + warp * 2 * KWT, vw_s + warp * 2 * VWT,
-                                     vsc_s[warp][0], vbi_s[warp][0], kts_s[warp][0], kwords,
-                                     vwords, vscales, vbiases, ktok,
-                                     bh * cap + start + warp * 16, a16, lane);
+  // A warp's TP tiles from token row0 into buffer b (tiles start at multiples of 16
+  // tokens, and a pair at multiples of 32: a pair never crosses the buffers' capacity).
+  auto stage = [&](int b, int row0) {
+#pragma unroll
+    for (int tp = 0; tp < TP; tp++) {
+      vx_stage_tile<WKS, VW, VWS, SBW, KTS>(
+          kw_s + (warp * 2 + b) * KWT + tp * 16 * WKS, vw_s + (warp * 2 + b) * VWT + tp * 16 * VWS,
+          vsc_s[warp][b] + tp * SBW, vbi_s[warp][b] + tp * SBW, kts_s[warp][b] + tp * 8, kwords,
+          vwords, vscales, vbiases, ktok, row0 + tp * 16, a16, lane);
+    }
+  };
+  if (start + warp * 16 * TP < stop) {
+    stage(0, bh * cap + start + warp * 16 * TP);
   }
   vx_cp_commit();
   // Set-up: every global load at once (no load waits on another), then one shuffle in
@@ -1042,6 +1055,10 @@ DECODE_WARP_BODY = r"""
       if (ROT_ROWS == 8) {
         const float2 u8 = vx_sincos(8.0f * rope[p]);
         rot8_s[p] = make_float2(u8.y, u8.x);
+      }
+      if (TP == 2) {
+        const float2 u16 = vx_sincos(16.0f * rope[p]);
+        rot16_s[p] = make_float2(u16.y, u16.x);
       }
       mean_s[p] = make_float2(key_mean[h * D + 2 * p], key_mean[h * D + 2 * p + 1]);
     }
@@ -1110,38 +1127,37 @@ DECODE_WARP_BODY = r"""
   // The tile's key A fragments and per-token key scales (step 3). KEARLY: the next
   // tile's are decoded once this tile's scores are done, so that their shared-memory
   // load chains overlap the softmax and the values instead of starting the next tile.
-  unsigned int afrag[KS][4];
-  float ts0 = 1.0f;
-  float ts1 = 1.0f;
+  unsigned int afrag[TP][KS][4];
+  float ts0[TP];
+  float ts1[TP];
   auto tile_keys = [&](int b) {  // from the codes in buffer b
-    const VX_HALF_T* kts = reinterpret_cast<const VX_HALF_T*>(kts_s[warp][b]);
-    ts0 = KTS ? VX_HALF(kts[gid]) : 1.0f;
-    ts1 = KTS ? VX_HALF(kts[gid + 8]) : 1.0f;
-    vx_key_fragments<KS, KPAIR != 0, KCOL4, KPREG, KPALL>(
-        afrag, kw_s + (warp * 2 + b) * KWT, wk, kcol4, kcol, kpair4, ptab_s, table, gid, tig,
-        kpr);
+#pragma unroll
+    for (int tp = 0; tp < TP; tp++) {
+      const VX_HALF_T* kts = reinterpret_cast<const VX_HALF_T*>(kts_s[warp][b] + tp * 8);
+      ts0[tp] = KTS ? VX_HALF(kts[gid]) : 1.0f;
+      ts1[tp] = KTS ? VX_HALF(kts[gid + 8]) : 1.0f;
+      vx_key_fragments<KS, KPAIR != 0, KCOL4, KPREG, KPALL>(
+          afrag[tp], kw_s + (warp * 2 + b) * KWT + tp * 16 * WKS, wk, kcol4, kcol, kpair4,
+          ptab_s, table, gid, tig, kpr);
+    }
   };
-  if (KEARLY && start + warp * 16 < stop) {
+  if (KEARLY && start + warp * 16 * TP < stop) {
     vx_cp_wait_all();  // the first tile's codes
     __syncwarp();
     tile_keys(buf);
   }
   // Whole 16-token tiles are copied (the buffers' capacity is a multiple of 16; rows past
   // the last token are masked below).
-  for (int t0 = start + warp * 16; t0 < stop; t0 += STEP) {
-    const int n = min(16, stop - t0);
+  for (int t0 = start + warp * 16 * TP; t0 < stop; t0 += STEP) {
     if (t0 + STEP < stop) {
-      vx_stage_tile<WKS, VW, VWS, SBW, KTS>(
-          kw_s + (warp * 2 + (buf ^ 1)) * KWT, vw_s + (warp * 2 + (buf ^ 1)) * VWT,
-          vsc_s[warp][buf ^ 1], vbi_s[warp][buf ^ 1], kts_s[warp][buf ^ 1], kwords, vwords,
-          vscales, vbiases, ktok, bh * cap + t0 + STEP, a16, lane);
+      stage(buf ^ 1, bh * cap + t0 + STEP);
     }
     vx_cp_commit();
     vx_cp_wait_prior();
     __syncwarp();
-    const unsigned int* vw = vw_s + (warp * 2 + buf) * VWT;
-    const VX_HALF_T* vsc = reinterpret_cast<const VX_HALF_T*>(vsc_s[warp][buf]);
-    const VX_HALF_T* vbi = reinterpret_cast<const VX_HALF_T*>(vbi_s[warp][buf]);
+    const unsigned int* vw_t = vw_s + (warp * 2 + buf) * VWT;  // (the first tile's)
+    const VX_HALF_T* vsc_t = reinterpret_cast<const VX_HALF_T*>(vsc_s[warp][buf]);
+    const VX_HALF_T* vbi_t = reinterpret_cast<const VX_HALF_T*>(vbi_s[warp][buf]);
     // 2. The query turned by -P0·θ (and scaled by the RoPE amplitude), per warp.
     float* qw = fin_o[warp];
     const float p0 = (float)(pos0 + t0);
@@ -1174,12 +1190,25 @@ DECODE_WARP_BODY = r"""
       s0[g] = 0.0f;
       s1[g] = 0.0f;
     }
-    float sc0 = 0.0f, sc1 = 0.0f, sc2 = 0.0f, sc3 = 0.0f;  // QMMA: S's C fragment
-    unsigned int ka0 = 0u, ka1 = 0u;  // QMMA: the even slice's half of the A fragment
+    float sc[TP][4];  // QMMA: each tile's S C fragment
+    unsigned int ka[TP][2];  // QMMA: the even slice's half of each tile's A fragment
+#pragma unroll
+    for (int tp = 0; tp < TP; tp++) {
+      for (int e = 0; e < 4; e++) {
+        sc[tp][e] = 0.0f;
+      }
+      ka[tp][0] = ka[tp][1] = 0u;
+    }
     const float2* qw2 = reinterpret_cast<const float2*>(qw);
 #pragma unroll UNROLL_NT
     for (int nt = 0; nt < NTD; nt++) {
-      float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f;
+      float cc[TP][4];
+#pragma unroll
+      for (int tp = 0; tp < TP; tp++) {
+        for (int e = 0; e < 4; e++) {
+          cc[tp][e] = 0.0f;
+        }
+      }
       for (int ks = 0; ks < KS; ks++) {
         const int fb = (nt * KS + ks) * 64 + 2 * lane;
         unsigned int b0, b1;
@@ -1194,12 +1223,15 @@ DECODE_WARP_BODY = r"""
           b0 = bfrag[h * BFW + fb];
           b1 = bfrag[h * BFW + fb + 1];
         }
-        vx_mma_16816(c0, c1, c2, c3, afrag[ks][0], afrag[ks][1], afrag[ks][2], afrag[ks][3],
-                     b0, b1);
+#pragma unroll
+        for (int tp = 0; tp < TP; tp++) {  // (TP 2: one basis fragment, two tiles)
+          vx_mma_16816(cc[tp][0], cc[tp][1], cc[tp][2], cc[tp][3], afrag[tp][ks][0],
+                       afrag[tp][ks][1], afrag[tp][ks][2], afrag[tp][ks][3], b0, b1);
+        }
       }
       const int p = nt * 4 + tig;  // columns (2p, 2p + 1) are a RoPE pair
       const float2 m = mean_s[p];
-      const float2 u0 = rot_s[gid * RS + p];  // (cos, sin) of gid·θ
+      float2 u0 = rot_s[gid * RS + p];  // (cos, sin) of gid·θ
       float2 u1;  // of (gid + 8)·θ
       if (ROT_ROWS == 16) {
         u1 = rot_s[(gid + 8) * RS + p];
@@ -1207,24 +1239,33 @@ DECODE_WARP_BODY = r"""
         const float2 u8 = rot8_s[p];
         u1 = make_float2(u0.x * u8.x - u0.y * u8.y, u0.x * u8.y + u0.y * u8.x);
       }
-      const float a0 = c0 * ts0 + m.x, b0 = c1 * ts0 + m.y;
-      const float a1 = c2 * ts1 + m.x, b1 = c3 * ts1 + m.y;
-      const float k0a = a0 * u0.x - b0 * u0.y;
-      const float k0b = a0 * u0.y + b0 * u0.x;
-      const float k1a = a1 * u1.x - b1 * u1.y;
-      const float k1b = a1 * u1.y + b1 * u1.x;
-      if (QMMA) {
-        if ((nt & 1) == 0) {
-          ka0 = vx_pack_half2(k0a, k0b);
-          ka1 = vx_pack_half2(k1a, k1b);
-        } else {  // B: query head gid at pairs p - 4 (k rows 2 tig, +1) and p (+8, +9)
-          const float2 qa = gid < G ? qw2[(gid * QWS) / 2 + p - 4] : make_float2(0.0f, 0.0f);
-          const float2 qb = gid < G ? qw2[(gid * QWS) / 2 + p] : make_float2(0.0f, 0.0f);
-          vx_mma_16816(sc0, sc1, sc2, sc3, ka0, ka1, vx_pack_half2(k0a, k0b),
-                       vx_pack_half2(k1a, k1b), vx_pack_half2(qa.x, qa.y),
-                       vx_pack_half2(qb.x, qb.y));
+#pragma unroll
+      for (int tp = 0; tp < TP; tp++) {
+        if (tp == 1) {  // the second tile's rows are 16 further: turn by 16·θ more
+          const float2 v = rot16_s[TP == 2 ? p : 0];
+          u0 = make_float2(u0.x * v.x - u0.y * v.y, u0.x * v.y + u0.y * v.x);
+          u1 = make_float2(u1.x * v.x - u1.y * v.y, u1.x * v.y + u1.y * v.x);
         }
-      } else {
+        const float a0 = cc[tp][0] * ts0[tp] + m.x, b0 = cc[tp][1] * ts0[tp] + m.y;
+        const float a1 = cc[tp][2] * ts1[tp] + m.x, b1 = cc[tp][3] * ts1[tp] + m.y;
+        const float k0a = a0 * u0.x - b0 * u0.y;
+        const float k0b = a0 * u0.y + b0 * u0.x;
+        const float k1a = a1 * u1.x - b1 * u1.y;
+        const float k1b = a1 * u1.y + b1 * u1.x;
+        if (QMMA) {
+          if ((nt & 1) == 0) {
+            ka[tp][0] = vx_pack_half2(k0a, k0b);
+            ka[tp][1] = vx_pack_half2(k1a, k1b);
+          } else {  // B: query head gid at pairs p - 4 (k rows 2 tig, +1) and p (+8, +9)
+            const float2 qa =
+                gid < G ? qw2[(gid * QWS) / 2 + p - 4] : make_float2(0.0f, 0.0f);
+            const float2 qb = gid < G ? qw2[(gid * QWS) / 2 + p] : make_float2(0.0f, 0.0f);
+            vx_mma_16816(sc[tp][0], sc[tp][1], sc[tp][2], sc[tp][3], ka[tp][0], ka[tp][1],
+                         vx_pack_half2(k0a, k0b), vx_pack_half2(k1a, k1b),
+                         vx_pack_half2(qa.x, qa.y), vx_pack_half2(qb.x, qb.y));
+          }
+          continue;
+        }
         for (int g = 0; g < G; g++) {
           const float2 qq = qw2[(g * QWS) / 2 + p];
           s0[g] += qq.x * k0a + qq.y * k0b;
@@ -1245,7 +1286,7 @@ DECODE_WARP_BODY = r"""
     if (VEARLY) {
 #pragma unroll
       for (int sl = 0; sl < (VEARLY ? NTD / 2 : 1); sl++) {
-        vx_value_slice<VB, VW, VWS, NG, VG>(va_early[sl], sl, vw, vsc, vbi, gid, tig, nib_sel,
+        vx_value_slice<VB, VW, VWS, NG, VG>(va_early[sl], sl, vw_t, vsc_t, vbi_t, gid, tig, nib_sel,
                                        nib_mask, nib_magic);
       }
     }
@@ -1254,81 +1295,92 @@ DECODE_WARP_BODY = r"""
       __syncwarp();
       tile_keys(buf ^ 1);
     }
-    // 5. Scores summed over the quad, masked past n; online softmax per query head
-    // (vx_softmax_tile: probabilities rounded to fp16 before they are summed).
-    const bool ok0 = gid < n;
-    const bool ok1 = gid + 8 < n;
-    // The rescales of query heads 2 tig and 2 tig + 1: this lane's columns of (P·V)^T.
-    float r_pair[2] = {1.0f, 1.0f};
-    VX_HALF_T* ph = reinterpret_cast<VX_HALF_T*>(ph_s[warp]);
-    if (QMMA) {
-      // Lane (gid, tig) holds the scores of tokens gid and gid + 8 for query heads 2 tig
-      // and 2 tig + 1: each lane runs the softmax of its two heads (columns past G are
-      // zero scores, never written), maxima and sums over the 8 lanes of a column.
-      // LAZY: the sums stay per lane (see vx_softmax_tile_lane), and the maxima move only
-      // when a score of the warp passes its head's by the margin (the first tile's do).
-      const bool grow = !LAZY || VX_ANY(max(ok0 ? sc0 : -1e30f, ok1 ? sc2 : -1e30f) >
-                                            m_run[0] + VX_LAZY_MARGIN ||
-                                        max(ok0 ? sc1 : -1e30f, ok1 ? sc3 : -1e30f) >
-                                            m_run[1] + VX_LAZY_MARGIN);
-      for (int e = 0; e < 2; e++) {
-        const int hd = 2 * tig + e;
+#pragma unroll
+    for (int tp = 0; tp < TP; tp++) {  // each tile's softmax and values in turn
+      // 5. Scores summed over the quad, masked past n; online softmax per query head
+      // (vx_softmax_tile: probabilities rounded to fp16 before they are summed).
+      const int n = min(16, stop - t0 - 16 * tp);
+      if (TP > 1 && n <= 0) {  // (warp-uniform: a pair's second tile past the split)
+        break;
+      }
+      const unsigned int* vw = vw_t + tp * 16 * VWS;
+      const VX_HALF_T* vsc = vsc_t + tp * 2 * SBW;
+      const VX_HALF_T* vbi = vbi_t + tp * 2 * SBW;
+      const float sc0 = sc[tp][0], sc1 = sc[tp][1], sc2 = sc[tp][2], sc3 = sc[tp][3];
+      const bool ok0 = gid < n;
+      const bool ok1 = gid + 8 < n;
+      // The rescales of query heads 2 tig and 2 tig + 1: this lane's columns of (P·V)^T.
+      float r_pair[2] = {1.0f, 1.0f};
+      VX_HALF_T* ph = reinterpret_cast<VX_HALF_T*>(ph_s[warp]);
+      if (QMMA) {
+        // Lane (gid, tig) holds the scores of tokens gid and gid + 8 for query heads 2 tig
+        // and 2 tig + 1: each lane runs the softmax of its two heads (columns past G are
+        // zero scores, never written), maxima and sums over the 8 lanes of a column.
+        // LAZY: the sums stay per lane (see vx_softmax_tile_lane), and the maxima move only
+        // when a score of the warp passes its head's by the margin (the first tile's do).
+        const bool grow = !LAZY || VX_ANY(max(ok0 ? sc0 : -1e30f, ok1 ? sc2 : -1e30f) >
+                                              m_run[0] + VX_LAZY_MARGIN ||
+                                          max(ok0 ? sc1 : -1e30f, ok1 ? sc3 : -1e30f) >
+                                              m_run[1] + VX_LAZY_MARGIN);
+        for (int e = 0; e < 2; e++) {
+          const int hd = 2 * tig + e;
+          float pa, pb;
+          const float a = ok0 ? (e ? sc1 : sc0) : -1e30f;
+          const float b = ok1 ? (e ? sc3 : sc2) : -1e30f;
+          r_pair[e] = LAZY ? vx_softmax_tile_lane(a, b, grow, m_run[e], l_run[e], pa, pb)
+                           : vx_softmax_tile(a, b, m_run[e], l_run[e], pa, pb);
+          if (hd < G) {
+            ph[hd * 16 + gid] = VX_TO_HALF(pa);
+            ph[hd * 16 + gid + 8] = VX_TO_HALF(pb);
+          }
+        }
+      }
+      for (int g = 0; g < (QMMA ? 0 : G); g++) {
+        float a = s0[g];
+        float b = s1[g];
+        a += VX_SHFL_XOR(a, 1);
+        a += VX_SHFL_XOR(a, 2);
+        b += VX_SHFL_XOR(b, 1);
+        b += VX_SHFL_XOR(b, 2);
         float pa, pb;
-        const float a = ok0 ? (e ? sc1 : sc0) : -1e30f;
-        const float b = ok1 ? (e ? sc3 : sc2) : -1e30f;
-        r_pair[e] = LAZY ? vx_softmax_tile_lane(a, b, grow, m_run[e], l_run[e], pa, pb)
-                         : vx_softmax_tile(a, b, m_run[e], l_run[e], pa, pb);
-        if (hd < G) {
-          ph[hd * 16 + gid] = VX_TO_HALF(pa);
-          ph[hd * 16 + gid + 8] = VX_TO_HALF(pb);
+        const float r = vx_softmax_tile(ok0 ? a : -1e30f, ok1 ? b : -1e30f, m_run[g], l_run[g],
+                                        pa, pb);
+        r_pair[0] = g == 2 * tig ? r : r_pair[0];
+        r_pair[1] = g == 2 * tig + 1 ? r : r_pair[1];
+        if (tig == 0) {
+          ph[g * 16 + gid] = VX_TO_HALF(pa);
+          ph[g * 16 + gid + 8] = VX_TO_HALF(pb);
         }
       }
-    }
-    for (int g = 0; g < (QMMA ? 0 : G); g++) {
-      float a = s0[g];
-      float b = s1[g];
-      a += VX_SHFL_XOR(a, 1);
-      a += VX_SHFL_XOR(a, 2);
-      b += VX_SHFL_XOR(b, 1);
-      b += VX_SHFL_XOR(b, 2);
-      float pa, pb;
-      const float r = vx_softmax_tile(ok0 ? a : -1e30f, ok1 ? b : -1e30f, m_run[g], l_run[g],
-                                      pa, pb);
-      r_pair[0] = g == 2 * tig ? r : r_pair[0];
-      r_pair[1] = g == 2 * tig + 1 ? r : r_pair[1];
-      if (tig == 0) {
-        ph[g * 16 + gid] = VX_TO_HALF(pa);
-        ph[g * 16 + gid + 8] = VX_TO_HALF(pb);
-      }
-    }
-    __syncwarp();
-    // 6. Values: (P·V)^T (16 dims x 8 query heads) += V^T (16 dims x 16 tokens) · P^T
-    // per 16-dim slice on tensor cores: P^T is the B fragment (column g = query head g;
-    // columns past G are zero), and lane (gid, tig) dequantises dims 16 s + gid and + 8
-    // of tokens 2 tig, +1, +8, +9 (mx.quantize's little-endian bit stream) into its A
-    // fragment: as rows of P · V, rows 8-15 of the product would be wasted and a lane's
-    // row would be a head whose rescale another lane holds.
-    const unsigned int pb0 = ph_s[warp][gid * 8 + tig];
-    const unsigned int pb1 = ph_s[warp][gid * 8 + 4 + tig];
-#pragma unroll UNROLL_V
-    for (int sl = 0; sl < NTD / 2; sl++) {
-      unsigned int va[4];
-      if (VEARLY) {
-        for (int u = 0; u < 4; u++) {
-          va[u] = va_early[VEARLY ? sl : 0][u];
+      __syncwarp();
+      // 6. Values: (P·V)^T (16 dims x 8 query heads) += V^T (16 dims x 16 tokens) · P^T
+      // per 16-dim slice on tensor cores: P^T is the B fragment (column g = query head g;
+      // columns past G are zero), and lane (gid, tig) dequantises dims 16 s + gid and + 8
+      // of tokens 2 tig, +1, +8, +9 (mx.quantize's little-endian bit stream) into its A
+      // fragment: as rows of P · V, rows 8-15 of the product would be wasted and a lane's
+      // row would be a head whose rescale another lane holds.
+      const unsigned int pb0 = ph_s[warp][gid * 8 + tig];
+      const unsigned int pb1 = ph_s[warp][gid * 8 + 4 + tig];
+  #pragma unroll UNROLL_V
+      for (int sl = 0; sl < NTD / 2; sl++) {
+        unsigned int va[4];
+        if (VEARLY) {
+          for (int u = 0; u < 4; u++) {
+            va[u] = va_early[VEARLY ? sl : 0][u];
+          }
+        } else {
+          vx_value_slice<VB, VW, VWS, NG, VG>(va, sl, vw, vsc, vbi, gid, tig, nib_sel, nib_mask,
+                                         nib_magic);
         }
-      } else {
-        vx_value_slice<VB, VW, VWS, NG, VG>(va, sl, vw, vsc, vbi, gid, tig, nib_sel, nib_mask,
-                                       nib_magic);
+        vacc[sl][0] *= r_pair[0];
+        vacc[sl][1] *= r_pair[1];
+        vacc[sl][2] *= r_pair[0];
+        vacc[sl][3] *= r_pair[1];
+        vx_mma_16816(vacc[sl][0], vacc[sl][1], vacc[sl][2], vacc[sl][3], va[0], va[1], va[2],
+                     va[3], pb0, pb1);
       }
-      vacc[sl][0] *= r_pair[0];
-      vacc[sl][1] *= r_pair[1];
-      vacc[sl][2] *= r_pair[0];
-      vacc[sl][3] *= r_pair[1];
-      vx_mma_16816(vacc[sl][0], vacc[sl][1], vacc[sl][2], vacc[sl][3], va[0], va[1], va[2],
-                   va[3], pb0, pb1);
+      __syncwarp();
     }
-    __syncwarp();
     buf ^= 1;
   }
   VX_STAMP(2);

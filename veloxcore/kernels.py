@@ -117,6 +117,13 @@ WARP_LAZY_MAX = os.environ.get("VELOX_WARP_LAZY_MAX", "1") != "0"
 # (-15%), at 16k 46.7 -> 41.9; 1B shape at 64k 60.7 -> 57.5, default-model shape at 64k
 # 27.7 -> 26.6 (BENCHMARKS.md, "Padded buffers").
 WARP_VALUE_PAD = os.environ.get("VELOX_WARP_VALUE_PAD", "1") != "0"
+# Tile pairs (TP 2): a warp takes two adjacent 16-token tiles an iteration and loads each
+# key basis fragment once for both tiles' mma. Every tile reads the whole basis (32 KiB at
+# head_dim 128: 256 of the 8B shape's ~663 shared-memory wavefronts a tile, padded), so a
+# pair halves that; the second tile's keys turn by 16·θ more (a complex product a pair),
+# and its fragments take ~32 more registers a lane at head_dim 128 (two blocks an SM
+# there anyway). Needs QMMA, not KEARLY / VEARLY. Emulator-tested, not yet timed: off.
+WARP_TILE_PAIRS = os.environ.get("VELOX_WARP_TILE_PAIRS", "0") != "0"
 WARP_QUERY_PAD = os.environ.get("VELOX_WARP_QUERY_PAD", "1") != "0"
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
 WARP_SHARED_LIMIT = 48 * 1024 - 256
@@ -639,9 +646,17 @@ class SpectralKernels:
                 # (the kernel's P·V takes 16 dims, and one value group, at a time)
                 and self.dims % 16 == 0 and self.value_affine[1] % 16 == 0
                 and (self.value_back is None or self.value_hadamard)
-                and warp_shared_bytes(self.dims, G, *self.value_affine, self.key_words)
+                and warp_shared_bytes(self.dims, G, *self.value_affine, self.key_words,
+                                      tiles=not self._tiles_dynamic())
                 <= WARP_SHARED_LIMIT)
         return WARP_DECODE and self._warp_fits[G]
+
+    def _tiles_dynamic(self) -> bool:
+        """Whether _warp_fits counts the word buffers in dynamic shared memory: with tile
+        pairs (whose doubled buffers would not fit the static 48 KiB at head_dim 128)
+        where every launch puts them there (SBASIS: the basis never sits in registers)."""
+        return (_warp_tiles() == 2 and self.dims > WARP_BASIS_REGISTERS
+                and WARP_BASIS_SHARED)
 
     def _key_pairs(self, G: int, tiles: bool) -> tuple:
         """The key pair table of a warp-tiled launch for G query heads per KV head, as
@@ -809,7 +824,7 @@ class SpectralKernels:
                     ("KPREG", WARP_KEY_PAIR_REGISTERS and 0 < pair_words <= 32768
                      and self.key_words < 64),
                     ("KPALL", WARP_KEY_PAIRS_ALL and pair_words > 0 and pairs_all),
-                    ("VPAD", WARP_VALUE_PAD), ("QPAD", WARP_QUERY_PAD)]
+                    ("VPAD", WARP_VALUE_PAD), ("QPAD", WARP_QUERY_PAD), ("TP", _warp_tiles())]
         call = dict(
             # Block 0 of each KV head takes the exact tokens, blocks 1 to splits the codes.
             grid=(32 * WARPS * (splits + 1), B * H, 1), threadgroup=(32 * WARPS, 1, 1),
@@ -1031,7 +1046,14 @@ def _warp_tile_words(D: int, value_bits: int, key_words: int) -> int:
     VWS)."""
     value_words = D * value_bits // 32
     value_stride = value_words + 4 if WARP_VALUE_PAD and value_words % 8 == 0 else value_words
-    return WARPS * 2 * ((16 * key_words + 4) + (16 * value_stride + 4))
+    tokens = 16 * _warp_tiles()  # a buffer's
+    return WARPS * 2 * ((tokens * key_words + 4) + (tokens * value_stride + 4))
+
+
+def _warp_tiles() -> int:
+    """16-token tiles a warp of the warp-tiled kernel takes an iteration (TP)."""
+    return 2 if WARP_TILE_PAIRS and WARP_QMMA and not (WARP_KEYS_EARLY or WARP_VALUES_EARLY) \
+        else 1
 
 
 def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_words: int,
@@ -1041,7 +1063,8 @@ def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_wor
     (``tiles=False``) where they sit in dynamic shared memory (SBASIS launches);
     ``pair_words``: the key pair table's entries (KPAIR)."""
     sbw = 16 * (D // value_group) // 2
-    key_tiles = WARPS * 2 * (16 * key_words + 4)
+    tiles_an_iteration = _warp_tiles()
+    key_tiles = WARPS * 2 * (16 * tiles_an_iteration * key_words + 4)
     merge = G * WARP_MAX_EXACT + G * WARP_MAX_SPLITS + 2 * G
     words = (510 + G * D + D  # codebook table, query, perm
              # key columns (RKMAX <= D; unpacked up to 64 and with the pair table), with
@@ -1051,9 +1074,11 @@ def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_wor
              + (pair_words + 2 * D if pair_words else 5)
              # RoPE rows 0-15 (and the unused step's one float2), or rows 0-7 and the step
              + (16 * (D + 8) + 2 if D <= 64 else 8 * (D + 8) + D)
+             + (D if tiles_an_iteration == 2 else 2)  # the second tile's 16-row step
              + D  # the key mean
              + (_warp_tile_words(D, value_bits, key_words) if tiles else 2)  # word buffers
-             + WARPS * 2 * (2 * sbw + 8)  # staged value scales, biases, key token scales
+             # staged value scales, biases, key token scales (per tile)
+             + WARPS * 2 * tiles_an_iteration * (2 * sbw + 8)
              # P, warp max/sum/output (QPAD: rows of the turned query D + 8 apart)
              + WARPS * 64 + 2 * WARPS * G + WARPS * G * (D + 8 * WARP_QUERY_PAD)
              + (1 if merge <= key_tiles else merge)  # merge scratch (in the key tiles)
@@ -1137,7 +1162,7 @@ def warp_splits(coded: int, heads: int, dim: int) -> tuple[int, int]:
     start and merge than they lose in parallelism (H200, default-model shape, 4k: 1 / 2 /
     4 tiles 54 / 49 / 55 µs) — and at most WARP_MAX_SPLITS per head, within the blocks
     above (WARP_WAVE_BLOCKS up to head_dim WARP_WAVE_DIM, else WARP_TARGET_BLOCKS)."""
-    step = 16 * WARPS
+    step = 16 * WARPS * _warp_tiles()
     if heads * WARP_MAX_SPLITS <= WARP_WAVE_BLOCKS:
         most = WARP_MAX_SPLITS
     else:
@@ -1145,6 +1170,6 @@ def warp_splits(coded: int, heads: int, dim: int) -> tuple[int, int]:
         wave = dim <= WARP_WAVE_DIM and WARP_WAVE_BLOCKS > 0
         target = WARP_WAVE_BLOCKS if wave else WARP_TARGET_BLOCKS
         most = min(WARP_MAX_SPLITS, _cdiv(target, heads))
-    splits = max(1, min(_cdiv(coded, WARP_MIN_TILES * step), most))
+    splits = max(1, min(_cdiv(coded, WARP_MIN_TILES * 16 * WARPS), most))
     per_split = _cdiv(_cdiv(coded, splits), step) * step
     return _cdiv(coded, per_split), per_split
