@@ -912,6 +912,26 @@ def test_warp_kernel_scores_on_tensor_cores_or_in_registers(backend, monkeypatch
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
+def warp_attend_matches_reference(backend, monkeypatch, dim, values, tokens, seed) -> list:
+    """One decode step over a filled cache (2 KV heads, 4 query heads each, per-token key
+    scales) on ``backend``'s warp-tiled kernel, checked against the reference's attention;
+    returns the warp-tiled launches' template arguments (skips where the backend or
+    shape takes another kernel)."""
+    if backend not in ("emulated", "cuda"):
+        pytest.skip("the warp-tiled kernel is CUDA's")
+    launches = record_launches(monkeypatch)
+    rng = np.random.default_rng(seed)
+    cache = filled(make_cache(rng, 2, dim, "pre", values, True), rng, tokens)
+    q = mx.array(rng.normal(size=(1, 8, 1, dim)).astype(np.float16))
+    expected = reference_attend(cache, q, dim**-0.5)
+    cache.use_kernels(backend)
+    if not cache.kernels.warp_decode(q):
+        pytest.skip("this shape takes the block-tiled kernel")
+    got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
+    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+    return [t for which, _, t, _ in launches if which == "decode_warp"]
+
+
 @pytest.mark.parametrize("value_pad,query_pad", [(True, True), (False, False), (True, False),
                                                 (False, True)])
 @pytest.mark.parametrize("dim,values", [(64, "affine-rotated"), (128, "affine-rotated"),
@@ -924,22 +944,11 @@ def test_warp_kernel_padded_value_words_and_query_rows_match_the_reference(
     apart), each on or off, give the reference's attention: 4 query heads, tiles that
     rescale each other, a partial last tile, the exact tokens. The 3-bit values (not a
     multiple of 8 words) stay unpadded."""
-    if backend not in ("emulated", "cuda"):
-        pytest.skip("the warp-tiled kernel is CUDA's")
     monkeypatch.setattr(kernels, "WARP_VALUE_PAD", value_pad)
     monkeypatch.setattr(kernels, "WARP_QUERY_PAD", query_pad)
-    launches = record_launches(monkeypatch)
-    rng = np.random.default_rng(dim + len(values))
-    cache = filled(make_cache(rng, 2, dim, "pre", values, True), rng, 150)
-    q = mx.array(rng.normal(size=(1, 8, 1, dim)).astype(np.float16))
-    expected = reference_attend(cache, q, dim**-0.5)
-    cache.use_kernels(backend)
-    if not cache.kernels.warp_decode(q):
-        pytest.skip("this shape takes the block-tiled kernel")
-    got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
-    assert [(t["VPAD"], t["QPAD"]) for which, _, t, _ in launches
-            if which == "decode_warp"] == [(value_pad, query_pad)]
-    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+    templates = warp_attend_matches_reference(backend, monkeypatch, dim, values, 150,
+                                              seed=dim + len(values))
+    assert [(t["VPAD"], t["QPAD"]) for t in templates] == [(value_pad, query_pad)]
 
 
 @pytest.mark.parametrize("tokens", [150, 600])
@@ -952,21 +961,10 @@ def test_warp_kernel_tile_pairs_match_the_reference(backend, monkeypatch, tile_p
     turned 16·θ further; splits then end inside a pair (its second tile partial or past
     the split) — the same attention as one tile at a time and as the reference, 4 query
     heads a KV head, with the basis in registers or shared memory."""
-    if backend not in ("emulated", "cuda"):
-        pytest.skip("the warp-tiled kernel is CUDA's")
     monkeypatch.setattr(kernels, "WARP_TILE_PAIRS", tile_pairs)
-    launches = record_launches(monkeypatch)
-    rng = np.random.default_rng(dim + tokens)
-    cache = filled(make_cache(rng, 2, dim, "pre", "affine-rotated", True), rng, tokens)
-    q = mx.array(rng.normal(size=(1, 8, 1, dim)).astype(np.float16))
-    expected = reference_attend(cache, q, dim**-0.5)
-    cache.use_kernels(backend)
-    if not cache.kernels.warp_decode(q):
-        pytest.skip("this shape takes the block-tiled kernel")
-    got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
-    assert [t["TP"] for which, _, t, _ in launches if which == "decode_warp"] == [
-        2 if tile_pairs else 1]
-    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+    templates = warp_attend_matches_reference(backend, monkeypatch, dim, "affine-rotated",
+                                              tokens, seed=dim + tokens)
+    assert [t["TP"] for t in templates] == [2 if tile_pairs else 1]
 
 
 @pytest.mark.parametrize("place", ["registers", "shared", "memory"])
