@@ -79,9 +79,9 @@ for part in $parts; do
         smollm2:16384 smollm2:65536 1b:65536 8b:16384 \
         | grep -E "^==|Duration|Executed Instructions  |Registers Per" ;;
     variants)  # (first the smoke check with the off-by-default flags on)
-      VELOX_WARP_TILE_PAIRS=1 VELOX_WARP_MIN_BLOCKS=2 python3 benchmarks/gpu_smoke.py | tee "$out/smoke-flags.txt"
+      VELOX_WARP_TILE_PAIRS=64 VELOX_WARP_MIN_BLOCKS=2 python3 benchmarks/gpu_smoke.py | tee "$out/smoke-flags.txt"
       python3 benchmarks/warp_variants.py --shapes smollm2,1b,8b --contexts 16384,65536 \
-        --variants ${VARIANTS:-base,tile-pairs,tile-pairs-mb2,no-pads,no-launch-bounds,no-kpall,key-pairs2048,key-pairs64,unroll8-mb2,exact-max} \
+        --variants ${VARIANTS:-base,tile-pairs128,tile-pairs,tile-pairs-mb2,no-pads,no-launch-bounds,no-kpall,key-pairs2048,key-pairs64,unroll8-mb2,exact-max} \
         --rounds 2 \
         --out "$out/variants" | grep -v '^{' ;;
     stalls)

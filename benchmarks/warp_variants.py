@@ -90,10 +90,11 @@ VARIANTS = {
     "no-pads": {"WARP_VALUE_PAD": False, "WARP_QUERY_PAD": False},
     "no-launch-bounds": {"WARP_MIN_BLOCKS": 0},
     # Tile pairs: a warp takes two tiles an iteration, one basis fragment load for both
-    # tiles' mma (off by default); with registers for two blocks an SM (what head_dim
-    # 128's launches run).
-    "tile-pairs": {"WARP_TILE_PAIRS": True},
-    "tile-pairs-mb2": {"WARP_TILE_PAIRS": True, "WARP_MIN_BLOCKS": 2},
+    # tiles' mma (off by default): at every head_dim, with registers for two blocks an
+    # SM (what head_dim 128's launches run), and at head_dim 128 only.
+    "tile-pairs": {"WARP_TILE_PAIRS": 64},
+    "tile-pairs-mb2": {"WARP_TILE_PAIRS": 64, "WARP_MIN_BLOCKS": 2},
+    "tile-pairs128": {"WARP_TILE_PAIRS": 128},
     "lazy-both-early": {"WARP_LAZY_MAX": True, "WARP_VALUES_EARLY": True,
                         "WARP_KEYS_EARLY": True},
     # Combinations of the first session these ran on the GPU (2026-11-29): the key pair

@@ -603,7 +603,7 @@ class LaunchCaptured(Exception):
     {"WARP_KEY_PAIRS": 0, "WARP_LAZY_MAX": False, "WARP_VALUE_PAD": False,
      "WARP_QUERY_PAD": False},
     {"WARP_KEY_PAIRS": 64, "WARP_KEY_PAIRS_DIM": 128},
-    {"WARP_TILE_PAIRS": True, "WARP_MIN_BLOCKS": 2}],
+    {"WARP_TILE_PAIRS": 64, "WARP_MIN_BLOCKS": 2}],
     ids=["default", "every-flag", "timestamps", "no-pairs-exact-max-pads",
          "some-pairs-too-wide", "tile-pairs"])
 @pytest.mark.parametrize("dim", [64, 128])
@@ -956,12 +956,13 @@ def test_warp_kernel_padded_value_words_and_query_rows_match_the_reference(
 @pytest.mark.parametrize("tile_pairs", [False, True])
 def test_warp_kernel_tile_pairs_match_the_reference(backend, monkeypatch, tile_pairs, dim,
                                                     tokens):
-    """TP 2 (VELOX_WARP_TILE_PAIRS=1): a warp takes two adjacent 16-token tiles an
+    """TP 2 (VELOX_WARP_TILE_PAIRS=N, head_dim >= N): a warp takes two adjacent 16-token
+    tiles an
     iteration, each basis fragment feeding both tiles' mma and the second tile's keys
     turned 16·θ further; splits then end inside a pair (its second tile partial or past
     the split) — the same attention as one tile at a time and as the reference, 4 query
     heads a KV head, with the basis in registers or shared memory."""
-    monkeypatch.setattr(kernels, "WARP_TILE_PAIRS", tile_pairs)
+    monkeypatch.setattr(kernels, "WARP_TILE_PAIRS", dim if tile_pairs else 0)
     templates = warp_attend_matches_reference(backend, monkeypatch, dim, "affine-rotated",
                                               tokens, seed=dim + tokens)
     assert [t["TP"] for t in templates] == [2 if tile_pairs else 1]

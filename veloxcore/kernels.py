@@ -122,8 +122,10 @@ WARP_VALUE_PAD = os.environ.get("VELOX_WARP_VALUE_PAD", "1") != "0"
 # head_dim 128: 256 of the 8B shape's ~663 shared-memory wavefronts a tile, padded), so a
 # pair halves that; the second tile's keys turn by 16·θ more (a complex product a pair),
 # and its fragments take ~32 more registers a lane at head_dim 128 (two blocks an SM
-# there anyway). Needs QMMA, not KEARLY / VEARLY. Emulator-tested, not yet timed: off.
-WARP_TILE_PAIRS = os.environ.get("VELOX_WARP_TILE_PAIRS", "0") != "0"
+# there anyway). Needs QMMA, not KEARLY / VEARLY. VELOX_WARP_TILE_PAIRS=N: pairs where
+# head_dim >= N (ptxas: at 64 they spill 8 bytes at three blocks an SM; at 128 none).
+# Emulator-tested, not yet timed: 0, off.
+WARP_TILE_PAIRS = int(os.environ.get("VELOX_WARP_TILE_PAIRS", "0"))
 WARP_QUERY_PAD = os.environ.get("VELOX_WARP_QUERY_PAD", "1") != "0"
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
 WARP_SHARED_LIMIT = 48 * 1024 - 256
@@ -655,7 +657,7 @@ class SpectralKernels:
         """Whether _warp_fits counts the word buffers in dynamic shared memory: with tile
         pairs (whose doubled buffers would not fit the static 48 KiB at head_dim 128)
         where every launch puts them there (SBASIS: the basis never sits in registers)."""
-        return (_warp_tiles() == 2 and self.dims > WARP_BASIS_REGISTERS
+        return (_warp_tiles(self.dims) == 2 and self.dims > WARP_BASIS_REGISTERS
                 and WARP_BASIS_SHARED)
 
     def _key_pairs(self, G: int, tiles: bool) -> tuple:
@@ -824,7 +826,7 @@ class SpectralKernels:
                     ("KPREG", WARP_KEY_PAIR_REGISTERS and 0 < pair_words <= 32768
                      and self.key_words < 64),
                     ("KPALL", WARP_KEY_PAIRS_ALL and pair_words > 0 and pairs_all),
-                    ("VPAD", WARP_VALUE_PAD), ("QPAD", WARP_QUERY_PAD), ("TP", _warp_tiles())]
+                    ("VPAD", WARP_VALUE_PAD), ("QPAD", WARP_QUERY_PAD), ("TP", _warp_tiles(D))]
         call = dict(
             # Block 0 of each KV head takes the exact tokens, blocks 1 to splits the codes.
             grid=(32 * WARPS * (splits + 1), B * H, 1), threadgroup=(32 * WARPS, 1, 1),
@@ -1046,14 +1048,15 @@ def _warp_tile_words(D: int, value_bits: int, key_words: int) -> int:
     VWS)."""
     value_words = D * value_bits // 32
     value_stride = value_words + 4 if WARP_VALUE_PAD and value_words % 8 == 0 else value_words
-    tokens = 16 * _warp_tiles()  # a buffer's
+    tokens = 16 * _warp_tiles(D)  # a buffer's
     return WARPS * 2 * ((tokens * key_words + 4) + (tokens * value_stride + 4))
 
 
-def _warp_tiles() -> int:
-    """16-token tiles a warp of the warp-tiled kernel takes an iteration (TP)."""
-    return 2 if WARP_TILE_PAIRS and WARP_QMMA and not (WARP_KEYS_EARLY or WARP_VALUES_EARLY) \
-        else 1
+def _warp_tiles(D: int) -> int:
+    """16-token tiles a warp of the warp-tiled kernel takes an iteration at head_dim D
+    (TP)."""
+    pairs = 0 < WARP_TILE_PAIRS <= D and WARP_QMMA
+    return 2 if pairs and not (WARP_KEYS_EARLY or WARP_VALUES_EARLY) else 1
 
 
 def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_words: int,
@@ -1063,7 +1066,7 @@ def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_wor
     (``tiles=False``) where they sit in dynamic shared memory (SBASIS launches);
     ``pair_words``: the key pair table's entries (KPAIR)."""
     sbw = 16 * (D // value_group) // 2
-    tiles_an_iteration = _warp_tiles()
+    tiles_an_iteration = _warp_tiles(D)
     key_tiles = WARPS * 2 * (16 * tiles_an_iteration * key_words + 4)
     merge = G * WARP_MAX_EXACT + G * WARP_MAX_SPLITS + 2 * G
     words = (510 + G * D + D  # codebook table, query, perm
@@ -1162,7 +1165,7 @@ def warp_splits(coded: int, heads: int, dim: int) -> tuple[int, int]:
     start and merge than they lose in parallelism (H200, default-model shape, 4k: 1 / 2 /
     4 tiles 54 / 49 / 55 µs) — and at most WARP_MAX_SPLITS per head, within the blocks
     above (WARP_WAVE_BLOCKS up to head_dim WARP_WAVE_DIM, else WARP_TARGET_BLOCKS)."""
-    step = 16 * WARPS * _warp_tiles()
+    step = 16 * WARPS * _warp_tiles(dim)
     if heads * WARP_MAX_SPLITS <= WARP_WAVE_BLOCKS:
         most = WARP_MAX_SPLITS
     else:
