@@ -447,12 +447,7 @@ def test_warp_kernel_copies_the_pair_table_whatever_its_alignment(monkeypatch):
     attention."""
     import cuda_emulator
 
-    if compiler() is None:
-        pytest.skip("no C++ compiler for the kernel emulator")
-    use_emulator(monkeypatch)
-    monkeypatch.setattr(kernels, "WARP_KEY_PAIRS", 2048)
-    cache, q, expected = warp_case(np.random.default_rng(12), 150)
-    cache.use_kernels("emulated")
+    cache, q, expected = emulated_warp_case(monkeypatch, 12, 150, WARP_KEY_PAIRS=2048)
     words = cache.kernels.key_pair_words
     assert words > 200
     copies = {}
@@ -512,6 +507,19 @@ def warp_case(rng, tokens, values="affine-rotated", dim=64):
     cache = filled(make_cache(rng, 2, dim, "pre", values, True), rng, tokens)
     q = mx.array(rng.normal(size=(1, 6, 1, dim)).astype(np.float16))
     return cache, q, reference_attend(cache, q, dim**-0.5)
+
+
+def emulated_warp_case(monkeypatch, seed, tokens, **flags):
+    """warp_case on the CPU emulator (skips without a C++ compiler), with ``flags`` set on
+    kernels (e.g. WARP_KEY_PAIRS=2048): the cache already on the emulated kernels."""
+    if compiler() is None:
+        pytest.skip("no C++ compiler for the kernel emulator")
+    use_emulator(monkeypatch)
+    for name, value in flags.items():
+        monkeypatch.setattr(kernels, name, value)
+    cache, q, expected = warp_case(np.random.default_rng(seed), tokens)
+    cache.use_kernels("emulated")
+    return cache, q, expected
 
 
 def test_key_pair_tables_decode_a_pair_of_columns_as_their_two_levels():
@@ -663,12 +671,7 @@ def test_warp_kernel_takes_the_largest_key_pair_table_that_fits(monkeypatch, roo
     prefix of the whole table; the rest column by column), or none (KPAIR 0: every
     column on its own) — still the warp-tiled kernel, not the block-tiled one — and gives
     the reference's attention either way."""
-    if compiler() is None:
-        pytest.skip("no C++ compiler for the kernel emulator")
-    use_emulator(monkeypatch)
-    monkeypatch.setattr(kernels, "WARP_KEY_PAIRS", 4096)
-    cache, q, expected = warp_case(np.random.default_rng(4), 200)
-    cache.use_kernels("emulated")
+    cache, q, expected = emulated_warp_case(monkeypatch, 4, 200, WARP_KEY_PAIRS=4096)
     layout = cache.kernels
     whole = layout.key_pair_words
     half = kernels.key_pair_tables(np.array(layout.kbits), np.array(layout.kshift), whole // 2)
@@ -752,12 +755,8 @@ def test_warp_kernel_result_does_not_depend_on_which_block_finishes_first(monkey
     merges itself. Either way the attention is the reference's."""
     import cuda_emulator
 
-    if compiler() is None:
-        pytest.skip("no C++ compiler for the kernel emulator")
-    use_emulator(monkeypatch)
     monkeypatch.setattr(cuda_emulator, "REVERSE_BLOCKS", reverse)
-    cache, q, expected = warp_case(np.random.default_rng(13), 600)
-    cache.use_kernels("emulated")
+    cache, q, expected = emulated_warp_case(monkeypatch, 13, 600)
     assert cache.kernels.warp_decode(q) and cache.num_exact > 0
     assert kernels.warp_splits(cache.coded, 2, cache.key_coder.dims)[0] > 2
     got = np.array(cache.attend(q, 0.125).astype(mx.float32))

@@ -1020,9 +1020,10 @@ DECODE_WARP_BODY = r"""
 #pragma unroll
     for (int tp = 0; tp < TP; tp++) {
       vx_stage_tile<WKS, VW, VWS, SBW, KTS>(
-          kw_s + (warp * 2 + b) * KWT + tp * 16 * WKS, vw_s + (warp * 2 + b) * VWT + tp * 16 * VWS,
-          vsc_s[warp][b] + tp * SBW, vbi_s[warp][b] + tp * SBW, kts_s[warp][b] + tp * 8, kwords,
-          vwords, vscales, vbiases, ktok, row0 + tp * 16, a16, lane);
+          kw_s + (warp * 2 + b) * KWT + tp * 16 * WKS,
+          vw_s + (warp * 2 + b) * VWT + tp * 16 * VWS, vsc_s[warp][b] + tp * SBW,
+          vbi_s[warp][b] + tp * SBW, kts_s[warp][b] + tp * 8, kwords, vwords, vscales,
+          vbiases, ktok, row0 + tp * 16, a16, lane);
     }
   };
   if (start + warp * 16 * TP < stop) {
@@ -1286,8 +1287,8 @@ DECODE_WARP_BODY = r"""
     if (VEARLY) {
 #pragma unroll
       for (int sl = 0; sl < (VEARLY ? NTD / 2 : 1); sl++) {
-        vx_value_slice<VB, VW, VWS, NG, VG>(va_early[sl], sl, vw_t, vsc_t, vbi_t, gid, tig, nib_sel,
-                                       nib_mask, nib_magic);
+        vx_value_slice<VB, VW, VWS, NG, VG>(va_early[sl], sl, vw_t, vsc_t, vbi_t, gid, tig,
+                                            nib_sel, nib_mask, nib_magic);
       }
     }
     if (KEARLY && t0 + STEP < stop) {  // the next tile's keys (its codes: buffer buf ^ 1)
@@ -1361,7 +1362,7 @@ DECODE_WARP_BODY = r"""
       // row would be a head whose rescale another lane holds.
       const unsigned int pb0 = ph_s[warp][gid * 8 + tig];
       const unsigned int pb1 = ph_s[warp][gid * 8 + 4 + tig];
-  #pragma unroll UNROLL_V
+#pragma unroll UNROLL_V
       for (int sl = 0; sl < NTD / 2; sl++) {
         unsigned int va[4];
         if (VEARLY) {
@@ -1369,8 +1370,8 @@ DECODE_WARP_BODY = r"""
             va[u] = va_early[VEARLY ? sl : 0][u];
           }
         } else {
-          vx_value_slice<VB, VW, VWS, NG, VG>(va, sl, vw, vsc, vbi, gid, tig, nib_sel, nib_mask,
-                                         nib_magic);
+          vx_value_slice<VB, VW, VWS, NG, VG>(va, sl, vw, vsc, vbi, gid, tig, nib_sel,
+                                              nib_mask, nib_magic);
         }
         vacc[sl][0] *= r_pair[0];
         vacc[sl][1] *= r_pair[1];

@@ -117,6 +117,7 @@ WARP_LAZY_MAX = os.environ.get("VELOX_WARP_LAZY_MAX", "1") != "0"
 # (-15%), at 16k 46.7 -> 41.9; 1B shape at 64k 60.7 -> 57.5, default-model shape at 64k
 # 27.7 -> 26.6 (BENCHMARKS.md, "Padded buffers").
 WARP_VALUE_PAD = os.environ.get("VELOX_WARP_VALUE_PAD", "1") != "0"
+WARP_QUERY_PAD = os.environ.get("VELOX_WARP_QUERY_PAD", "1") != "0"
 # Tile pairs (TP 2): a warp takes two adjacent 16-token tiles an iteration and loads each
 # key basis fragment once for both tiles' mma. Every tile reads the whole basis (32 KiB at
 # head_dim 128: 256 of the 8B shape's ~663 shared-memory wavefronts a tile, padded), so a
@@ -126,7 +127,6 @@ WARP_VALUE_PAD = os.environ.get("VELOX_WARP_VALUE_PAD", "1") != "0"
 # head_dim >= N (ptxas: at 64 they spill 8 bytes at three blocks an SM; at 128 none).
 # Emulator-tested, not yet timed: 0, off.
 WARP_TILE_PAIRS = int(os.environ.get("VELOX_WARP_TILE_PAIRS", "0"))
-WARP_QUERY_PAD = os.environ.get("VELOX_WARP_QUERY_PAD", "1") != "0"
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
 WARP_SHARED_LIMIT = 48 * 1024 - 256
 # The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
@@ -504,14 +504,10 @@ class SpectralKernels:
         self.kbits, self.kshift, self.kscale = _coder_arrays(coder, columns, valid)
         self.key_words = coder.words
         # The warp-tiled kernel's key pair table (kernel_source.DECODE_WARP_BODY, KPAIR).
-        pairs = (key_pair_tables(np.array(self.kbits), np.array(self.kshift), WARP_KEY_PAIRS)
-                 if D <= WARP_KEY_PAIRS_DIM and WARP_KEY_PAIRS > 0 else None)
-        self.key_pair_words = 0 if pairs is None else pairs[1].size
-        self.kpair = kernel_input([0], mx.int32) if pairs is None else as_mx(pairs[0])
-        # Every pair in the table (none column by column): the kernel then has no
-        # per-pair branch nor the column-by-column path (KPALL).
-        self.key_pairs_all = pairs is not None and bool((pairs[0][..., 3] >= 0).all())
-        self.ptab = kernel_input([0], mx.uint32) if pairs is None else as_mx(pairs[1])
+        # key_pairs_all: every pair in the table (none column by column), so the kernel
+        # has no per-pair branch nor the column-by-column path (KPALL).
+        self.key_pair_words, self.kpair, self.ptab, self.key_pairs_all = self._pair_inputs(
+            WARP_KEY_PAIRS if D <= WARP_KEY_PAIRS_DIM else 0)
         self._key_pairs_for: dict = {}  # per query heads a KV head (_key_pairs)
         basis = np.array(cache.key_basis)  # (H, D, D): original dims x coefficients
         decoder = np.array(cache.key_decoder)  # the same unless metric-weighted
@@ -668,23 +664,30 @@ class SpectralKernels:
         half, a quarter... of its entries that does (the narrowest pairs: the larger
         table's first entries, the others column by column), else none."""
         # (Everything warp_shared_bytes reads that a test or benchmark may change.)
-        key = (G, tiles, WARP_SHARED_LIMIT, WARP_VALUE_PAD, WARP_QUERY_PAD, WARPS)
+        key = (G, tiles, WARP_SHARED_LIMIT, WARP_VALUE_PAD, WARP_QUERY_PAD, WARPS,
+               _warp_tiles(self.dims))
         if key not in self._key_pairs_for:
             fits = lambda words: warp_shared_bytes(  # noqa: E731
                 self.dims, G, *self.value_affine, self.key_words, tiles=tiles,
                 pair_words=words) <= WARP_SHARED_LIMIT
-            choice = (0, self.kpair, self.ptab, False)
-            if self.key_pair_words and fits(self.key_pair_words):
-                choice = (self.key_pair_words, self.kpair, self.ptab, self.key_pairs_all)
-            capacity = self.key_pair_words // 2
-            while choice[0] == 0 and capacity > 0:
-                pairs = key_pair_tables(np.array(self.kbits), np.array(self.kshift), capacity)
-                if pairs is not None and fits(pairs[1].size):
-                    choice = (pairs[1].size, as_mx(pairs[0]), as_mx(pairs[1]),
-                              bool((pairs[0][..., 3] >= 0).all()))
+            choice = (self.key_pair_words, self.kpair, self.ptab, self.key_pairs_all)
+            capacity = self.key_pair_words
+            while choice[0] and not fits(choice[0]):
                 capacity //= 2
+                choice = self._pair_inputs(capacity)
             self._key_pairs_for[key] = choice
         return self._key_pairs_for[key]
+
+    def _pair_inputs(self, capacity: int) -> tuple:
+        """(entries, kpair, ptab, every pair in it) of the key pair table of up to
+        ``capacity`` entries (key_pair_tables); (0, placeholders, False) where none fits
+        or ``capacity`` is 0."""
+        pairs = (key_pair_tables(np.array(self.kbits), np.array(self.kshift), capacity)
+                 if capacity > 0 else None)
+        if pairs is None:
+            return 0, kernel_input([0], mx.int32), kernel_input([0], mx.uint32), False
+        kpair, table = pairs
+        return table.size, as_mx(kpair), as_mx(table), bool((kpair[..., 3] >= 0).all())
 
     @staticmethod
     def whole_tiles(parts) -> bool:
