@@ -19,11 +19,10 @@
 # kernel-ab: Nsight Compute of the warp-tiled kernel alone, this tree against BASE (a folder
 #          holding another commit's veloxcore/ and benchmarks/, e.g. `git archive C
 #          veloxcore benchmarks assets/bundles | tar -x -C DIR`), in one lease
-# variants: the warp-tiled kernel's defaults turned off or back (padded buffers, launch
-#          bounds for three blocks an SM, KPALL, 2,048 table entries, the table only up to
-#          head_dim 64, lazy maxima) and head_dim 128's slices unrolled further at two
-#          blocks an SM, and tile pairs (off by default), against the default:
-#          gpu_smoke.py with tile pairs, then spans by timestamps
+# variants: the warp-tiled kernel's defaults turned off or back (tile pairs at head_dim
+#          128, and their two blocks an SM; padded buffers, launch bounds for three blocks
+#          an SM, KPALL, 2,048 table entries) and tile pairs at head_dim 64 too, against
+#          the default: gpu_smoke.py with tile pairs at 64, then spans by timestamps
 #          (warp_variants.py; default-model, 1B and 8B shapes at 16k and 64k; VARIANTS=a,b
 #          picks others)
 # stalls:  where the 1B shape's kernel at 64k waits: Nsight Compute SASS counters and warp
@@ -79,9 +78,9 @@ for part in $parts; do
         smollm2:16384 smollm2:65536 1b:65536 8b:16384 \
         | grep -E "^==|Duration|Executed Instructions  |Registers Per" ;;
     variants)  # (first the smoke check with the off-by-default flags on)
-      VELOX_WARP_TILE_PAIRS=64 VELOX_WARP_MIN_BLOCKS=2 python3 benchmarks/gpu_smoke.py | tee "$out/smoke-flags.txt"
+      VELOX_WARP_TILE_PAIRS=64 python3 benchmarks/gpu_smoke.py | tee "$out/smoke-flags.txt"
       python3 benchmarks/warp_variants.py --shapes smollm2,1b,8b --contexts 16384,65536 \
-        --variants ${VARIANTS:-base,tile-pairs128,tile-pairs,tile-pairs-mb2,no-pads,no-launch-bounds,no-kpall,key-pairs2048,key-pairs64,unroll8-mb2,exact-max} \
+        --variants ${VARIANTS:-base,no-tile-pairs,tile-pairs,tile-pairs-mb3,no-pads,no-launch-bounds,no-kpall,key-pairs2048} \
         --rounds 2 \
         --out "$out/variants" | grep -v '^{' ;;
     stalls)

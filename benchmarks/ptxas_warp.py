@@ -47,7 +47,7 @@ def capture(shape: str, tokens: int) -> dict:
     fill(cache, H, D, tokens)
     seen = {}
 
-    def stand_in(backend, which, shared_memory=0):
+    def stand_in(backend, which, shared_memory=0, min_blocks=None):
         def call(**kwargs):
             if which == "decode_warp":
                 seen.update(kwargs, shared_memory=shared_memory)

@@ -32,7 +32,7 @@ from mlx_lm.models.cache import KVCache  # noqa: E402
 KEPT: dict = {}
 
 
-def stub_kernel(backend, which, shared_memory=0):
+def stub_kernel(backend, which, shared_memory=0, min_blocks=None):
     """A kernel call that returns arrays made once per output signature."""
     def call(*, output_shapes, output_dtypes, **_):
         key = (which, tuple(map(tuple, output_shapes)), tuple(output_dtypes))

@@ -90,11 +90,14 @@ VARIANTS = {
     "no-pads": {"WARP_VALUE_PAD": False, "WARP_QUERY_PAD": False},
     "no-launch-bounds": {"WARP_MIN_BLOCKS": 0},
     # Tile pairs: a warp takes two tiles an iteration, one basis fragment load for both
-    # tiles' mma (off by default): at every head_dim, with registers for two blocks an
-    # SM (what head_dim 128's launches run), and at head_dim 128 only.
+    # tiles' mma (at head_dim 128 by default since 2026-11-30, with registers for two
+    # blocks an SM there): off, at every head_dim too, and at three blocks an SM.
+    # (Before 2026-11-30 "tile-pairs" ran with three blocks an SM, "tile-pairs-mb2" and
+    # "tile-pairs128-mb2" with two everywhere; results-warp-variants-tile-pairs-h200.json.)
+    "no-tile-pairs": {"WARP_TILE_PAIRS": 0},
     "tile-pairs": {"WARP_TILE_PAIRS": 64},
-    "tile-pairs-mb2": {"WARP_TILE_PAIRS": 64, "WARP_MIN_BLOCKS": 2},
-    "tile-pairs128": {"WARP_TILE_PAIRS": 128},
+    "tile-pairs-mb3": {"WARP_TILE_PAIR_MIN_BLOCKS": 3},
+    "tile-pairs-unroll8": {"WARP_UNROLL": 8},
     "lazy-both-early": {"WARP_LAZY_MAX": True, "WARP_VALUES_EARLY": True,
                         "WARP_KEYS_EARLY": True},
     # Combinations of the first session these ran on the GPU (2026-11-29): the key pair

@@ -351,5 +351,6 @@ def use_emulator(monkeypatch) -> None:
 
     original = kernels._kernel
     monkeypatch.setattr(kernels, "_kernel",
-                        lambda b, which, shared_memory=0: emulated_kernel(which, shared_memory)
+                        lambda b, which, shared_memory=0, min_blocks=None: emulated_kernel(
+                            which, shared_memory)
                         if b.startswith("emulated") else original(b, which, shared_memory))

@@ -258,7 +258,7 @@ def test_kernel_inputs_are_row_contiguous_and_exact_tokens_written_in_place(monk
     cache.use_kernels("cuda")  # built, never evaluated: the launches are captured below
     strided = []
 
-    def capture(backend, which, shared_memory=0):
+    def capture(backend, which, shared_memory=0, min_blocks=None):
         def call(*, inputs, output_shapes, output_dtypes, **_):
             for i, x in enumerate(inputs):
                 mx.eval(x)
@@ -313,7 +313,7 @@ def test_no_kernel_input_is_eight_bytes_or_less(monkeypatch, mode, values, heads
     cache.use_kernels("cuda")  # built, never evaluated: the launches are captured below
     small, launched = [], set()
 
-    def capture(backend, which, shared_memory=0):
+    def capture(backend, which, shared_memory=0, min_blocks=None):
         def call(*, inputs, output_shapes, output_dtypes, **_):
             launched.add(which)
             for name, x in zip(names[which], inputs, strict=True):
@@ -352,7 +352,7 @@ def test_warp_launches_on_one_cache_are_chained(monkeypatch):
     cache.fused_decode = True
     launches = []
 
-    def capture(backend, which, shared_memory=0):
+    def capture(backend, which, shared_memory=0, min_blocks=None):
         def call(*, inputs, output_shapes, output_dtypes, **_):
             outputs = [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes,
                                                       strict=True)]
@@ -401,16 +401,17 @@ def test_decode_kernel_matches_reference(backend, monkeypatch, heads, group, dim
 @pytest.mark.parametrize("dim", [64, 128])
 def test_warp_splits_cover_the_codes_in_whole_steps(heads, coded, dim):
     """Splits are whole 4-warp steps of 16-token tiles that cover every coded token once,
-    as the kernel recomputes them from its grid; at most WARP_MAX_SPLITS a head (the
-    merge's capacity) and within the launch's target blocks."""
+    as the kernel recomputes them from its grid (steps of tile pairs where the warps take
+    two tiles an iteration); at most WARP_MAX_SPLITS a head (the merge's capacity) and
+    within the launch's target blocks."""
     splits, per_split = kernels.warp_splits(coded, heads, dim)
-    step = 16 * kernels.WARPS
+    step = 16 * kernels.WARPS * (2 if 0 < kernels.WARP_TILE_PAIRS <= dim else 1)
     assert per_split % step == 0
     assert (splits - 1) * per_split < coded <= splits * per_split
     assert 1 <= splits <= kernels.WARP_MAX_SPLITS
     # The kernel's own split length (DECODE_WARP_BODY: per_split from total and grid).
     assert ((coded + splits - 1) // splits + step - 1) // step * step == per_split
-    assert per_split >= min(coded, kernels.WARP_MIN_TILES * step) or splits == 1
+    assert per_split >= min(coded, kernels.WARP_MIN_TILES * 16 * kernels.WARPS) or splits == 1
     target = max(kernels.WARP_WAVE_BLOCKS, kernels.WARP_TARGET_BLOCKS)
     assert heads * splits <= target + heads
 
@@ -477,10 +478,10 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
     original = kernels._kernel
     names = []
 
-    def emulated(b, which, shared_memory=0):
+    def emulated(b, which, shared_memory=0, min_blocks=None):
         names.append(which)
         return (emulated_kernel(which, shared_memory) if b == "emulated"
-                else original(b, which, shared_memory))
+                else original(b, which, shared_memory, min_blocks))
 
     monkeypatch.setattr(kernels, "_kernel", emulated)
     # (the key pair table's copies have their own alignment test, below)
@@ -628,7 +629,7 @@ def test_warp_kernel_cuda_text_compiles_for_hopper_without_spills(monkeypatch, t
     cache, q, _ = warp_case(rng, 300, dim=dim)
     seen = {}
 
-    def stand_in(backend, which, shared_memory=0):
+    def stand_in(backend, which, shared_memory=0, min_blocks=None):
         def call(**kwargs):
             seen[which] = kwargs
             raise LaunchCaptured  # nothing runs
@@ -769,8 +770,8 @@ def record_launches(monkeypatch) -> list:
     launches = []
     make = kernels._kernel
 
-    def recorded(b, which, shared_memory=0):
-        kernel = make(b, which, shared_memory)
+    def recorded(b, which, shared_memory=0, min_blocks=None):
+        kernel = make(b, which, shared_memory, min_blocks)
 
         def call(**kwargs):
             blocks = kwargs["grid"][0] // kwargs["threadgroup"][0] * kwargs["grid"][1]
@@ -911,17 +912,18 @@ def test_warp_kernel_scores_on_tensor_cores_or_in_registers(backend, monkeypatch
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
-def warp_attend_matches_reference(backend, monkeypatch, dim, values, tokens, seed) -> list:
-    """One decode step over a filled cache (2 KV heads, 4 query heads each, per-token key
-    scales) on ``backend``'s warp-tiled kernel, checked against the reference's attention;
-    returns the warp-tiled launches' template arguments (skips where the backend or
-    shape takes another kernel)."""
+def warp_attend_matches_reference(backend, monkeypatch, dim, values, tokens, seed,
+                                  group=4) -> list:
+    """One decode step over a filled cache (2 KV heads, ``group`` query heads each,
+    per-token key scales) on ``backend``'s warp-tiled kernel, checked against the
+    reference's attention; returns the warp-tiled launches' template arguments (skips
+    where the backend or shape takes another kernel)."""
     if backend not in ("emulated", "cuda"):
         pytest.skip("the warp-tiled kernel is CUDA's")
     launches = record_launches(monkeypatch)
     rng = np.random.default_rng(seed)
     cache = filled(make_cache(rng, 2, dim, "pre", values, True), rng, tokens)
-    q = mx.array(rng.normal(size=(1, 8, 1, dim)).astype(np.float16))
+    q = mx.array(rng.normal(size=(1, 2 * group, 1, dim)).astype(np.float16))
     expected = reference_attend(cache, q, dim**-0.5)
     cache.use_kernels(backend)
     if not cache.kernels.warp_decode(q):
@@ -967,6 +969,17 @@ def test_warp_kernel_tile_pairs_match_the_reference(backend, monkeypatch, tile_p
     assert [t["TP"] for t in templates] == [2 if tile_pairs else 1]
 
 
+@pytest.mark.parametrize("values", ["affine-rotated", "affine8"])
+def test_warp_kernel_takes_eight_query_heads_at_head_dim_128(backend, monkeypatch, values):
+    """8 query heads per KV head at head_dim 128 (a 70B-style group): with tile pairs the
+    word buffers move to dynamic shared memory, so the warp-tiled kernel takes the shape
+    (the block-tiled one did before) and gives the reference's attention, 4- and 8-bit
+    values, tiles that rescale each other and a partial last pair."""
+    templates = warp_attend_matches_reference(backend, monkeypatch, 128, values, 300,
+                                              seed=8, group=8)
+    assert [(t["G"], t["TP"], t["SBASIS"]) for t in templates] == [(8, 2, True)]
+
+
 @pytest.mark.parametrize("place", ["registers", "shared", "memory"])
 @pytest.mark.parametrize("dim,misaligned", [(64, False), (64, True), (128, False)])
 def test_warp_kernel_reads_its_basis_from_registers_shared_memory_or_memory(
@@ -985,6 +998,8 @@ def test_warp_kernel_reads_its_basis_from_registers_shared_memory_or_memory(
         pytest.skip("misaligned inputs are the emulator's")
     monkeypatch.setattr(kernels, "WARP_BASIS_REGISTERS", 64 if place == "registers" else 0)
     monkeypatch.setattr(kernels, "WARP_BASIS_SHARED", place == "shared")
+    if place == "memory":  # (tile pairs' doubled word buffers need SBASIS at head_dim 128)
+        monkeypatch.setattr(kernels, "WARP_TILE_PAIRS", 0)
     monkeypatch.setattr(cuda_emulator, "MISALIGN_INPUTS", misaligned)
     launches = record_launches(monkeypatch)
     monkeypatch.setattr(cuda_emulator, "COPIES_16", 0)
@@ -1003,7 +1018,8 @@ def test_warp_kernel_reads_its_basis_from_registers_shared_memory_or_memory(
     basis = 2 * dim * cache.kernels.key_rank
     value_words = dim * 4 // 32  # a token's, padded by 4 where a multiple of 8 (VPAD)
     value_stride = value_words + 4 * (kernels.WARP_VALUE_PAD and value_words % 8 == 0)
-    dynamic = basis + 4 * 4 * 2 * (16 * key_words + 4 + 16 * value_stride + 4)
+    tokens = 16 * template["TP"]  # a word buffer's (two tiles with tile pairs)
+    dynamic = basis + 4 * 4 * 2 * (tokens * key_words + 4 + tokens * value_stride + 4)
     static = kernels.warp_shared_bytes(dim, 3, 4, 64, key_words, tiles=False,
                                        pair_words=template["KPAIR"])
     if place != "shared":
@@ -1057,19 +1073,21 @@ def test_decode_steps_match_reference_through_batched_appends(backend, values):
 
 @pytest.mark.parametrize("dim,group,value_bits,warp", [
     (64, 3, 4, True), (128, 4, 4, True), (128, 5, 4, True), (128, 6, 4, True),
-    (128, 8, 4, False), (128, 4, 8, True), (128, 8, 8, False), (64, 9, 4, False)])
+    (128, 8, 4, True), (128, 4, 8, True), (128, 8, 8, True), (64, 9, 4, False)])
 def test_warp_kernel_only_where_its_shared_memory_fits(dim, group, value_bits, warp):
     """CUDA refuses more than 48 KiB of static shared memory; larger query groups, head
     dims or value widths take the block-tiled kernel (warp_shared_bytes, key tiles sized
-    by the layout's key words — 9 per token here: 34,208 B at head_dim 128 / 4 query
-    heads, 44,908 B at 6, 51,932 B at 8; before the tensor-core P·V rewrite the formula
-    matched ptxas, sm_90, within 16 B)."""
+    by the layout's key words — 9 per token here; before the tensor-core P·V rewrite the
+    formula matched ptxas, sm_90, within 16 B). With tile pairs at head_dim 128 (the
+    default) the word buffers sit in dynamic shared memory beside the basis (SBASIS), so
+    8 query heads per KV head fit there too; more than MAX_WARP_GROUP never do."""
     cache = make_cache(np.random.default_rng(0), 2, dim)
     cache.value_affine = (value_bits, 64)
     layout = SpectralKernels(cache, "emulated")
     q = mx.zeros((1, 2 * group, 1, dim), mx.float16)
     assert layout.warp_decode(q) == warp
-    assert (kernels.warp_shared_bytes(dim, group, value_bits, 64, layout.key_words)
+    assert (kernels.warp_shared_bytes(dim, group, value_bits, 64, layout.key_words,
+                                      tiles=not layout._tiles_dynamic())
             <= kernels.WARP_SHARED_LIMIT) == (warp or group > kernels.MAX_WARP_GROUP)
 
 
@@ -1165,7 +1183,8 @@ def test_kernel_self_test_passes_on_working_kernels_and_names_failures(monkeypat
         use_emulator(monkeypatch)
         assert kernel_self_test.__wrapped__("emulated") is None
     # A backend whose kernels cannot be built is reported, not raised.
-    monkeypatch.setattr(kernels, "_kernel", lambda b, which, shared_memory=0: 1 / 0)
+    monkeypatch.setattr(kernels, "_kernel",
+                        lambda b, which, shared_memory=0, min_blocks=None: 1 / 0)
     problem = kernel_self_test.__wrapped__("cuda")
     assert problem and "ZeroDivisionError" in problem
 

@@ -124,9 +124,11 @@ WARP_QUERY_PAD = os.environ.get("VELOX_WARP_QUERY_PAD", "1") != "0"
 # pair halves that; the second tile's keys turn by 16·θ more (a complex product a pair),
 # and its fragments take ~32 more registers a lane at head_dim 128 (two blocks an SM
 # there anyway). Needs QMMA, not KEARLY / VEARLY. VELOX_WARP_TILE_PAIRS=N: pairs where
-# head_dim >= N (ptxas: at 64 they spill 8 bytes at three blocks an SM; at 128 none).
-# Emulator-tested, not yet timed: 0, off.
-WARP_TILE_PAIRS = int(os.environ.get("VELOX_WARP_TILE_PAIRS", "0"))
+# head_dim >= N; 0, off. 128 by default: H200, timestamps, with registers for two blocks
+# an SM (WARP_TILE_PAIR_MIN_BLOCKS), 8B shape 134.7 -> 116.8 µs at 64k, 41.4 -> 36.5 at
+# 16k, 26.0 -> 22.8 at 8k; at head_dim 64 they lose (1B at 64k 57.2 -> 58.0 at three
+# blocks an SM, where they spill 8 bytes; 86.6 at two). BENCHMARKS.md, "Tile pairs".
+WARP_TILE_PAIRS = int(os.environ.get("VELOX_WARP_TILE_PAIRS", "128"))
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
 WARP_SHARED_LIMIT = 48 * 1024 - 256
 # The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
@@ -185,6 +187,9 @@ WARP_WAVE_DIM = int(os.environ.get("VELOX_WARP_WAVE_DIM", "64"))
 # with the bounds: 1B shape at 64k 91.3 -> 57.5 µs, default-model shape at 16k 19.2 ->
 # 13.3; 8B shape (168 registers either way) 134.3 -> 135.0 at 64k, 41.1 -> 41.9 at 16k.
 WARP_MIN_BLOCKS = int(os.environ.get("VELOX_WARP_MIN_BLOCKS", "3"))
+# ... and for builds with tile pairs (TP 2), which take ~250 registers at head_dim 128
+# under two (no spills; 168 under three, where they gain nothing: 8B at 64k 135.6 µs).
+WARP_TILE_PAIR_MIN_BLOCKS = int(os.environ.get("VELOX_WARP_TILE_PAIR_MIN_BLOCKS", "2"))
 # The warp-tiled kernel's scores against the query heads on tensor cores (one mma per
 # two 8-dim slices, fp16 keys and query) rather than FMAs in registers (2 · G per key
 # pair and lane): fewer instructions, and faster on an H200 (kernel alone: default-model
@@ -220,8 +225,10 @@ def unit_codebook() -> np.ndarray:
     return np.concatenate([lloyd_max_gaussian(b)[0] for b in range(1, 9)]).astype(np.float32)
 
 
-def _kernel_parts(backend: str, which: str) -> tuple[list, list, str, str]:
-    """(input names, output names, header, source) of kernel ``which`` for ``backend``."""
+def _kernel_parts(backend: str, which: str,
+                  min_blocks: int | None = None) -> tuple[list, list, str, str]:
+    """(input names, output names, header, source) of kernel ``which`` for ``backend``;
+    ``min_blocks``: the warp-tiled kernel's launch bounds (None: WARP_MIN_BLOCKS)."""
     body, inputs, outputs = {
         "decode": (src.DECODE_BODY, src.DECODE_INPUTS, src.DECODE_OUTPUTS),
         "decode_warp": (src.DECODE_WARP_BODY, src.DECODE_WARP_INPUTS,
@@ -238,14 +245,21 @@ def _kernel_parts(backend: str, which: str) -> tuple[list, list, str, str]:
     header, source = src.kernel_text(backend, body)
     if which.endswith("_stamps"):
         header = src.CUDA_STAMPS + header
-    if backend == "cuda" and which.startswith("decode_warp") and WARP_MIN_BLOCKS:
-        header, source = src.with_launch_bounds(header, source, 32 * WARPS, WARP_MIN_BLOCKS)
+    min_blocks = WARP_MIN_BLOCKS if min_blocks is None else min_blocks
+    if backend == "cuda" and which.startswith("decode_warp") and min_blocks:
+        header, source = src.with_launch_bounds(header, source, 32 * WARPS, min_blocks)
     return inputs, outputs, header, source
 
 
+def warp_min_blocks(template) -> int:
+    """Launch bounds of the warp-tiled kernel built with ``template``: its blocks an SM
+    (0: none)."""
+    return WARP_TILE_PAIR_MIN_BLOCKS if dict(template).get("TP") == 2 else WARP_MIN_BLOCKS
+
+
 @cache
-def _kernel(backend: str, which: str, shared_memory: int = 0):
-    inputs, outputs, header, source = _kernel_parts(backend, which)
+def _kernel(backend: str, which: str, shared_memory: int = 0, min_blocks: int | None = None):
+    inputs, outputs, header, source = _kernel_parts(backend, which, min_blocks)
     if backend == "cuda":
         return _CudaKernel(f"velox_{which}", inputs, outputs, _compact_source(source),
                            _compact_source(header), shared_memory)
@@ -267,7 +281,8 @@ def cuda_kernel_text(which: str, inputs, output_dtypes, template) -> str:
     fp16 and bf16 headers, a struct for an input's shape), then as MLX writes it the
     header, the signature (each input, its shape where the body reads it, the outputs)
     and the template's constants ahead of the body."""
-    names, outputs, header, source = _kernel_parts("cuda", which)
+    names, outputs, header, source = _kernel_parts(
+        "cuda", which, warp_min_blocks(template) if which.startswith("decode_warp") else None)
     params = []
     for name, array in zip(names, inputs, strict=True):
         params.append(f"const {CUDA_TYPES[array.dtype]}* __restrict__ {name}")
@@ -407,8 +422,10 @@ def included_text(input_names, header: str, source: str) -> tuple[str, str]:
 def _launcher(backend: str, which: str, template, shared_memory: int = 0):
     """A call of kernel ``which`` with its template arguments fixed: on CUDA the baked
     kernel (``_CudaKernel.baked``), elsewhere (Metal, the tests' emulator) the kernel with
-    ``template=`` bound."""
-    kernel = _kernel(backend, which, shared_memory)
+    ``template=`` bound. The warp-tiled kernel's launch bounds follow its template
+    (``warp_min_blocks``): one build for each."""
+    kernel = (_kernel(backend, which, shared_memory, min_blocks=warp_min_blocks(template))
+              if which.startswith("decode_warp") else _kernel(backend, which, shared_memory))
     baked = getattr(kernel, "baked", None)
     return baked(tuple(template)) if baked is not None else partial(kernel, template=template)
 
