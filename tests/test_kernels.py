@@ -936,7 +936,8 @@ def warp_attend_matches_reference(backend, monkeypatch, dim, values, tokens, see
 @pytest.mark.parametrize("value_pad,query_pad", [(True, True), (False, False), (True, False),
                                                 (False, True)])
 @pytest.mark.parametrize("dim,values", [(64, "affine-rotated"), (128, "affine-rotated"),
-                                        (64, "affine8"), (128, "affine3-rotated")])
+                                        (64, "affine8"), (128, "affine3-rotated"),
+                                        (128, "affine6")])
 def test_warp_kernel_padded_value_words_and_query_rows_match_the_reference(
         backend, monkeypatch, dim, values, value_pad, query_pad):
     """VPAD (the default: a staged token's value words 4 words further apart where they
@@ -944,7 +945,9 @@ def test_warp_kernel_padded_value_words_and_query_rows_match_the_reference(
     P·V loads' bank conflicts) and QPAD (the warp's turned query in rows D + 8 floats
     apart), each on or off, give the reference's attention: 4 query heads, tiles that
     rescale each other, a partial last tile, the exact tokens. The 3-bit values (not a
-    multiple of 8 words) stay unpadded."""
+    multiple of 8 words) stay unpadded; 6-bit ones at head_dim 128 (24 words, padded to
+    28) are staged chunk by chunk, not in constant steps (vx_stage_tile's STEADY: 24
+    words do not divide a round's 128)."""
     monkeypatch.setattr(kernels, "WARP_VALUE_PAD", value_pad)
     monkeypatch.setattr(kernels, "WARP_QUERY_PAD", query_pad)
     templates = warp_attend_matches_reference(backend, monkeypatch, dim, values, 150,

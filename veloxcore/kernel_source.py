@@ -417,17 +417,32 @@ __device__ inline void vx_copy_words(unsigned int* dst, const unsigned int* src,
     vx_cp_async4(dst + i, src + i);
   }
 }
-// Start copying one warp's 16-token tile of codes into shared memory (wait before
-// reading). Counts in 32-bit words per token: WK key, VWN value; SB scale (and bias)
-// words per 16 tokens; 8 words of fp16 per-token key scales WITH_KTS. The counts are
-// compile-time, so each loop unrolls into a few predicated copies per lane (as run-time
-// arguments, the copies' loops took 139 of a tile's 1,315 instructions: 1B shape, H200
-// SASS profile). Tiles start at multiples of 16 tokens, so every run is a whole number
-// of 16-byte chunks at 16-byte offsets: with a16 (every buffer's address 16-byte
-// aligned) they move as 16-byte copies, a quarter of the instructions of 4-byte ones.
-// A token's value words land VWS words apart (VWS = VWN, or VWN padded where VWN is a
-// multiple of 4, so that a 16-byte chunk never spans two tokens).
-template <int WK, int VWN, int VWS, int SB, bool WITH_KTS>
+// Start copying one warp's TILES adjacent 16-token tiles of codes into shared memory
+// (wait before reading): tiles of one head are adjacent in memory and in the warp's
+// buffers, so a tile pair (TP 2) is one run of each array. Counts in 32-bit words per
+// token: WK key, VWN value; SB scale (and bias) words per 16 tokens; 8 words of fp16
+// per-token key scales a tile WITH_KTS. Each run's chunks go to the lanes in rounds of
+// 32 (vx_lane_rounds): the counts are compile-time, so every round but a partial last
+// one is an unpredicated copy at a constant offset from the lane's first (as a loop from
+// the lane's index, nvcc built a remainder loop with branches around each copy: 170 of
+// the 8B shape's instructions a tile, H200 SASS profile; now ~45 by the SASS). The
+// 4-byte path (misaligned inputs, rare) keeps plain loops: unrolled too, the kernel
+// spilled at head_dim 64 under three blocks an SM. Tiles start at multiples of 16
+// tokens, so every run is a whole number of 16-byte chunks at 16-byte offsets: with a16
+// (every buffer's address 16-byte aligned) they move as 16-byte copies, a quarter of the
+// instructions of 4-byte ones. A token's value words land VWS words apart (VWS = VWN, or
+// VWN padded where VWN is a multiple of 4, so that a 16-byte chunk never spans two
+// tokens).
+template <int N, typename F>
+__device__ inline void vx_lane_rounds(int lane, F copy) {  // copy(round): item lane + 32 round
+#pragma unroll
+  for (int j = 0; j < (N + 31) / 32; j++) {
+    if (32 * (j + 1) <= N || lane + 32 * j < N) {  // (compile-time true but in the last)
+      copy(j);
+    }
+  }
+}
+template <int WK, int VWN, int VWS, int SB, bool WITH_KTS, int TILES>
 __device__ inline void vx_stage_tile(unsigned int* kw, unsigned int* vw, unsigned int* vsc,
                                      unsigned int* vbi, unsigned int* kts,
                                      const unsigned int* kwords, const unsigned int* vwords,
@@ -440,34 +455,47 @@ __device__ inline void vx_stage_tile(unsigned int* kw, unsigned int* vw, unsigne
   const unsigned int* vsrc = vwords + row0 * VWN;
   static_assert(VWS == VWN || VWN % 4 == 0, "a padded token's words are whole chunks");
   if (a16) {
-#pragma unroll
-    for (int i = lane; i < 4 * WK; i += 32) {
-      vx_cp_async16(kw + 4 * i, ks + 4 * i);
-    }
-#pragma unroll
-    for (int i = lane; i < 4 * VWN; i += 32) {  // (chunk i: token i / (VWN / 4))
-      vx_cp_async16(vw + 4 * i + (VWS - VWN) * (4 * i / VWN), vsrc + 4 * i);
-    }
-    if (lane < SB / 4) {
+    // (Each lane's first chunk, then constant steps of 32 chunks: the copies' addresses
+    // fold into the instructions' offsets.)
+    unsigned int* kw_l = kw + 4 * lane;
+    const unsigned int* ks_l = ks + 4 * lane;
+    vx_lane_rounds<4 * WK * TILES>(lane, [&](int j) {
+      vx_cp_async16(kw_l + 128 * j, ks_l + 128 * j);
+    });
+    // Chunk i (lane + 32 j) is token 4 i / VWN's; where VWN divides 128 chunks' words,
+    // a round is a constant number of padded tokens further.
+    constexpr int PAD = VWS - VWN;
+    constexpr bool STEADY = PAD == 0 || 128 % VWN == 0;
+    unsigned int* vw_l = vw + 4 * lane + PAD * (4 * lane / VWN);
+    const unsigned int* vs_l = vsrc + 4 * lane;
+    vx_lane_rounds<4 * VWN * TILES>(lane, [&](int j) {
+      if (STEADY) {
+        vx_cp_async16(vw_l + (128 + PAD * (128 / VWN)) * j, vs_l + 128 * j);
+      } else {
+        const int i = lane + 32 * j;
+        vx_cp_async16(vw + 4 * i + PAD * (4 * i / VWN), vsrc + 4 * i);
+      }
+    });
+    if (lane < SB * TILES / 4) {
       vx_cp_async16(vsc + 4 * lane, vs + 4 * lane);
       vx_cp_async16(vbi + 4 * lane, vb + 4 * lane);
     }
-    if (WITH_KTS && lane < 2) {
+    if (WITH_KTS && lane < 2 * TILES) {
       vx_cp_async16(kts + 4 * lane, kt + 4 * lane);
     }
     return;
   }
-  for (int i = lane; i < 16 * WK; i += 32) {
+  for (int i = lane; i < 16 * WK * TILES; i += 32) {  // (misaligned inputs: a rare path)
     vx_cp_async4(kw + i, ks + i);
   }
-  for (int i = lane; i < 16 * VWN; i += 32) {
+  for (int i = lane; i < 16 * VWN * TILES; i += 32) {
     vx_cp_async4(vw + i + (VWS - VWN) * (i / VWN), vsrc + i);
   }
-  for (int i = lane; i < SB; i += 32) {
+  for (int i = lane; i < SB * TILES; i += 32) {
     vx_cp_async4(vsc + i, vs + i);
     vx_cp_async4(vbi + i, vb + i);
   }
-  if (WITH_KTS && lane < 8) {
+  if (WITH_KTS && lane < 8 * TILES) {
     vx_cp_async4(kts + lane, kt + lane);
   }
 }
@@ -1016,15 +1044,11 @@ DECODE_WARP_BODY = r"""
   int buf = 0;
   // A warp's TP tiles from token row0 into buffer b (tiles start at multiples of 16
   // tokens, and a pair at multiples of 32: a pair never crosses the buffers' capacity).
-  auto stage = [&](int b, int row0) {
-#pragma unroll
-    for (int tp = 0; tp < TP; tp++) {
-      vx_stage_tile<WKS, VW, VWS, SBW, KTS>(
-          kw_s + (warp * 2 + b) * KWT + tp * 16 * WKS,
-          vw_s + (warp * 2 + b) * VWT + tp * 16 * VWS, vsc_s[warp][b] + tp * SBW,
-          vbi_s[warp][b] + tp * SBW, kts_s[warp][b] + tp * 8, kwords, vwords, vscales,
-          vbiases, ktok, row0 + tp * 16, a16, lane);
-    }
+  auto stage = [&](int b, int row0) {  // (TP tiles: adjacent here and in the buffers)
+    vx_stage_tile<WKS, VW, VWS, SBW, KTS, TP>(
+        kw_s + (warp * 2 + b) * KWT, vw_s + (warp * 2 + b) * VWT, vsc_s[warp][b],
+        vbi_s[warp][b], kts_s[warp][b], kwords, vwords, vscales, vbiases, ktok, row0, a16,
+        lane);
   };
   if (start + warp * 16 * TP < stop) {
     stage(0, bh * cap + start + warp * 16 * TP);
