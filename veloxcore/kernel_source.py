@@ -425,7 +425,8 @@ __device__ inline void vx_copy_words(unsigned int* dst, const unsigned int* src,
 // 32 (vx_lane_rounds): the counts are compile-time, so every round but a partial last
 // one is an unpredicated copy at a constant offset from the lane's first (as a loop from
 // the lane's index, nvcc built a remainder loop with branches around each copy: 170 of
-// the 8B shape's instructions a tile, H200 SASS profile; now ~45 by the SASS). The
+// the 8B shape's instructions a tile, H200 SASS profile; now ~37 by the SASS, ~65 at
+// head_dim 64, where a tile is not paired). The
 // 4-byte path (misaligned inputs, rare) keeps plain loops: unrolled too, the kernel
 // spilled at head_dim 64 under three blocks an SM. Tiles start at multiples of 16
 // tokens, so every run is a whole number of 16-byte chunks at 16-byte offsets: with a16
