@@ -972,12 +972,65 @@ def test_warp_kernel_tile_pairs_match_the_reference(backend, monkeypatch, tile_p
     assert [t["TP"] for t in templates] == [2 if tile_pairs else 1]
 
 
+@pytest.mark.parametrize("limit,group,table", [(99, 4, "whole"), (99, 8, "whole"),
+                                               (90, 8, "part"), (80, 8, "block-tiled")])
+def test_warp_kernel_fits_the_device_block_limit(backend, monkeypatch, limit, group, table):
+    """On cards whose blocks may use 99 KiB of shared memory in all (sm_86, sm_89, sm_120:
+    kernels.block_shared_limit) head_dim 128 keeps one tile a warp (tile pairs' doubled
+    buffers would not fit), and a launch's static and dynamic shared memory stay within
+    the limit: the key pair table shrinks where the whole one would not fit beside 8
+    query heads (a 90 KiB limit here), and a group that would not fit even without it
+    takes the block-tiled kernel (80 KiB); each gives the reference's attention (the
+    limits are emulated: the tests' GPU is an H200)."""
+    if backend not in ("emulated", "cuda"):
+        pytest.skip("the warp-tiled kernel is CUDA's")
+    monkeypatch.setattr(kernels, "block_shared_limit", lambda: limit * 1024)
+    launches = record_launches(monkeypatch)
+    rng = np.random.default_rng(group)
+    cache = filled(make_cache(rng, 2, 128, "pre", "affine-rotated", True), rng, 300)
+    q = mx.array(rng.normal(size=(1, 2 * group, 1, 128)).astype(np.float16))
+    expected = reference_attend(cache, q, 128**-0.5)
+    cache.use_kernels(backend)
+    assert cache.kernels.warp_decode(q) == (table != "block-tiled")
+    got = np.array(cache.attend(q, 128**-0.5).astype(mx.float32))
+    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
+    warps = [(m, t) for which, m, t, _ in launches if which == "decode_warp"]
+    assert len(warps) == (table != "block-tiled")
+    for dynamic, template in warps:
+        assert template["TP"] == 1 and template["SBASIS"]
+        static = kernels.warp_shared_bytes(128, group, 4, 64, cache.kernels.key_words,
+                                           tiles=False, pair_words=template["KPAIR"])
+        assert static <= kernels.WARP_SHARED_LIMIT
+        assert static + dynamic <= limit * 1024
+        whole = cache.kernels.key_pair_words
+        assert (template["KPAIR"] == whole) == (table == "whole")
+        assert template["KPAIR"] > 0
+
+
+@pytest.mark.parametrize("info,limit", [
+    ({"compute_capability_major": 9, "compute_capability_minor": 0}, 227 * 1024),
+    ({"compute_capability_major": 8, "compute_capability_minor": 9}, 99 * 1024),
+    ({"compute_capability_major": 8, "compute_capability_minor": 0}, 163 * 1024),
+    ({"compute_capability_major": 12, "compute_capability_minor": 1}, 99 * 1024),
+    ({"compute_capability_major": 10, "compute_capability_minor": 3}, 227 * 1024),
+    ({"compute_capability_major": 7, "compute_capability_minor": 5}, 48 * 1024),
+    ({"device_name": "Apple M3", "architecture": "applegpu_g15s"}, 227 * 1024)])
+def test_block_shared_limit_follows_the_compute_capability(monkeypatch, info, limit):
+    """A block's shared memory limit from MLX's device_info: the table's entry for the
+    architecture or the last one before it of the same line; an H100's where MLX names
+    no compute capability (Metal, no GPU)."""
+    monkeypatch.setattr(kernels.mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(kernels.mx, "device_info", lambda *a: info)
+    assert kernels.block_shared_limit.__wrapped__() == limit
+
+
 @pytest.mark.parametrize("values", ["affine-rotated", "affine8"])
 def test_warp_kernel_takes_eight_query_heads_at_head_dim_128(backend, monkeypatch, values):
-    """8 query heads per KV head at head_dim 128 (a 70B-style group): with tile pairs the
-    word buffers move to dynamic shared memory, so the warp-tiled kernel takes the shape
-    (the block-tiled one did before) and gives the reference's attention, 4- and 8-bit
-    values, tiles that rescale each other and a partial last pair."""
+    """8 query heads per KV head at head_dim 128 (a 70B-style group): the word buffers
+    sit in dynamic shared memory beside the basis, so the warp-tiled kernel takes the
+    shape (the block-tiled one did before 2026-11-30) and gives the reference's
+    attention, 4- and 8-bit values, tiles that rescale each other and a partial last
+    pair."""
     templates = warp_attend_matches_reference(backend, monkeypatch, 128, values, 300,
                                               seed=8, group=8)
     assert [(t["G"], t["TP"], t["SBASIS"]) for t in templates] == [(8, 2, True)]
@@ -1081,9 +1134,9 @@ def test_warp_kernel_only_where_its_shared_memory_fits(dim, group, value_bits, w
     """CUDA refuses more than 48 KiB of static shared memory; larger query groups, head
     dims or value widths take the block-tiled kernel (warp_shared_bytes, key tiles sized
     by the layout's key words — 9 per token here; before the tensor-core P·V rewrite the
-    formula matched ptxas, sm_90, within 16 B). With tile pairs at head_dim 128 (the
-    default) the word buffers sit in dynamic shared memory beside the basis (SBASIS), so
-    8 query heads per KV head fit there too; more than MAX_WARP_GROUP never do."""
+    formula matched ptxas, sm_90, within 16 B). At head_dim 128 every launch reads its
+    basis from dynamic shared memory (SBASIS) and the word buffers sit there too, so 8
+    query heads per KV head fit; more than MAX_WARP_GROUP never do."""
     cache = make_cache(np.random.default_rng(0), 2, dim)
     cache.value_affine = (value_bits, 64)
     layout = SpectralKernels(cache, "emulated")

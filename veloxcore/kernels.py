@@ -131,6 +131,16 @@ WARP_QUERY_PAD = os.environ.get("VELOX_WARP_QUERY_PAD", "1") != "0"
 WARP_TILE_PAIRS = int(os.environ.get("VELOX_WARP_TILE_PAIRS", "128"))
 # Static shared memory a CUDA kernel may declare (less a margin for alignment padding).
 WARP_SHARED_LIMIT = 48 * 1024 - 256
+# Shared memory a block may use in all (static and dynamic, opt-in) by compute capability
+# (CUDA C++ Programming Guide, "Technical Specifications per Compute Capability"): 227 KiB
+# on sm_90 and sm_100, 163 KiB on sm_80 and sm_87, 99 KiB on sm_86, sm_89 and sm_120.
+BLOCK_SHARED_BY_ARCH = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024,
+                        (8, 9): 99 * 1024, (9, 0): 227 * 1024, (10, 0): 227 * 1024,
+                        (12, 0): 99 * 1024}
+# Tile pairs (TP 2) where a block may use at least this much: their doubled word buffers
+# take a head_dim-128 block to ~90-110 KB, two blocks an SM on an H100/H200 (228 KB an
+# SM); cards of 99 KiB a block (100 KB an SM) keep one tile.
+TILE_PAIR_BLOCK_SHARED = 160 * 1024
 # The warp-tiled decode kernel (CUDA, pre-RoPE keys, affine values); VELOX_WARP_DECODE=0
 # falls back to the block-tiled one (for comparisons).
 WARP_DECODE = os.environ.get("VELOX_WARP_DECODE", "1") != "0"
@@ -649,10 +659,10 @@ class SpectralKernels:
     def warp_decode(self, queries) -> bool:
         """Whether ``attend`` runs the one-launch warp-tiled kernel (CUDA, pre-RoPE keys,
         affine values — plain or Hadamard-rotated —, head_dim <= 128, at most
-        MAX_WARP_GROUP query heads per KV head, and its static shared memory within
-        CUDA's 48 KiB; e.g. head_dim 128 with 8 query heads per KV head and 9 key words
-        per token takes the block-tiled kernel; so do more than WARP_MAX_EXACT exact
-        tokens)."""
+        MAX_WARP_GROUP query heads per KV head, its static shared memory within CUDA's
+        48 KiB and all of a block's within the device's limit (block_shared_limit: on a
+        99 KiB card, 8 query heads per KV head at head_dim 128 fit with 9 key words per
+        token); more than WARP_MAX_EXACT exact tokens take the block-tiled kernel)."""
         G = queries.shape[1] // self.heads
         if G not in self._warp_fits:
             self._warp_fits[G] = (
@@ -663,15 +673,29 @@ class SpectralKernels:
                 and (self.value_back is None or self.value_hadamard)
                 and warp_shared_bytes(self.dims, G, *self.value_affine, self.key_words,
                                       tiles=not self._tiles_dynamic())
-                <= WARP_SHARED_LIMIT)
+                <= WARP_SHARED_LIMIT
+                # ... and a launch with the basis and word buffers in dynamic shared
+                # memory (SBASIS), without the pair table, within the device's block
+                # limit (99 KiB on consumer cards)
+                and self._block_shared_bytes(G, 0) <= block_shared_limit())
         return WARP_DECODE and self._warp_fits[G]
 
+    def _block_shared_bytes(self, G: int, pair_words: int) -> int:
+        """Static and dynamic shared memory of an SBASIS launch (the basis and the word
+        buffers dynamic) with a pair table of ``pair_words`` entries."""
+        vb, vg = self.value_affine
+        return (warp_shared_bytes(self.dims, G, vb, vg, self.key_words, tiles=False,
+                                  pair_words=pair_words)
+                + warp_dynamic_bytes(self.dims, G, vb, vg, self.key_rank, self.key_words,
+                                     pair_words))
+
     def _tiles_dynamic(self) -> bool:
-        """Whether _warp_fits counts the word buffers in dynamic shared memory: with tile
-        pairs (whose doubled buffers would not fit the static 48 KiB at head_dim 128)
-        where every launch puts them there (SBASIS: the basis never sits in registers)."""
-        return (_warp_tiles(self.dims) == 2 and self.dims > WARP_BASIS_REGISTERS
-                and WARP_BASIS_SHARED)
+        """Whether _warp_fits counts the word buffers in dynamic shared memory: where
+        every launch puts them there (SBASIS: the basis never sits in registers, as past
+        head_dim WARP_BASIS_REGISTERS), leaving the static 48 KiB to the rest (tile
+        pairs' doubled buffers would not fit it at head_dim 128; nor would one tile's
+        beside 7 or 8 query heads' rows)."""
+        return self.dims > WARP_BASIS_REGISTERS and WARP_BASIS_SHARED
 
     def _key_pairs(self, G: int, tiles: bool) -> tuple:
         """The key pair table of a warp-tiled launch for G query heads per KV head, as
@@ -682,11 +706,14 @@ class SpectralKernels:
         table's first entries, the others column by column), else none."""
         # (Everything warp_shared_bytes reads that a test or benchmark may change.)
         key = (G, tiles, WARP_SHARED_LIMIT, WARP_VALUE_PAD, WARP_QUERY_PAD, WARPS,
-               _warp_tiles(self.dims))
+               _warp_tiles(self.dims), block_shared_limit())
         if key not in self._key_pairs_for:
+            # (SBASIS launches, ``tiles`` False: the block's whole shared memory within
+            # the device's limit too)
             fits = lambda words: warp_shared_bytes(  # noqa: E731
                 self.dims, G, *self.value_affine, self.key_words, tiles=tiles,
-                pair_words=words) <= WARP_SHARED_LIMIT
+                pair_words=words) <= WARP_SHARED_LIMIT and (
+                tiles or self._block_shared_bytes(G, words) <= block_shared_limit())
             choice = (self.key_pair_words, self.kpair, self.ptab, self.key_pairs_all)
             capacity = self.key_pair_words
             while choice[0] and not fits(choice[0]):
@@ -1075,8 +1102,26 @@ def _warp_tile_words(D: int, value_bits: int, key_words: int) -> int:
 def _warp_tiles(D: int) -> int:
     """16-token tiles a warp of the warp-tiled kernel takes an iteration at head_dim D
     (TP)."""
-    pairs = 0 < WARP_TILE_PAIRS <= D and WARP_QMMA
+    pairs = (0 < WARP_TILE_PAIRS <= D and WARP_QMMA
+             and block_shared_limit() >= TILE_PAIR_BLOCK_SHARED)
     return 2 if pairs and not (WARP_KEYS_EARLY or WARP_VALUES_EARLY) else 1
+
+
+@cache
+def block_shared_limit() -> int:
+    """Shared memory a block may use in all on this CUDA device (BLOCK_SHARED_BY_ARCH
+    by MLX's compute capability; architectures past the table as their major's last
+    entry). Where MLX does not say (no CUDA device: the emulator, ptxas checks on a
+    CPU host), an H100/H200's 227 KiB, the cards the kernels are tested on."""
+    try:
+        info = mx.device_info() if mx.default_device() == mx.gpu else {}
+    except (AttributeError, RuntimeError, ValueError):
+        info = {}
+    major, minor = info.get("compute_capability_major"), info.get("compute_capability_minor")
+    if not isinstance(major, int) or not isinstance(minor, int):
+        return 227 * 1024
+    known = [arch for arch in BLOCK_SHARED_BY_ARCH if arch <= (major, minor)]
+    return BLOCK_SHARED_BY_ARCH[max(known)] if known else 48 * 1024
 
 
 def warp_shared_bytes(D: int, G: int, value_bits: int, value_group: int, key_words: int,
