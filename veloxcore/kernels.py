@@ -1115,7 +1115,7 @@ def block_shared_limit() -> int:
     CPU host), an H100/H200's 227 KiB, the cards the kernels are tested on."""
     try:
         info = mx.device_info() if mx.default_device() == mx.gpu else {}
-    except (AttributeError, RuntimeError, ValueError):
+    except Exception:  # (a best-effort query: MLX builds differ in what they report)
         info = {}
     major, minor = info.get("compute_capability_major"), info.get("compute_capability_minor")
     if not isinstance(major, int) or not isinstance(minor, int):
