@@ -88,7 +88,9 @@ VARIANTS = {
     "no-value-pad": {"WARP_VALUE_PAD": False},
     "no-query-pad": {"WARP_QUERY_PAD": False},
     "no-pads": {"WARP_VALUE_PAD": False, "WARP_QUERY_PAD": False},
-    "no-launch-bounds": {"WARP_MIN_BLOCKS": 0},
+    "no-launch-bounds": {"WARP_MIN_BLOCKS": 0, "WARP_TILE_PAIR_MIN_BLOCKS": 0},
+    # (mb2, mb3, unroll8-mb2 and key-pair-registers-mb0 set the one-tile builds' bounds
+    # only: since 2026-11-30 head_dim 128 builds tile pairs, WARP_TILE_PAIR_MIN_BLOCKS.)
     # Tile pairs: a warp takes two tiles an iteration, one basis fragment load for both
     # tiles' mma (at head_dim 128 by default since 2026-11-30, with registers for two
     # blocks an SM there): off, at every head_dim too, and at three blocks an SM.

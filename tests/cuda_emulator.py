@@ -353,4 +353,5 @@ def use_emulator(monkeypatch) -> None:
     monkeypatch.setattr(kernels, "_kernel",
                         lambda b, which, shared_memory=0, min_blocks=None: emulated_kernel(
                             which, shared_memory)
-                        if b.startswith("emulated") else original(b, which, shared_memory))
+                        if b.startswith("emulated")
+                        else original(b, which, shared_memory, min_blocks))

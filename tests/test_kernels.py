@@ -405,7 +405,7 @@ def test_warp_splits_cover_the_codes_in_whole_steps(heads, coded, dim):
     two tiles an iteration); at most WARP_MAX_SPLITS a head (the merge's capacity) and
     within the launch's target blocks."""
     splits, per_split = kernels.warp_splits(coded, heads, dim)
-    step = 16 * kernels.WARPS * (2 if 0 < kernels.WARP_TILE_PAIRS <= dim else 1)
+    step = 16 * kernels.WARPS * kernels._warp_tiles(dim)
     assert per_split % step == 0
     assert (splits - 1) * per_split < coded <= splits * per_split
     assert 1 <= splits <= kernels.WARP_MAX_SPLITS
@@ -462,15 +462,18 @@ def test_warp_kernel_copies_the_pair_table_whatever_its_alignment(monkeypatch):
     assert copies[False] - copies[True] == blocks * (words // 4)
 
 
+@pytest.mark.parametrize("tile_pairs", [False, True])
 @pytest.mark.parametrize("misaligned", [False, True, {"kwords"}, {"ktok"}, {"vscales"},
                                         {"vbiases"}, {"vwords"}],
                          ids=["aligned", "all", "kwords", "ktok", "vscales", "vbiases",
                               "vwords"])
-def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misaligned):
+def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misaligned,
+                                                           tile_pairs):
     """The warp-tiled kernel copies a tile's codes in 16-byte pieces when every code
     buffer starts on a 16-byte boundary and in 4-byte pieces otherwise — all of them or
     any one misaligned (a misaligned 16-byte cp.async faults; the emulator aborts on one,
-    and counts the ones made); both give the reference's attention."""
+    and counts the ones made); both give the reference's attention, one tile a warp or
+    tile pairs (staged as one run of each array: padded value words here)."""
     import cuda_emulator
 
     if compiler() is None:
@@ -486,6 +489,7 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
     monkeypatch.setattr(kernels, "_kernel", emulated)
     # (the key pair table's copies have their own alignment test, below)
     monkeypatch.setattr(kernels, "WARP_KEY_PAIRS", 0)
+    monkeypatch.setattr(kernels, "WARP_TILE_PAIRS", 64 if tile_pairs else 0)
     monkeypatch.setattr(cuda_emulator, "MISALIGN_INPUTS", misaligned)
     monkeypatch.setattr(cuda_emulator, "COPIES_16", 0)
     rng = np.random.default_rng(11)
@@ -495,9 +499,11 @@ def test_warp_kernel_copies_codes_whatever_their_alignment(monkeypatch, misalign
     cache.use_kernels("emulated")
     got = np.array(cache.attend(q, 0.125).astype(mx.float32))
     assert "decode_warp" in names
-    # 146 coded tokens: 10 tiles per KV head, each at least one 16-byte copy per code
-    # buffer (key words, key scales, value words, scales, biases): 2 · 10 · 5.
-    assert (cuda_emulator.COPIES_16 == 0) if misaligned else (cuda_emulator.COPIES_16 >= 100)
+    # 146 coded tokens: 10 tiles (5 pairs) per KV head, each at least one 16-byte copy
+    # per code buffer (key words, key scales, value words, scales, biases): 2 · 10 · 5
+    # (2 · 5 · 5 in pairs).
+    least = 50 if tile_pairs else 100
+    assert (cuda_emulator.COPIES_16 == 0) if misaligned else (cuda_emulator.COPIES_16 >= least)
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
 
 
@@ -913,11 +919,12 @@ def test_warp_kernel_scores_on_tensor_cores_or_in_registers(backend, monkeypatch
 
 
 def warp_attend_matches_reference(backend, monkeypatch, dim, values, tokens, seed,
-                                  group=4) -> list:
+                                  group=4, require_warp=False) -> list:
     """One decode step over a filled cache (2 KV heads, ``group`` query heads each,
     per-token key scales) on ``backend``'s warp-tiled kernel, checked against the
     reference's attention; returns the warp-tiled launches' template arguments (skips
-    where the backend or shape takes another kernel)."""
+    where the backend takes another kernel, and where the shape does unless
+    ``require_warp``, which fails there)."""
     if backend not in ("emulated", "cuda"):
         pytest.skip("the warp-tiled kernel is CUDA's")
     launches = record_launches(monkeypatch)
@@ -927,6 +934,7 @@ def warp_attend_matches_reference(backend, monkeypatch, dim, values, tokens, see
     expected = reference_attend(cache, q, dim**-0.5)
     cache.use_kernels(backend)
     if not cache.kernels.warp_decode(q):
+        assert not require_warp, "this shape should take the warp-tiled kernel"
         pytest.skip("this shape takes the block-tiled kernel")
     got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
@@ -951,7 +959,7 @@ def test_warp_kernel_padded_value_words_and_query_rows_match_the_reference(
     monkeypatch.setattr(kernels, "WARP_VALUE_PAD", value_pad)
     monkeypatch.setattr(kernels, "WARP_QUERY_PAD", query_pad)
     templates = warp_attend_matches_reference(backend, monkeypatch, dim, values, 150,
-                                              seed=dim + len(values))
+                                              seed=dim + len(values), require_warp=True)
     assert [(t["VPAD"], t["QPAD"]) for t in templates] == [(value_pad, query_pad)]
 
 
@@ -1014,12 +1022,13 @@ def test_warp_kernel_fits_the_device_block_limit(backend, monkeypatch, limit, gr
     ({"compute_capability_major": 12, "compute_capability_minor": 1}, 99 * 1024),
     ({"compute_capability_major": 10, "compute_capability_minor": 3}, 227 * 1024),
     ({"compute_capability_major": 7, "compute_capability_minor": 5}, 48 * 1024),
-    ({"device_name": "Apple M3", "architecture": "applegpu_g15s"}, 227 * 1024)])
+    ({"device_name": "NVIDIA X", "architecture": "sm_90"}, 99 * 1024),
+    (None, 227 * 1024)])
 def test_block_shared_limit_follows_the_compute_capability(monkeypatch, info, limit):
-    """A block's shared memory limit from MLX's device_info: the table's entry for the
-    architecture or the last one before it of the same line; an H100's where MLX names
-    no compute capability (Metal, no GPU)."""
-    monkeypatch.setattr(kernels.mx, "default_device", lambda: mx.gpu)
+    """A block's shared memory limit from MLX's device_info on a CUDA GPU: the table's
+    entry for the architecture or the last one before it; 99 KiB where MLX names no
+    compute capability; an H100's without a CUDA GPU (``None`` here: the emulator)."""
+    monkeypatch.setattr(kernels.mx.cuda, "is_available", lambda: info is not None)
     monkeypatch.setattr(kernels.mx, "device_info", lambda *a: info)
     assert kernels.block_shared_limit.__wrapped__() == limit
 
@@ -1032,8 +1041,9 @@ def test_warp_kernel_takes_eight_query_heads_at_head_dim_128(backend, monkeypatc
     attention, 4- and 8-bit values, tiles that rescale each other and a partial last
     pair."""
     templates = warp_attend_matches_reference(backend, monkeypatch, 128, values, 300,
-                                              seed=8, group=8)
-    assert [(t["G"], t["TP"], t["SBASIS"]) for t in templates] == [(8, 2, True)]
+                                              seed=8, group=8, require_warp=True)
+    assert [(t["G"], t["TP"], t["SBASIS"]) for t in templates] == [
+        (8, kernels._warp_tiles(128), True)]
 
 
 @pytest.mark.parametrize("place", ["registers", "shared", "memory"])
@@ -1054,8 +1064,6 @@ def test_warp_kernel_reads_its_basis_from_registers_shared_memory_or_memory(
         pytest.skip("misaligned inputs are the emulator's")
     monkeypatch.setattr(kernels, "WARP_BASIS_REGISTERS", 64 if place == "registers" else 0)
     monkeypatch.setattr(kernels, "WARP_BASIS_SHARED", place == "shared")
-    if place == "memory":  # (tile pairs' doubled word buffers need SBASIS at head_dim 128)
-        monkeypatch.setattr(kernels, "WARP_TILE_PAIRS", 0)
     monkeypatch.setattr(cuda_emulator, "MISALIGN_INPUTS", misaligned)
     launches = record_launches(monkeypatch)
     monkeypatch.setattr(cuda_emulator, "COPIES_16", 0)

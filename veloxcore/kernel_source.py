@@ -455,6 +455,7 @@ __device__ inline void vx_stage_tile(unsigned int* kw, unsigned int* vw, unsigne
   const unsigned int* ks = kwords + row0 * WK;
   const unsigned int* vsrc = vwords + row0 * VWN;
   static_assert(VWS == VWN || VWN % 4 == 0, "a padded token's words are whole chunks");
+  static_assert(SB * TILES <= 128, "a lane's one 16-byte copy of scales (and biases)");
   if (a16) {
     // (Each lane's first chunk, then constant steps of 32 chunks: the copies' addresses
     // fold into the instructions' offsets.)

@@ -677,12 +677,14 @@ class SpectralKernels:
                 # ... and a launch with the basis and word buffers in dynamic shared
                 # memory (SBASIS), without the pair table, within the device's block
                 # limit (99 KiB on consumer cards)
-                and self._block_shared_bytes(G, 0) <= block_shared_limit())
+                and self._block_shared_bytes(G, 0) <= block_shared_limit() - 256)
         return WARP_DECODE and self._warp_fits[G]
 
     def _block_shared_bytes(self, G: int, pair_words: int) -> int:
         """Static and dynamic shared memory of an SBASIS launch (the basis and the word
-        buffers dynamic) with a pair table of ``pair_words`` entries."""
+        buffers dynamic) with a pair table of ``pair_words`` entries (checked against
+        the device's limit less WARP_SHARED_LIMIT's margin: the static part is an
+        estimate)."""
         vb, vg = self.value_affine
         return (warp_shared_bytes(self.dims, G, vb, vg, self.key_words, tiles=False,
                                   pair_words=pair_words)
@@ -713,7 +715,7 @@ class SpectralKernels:
             fits = lambda words: warp_shared_bytes(  # noqa: E731
                 self.dims, G, *self.value_affine, self.key_words, tiles=tiles,
                 pair_words=words) <= WARP_SHARED_LIMIT and (
-                tiles or self._block_shared_bytes(G, words) <= block_shared_limit())
+                tiles or self._block_shared_bytes(G, words) <= block_shared_limit() - 256)
             choice = (self.key_pair_words, self.kpair, self.ptab, self.key_pairs_all)
             capacity = self.key_pair_words
             while choice[0] and not fits(choice[0]):
@@ -733,10 +735,10 @@ class SpectralKernels:
         kpair, table = pairs
         return table.size, as_mx(kpair), as_mx(table), bool((kpair[..., 3] >= 0).all())
 
-    @staticmethod
-    def whole_tiles(parts) -> bool:
-        """The warp-tiled kernel copies whole 16-token tiles: buffers must hold them."""
-        return parts[0].shape[2] % 16 == 0
+    def whole_tiles(self, parts) -> bool:
+        """The warp-tiled kernel copies whole 16-token tiles (pairs of them with TP 2):
+        buffers must hold them."""
+        return parts[0].shape[2] % (16 * _warp_tiles(self.dims)) == 0
 
     def decode_partials(self, queries, scale, parts, coded, pos0):
         """First launch: (out, max, sum) per split, shapes (B, H, S, G, D) / (B, H, S, G)."""
@@ -1103,23 +1105,28 @@ def _warp_tiles(D: int) -> int:
     """16-token tiles a warp of the warp-tiled kernel takes an iteration at head_dim D
     (TP)."""
     pairs = (0 < WARP_TILE_PAIRS <= D and WARP_QMMA
-             and block_shared_limit() >= TILE_PAIR_BLOCK_SHARED)
+             and block_shared_limit() >= TILE_PAIR_BLOCK_SHARED
+             # (the doubled word buffers need dynamic shared memory past head_dim 64)
+             and (D <= WARP_BASIS_REGISTERS or WARP_BASIS_SHARED))
     return 2 if pairs and not (WARP_KEYS_EARLY or WARP_VALUES_EARLY) else 1
 
 
 @cache
 def block_shared_limit() -> int:
-    """Shared memory a block may use in all on this CUDA device (BLOCK_SHARED_BY_ARCH
-    by MLX's compute capability; architectures past the table as their major's last
-    entry). Where MLX does not say (no CUDA device: the emulator, ptxas checks on a
-    CPU host), an H100/H200's 227 KiB, the cards the kernels are tested on."""
+    """Shared memory a block may use in all on this machine's CUDA GPU
+    (BLOCK_SHARED_BY_ARCH by the compute capability MLX reports; architectures past the
+    table as the last entry before them): 99 KiB where MLX does not say, the smallest
+    of current cards; without a CUDA GPU (the tests' emulator, ptxas checks on a CPU
+    host) an H100/H200's 227 KiB, the cards the kernels are tested on."""
+    if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+        return 227 * 1024
     try:
-        info = mx.device_info() if mx.default_device() == mx.gpu else {}
+        info = mx.device_info(mx.gpu)
     except Exception:  # (a best-effort query: MLX builds differ in what they report)
         info = {}
     major, minor = info.get("compute_capability_major"), info.get("compute_capability_minor")
     if not isinstance(major, int) or not isinstance(minor, int):
-        return 227 * 1024
+        return 99 * 1024
     known = [arch for arch in BLOCK_SHARED_BY_ARCH if arch <= (major, minor)]
     return BLOCK_SHARED_BY_ARCH[max(known)] if known else 48 * 1024
 
