@@ -39,6 +39,12 @@ def main() -> int:
     failure = kernel_self_test(backend) if fused else None
     print(f"backend {backend}; self-test: "
           f"{(failure or 'passed') if fused else 'not run (no fused kernels here)'}")
+    if backend == "cuda":  # (tile pairs need >= 160 KiB a block: kernels.block_shared_limit)
+        info = mx.device_info(mx.gpu)
+        print(f"{info.get('device_name')}: compute capability "
+              f"{info.get('compute_capability_major')}.{info.get('compute_capability_minor')}"
+              f", {kernels.block_shared_limit()} bytes of shared memory a block; tile pairs "
+              f"at head_dim 128: {kernels._warp_tiles(128) == 2}")
     rope = llama.initialize_rope(D, 500000.0, False, None, 131072)
     cache = spectral_cache(np.random.default_rng(0), H, D, rope,
                            backend if backend != "reference" else "off", rotate_values=True)
