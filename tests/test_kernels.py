@@ -1022,12 +1022,16 @@ def test_warp_kernel_fits_the_device_block_limit(backend, monkeypatch, limit, gr
     ({"compute_capability_major": 12, "compute_capability_minor": 1}, 99 * 1024),
     ({"compute_capability_major": 10, "compute_capability_minor": 3}, 227 * 1024),
     ({"compute_capability_major": 7, "compute_capability_minor": 5}, 48 * 1024),
-    ({"device_name": "NVIDIA X", "architecture": "sm_90"}, 99 * 1024),
+    ({"device_name": "NVIDIA X", "architecture": "sm_90"}, 227 * 1024),
+    ({"device_name": "NVIDIA X", "architecture": "sm_120"}, 99 * 1024),
+    ({"device_name": "NVIDIA X", "architecture": "sm_89"}, 99 * 1024),
+    ({"device_name": "NVIDIA X"}, 99 * 1024),
     (None, 227 * 1024)])
 def test_block_shared_limit_follows_the_compute_capability(monkeypatch, info, limit):
     """A block's shared memory limit from MLX's device_info on a CUDA GPU: the table's
-    entry for the architecture or the last one before it; 99 KiB where MLX names no
-    compute capability; an H100's without a CUDA GPU (``None`` here: the emulator)."""
+    entry for the compute capability (or its architecture's name, "sm_90") or the last
+    one before it; 99 KiB where MLX names neither; an H100's without a CUDA GPU
+    (``None`` here: the emulator)."""
     monkeypatch.setattr(kernels.mx.cuda, "is_available", lambda: info is not None)
     monkeypatch.setattr(kernels.mx, "device_info", lambda *a: info)
     assert kernels.block_shared_limit.__wrapped__() == limit

@@ -1125,6 +1125,10 @@ def block_shared_limit() -> int:
     except Exception:  # (a best-effort query: MLX builds differ in what they report)
         info = {}
     major, minor = info.get("compute_capability_major"), info.get("compute_capability_minor")
+    arch = info.get("architecture")
+    if not isinstance(major, int) and isinstance(arch, str) and arch[:3] == "sm_" \
+            and arch[3:].isdigit() and len(arch) > 4:  # (MLX writes "sm_%d%d": "sm_90")
+        major, minor = int(arch[3:-1]), int(arch[-1])
     if not isinstance(major, int) or not isinstance(minor, int):
         return 99 * 1024
     known = [arch for arch in BLOCK_SHARED_BY_ARCH if arch <= (major, minor)]
