@@ -261,9 +261,11 @@ def _kernel_parts(backend: str, which: str,
     return inputs, outputs, header, source
 
 
-def warp_min_blocks(template) -> int:
-    """Launch bounds of the warp-tiled kernel built with ``template``: its blocks an SM
-    (0: none)."""
+def warp_min_blocks(which: str, template) -> int | None:
+    """Launch bounds of kernel ``which`` built with ``template``: the warp-tiled kernel's
+    blocks an SM (0: none), None for the other kernels (which have none)."""
+    if not which.startswith("decode_warp"):
+        return None
     return WARP_TILE_PAIR_MIN_BLOCKS if dict(template).get("TP") == 2 else WARP_MIN_BLOCKS
 
 
@@ -291,8 +293,8 @@ def cuda_kernel_text(which: str, inputs, output_dtypes, template) -> str:
     fp16 and bf16 headers, a struct for an input's shape), then as MLX writes it the
     header, the signature (each input, its shape where the body reads it, the outputs)
     and the template's constants ahead of the body."""
-    names, outputs, header, source = _kernel_parts(
-        "cuda", which, warp_min_blocks(template) if which.startswith("decode_warp") else None)
+    names, outputs, header, source = _kernel_parts("cuda", which,
+                                                   warp_min_blocks(which, template))
     params = []
     for name, array in zip(names, inputs, strict=True):
         params.append(f"const {CUDA_TYPES[array.dtype]}* __restrict__ {name}")
@@ -434,8 +436,7 @@ def _launcher(backend: str, which: str, template, shared_memory: int = 0):
     kernel (``_CudaKernel.baked``), elsewhere (Metal, the tests' emulator) the kernel with
     ``template=`` bound. The warp-tiled kernel's launch bounds follow its template
     (``warp_min_blocks``): one build for each."""
-    kernel = (_kernel(backend, which, shared_memory, min_blocks=warp_min_blocks(template))
-              if which.startswith("decode_warp") else _kernel(backend, which, shared_memory))
+    kernel = _kernel(backend, which, shared_memory, warp_min_blocks(which, template))
     baked = getattr(kernel, "baked", None)
     return baked(tuple(template)) if baked is not None else partial(kernel, template=template)
 
@@ -677,19 +678,20 @@ class SpectralKernels:
                 # ... and a launch with the basis and word buffers in dynamic shared
                 # memory (SBASIS), without the pair table, within the device's block
                 # limit (99 KiB on consumer cards)
-                and self._block_shared_bytes(G, 0) <= block_shared_limit() - 256)
+                and self._fits_device(G, 0))
         return WARP_DECODE and self._warp_fits[G]
 
-    def _block_shared_bytes(self, G: int, pair_words: int) -> int:
-        """Static and dynamic shared memory of an SBASIS launch (the basis and the word
-        buffers dynamic) with a pair table of ``pair_words`` entries (checked against
-        the device's limit less WARP_SHARED_LIMIT's margin: the static part is an
+    def _fits_device(self, G: int, pair_words: int) -> bool:
+        """Whether an SBASIS launch (the basis and the word buffers dynamic) with a pair
+        table of ``pair_words`` entries fits the device's block limit, static and dynamic
+        shared memory together, less WARP_SHARED_LIMIT's margin (the static part is an
         estimate)."""
         vb, vg = self.value_affine
-        return (warp_shared_bytes(self.dims, G, vb, vg, self.key_words, tiles=False,
-                                  pair_words=pair_words)
-                + warp_dynamic_bytes(self.dims, G, vb, vg, self.key_rank, self.key_words,
-                                     pair_words))
+        total = (warp_shared_bytes(self.dims, G, vb, vg, self.key_words, tiles=False,
+                                   pair_words=pair_words)
+                 + warp_dynamic_bytes(self.dims, G, vb, vg, self.key_rank, self.key_words,
+                                      pair_words))
+        return total <= block_shared_limit() - 256
 
     def _tiles_dynamic(self) -> bool:
         """Whether _warp_fits counts the word buffers in dynamic shared memory: where
@@ -715,7 +717,7 @@ class SpectralKernels:
             fits = lambda words: warp_shared_bytes(  # noqa: E731
                 self.dims, G, *self.value_affine, self.key_words, tiles=tiles,
                 pair_words=words) <= WARP_SHARED_LIMIT and (
-                tiles or self._block_shared_bytes(G, words) <= block_shared_limit() - 256)
+                tiles or self._fits_device(G, words))
             choice = (self.key_pair_words, self.kpair, self.ptab, self.key_pairs_all)
             capacity = self.key_pair_words
             while choice[0] and not fits(choice[0]):
