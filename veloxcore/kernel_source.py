@@ -434,6 +434,11 @@ __device__ inline void vx_copy_words(unsigned int* dst, const unsigned int* src,
 // instructions of 4-byte ones. A token's value words land VWS words apart (VWS = VWN, or
 // VWN padded where VWN is a multiple of 4, so that a 16-byte chunk never spans two
 // tokens).
+// Word w of a run of tokens of VWN words, staged VWS words a token (VPAD's padding).
+template <int VWN, int VWS>
+__device__ inline int vx_staged_word(int w) {
+  return w + (VWS - VWN) * (w / VWN);
+}
 template <int N, typename F>
 __device__ inline void vx_lane_rounds(int lane, F copy) {  // copy(round): item lane + 32 round
 #pragma unroll
@@ -466,16 +471,15 @@ __device__ inline void vx_stage_tile(unsigned int* kw, unsigned int* vw, unsigne
     });
     // Chunk i (lane + 32 j) is token 4 i / VWN's; where VWN divides 128 chunks' words,
     // a round is a constant number of padded tokens further.
-    constexpr int PAD = VWS - VWN;
-    constexpr bool STEADY = PAD == 0 || 128 % VWN == 0;
-    unsigned int* vw_l = vw + 4 * lane + PAD * (4 * lane / VWN);
+    constexpr bool STEADY = VWS == VWN || 128 % VWN == 0;
+    unsigned int* vw_l = vw + vx_staged_word<VWN, VWS>(4 * lane);
     const unsigned int* vs_l = vsrc + 4 * lane;
     vx_lane_rounds<4 * VWN * TILES>(lane, [&](int j) {
       if (STEADY) {
-        vx_cp_async16(vw_l + (128 + PAD * (128 / VWN)) * j, vs_l + 128 * j);
+        vx_cp_async16(vw_l + vx_staged_word<VWN, VWS>(128) * j, vs_l + 128 * j);
       } else {
-        const int i = lane + 32 * j;
-        vx_cp_async16(vw + 4 * i + PAD * (4 * i / VWN), vsrc + 4 * i);
+        const int i = 4 * (lane + 32 * j);
+        vx_cp_async16(vw + vx_staged_word<VWN, VWS>(i), vsrc + i);
       }
     });
     if (lane < SB * TILES / 4) {
@@ -491,7 +495,7 @@ __device__ inline void vx_stage_tile(unsigned int* kw, unsigned int* vw, unsigne
     vx_cp_async4(kw + i, ks + i);
   }
   for (int i = lane; i < 16 * VWN * TILES; i += 32) {
-    vx_cp_async4(vw + i + (VWS - VWN) * (i / VWN), vsrc + i);
+    vx_cp_async4(vw + vx_staged_word<VWN, VWS>(i), vsrc + i);
   }
   for (int i = lane; i < SB * TILES; i += 32) {
     vx_cp_async4(vsc + i, vs + i);
