@@ -919,12 +919,12 @@ def test_warp_kernel_scores_on_tensor_cores_or_in_registers(backend, monkeypatch
 
 
 def warp_attend_matches_reference(backend, monkeypatch, dim, values, tokens, seed,
-                                  group=4, require_warp=False) -> list:
+                                  group=4, warp=None) -> list:
     """One decode step over a filled cache (2 KV heads, ``group`` query heads each,
-    per-token key scales) on ``backend``'s warp-tiled kernel, checked against the
-    reference's attention; returns the warp-tiled launches' template arguments (skips
-    where the backend takes another kernel, and where the shape does unless
-    ``require_warp``, which fails there)."""
+    per-token key scales) on ``backend``'s kernels, checked against the reference's
+    attention; returns the cache and its warp-tiled launches as (template arguments,
+    dynamic shared memory). ``warp``: whether the shape must take the warp-tiled kernel
+    (None: skip where it does not); skips where the backend has no warp-tiled kernel."""
     if backend not in ("emulated", "cuda"):
         pytest.skip("the warp-tiled kernel is CUDA's")
     launches = record_launches(monkeypatch)
@@ -933,12 +933,12 @@ def warp_attend_matches_reference(backend, monkeypatch, dim, values, tokens, see
     q = mx.array(rng.normal(size=(1, 2 * group, 1, dim)).astype(np.float16))
     expected = reference_attend(cache, q, dim**-0.5)
     cache.use_kernels(backend)
-    if not cache.kernels.warp_decode(q):
-        assert not require_warp, "this shape should take the warp-tiled kernel"
+    if warp is None and not cache.kernels.warp_decode(q):
         pytest.skip("this shape takes the block-tiled kernel")
+    assert warp is None or cache.kernels.warp_decode(q) == warp
     got = np.array(cache.attend(q, dim**-0.5).astype(mx.float32))
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
-    return [t for which, _, t, _ in launches if which == "decode_warp"]
+    return cache, [(t, m) for which, m, t, _ in launches if which == "decode_warp"]
 
 
 @pytest.mark.parametrize("value_pad,query_pad", [(True, True), (False, False), (True, False),
@@ -958,9 +958,9 @@ def test_warp_kernel_padded_value_words_and_query_rows_match_the_reference(
     words do not divide a round's 128)."""
     monkeypatch.setattr(kernels, "WARP_VALUE_PAD", value_pad)
     monkeypatch.setattr(kernels, "WARP_QUERY_PAD", query_pad)
-    templates = warp_attend_matches_reference(backend, monkeypatch, dim, values, 150,
-                                              seed=dim + len(values), require_warp=True)
-    assert [(t["VPAD"], t["QPAD"]) for t in templates] == [(value_pad, query_pad)]
+    _, launches = warp_attend_matches_reference(backend, monkeypatch, dim, values, 150,
+                                                seed=dim + len(values), warp=True)
+    assert [(t["VPAD"], t["QPAD"]) for t, _ in launches] == [(value_pad, query_pad)]
 
 
 @pytest.mark.parametrize("tokens", [150, 600])
@@ -975,9 +975,9 @@ def test_warp_kernel_tile_pairs_match_the_reference(backend, monkeypatch, tile_p
     the split) — the same attention as one tile at a time and as the reference, 4 query
     heads a KV head, with the basis in registers or shared memory."""
     monkeypatch.setattr(kernels, "WARP_TILE_PAIRS", dim if tile_pairs else 0)
-    templates = warp_attend_matches_reference(backend, monkeypatch, dim, "affine-rotated",
-                                              tokens, seed=dim + tokens)
-    assert [t["TP"] for t in templates] == [2 if tile_pairs else 1]
+    _, launches = warp_attend_matches_reference(backend, monkeypatch, dim, "affine-rotated",
+                                                tokens, seed=dim + tokens)
+    assert [t["TP"] for t, _ in launches] == [2 if tile_pairs else 1]
 
 
 @pytest.mark.parametrize("limit,group,table", [(99, 4, "whole"), (99, 8, "whole"),
@@ -990,28 +990,19 @@ def test_warp_kernel_fits_the_device_block_limit(backend, monkeypatch, limit, gr
     query heads (a 90 KiB limit here), and a group that would not fit even without it
     takes the block-tiled kernel (80 KiB); each gives the reference's attention (the
     limits are emulated: the tests' GPU is an H200)."""
-    if backend not in ("emulated", "cuda"):
-        pytest.skip("the warp-tiled kernel is CUDA's")
     monkeypatch.setattr(kernels, "block_shared_limit", lambda: limit * 1024)
-    launches = record_launches(monkeypatch)
-    rng = np.random.default_rng(group)
-    cache = filled(make_cache(rng, 2, 128, "pre", "affine-rotated", True), rng, 300)
-    q = mx.array(rng.normal(size=(1, 2 * group, 1, 128)).astype(np.float16))
-    expected = reference_attend(cache, q, 128**-0.5)
-    cache.use_kernels(backend)
-    assert cache.kernels.warp_decode(q) == (table != "block-tiled")
-    got = np.array(cache.attend(q, 128**-0.5).astype(mx.float32))
-    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
-    warps = [(m, t) for which, m, t, _ in launches if which == "decode_warp"]
-    assert len(warps) == (table != "block-tiled")
-    for dynamic, template in warps:
+    cache, launches = warp_attend_matches_reference(
+        backend, monkeypatch, 128, "affine-rotated", 300, seed=group, group=group,
+        warp=table != "block-tiled")
+    assert len(launches) == (table != "block-tiled")
+    layout = cache.kernels
+    for template, dynamic in launches:
         assert template["TP"] == 1 and template["SBASIS"]
-        static = kernels.warp_shared_bytes(128, group, 4, 64, cache.kernels.key_words,
-                                           tiles=False, pair_words=template["KPAIR"])
+        static = kernels.warp_shared_bytes(128, group, 4, 64, layout.key_words, tiles=False,
+                                           pair_words=template["KPAIR"])
         assert static <= kernels.WARP_SHARED_LIMIT
         assert static + dynamic <= limit * 1024
-        whole = cache.kernels.key_pair_words
-        assert (template["KPAIR"] == whole) == (table == "whole")
+        assert (template["KPAIR"] == layout.key_pair_words) == (table == "whole")
         assert template["KPAIR"] > 0
 
 
@@ -1044,9 +1035,9 @@ def test_warp_kernel_takes_eight_query_heads_at_head_dim_128(backend, monkeypatc
     shape (the block-tiled one did before 2026-11-30) and gives the reference's
     attention, 4- and 8-bit values, tiles that rescale each other and a partial last
     pair."""
-    templates = warp_attend_matches_reference(backend, monkeypatch, 128, values, 300,
-                                              seed=8, group=8, require_warp=True)
-    assert [(t["G"], t["TP"], t["SBASIS"]) for t in templates] == [
+    _, launches = warp_attend_matches_reference(backend, monkeypatch, 128, values, 300,
+                                                seed=8, group=8, warp=True)
+    assert [(t["G"], t["TP"], t["SBASIS"]) for t, _ in launches] == [
         (8, kernels._warp_tiles(128), True)]
 
 
